@@ -1,0 +1,1 @@
+"""The command-line layer: wires loaders, engine and validation together; the only place that does."""

@@ -1,0 +1,1 @@
+"""Small pieces shared by every package: the user-facing error type and progress reporting."""

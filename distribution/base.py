@@ -1,0 +1,178 @@
+"""The loader interface every backend implements, and everything that is the same for all of them.
+
+A backend only knows how to ``fetch`` the bytes of a fragment by id. This base class checks every
+fragment against its SHA-256 before anyone sees it, assembles tensors from their pieces and
+dequantizes them, so the engine can take weights from a directory, a web server or a swarm of peers
+without knowing which.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from typing import Any, Iterable
+
+import numpy as np
+from gguf import quants
+from gguf.constants import GGMLQuantizationType
+
+from common.errors import StoreError
+from fragmenter.gguf_header import GGUFHeader, parse_header
+from fragmenter.manifest import Manifest, TensorEntry
+
+# Non-quantized element types gguf.quants does not cover: read them as plain numpy values.
+_PLAIN_TYPES = {"F64": np.float64, "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64}
+
+
+class FragmentError(StoreError):
+    """A fragment cannot be had intact."""
+
+
+class MissingFragment(FragmentError):
+    """No copy of the fragment could be found."""
+
+
+class CorruptFragment(FragmentError):
+    """The bytes found are not the fragment: wrong length or wrong SHA-256."""
+
+
+class FragmentLoader(ABC):
+    """Reads a store's fragments, verified, and turns them into tensors."""
+
+    #: How many bytes of verified fragments to keep, so tensors sharing a fragment read it once.
+    cache_bytes = 64 * 1024 * 1024
+
+    def __init__(self, manifest: Manifest, where: str):
+        self.manifest = manifest
+        self.where = where  # names the store in messages: a directory, URL or p2p address
+        self._sizes = manifest.unique_fragments()
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._cached_bytes = 0
+        self._header: GGUFHeader | None = None
+
+    # -- what a backend provides ------------------------------------------------------------------
+    @abstractmethod
+    def fetch(self, fragment_id: str) -> bytes:
+        """The fragment's bytes as the backend has them, not yet verified.
+
+        Raises MissingFragment if the backend does not have it.
+        """
+
+    def prefetch(self, fragment_ids: Iterable[str]) -> None:
+        """Get ready to serve these fragments soon (network backends fetch them in parallel)."""
+
+    def describe(self, fragment_id: str) -> str:
+        holders = self.manifest.holders(fragment_id)
+        shown = ", ".join(holders[:4]) + (f" and {len(holders) - 4} more" if len(holders) > 4 else "")
+        return f"fragment {fragment_id[:16]} (holds {shown or 'no tensor'})"
+
+    # -- verified raw bytes -----------------------------------------------------------------------
+    def check(self, fragment_id: str, data: bytes) -> None:
+        """Raise FragmentError unless ``data`` is exactly the fragment ``fragment_id``."""
+        expected = self._sizes[fragment_id]
+        if len(data) != expected:
+            raise CorruptFragment(f"{self.where}: {self.describe(fragment_id)} is truncated or padded "
+                                f"({len(data)} bytes, expected {expected})")
+        if hashlib.sha256(data).hexdigest() != fragment_id:
+            raise CorruptFragment(f"{self.where}: {self.describe(fragment_id)} is corrupt (SHA-256 mismatch)")
+
+    def load_raw(self, fragment_id: str) -> bytes:
+        """The bytes of one fragment, checked against its SHA-256."""
+        if fragment_id not in self._sizes:
+            raise FragmentError(f"{self.where}: fragment {fragment_id!r} is not part of this store")
+        data = self._cache.get(fragment_id)
+        if data is not None:
+            self._cache.move_to_end(fragment_id)
+            return data
+        data = self.fetch(fragment_id)
+        self.check(fragment_id, data)
+        self._remember(fragment_id, data)
+        return data
+
+    def _remember(self, fragment_id: str, data: bytes) -> None:
+        if len(data) > self.cache_bytes:
+            return
+        self._cache[fragment_id] = data
+        self._cached_bytes += len(data)
+        while self._cached_bytes > self.cache_bytes:
+            _, old = self._cache.popitem(last=False)
+            self._cached_bytes -= len(old)
+
+    def _assemble(self, pieces) -> bytes:
+        if len(pieces) == 1:
+            p = pieces[0]
+            raw = self.load_raw(p.fragment)
+            return raw if (p.offset == 0 and p.length == len(raw)) else raw[p.offset:p.offset + p.length]
+        return b"".join(self.load_raw(p.fragment)[p.offset:p.offset + p.length] for p in pieces)
+
+    # -- header and metadata ----------------------------------------------------------------------
+    def header(self) -> GGUFHeader:
+        """The GGUF header (metadata and tensor infos), parsed from the store's header fragments."""
+        if self._header is None:
+            data = self._assemble(self.manifest.header_pieces)
+            self._header = parse_header(io.BytesIO(data), f"{self.where} (header)")
+        return self._header
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.header().metadata
+
+    # -- tensors ----------------------------------------------------------------------------------
+    def tensor_entry(self, name: str) -> TensorEntry:
+        return self.manifest.tensor(name)
+
+    def tensor_bytes(self, name: str) -> bytes:
+        """A tensor's bytes exactly as stored in the GGUF file (still quantized)."""
+        entry = self.manifest.tensor(name)
+        self.prefetch(self.manifest.fragments_for([name]))
+        return self._assemble(entry.pieces)
+
+    def load_quantized(self, name: str) -> tuple[np.ndarray, GGMLQuantizationType]:
+        """The stored blocks as uint8 rows: shape (rows, bytes per row), plus the GGML type.
+
+        For kernels that compute on quantized blocks and for row-by-row lookups (token embeddings).
+        """
+        entry = self.manifest.tensor(name)
+        qtype = GGMLQuantizationType[entry.ggml_type]
+        rows = int(np.prod(entry.shape[:-1], dtype=np.int64)) if len(entry.shape) > 1 else 1
+        raw = np.frombuffer(self.tensor_bytes(name), dtype=np.uint8)
+        return raw.reshape(rows, entry.length // rows), qtype
+
+    def load_tensor(self, name: str) -> np.ndarray:
+        """The tensor dequantized to float32, in numpy row-major shape ``entry.shape``.
+
+        Orientation, once and for all (the seed's "Q8_0 transposed layout"): GGUF lists a weight's
+        shape as [in, out] because ne0, the innermost and contiguous axis, comes first. The bytes
+        are therefore row-major [out, in]: one row of ``in`` values (a run of quantization blocks)
+        per output unit. We return exactly that, shape (out, in), with no transpose and no copy
+        beyond dequantization; the engine computes y = x @ W.T. Reading the bytes as [in, out]
+        instead is the bug that made the seed predict one token forever.
+        """
+        entry = self.manifest.tensor(name)
+        if entry.ggml_type in _PLAIN_TYPES:
+            values = np.frombuffer(self.tensor_bytes(name), dtype=_PLAIN_TYPES[entry.ggml_type])
+            return values.astype(np.float32).reshape(entry.shape)
+        blocks, qtype = self.load_quantized(name)
+        try:
+            values = quants.dequantize(blocks, qtype)
+        except NotImplementedError:
+            raise StoreError(f"{self.where}: tensor {name!r} has type {qtype.name}, which cannot be dequantized")
+        return np.ascontiguousarray(values, dtype=np.float32).reshape(entry.shape)
+
+    def load_layer(self, index: int) -> dict[str, np.ndarray]:
+        """All tensors of block ``index``, dequantized; reads only that block's fragments."""
+        names = [t.name for t in self.manifest.layer_tensors(index, index)]
+        self.prefetch(self.manifest.fragments_for(names))
+        return {n: self.load_tensor(n) for n in names}
+
+    def close(self) -> None:
+        self._cache.clear()
+        self._cached_bytes = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

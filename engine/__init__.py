@@ -1,0 +1,1 @@
+"""Computes: the LLaMA forward pass (NumPy reference, Numba fast path), tokenizers, sampling."""

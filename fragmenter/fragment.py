@@ -1,0 +1,222 @@
+"""Cut a GGUF file into content-addressed fragments and write the store's manifest.
+
+Cutting rule (deterministic, from the header alone):
+  * the file is split into regions: the header (magic, metadata, tensor infos, padding), then runs
+    of consecutive tensors that belong to the same group (one transformer block ``blk.N``, or the
+    global tensors such as ``token_embd`` and ``output``);
+  * each region is cut into fragments of at most ``fragment_size`` bytes.
+So small tensors of one block are packed together, a large tensor spans several fragments, and no
+fragment mixes two blocks: a node that serves blocks 10-19 needs exactly the fragments of those
+blocks. Concatenating the fragments in manifest order gives back the file byte for byte.
+
+The file is streamed: memory stays at about two fragments whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import UserError
+from common.progress import byte_progress
+from fragmenter.gguf_header import GGUFHeader, read_file_header
+from fragmenter.manifest import (FRAGMENTS_DIR, MANIFEST_NAME, Fragment, Manifest, Piece, TensorEntry,
+                                 layer_of)
+
+DEFAULT_FRAGMENT_SIZE = 10_000_000  # "10 MB", as the seed's store used
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'10MB' -> 10_000_000, '4MiB' -> 4_194_304, '65536' -> 65536."""
+    s = text.strip().lower().replace(" ", "")
+    digits = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(digits):]
+    try:
+        value = float(digits)
+    except ValueError:
+        raise UserError(f"fragment size {text!r}: expected a number with an optional unit (KB, MB, MiB, ...)")
+    if unit not in _UNITS:
+        raise UserError(f"fragment size {text!r}: unknown unit {unit!r} (use B, KB, MB, GB, KiB, MiB, GiB)")
+    return int(value * _UNITS[unit])
+
+
+def model_summary(header: GGUFHeader) -> dict:
+    """The handful of hyperparameters a person (or a scheduler) wants without opening the file."""
+    md = header.metadata
+    arch = md.get("general.architecture", "unknown")
+
+    def get(key):
+        value = md.get(f"{arch}.{key}")
+        return int(value) if value is not None and not hasattr(value, "__len__") else value
+
+    tokens = md.get("tokenizer.ggml.tokens")
+    vocab = get("vocab_size") or (len(tokens) if tokens is not None else None)
+    return {
+        "architecture": arch,
+        "name": md.get("general.name"),
+        "block_count": get("block_count"),
+        "embedding_length": get("embedding_length"),
+        "feed_forward_length": get("feed_forward_length"),
+        "head_count": get("attention.head_count"),
+        "head_count_kv": get("attention.head_count_kv"),
+        "vocab_size": vocab,
+        "context_length": get("context_length"),
+    }
+
+
+def plan_fragments(header: GGUFHeader, file_size: int, fragment_size: int) -> list[tuple[int, int]]:
+    """(start, end) byte ranges of the fragments, in file order."""
+    region_starts = [0]
+    if header.data_offset < file_size:
+        region_starts.append(header.data_offset)
+    previous_group = object()
+    for t in sorted(header.tensors, key=lambda t: t.offset):
+        group = layer_of(t.name)
+        start = header.data_offset + t.offset
+        if group != previous_group and start > region_starts[-1]:
+            region_starts.append(start)
+        previous_group = group
+    region_ends = region_starts[1:] + [file_size]
+    cuts = []
+    for start, end in zip(region_starts, region_ends):
+        for s in range(start, end, fragment_size):
+            cuts.append((s, min(s + fragment_size, end)))
+    return cuts
+
+
+def _pieces(start: int, length: int, fragments: list[Fragment]) -> tuple[Piece, ...]:
+    """The pieces of [start, start+length) as held by the fragments."""
+    end = start + length
+    pieces = []
+    for f in fragments:
+        lo, hi = max(start, f.offset), min(end, f.offset + f.size)
+        if lo < hi:
+            pieces.append(Piece(f.id, lo - f.offset, hi - lo))
+    return tuple(pieces)
+
+
+def build_manifest(header: GGUFHeader, source: dict, fragment_size: int, fragments: list[Fragment]) -> Manifest:
+    tensors = [
+        TensorEntry(t.name, t.type_name, t.dims, t.numpy_shape, header.data_offset + t.offset, t.n_bytes,
+                    _pieces(header.data_offset + t.offset, t.n_bytes, fragments))
+        for t in header.tensors
+    ]
+    gguf = {"version": header.version, "alignment": header.alignment, "data_offset": header.data_offset,
+            "tensor_count": len(header.tensors), "metadata_count": len(header.metadata)}
+    return Manifest(source=source, fragment_size=fragment_size, gguf=gguf, model=model_summary(header),
+                    header_pieces=_pieces(0, header.data_offset, fragments), tensors=tensors, fragments=fragments)
+
+
+def _sha256_file(path: str, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write to a temporary name beside ``path`` and rename, so readers never see half a file."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _store_fragment(frag_dir: Path, fid: str, data: bytes) -> bool:
+    """Write one fragment unless an identical one is already there. Returns True if written."""
+    dest = frag_dir / fid
+    if dest.exists() and dest.stat().st_size == len(data):
+        with open(dest, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() == fid:
+                return False
+    write_atomically(dest, data)
+    return True
+
+
+@dataclass
+class FragmentResult:
+    manifest: Manifest
+    store: Path
+    written: int
+    seconds: float
+
+    def summary(self) -> str:
+        m = self.manifest
+        size = m.source["size"]
+        unique = len(m.unique_fragments())
+        rate = size / self.seconds / 1e6 if self.seconds > 0 else float("inf")
+        return (f"fragmented {m.source['name']}: {len(m.fragments)} fragments ({unique} unique, {self.written} "
+                f"written), {size / 1e6:.1f} MB in {self.seconds:.2f} s ({rate:.0f} MB/s) -> {self.store}")
+
+
+def _check_existing_store(store: Path, model_path: str, size: int) -> Manifest | None:
+    """Refuse to mix two models in one directory; return the old manifest if it is this model's."""
+    if not (store / MANIFEST_NAME).exists():
+        return None
+    try:
+        old = Manifest.load(store)
+    except UserError as e:
+        raise UserError(f"{store}: holds a manifest this tool cannot read ({e}); remove it or choose another -o")
+    same = old.source["size"] == size and old.source["sha256"] == _sha256_file(model_path)
+    if not same:
+        raise UserError(f"{store}: already holds the store of another model ({old.source['name']}, sha256 "
+                        f"{old.source['sha256'][:16]}...); choose another -o or remove it")
+    return old
+
+
+def fragment_file(model_path: str, store_dir: str | Path | None = None,
+                  fragment_size: int = DEFAULT_FRAGMENT_SIZE, progress: bool | None = None) -> FragmentResult:
+    """Fragment ``model_path`` into ``store_dir`` (default: the model's path without ``.gguf``)."""
+    started = time.perf_counter()
+    if fragment_size < 1:
+        raise UserError(f"fragment size must be positive, got {fragment_size}")
+    if not os.path.isfile(model_path):
+        raise UserError(f"{model_path}: no such file")
+    header, size = read_file_header(model_path)
+    store = Path(store_dir) if store_dir is not None else Path(model_path).with_suffix("")
+    if store.exists() and not store.is_dir():
+        raise UserError(f"{store}: exists and is not a directory")
+    old = _check_existing_store(store, model_path, size)
+    frag_dir = store / FRAGMENTS_DIR
+    frag_dir.mkdir(parents=True, exist_ok=True)
+
+    source_hash = hashlib.sha256()
+    fragments: list[Fragment] = []
+    written = 0
+    # Hashing the whole file runs beside the per-fragment work: hashlib releases the GIL, so the
+    # two SHA-256 streams use both cores instead of doubling the time on one.
+    with open(model_path, "rb", buffering=0) as f, ThreadPoolExecutor(1) as hasher, \
+            byte_progress(size, f"fragment {Path(model_path).name}", progress) as bar:
+        pending = None
+        for start, end in plan_fragments(header, size, fragment_size):
+            data = f.read(end - start)
+            if len(data) != end - start:
+                raise UserError(f"{model_path}: file changed size while being read")
+            if pending is not None:
+                pending.result()
+            pending = hasher.submit(source_hash.update, data)
+            fid = hashlib.sha256(data).hexdigest()
+            written += _store_fragment(frag_dir, fid, data)
+            fragments.append(Fragment(fid, len(data), start))
+            bar.update(len(data))
+        if pending is not None:
+            pending.result()
+
+    source = {"name": Path(model_path).name, "size": size, "sha256": source_hash.hexdigest()}
+    manifest = build_manifest(header, source, fragment_size, fragments)
+    manifest.path = str(store / MANIFEST_NAME)
+    write_atomically(store / MANIFEST_NAME, manifest.to_json().encode())
+    if old is not None:  # re-cut with another fragment size: drop what only the old cut used
+        for fid in set(old.unique_fragments()) - set(manifest.unique_fragments()):
+            (frag_dir / fid).unlink(missing_ok=True)
+    return FragmentResult(manifest, store, written, time.perf_counter() - started)

@@ -1,0 +1,1 @@
+"""Rebuilds GGUF files from fragment stores and verifies stores, fragment by fragment and whole."""

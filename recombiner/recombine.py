@@ -1,0 +1,128 @@
+"""Rebuild the original GGUF file from a store, or verify a store without writing anything.
+
+Both work through the loader interface, so they apply to any backend (a directory today, a web
+server or peers tomorrow): every fragment is checked against its SHA-256 as it is read, and the
+rebuilt file against the source's SHA-256 before it is given its final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.errors import StoreError, UserError
+from common.progress import byte_progress
+from distribution.base import CorruptFragment, FragmentError, FragmentLoader, MissingFragment
+
+
+@dataclass
+class RecombineResult:
+    path: Path
+    size: int
+    sha256: str
+    seconds: float
+
+    def summary(self) -> str:
+        rate = self.size / self.seconds / 1e6 if self.seconds > 0 else float("inf")
+        return (f"rebuilt {self.path}: {self.size / 1e6:.1f} MB in {self.seconds:.2f} s ({rate:.0f} MB/s), "
+                f"sha256 {self.sha256[:16]}... matches the source")
+
+
+def recombine(loader: FragmentLoader, out_path: str | Path, progress: bool | None = None) -> RecombineResult:
+    """Write the store's original file to ``out_path``; raises StoreError on any bad fragment."""
+    started = time.perf_counter()
+    out = Path(out_path)
+    if out.is_dir():
+        raise UserError(f"{out}: is a directory; give the path of the .gguf file to write")
+    if not out.parent.is_dir():
+        raise UserError(f"{out.parent}: no such directory")
+    m = loader.manifest
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    whole = hashlib.sha256()
+    loader.prefetch(m.unique_fragments())
+    try:
+        with open(tmp, "wb") as f, ThreadPoolExecutor(1) as hasher, \
+                byte_progress(m.source["size"], f"recombine {m.source['name']}", progress) as bar:
+            pending = None
+            for frag in m.fragments:
+                data = loader.load_raw(frag.id)
+                if pending is not None:
+                    pending.result()
+                pending = hasher.submit(whole.update, data)  # hashes beside the write: both cores
+                f.write(data)
+                bar.update(len(data))
+            if pending is not None:
+                pending.result()
+        digest = whole.hexdigest()
+        if digest != m.source["sha256"]:
+            raise StoreError(f"{loader.where}: rebuilt file hashes to {digest[:16]}..., the source was "
+                             f"{m.source['sha256'][:16]}...; nothing written")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return RecombineResult(out, m.source["size"], digest, time.perf_counter() - started)
+
+
+@dataclass
+class VerifyReport:
+    where: str
+    fragments: int
+    missing: list[str] = field(default_factory=list)   # messages, one per fragment
+    corrupt: list[str] = field(default_factory=list)
+    whole_file_ok: bool | None = None                  # None: not checkable (fragments bad)
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.corrupt and self.whole_file_ok is True
+
+    def lines(self) -> list[str]:
+        out = [f"missing: {msg}" for msg in self.missing] + [f"corrupt: {msg}" for msg in self.corrupt]
+        if self.whole_file_ok is True:
+            out.append(f"{self.where}: all {self.fragments} fragments verified; the whole file's SHA-256 "
+                       f"matches the source")
+        elif self.whole_file_ok is False:
+            out.append(f"{self.where}: fragments are intact but the whole file's SHA-256 does not match "
+                       f"the source")
+        else:
+            out.append(f"{self.where}: {len(self.missing)} missing and {len(self.corrupt)} corrupt of "
+                       f"{self.fragments} fragments; whole-file hash not checked")
+        return out
+
+
+def verify(loader: FragmentLoader, progress: bool | None = None) -> VerifyReport:
+    """Check every fragment and the whole-file hash; never raises for bad fragments, lists them."""
+    m = loader.manifest
+    report = VerifyReport(loader.where, len(m.unique_fragments()))
+    whole = hashlib.sha256()
+    bad: set[str] = set()
+    loader.prefetch(m.unique_fragments())
+    with byte_progress(m.source["size"], "verify", progress) as bar:
+        for frag in m.fragments:
+            if frag.id in bad:
+                continue
+            try:
+                data = loader.load_raw(frag.id)
+            except MissingFragment as e:
+                report.missing.append(_strip_where(str(e), loader.where))
+                bad.add(frag.id)
+                continue
+            except (CorruptFragment, FragmentError) as e:
+                report.corrupt.append(_strip_where(str(e), loader.where))
+                bad.add(frag.id)
+                continue
+            if not bad:
+                whole.update(data)
+            bar.update(frag.size)
+    if not bad:
+        report.whole_file_ok = whole.hexdigest() == m.source["sha256"]
+    return report
+
+
+def _strip_where(message: str, where: str) -> str:
+    prefix = f"{where}: "
+    return message[len(prefix):] if message.startswith(prefix) else message

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Set-up from nothing, idempotent: a virtual environment at .venv with every dependency, and the
+# default model (SmolLM2-135M-Instruct, Q8_0) as a verified fragment store under models/.
+# Reuses whatever is already there; safe to run before every command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { echo "[setup] $*" >&2; }
+PYTHON=${PYTHON:-python3}
+
+# A fresh Debian image may lack the venv module or a C++ compiler (llama-cpp-python builds from source).
+need_apt=()
+"$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
+command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    say "installing Debian packages: ${need_apt[*]}"
+    apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    say "missing ${need_apt[*]}: install them (sudo apt-get install ${need_apt[*]}) and run again"; exit 1
+  fi
+fi
+
+[ -x .venv/bin/python ] || { say "creating .venv"; "$PYTHON" -m venv .venv; }
+
+# Reinstall only when the declared dependencies change.
+stamp=".venv/.installed-$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  say "installing dependencies (llama-cpp-python compiles once, about 8 minutes on 2 cores; pip caches the wheel)"
+  .venv/bin/python -m pip install --disable-pip-version-check -q --upgrade pip setuptools wheel
+  .venv/bin/python -m pip install --disable-pip-version-check -q -e ".[test]"
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
+
+.venv/bin/python -m models.default
