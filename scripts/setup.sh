@@ -22,14 +22,19 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
+# llama-cpp-python is compiled once per machine (see build_llama_cpp.sh) and kept outside the clone.
+WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/gguf-fragments/wheels"
+
 [ -x .venv/bin/python ] || { say "creating .venv"; "$PYTHON" -m venv .venv; }
 
 # Reinstall only when the declared dependencies change.
-stamp=".venv/.installed-$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)"
+stamp=".venv/.installed-$(cat setup.cfg pyproject.toml scripts/build_llama_cpp.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-  say "installing dependencies (llama-cpp-python compiles once, about 8 minutes on 2 cores; pip caches the wheel)"
+  say "installing dependencies"
   .venv/bin/python -m pip install --disable-pip-version-check -q --upgrade pip setuptools wheel
-  .venv/bin/python -m pip install --disable-pip-version-check -q -e ".[test]"
+  llama_version=$(sed -n 's/^ *llama-cpp-python==//p' setup.cfg)
+  bash scripts/build_llama_cpp.sh "$llama_version" "$WHEELS" .venv/bin/python
+  .venv/bin/python -m pip install --disable-pip-version-check -q --find-links "$WHEELS" -e ".[test]"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

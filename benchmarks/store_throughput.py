@@ -1,0 +1,67 @@
+"""Fragment and recombine the default model; print MB/s beside `cp` of the same file, same run.
+
+    .venv/bin/python benchmarks/store_throughput.py [MODEL.gguf] [--repeat N]
+
+Every step writes to the same temporary directory, page cache warm (the file is read once
+first), and each is run N times alternating; the best run of each is reported, since on a shared
+machine the best is the least disturbed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from distribution.local import LocalLoader  # noqa: E402
+from fragmenter.fragment import fragment_file  # noqa: E402
+from models.default import DEFAULT_GGUF  # noqa: E402
+from recombiner.recombine import recombine  # noqa: E402
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", nargs="?", default=str(DEFAULT_GGUF))
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    model = Path(args.model)
+    size = model.stat().st_size
+    model.read_bytes()  # warm the page cache for every contender alike
+
+    best = {"cp": float("inf"), "fragment": float("inf"), "recombine": float("inf")}
+    with tempfile.TemporaryDirectory(dir=model.parent) as tmp:
+        work = Path(tmp)
+        for i in range(args.repeat):
+            best["cp"] = min(best["cp"], timed(lambda: subprocess.run(["cp", str(model), str(work / "copy.gguf")],
+                                                                       check=True)))
+            store = work / f"store{i}"
+            best["fragment"] = min(best["fragment"], timed(lambda: fragment_file(str(model), store, progress=False)))
+            out = work / "rebuilt.gguf"
+            best["recombine"] = min(best["recombine"], timed(lambda: recombine(LocalLoader(store), out,
+                                                                               progress=False)))
+            assert out.read_bytes() == model.read_bytes()
+            shutil.rmtree(store)
+            for f in ("copy.gguf", "rebuilt.gguf"):
+                (work / f).unlink()
+
+    mb = size / 1e6
+    print(f"model: {model.name} ({mb:.1f} MB), best of {args.repeat}")
+    for name, seconds in best.items():
+        ratio = best["cp"] / seconds
+        print(f"{name:10s} {mb / seconds:8.0f} MB/s   {ratio:5.2f}x cp")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The stream header parser agrees with gguf-py's reader and names damage clearly."""
+
+import io
+import struct
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fragmenter.gguf_header import GGUFFormatError, parse_header, read_file_header
+
+
+def test_parser_matches_gguf_reader_on_every_factory_model(factory_models):
+    for name, path in factory_models.items():
+        header, size = read_file_header(str(path))
+        reader = GGUFReader(path)
+        assert header.data_offset == reader.data_offset, name
+        assert [t.name for t in header.tensors] == [t.name for t in reader.tensors]
+        for ours, theirs in zip(header.tensors, reader.tensors):
+            assert ours.ggml_type == int(theirs.tensor_type)
+            assert list(ours.dims) == [int(d) for d in theirs.shape]
+            assert header.data_offset + ours.offset == theirs.data_offset
+            assert ours.n_bytes == theirs.n_bytes
+        for key, field in reader.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            value = header.metadata[key]
+            expected = field.contents()
+            if isinstance(value, np.ndarray):
+                assert np.array_equal(value, np.asarray(expected)), key
+            else:
+                assert value == expected or np.isclose(value, expected), key
+
+
+def test_default_model_header(default_gguf):
+    header, size = read_file_header(str(default_gguf))
+    assert header.metadata["general.architecture"] == "llama"
+    assert header.metadata["tokenizer.ggml.model"] == "gpt2"
+    assert size == header.tensor_extent() or size > header.tensor_extent()
+
+
+def test_not_gguf():
+    with pytest.raises(GGUFFormatError, match="not a GGUF file"):
+        parse_header(io.BytesIO(b"PK\x03\x04 this is a zip"), "x.gguf")
+
+
+def test_unsupported_version():
+    data = b"GGUF" + struct.pack("<IQQ", 7, 0, 0)
+    with pytest.raises(GGUFFormatError, match="unsupported GGUF version 7"):
+        parse_header(io.BytesIO(data), "v7.gguf")
+
+
+@settings(max_examples=60, deadline=None)
+@given(cut=st.floats(0, 1, exclude_max=True))
+def test_any_truncation_is_a_clear_error(factory_models, tmp_path_factory, cut):
+    """Cutting a file anywhere gives GGUFFormatError, never another exception or a silent success."""
+    path = factory_models["q8_0-spm-gqa"]
+    data = path.read_bytes()
+    short = tmp_path_factory.mktemp("trunc") / "short.gguf"
+    short.write_bytes(data[: int(len(data) * cut)])
+    with pytest.raises(GGUFFormatError, match="truncated|not a GGUF"):
+        read_file_header(str(short))
