@@ -31,14 +31,18 @@ def user_errors(func):
     return wrapper
 
 
-def open_store(source: str):
-    """A loader for SOURCE: a store directory (network addresses arrive with later backends)."""
+def open_store(source: str, allow_file: bool = False):
+    """A loader for SOURCE: a store directory, or (where allowed) a .gguf file."""
     import os
 
     from distribution.local import LocalLoader
 
     if os.path.isdir(source):
         return LocalLoader(source)
-    if os.path.exists(source):
+    if os.path.isfile(source):
+        if allow_file:
+            from distribution.gguf_file import GGUFFileLoader
+
+            return GGUFFileLoader(source)
         raise UserError(f"{source}: not a store directory (a store holds manifest.json and fragments/)")
-    raise UserError(f"{source}: no such store directory")
+    raise UserError(f"{source}: no such store directory" + (" or GGUF file" if allow_file else ""))

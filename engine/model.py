@@ -1,0 +1,167 @@
+"""The LLaMA forward pass over weights from any loader, for all layers or a contiguous span.
+
+One clear pass, as in llama2.c's run.c, in batched form (T positions at a time):
+
+    x = embed(tokens)                                   (T, dim)
+    for each block:
+        h = rms_norm(x) ; q, k, v = h Wq, h Wk, h Wv    (T, H, hd) (T, KV, hd)
+        q, k = rope(q), rope(k) ; cache[k, v] at pos    (layer, position, KV, hd)
+        x += attention(q, cache) Wo
+        h = rms_norm(x) ; x += (silu(h Wg) * h Wu) Wd
+    logits = rms_norm(x) Wout                           (T, vocab)
+
+A span of blocks (say 10-19) loads only its own tensors and maps hidden states to hidden states,
+so a node can serve part of a model; the embedding and the head live with the first and last block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import quants
+from gguf.constants import GGMLQuantizationType
+
+from common.errors import UserError
+from engine import ops
+from engine.backends import make_backend, round_to_f16
+from engine.config import LlamaConfig
+from engine.kv_cache import KVCache
+
+BLOCK_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+BLOCK_NORMS = ("attn_norm", "ffn_norm")
+_PLAIN_TYPES = {"F32", "F16"}
+
+
+def _computable(type_name: str) -> bool:
+    """Types the engine can compute with: plain floats and everything gguf-py can dequantize."""
+    if type_name in _PLAIN_TYPES:
+        return True
+    try:
+        quants._type_traits[GGMLQuantizationType[type_name]]
+        return hasattr(quants._type_traits[GGMLQuantizationType[type_name]], "dequantize_blocks")
+    except KeyError:
+        return False
+
+
+@dataclass
+class Block:
+    attn_norm: np.ndarray
+    ffn_norm: np.ndarray
+    attn_q: object
+    attn_k: object
+    attn_v: object
+    attn_output: object
+    ffn_gate: object
+    ffn_up: object
+    ffn_down: object
+
+
+class LlamaModel:
+    def __init__(self, loader, backend: str = "numpy", layers: tuple[int, int] | None = None,
+                 emulate_llama_cpp: bool = False):
+        self.loader = loader
+        self.config = cfg = LlamaConfig.from_metadata(loader.metadata, loader.where)
+        first, last = layers if layers is not None else (0, cfg.n_layers - 1)
+        if not 0 <= first <= last < cfg.n_layers:
+            raise UserError(f"{loader.where}: layer span {first}-{last} is outside 0-{cfg.n_layers - 1}")
+        self.first_layer, self.last_layer = first, last
+        self.has_embedding = first == 0
+        self.has_head = last == cfg.n_layers - 1
+        self.emulate = emulate_llama_cpp
+        self.backend = make_backend(backend, emulate_llama_cpp=emulate_llama_cpp)
+        names = set(loader.manifest.tensor_names())
+        self._check_tensors(names)
+
+        self.blocks = [self._load_block(i) for i in range(first, last + 1)]
+        self.rope_freq_factors = (loader.load_tensor("rope_freqs.weight").astype(np.float64)
+                                  if "rope_freqs.weight" in names else None)
+        if self.has_embedding:
+            # Kept as stored (quantized rows): a token looks up and dequantizes one row only.
+            self.embedding_rows, self.embedding_type = loader.load_quantized("token_embd.weight")
+        if self.has_head:
+            self.output_norm = loader.load_tensor("output_norm.weight")
+            head_name = "output.weight" if "output.weight" in names else "token_embd.weight"  # tied
+            self.output = self.backend.prepare(loader, head_name)
+
+    # -- loading ----------------------------------------------------------------------------------
+    def _needed_tensors(self, names: set[str]) -> list[str]:
+        needed = [f"blk.{i}.{t}.weight" for i in range(self.first_layer, self.last_layer + 1)
+                  for t in BLOCK_MATRICES + BLOCK_NORMS]
+        if self.has_embedding or (self.has_head and "output.weight" not in names):
+            needed.append("token_embd.weight")
+        if self.has_head:
+            needed.append("output_norm.weight")
+            if "output.weight" in names:
+                needed.append("output.weight")
+        return needed
+
+    def _check_tensors(self, names: set[str]) -> None:
+        for name in self._needed_tensors(names):
+            if name not in names:
+                raise UserError(f"{self.loader.where}: tensor {name!r} is missing from the model")
+            type_name = self.loader.tensor_entry(name).ggml_type
+            if not _computable(type_name):
+                raise UserError(f"{self.loader.where}: tensor {name!r} has type {type_name}, which this "
+                                f"engine cannot compute with")
+        self.loader.prefetch(self.loader.manifest.fragments_for(self._needed_tensors(names)))
+
+    def _load_block(self, i: int) -> Block:
+        get = self.loader.load_tensor
+        prefix = f"blk.{i}."
+        mats = {m: self.backend.prepare(self.loader, f"{prefix}{m}.weight") for m in BLOCK_MATRICES}
+        return Block(attn_norm=get(f"{prefix}attn_norm.weight"), ffn_norm=get(f"{prefix}ffn_norm.weight"), **mats)
+
+    # -- sessions ---------------------------------------------------------------------------------
+    def new_cache(self, max_positions: int | None = None) -> KVCache:
+        cfg = self.config
+        n = min(max_positions or cfg.context_length, cfg.context_length)
+        return KVCache(len(self.blocks), n, cfg.n_kv_heads, cfg.head_dim)
+
+    # -- the pass ---------------------------------------------------------------------------------
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        # tokens: (T,) -> (T, dim)
+        if not self.has_embedding:
+            raise RuntimeError("this span does not hold the token embedding")
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.embedding_rows.shape[0]):
+            raise UserError(f"token id out of range 0-{self.embedding_rows.shape[0] - 1}")
+        rows = self.embedding_rows[tokens]
+        if self.embedding_type == GGMLQuantizationType.F32:
+            return rows.view(np.float32).reshape(len(tokens), -1).copy()
+        return quants.dequantize(rows, self.embedding_type).astype(np.float32).reshape(len(tokens), -1)
+
+    def forward_layers(self, x: np.ndarray, cache: KVCache, first_pos: int) -> np.ndarray:
+        """Hidden states (T, dim) at positions first_pos.. through this model's blocks."""
+        cfg = self.config
+        T = x.shape[0]
+        if first_pos + T > cache.capacity:
+            raise UserError(f"context full: {first_pos + T} positions exceed the cache's {cache.capacity}")
+        cos, sin = ops.rope_angles(np.arange(first_pos, first_pos + T), cfg.rope_dim, cfg.rope_base,
+                                   cfg.rope_scale, self.rope_freq_factors)
+        mm = self.backend.matmul
+        for li, b in enumerate(self.blocks):
+            h = ops.rms_norm(x, b.attn_norm, cfg.rms_eps)
+            q = mm(h, b.attn_q).reshape(T, cfg.n_heads, cfg.head_dim)
+            k = mm(h, b.attn_k).reshape(T, cfg.n_kv_heads, cfg.head_dim)
+            v = mm(h, b.attn_v).reshape(T, cfg.n_kv_heads, cfg.head_dim)
+            q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
+            if self.emulate:  # llama.cpp keeps K/V in F16 and converts Q to F16 for Q.K
+                q, k, v = round_to_f16(q), round_to_f16(k), round_to_f16(v)
+            keys, values = cache.store(li, first_pos, k, v)
+            att = ops.attention(q, keys, values, first_pos)
+            x = x + mm(att.reshape(T, -1), b.attn_output)
+            h = ops.rms_norm(x, b.ffn_norm, cfg.rms_eps)
+            x = x + mm(ops.swiglu(mm(h, b.ffn_gate), mm(h, b.ffn_up)), b.ffn_down)
+        cache.length = first_pos + T
+        return x
+
+    def head(self, x: np.ndarray) -> np.ndarray:
+        # x: (T, dim) -> logits (T, vocab)
+        return self.backend.matmul(ops.rms_norm(x, self.output_norm, self.config.rms_eps), self.output)
+
+    def forward(self, tokens, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Feed tokens after what the cache holds; logits for the last position (or all)."""
+        first_pos = cache.length
+        x = self.forward_layers(self.embed(tokens), cache, first_pos)
+        return self.head(x if all_logits else x[-1:])

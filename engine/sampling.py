@@ -1,0 +1,67 @@
+"""Choosing the next token from logits, in llama.cpp's default order:
+repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw (or argmax at temperature 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.errors import UserError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+    def validate(self) -> "SamplingParams":
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"--top-k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise UserError(f"--min-p must be in [0, 1), got {self.min_p}")
+        if not np.isfinite(self.repeat_penalty) or self.repeat_penalty <= 0:
+            raise UserError(f"--repeat-penalty must be > 0, got {self.repeat_penalty}")
+        return self
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        self.p = params.validate()
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, history: list[int]) -> int:
+        logits = np.array(logits, dtype=np.float64)  # (vocab,)
+        if self.p.repeat_penalty != 1.0 and history:
+            recent = np.unique(np.asarray(history[-self.p.repeat_last_n:]))
+            vals = logits[recent]
+            logits[recent] = np.where(vals > 0, vals / self.p.repeat_penalty, vals * self.p.repeat_penalty)
+        if self.p.temperature == 0:
+            return int(np.argmax(logits))
+        ids = np.argsort(-logits, kind="stable")  # candidates, best first
+        if self.p.top_k > 0:
+            ids = ids[: self.p.top_k]
+        probs = _softmax(logits[ids])
+        if self.p.top_p < 1.0:
+            keep = int(np.searchsorted(np.cumsum(probs), self.p.top_p) + 1)
+            ids, probs = ids[:keep], probs[:keep]
+        if self.p.min_p > 0:
+            keep = probs >= self.p.min_p * probs[0]
+            ids = ids[keep]
+        probs = _softmax(logits[ids] / self.p.temperature)
+        return int(ids[self.rng.choice(len(ids), p=probs)])
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
