@@ -37,9 +37,9 @@ def round_to_q8_0(x: np.ndarray) -> np.ndarray:
     shape = x.shape
     blocks = x.reshape(-1, 32).astype(np.float32)
     amax = np.max(np.abs(blocks), axis=1, keepdims=True)
-    d = amax / 127.0
-    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d != 0)
-    q = np.round(blocks * inv)
+    d = amax / np.float32(127.0)
+    inv = np.divide(np.float32(127.0), amax, out=np.zeros_like(amax), where=amax != 0)  # as llama.cpp: 127/amax
+    q = np.round(blocks * inv)  # round half to even, like _mm256_round_ps(_MM_ROUND_NEAREST)
     return (q * round_to_f16(d)).reshape(shape).astype(np.float32)
 
 

@@ -149,7 +149,7 @@ class LlamaModel:
             if self.emulate:  # llama.cpp keeps K/V in F16 and converts Q to F16 for Q.K
                 q, k, v = round_to_f16(q), round_to_f16(k), round_to_f16(v)
             keys, values = cache.store(li, first_pos, k, v)
-            att = ops.attention(q, keys, values, first_pos)
+            att = ops.attention(q, keys, values, first_pos, round_to_f16 if self.emulate else None)
             x = x + mm(att.reshape(T, -1), b.attn_output)
             h = ops.rms_norm(x, b.ffn_norm, cfg.rms_eps)
             x = x + mm(ops.swiglu(mm(h, b.ffn_gate), mm(h, b.ffn_up)), b.ffn_down)

@@ -1,0 +1,131 @@
+"""Hold the engine against llama.cpp: the same tokens through both, logits compared position by position.
+
+Metrics over all teacher-forced positions (rows of logits):
+  max_abs_diff   largest |engine - llama.cpp| logit
+  nmse           sum((e - r)^2) / sum(r^2)
+  min_cosine     smallest cosine similarity between the two logit rows
+  top1_agreement share of positions where both pick the same token
+  mean_kl        mean KL(llama.cpp || engine) of the softmax distributions
+and greedy_match: both engines' greedy continuations of each prompt are identical.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from models.factory import CORPUS
+
+THRESHOLDS = {"top1_agreement": 0.99, "mean_kl": 1e-3, "min_cosine": 0.999}
+DEFAULT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain what a hash function is in one paragraph.",
+    "List three fruits and their colors.",
+    "def fibonacci(n):",
+]
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def logit_metrics(ours: np.ndarray, ref: np.ndarray) -> dict:
+    """ours, ref: (positions, vocab)."""
+    a, b = ours.astype(np.float64), ref.astype(np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    lp_ref, lp_ours = log_softmax(b), log_softmax(a)
+    kl = (np.exp(lp_ref) * (lp_ref - lp_ours)).sum(1)
+    return {
+        "positions": int(a.shape[0]),
+        "max_abs_diff": float(np.abs(a - b).max()),
+        "nmse": float(((a - b) ** 2).sum() / (b ** 2).sum()),
+        "min_cosine": float(cos.min()),
+        "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
+        "mean_kl": float(kl.mean()),
+    }
+
+
+@dataclass
+class ValidationReport:
+    activations: str
+    metrics: dict
+    greedy: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def greedy_match(self) -> bool:
+        return all(g["match"] for g in self.greedy)
+
+    @property
+    def passed(self) -> bool:
+        m = self.metrics
+        return (m["top1_agreement"] >= THRESHOLDS["top1_agreement"] and m["mean_kl"] <= THRESHOLDS["mean_kl"]
+                and m["min_cosine"] >= THRESHOLDS["min_cosine"] and self.greedy_match)
+
+    def to_json(self) -> dict:
+        out = dict(self.metrics)
+        out.update(greedy_match=self.greedy_match, activations=self.activations, thresholds=THRESHOLDS,
+                   greedy=self.greedy, seconds=round(self.seconds, 2), passed=self.passed)
+        out["pass"] = self.passed
+        return out
+
+
+def corpus_sequences(tokenizer, n_positions: int, seq_len: int) -> list[list[int]]:
+    """Enough varied text, cut into sequences of seq_len tokens, for n_positions positions in all."""
+    text = CORPUS.read_text(encoding="utf-8")
+    n_seqs = -(-n_positions // seq_len)
+    stride = max(len(text) // n_seqs, 1)
+    seqs = []
+    for i in range(n_seqs):
+        chunk = text[i * stride: i * stride + seq_len * 8]
+        tokens = tokenizer.encode(chunk)[:seq_len]
+        seqs.append(tokens)
+    return seqs
+
+
+def engine_greedy(model, prompt: list[int], n: int, stop_ids: frozenset[int]) -> list[int]:
+    cache = model.new_cache(len(prompt) + n + 1)
+    logits = model.forward(np.asarray(prompt), cache)[-1]
+    out = []
+    for _ in range(n):
+        token = int(np.argmax(logits))
+        if token in stop_ids:
+            break
+        out.append(token)
+        logits = model.forward(np.asarray([token]), cache)[-1]
+    return out
+
+
+def validate(model, tokenizer, llm, prompts: list[str], n_positions: int = 512, greedy_tokens: int = 32,
+             chat: bool = True) -> ValidationReport:
+    from engine.chat import chat_prompt
+    from validation.reference import greedy, teacher_forced_logits
+
+    started = time.perf_counter()
+    seq_len = min(256, model.config.context_length - 1)
+    ours, ref = [], []
+    for seq in corpus_sequences(tokenizer, n_positions, seq_len):
+        cache = model.new_cache(len(seq))
+        ours.append(model.forward(np.asarray(seq), cache, all_logits=True))
+        ref.append(teacher_forced_logits(llm, seq))
+    metrics = logit_metrics(np.concatenate(ours), np.concatenate(ref))
+
+    report = ValidationReport("llama.cpp" if model.emulate else "float", metrics)
+    for prompt in prompts:
+        text = chat_prompt(tokenizer, prompt)[0] if chat else prompt
+        tokens = tokenizer.encode(text)
+        a = engine_greedy(model, tokens, greedy_tokens, tokenizer.eog_ids)
+        b = greedy(llm, tokens, greedy_tokens, tokenizer.eog_ids)
+        report.greedy.append({"prompt": prompt, "match": a == b, "engine": tokenizer.decode(a),
+                              "llama_cpp": tokenizer.decode(b)})
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def as_dict(report: ValidationReport) -> dict:
+    return asdict(report)
