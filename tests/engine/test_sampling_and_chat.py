@@ -1,0 +1,92 @@
+"""Sampling rules, stop strings across token boundaries, and chat templates."""
+
+import numpy as np
+import pytest
+
+from common.errors import UserError
+from distribution.gguf_file import GGUFFileLoader
+from engine.chat import NAMED_TEMPLATES, chat_prompt, detect_template, render
+from engine.generate import StopMatcher
+from engine.sampling import Sampler, SamplingParams
+from engine.tokenizer import Tokenizer
+
+LOGITS = np.array([1.0, 3.0, 2.5, -1.0, 0.0, 2.9])
+
+
+def test_greedy_is_argmax():
+    assert Sampler(SamplingParams(temperature=0))(LOGITS, []) == 1
+
+
+def test_seed_reproduces_a_sampled_run():
+    draws = lambda seed: [Sampler(SamplingParams(temperature=1.5, top_k=0, top_p=1, min_p=0, seed=seed))(LOGITS, [])
+                          for _ in range(1)]
+    a = Sampler(SamplingParams(temperature=1.5, top_k=0, top_p=1.0, min_p=0, seed=7))
+    b = Sampler(SamplingParams(temperature=1.5, top_k=0, top_p=1.0, min_p=0, seed=7))
+    assert [a(LOGITS, []) for _ in range(50)] == [b(LOGITS, []) for _ in range(50)]
+    assert draws(1) is not None
+
+
+def test_top_k_top_p_min_p_restrict_candidates():
+    s = Sampler(SamplingParams(temperature=5.0, top_k=2, top_p=1.0, min_p=0, seed=0))
+    assert {s(LOGITS, []) for _ in range(200)} == {1, 5}
+    s = Sampler(SamplingParams(temperature=5.0, top_k=0, top_p=0.3, min_p=0, seed=0))
+    assert {s(LOGITS, []) for _ in range(200)} == {1}
+    s = Sampler(SamplingParams(temperature=5.0, top_k=0, top_p=1.0, min_p=0.5, seed=0))
+    assert {s(LOGITS, []) for _ in range(300)} == {1, 2, 5}
+
+
+def test_repetition_penalty_steers_away():
+    s = Sampler(SamplingParams(temperature=0, repeat_penalty=2.0))
+    assert s(LOGITS, [1]) == 5  # 3.0 / 2 = 1.5 falls below 2.9
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": -0.1}, "--temperature"), ({"top_p": 0.0}, "--top-p"), ({"top_p": 1.5}, "--top-p"),
+    ({"top_k": -1}, "--top-k"), ({"min_p": 1.0}, "--min-p"), ({"repeat_penalty": 0}, "--repeat-penalty"),
+])
+def test_nonsense_values_are_refused(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        SamplingParams(**kwargs).validate()
+
+
+def test_stop_string_across_token_boundaries():
+    m = StopMatcher(["</answer>", "STOP"])
+    out = [m.feed(p) for p in ["The ans", "wer is 4", "2.</ans", "wer> tail"]]
+    assert "".join(out) == "The answer is 42." and m.done
+
+
+def test_stop_matcher_releases_false_alarms():
+    m = StopMatcher(["STOP"])
+    out = m.feed("ST") + m.feed("ill going") + m.flush()
+    assert out == "STill going" and not m.done
+
+
+@pytest.mark.parametrize("name", sorted(NAMED_TEMPLATES))
+def test_named_templates_render(name):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    text = render(NAMED_TEMPLATES[name], messages, "<s>", "</s>")
+    assert "Hi there" in text and "Be brief." in text
+
+
+def test_zephyr_is_tinyllamas_form():
+    text = render(NAMED_TEMPLATES["zephyr"], [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}],
+                  "<s>", "</s>")
+    assert text == "<|system|>\nS</s>\n<|user|>\nU</s>\n<|assistant|>\n"
+
+
+def test_model_template_is_used(default_gguf):
+    tok = Tokenizer(GGUFFileLoader(default_gguf).metadata)
+    text, used = chat_prompt(tok, "Hello?", system="Be kind.")
+    assert used == "model"
+    assert text.startswith("<|im_start|>system\nBe kind.<|im_end|>") and text.endswith("<|im_start|>assistant\n")
+
+
+def test_detection_and_unknown_template(factory_models):
+    assert detect_template(["<s>", "<|start_header_id|>"]) == "llama3"
+    assert detect_template(["<start_of_turn>"]) == "gemma"
+    assert detect_template(["hello"]) == "chatml"
+    tok = Tokenizer(GGUFFileLoader(factory_models["q8_0-spm-gqa"]).metadata)
+    with pytest.raises(UserError, match="unknown template 'nope'"):
+        chat_prompt(tok, "hi", template="nope")
+    text, used = chat_prompt(tok, "hi", template="alpaca")
+    assert used == "alpaca" and "### Instruction:\nhi" in text

@@ -1,0 +1,86 @@
+"""validate holds the engine against llama.cpp, and a wrong engine fails it."""
+
+import json
+
+import numpy as np
+import pytest
+from gguf import GGUFReader, quants
+
+from distribution.gguf_file import GGUFFileLoader
+from engine.model import LlamaModel
+from engine.tokenizer import Tokenizer
+from tests.conftest import assert_one_line_error, run_cli
+from validation.compare import DEFAULT_PROMPTS, logit_metrics, validate
+from validation.reference import load_llama
+from validation.twin import write_f32_twin
+
+KEYS = {"top1_agreement", "mean_kl", "min_cosine", "nmse", "greedy_match", "pass", "reference", "activations"}
+
+
+def test_metrics_on_known_values():
+    a = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 5.0]])
+    m = logit_metrics(a, a)
+    assert m["top1_agreement"] == 1.0 and m["mean_kl"] == pytest.approx(0, abs=1e-12)
+    assert m["min_cosine"] == pytest.approx(1.0) and m["nmse"] == 0.0
+    b = a.copy()
+    b[1] = [5.0, 0.0, 0.0]
+    m = logit_metrics(a, b)
+    assert m["top1_agreement"] == 0.5 and m["mean_kl"] > 1
+
+
+@pytest.mark.parametrize("name, reference", [("f32-spm-gqa", "direct"), ("bf16-spm-gqa", "direct"),
+                                             ("q8_0-spm-gqa", "f32-twin"), ("f16-bpe-mqa", "direct")])
+def test_factory_models_pass(factory_models, name, reference):
+    path = factory_models[name]
+    proc = run_cli("validate", path, "--gguf", path, "--json", "--greedy-tokens", "32")
+    report = json.loads(proc.stdout)
+    assert KEYS <= set(report)
+    assert report["reference"] == reference
+    assert proc.returncode == 0 and report["pass"], report
+    assert report["positions"] >= 512 and len(report["greedy"]) == 5
+
+
+def test_default_model_passes(default_store, default_gguf):
+    proc = run_cli("validate", default_store, "--gguf", default_gguf, "--json", timeout=900)
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 0 and report["pass"], {k: report[k] for k in KEYS | {"direct", "llama_cpp_self"}}
+    assert report["reference"] == "f32-twin" and report["mean_kl"] <= 1e-3 and report["greedy_match"]
+    assert report["direct_ok"]
+
+
+class WrongOrientation(GGUFFileLoader):
+    """The seed's bug: reading the [out, in] bytes as if they were [in, out]."""
+
+    def load_tensor(self, name):
+        values = super().load_tensor(name)
+        if values.ndim == 2 and name != "token_embd.weight":
+            return np.ascontiguousarray(values.reshape(values.shape[::-1]).T)
+        return values
+
+
+def test_wrong_weight_orientation_fails(factory_models):
+    path = factory_models["f32-spm-gqa"]
+    loader = WrongOrientation(path)
+    model = LlamaModel(loader)
+    llm = load_llama(path, n_ctx=512, logits_all=True)
+    report = validate(model, Tokenizer(loader.metadata), llm, DEFAULT_PROMPTS[:2], 512, 8)
+    assert not report.passed
+    assert report.metrics["mean_kl"] > 1e-2 and report.metrics["min_cosine"] < 0.99
+
+
+def test_twin_keeps_metadata_and_weight_values(factory_models, tmp_path):
+    src = factory_models["q4_1-spm-gqa"]
+    twin = write_f32_twin(src, tmp_path / "twin.gguf")
+    a, b = GGUFReader(src), GGUFReader(twin)
+    assert {t.name for t in b.tensors} == {t.name for t in a.tensors}
+    assert all(t.tensor_type.name == "F32" for t in b.tensors)
+    for ta in a.tensors:
+        tb = next(t for t in b.tensors if t.name == ta.name)
+        np.testing.assert_array_equal(np.asarray(tb.data).reshape(-1), quants.dequantize(ta.data, ta.tensor_type).reshape(-1))
+    assert b.fields["tokenizer.ggml.tokens"].contents() == a.fields["tokenizer.ggml.tokens"].contents()
+    assert b.fields["general.file_type"].contents() == 0
+
+
+def test_validate_refuses_a_different_model(factory_models):
+    proc = run_cli("validate", factory_models["q8_0-spm-gqa"], "--gguf", factory_models["q4_0-spm-mha-tied"])
+    assert_one_line_error(proc, "different tensors")
