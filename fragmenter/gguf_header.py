@@ -98,21 +98,38 @@ class GGUFHeader:
 
 
 class _Reader:
+    """Reads from a stream through a growing in-memory buffer: the header is parsed with
+    struct.unpack_from on the buffer instead of one small read per field (SmolLM2's 49k-token
+    vocabulary and merges are about 100k strings)."""
+
+    _CHUNK = 1 << 20
+
     def __init__(self, stream: BinaryIO, source: str):
         self.stream = stream
         self.source = source
+        self.buf = bytearray()
         self.pos = 0
 
+    def _need(self, n: int) -> None:
+        while len(self.buf) - self.pos < n:
+            chunk = self.stream.read(max(self._CHUNK, n))
+            if not chunk:
+                raise GGUFFormatError(f"{self.source}: truncated GGUF header (ends at byte {len(self.buf)})")
+            self.buf += chunk
+
     def take(self, n: int) -> bytes:
-        data = self.stream.read(n)
-        if len(data) != n:
-            raise GGUFFormatError(f"{self.source}: truncated GGUF header (ends at byte {self.pos + len(data)})")
+        self._need(n)
+        data = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
         return data
 
     def scalar(self, vtype: GGUFValueType) -> Any:
         fmt = _SCALAR_FORMATS[vtype]
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+        size = struct.calcsize(fmt)
+        self._need(size)
+        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += size
+        return value
 
     def u32(self) -> int:
         return self.scalar(GGUFValueType.UINT32)
@@ -130,8 +147,22 @@ class _Reader:
         n = self.u64()
         if n > MAX_COUNT * 4:
             raise GGUFFormatError(f"{self.source}: corrupt GGUF header (string of {n} bytes at byte {self.pos - 8})")
-        raw = self.take(n)
-        return raw.decode("utf-8", errors="surrogateescape")
+        return self.take(n).decode("utf-8", errors="surrogateescape")
+
+    def strings(self, count: int) -> list[str]:
+        """An array of strings, the bulk of a header: one tight loop over the buffer."""
+        out = []
+        unpack = struct.unpack_from
+        for _ in range(count):
+            self._need(8)
+            n = unpack("<Q", self.buf, self.pos)[0]
+            if n > MAX_COUNT * 4:
+                raise GGUFFormatError(f"{self.source}: corrupt GGUF header (string of {n} bytes at byte {self.pos})")
+            self._need(8 + n)
+            start = self.pos + 8
+            out.append(self.buf[start:start + n].decode("utf-8", errors="surrogateescape"))
+            self.pos = start + n
+        return out
 
     def value_type(self) -> GGUFValueType:
         raw = self.u32()
@@ -149,6 +180,8 @@ class _Reader:
             if item_type in _NUMPY_TYPES:
                 dtype = np.dtype(_NUMPY_TYPES[item_type])
                 return np.frombuffer(self.take(n * dtype.itemsize), dtype=dtype).copy()
+            if item_type == GGUFValueType.STRING:
+                return self.strings(n)
             return [self.value(item_type) for _ in range(n)]
         return self.scalar(vtype)
 
@@ -156,8 +189,10 @@ class _Reader:
 def parse_header(stream: BinaryIO, source: str = "<stream>") -> GGUFHeader:
     """Read the GGUF header from ``stream`` (positioned at byte 0). ``source`` names it in errors."""
     r = _Reader(stream, source)
-    magic = r.stream.read(4)
-    r.pos = len(magic)
+    try:
+        magic = r.take(4)
+    except GGUFFormatError:
+        magic = bytes(r.buf)
     if magic != GGUF_MAGIC:
         raise GGUFFormatError(f"{source}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
     version = r.u32()
