@@ -38,8 +38,8 @@ def _set_threads(threads: int | None) -> None:
 @click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all cores).")
 @click.option("--backend", type=click.Choice(["engine", "llama.cpp"]), default="engine", show_default=True,
               help="engine: this project's engine; llama.cpp: the same request through llama-cpp-python.")
-@click.option("--kernels", type=click.Choice(["numpy"]), default="numpy", show_default=True,
-              help="Kernel implementation for the engine.")
+@click.option("--kernels", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True,
+              help="numba: the fast path (weights stay quantized); numpy: the plain reference.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end instead of streaming.")
 @user_errors
 def infer(source, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, system,

@@ -25,10 +25,19 @@ from cli.common import user_errors
               help="direct: llama.cpp on --gguf as given; twin: on an F32 copy of it (same weight values, no "
                    "activation quantization); auto: twin when any weight is quantized.")
 @click.option("--no-chat", is_flag=True, help="Greedy prompts without the chat template.")
+@click.option("--kernels", type=click.Choice(["numpy", "numba"]), default="numpy", show_default=True,
+              help="Engine kernels to validate (--speed: to time; default there: numba).")
+@click.option("--speed", is_flag=True, help="Measure prefill and decode tokens/s of the engine and of llama.cpp "
+                                            "in one run instead of comparing logits.")
+@click.option("--tokens", default=64, show_default=True, type=click.IntRange(1), help="--speed: tokens to decode.")
+@click.option("--prompt-tokens", default=512, show_default=True, type=click.IntRange(1),
+              help="--speed: prompt length for prefill.")
+@click.option("--rounds", default=2, show_default=True, type=click.IntRange(1), help="--speed: alternating rounds.")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
-def validate(source, gguf_path, prompts, positions, greedy_tokens, reference, no_chat, threads, as_json):
+def validate(source, gguf_path, prompts, positions, greedy_tokens, reference, no_chat, kernels, speed, tokens,
+             prompt_tokens, rounds, threads, as_json):
     """Compare this engine's logits and greedy text on SOURCE with llama.cpp's on --gguf.
 
     Reports max abs difference, NMSE, minimum cosine, top-1 agreement and mean KL(llama.cpp ||
@@ -41,6 +50,12 @@ def validate(source, gguf_path, prompts, positions, greedy_tokens, reference, no
     comparison (engine rounding activations like llama.cpp) and llama.cpp's own batch-512 vs
     batch-1 disagreement; the direct KL may not exceed max(1e-3, twice that noise floor).
     """
+    from cli.infer import _set_threads
+
+    _set_threads(threads)
+    if speed:
+        return _speed(source, gguf_path, "numba" if kernels == "numpy" and not _kernels_given() else kernels,
+                      tokens, prompt_tokens, rounds, threads, as_json)
     from cli.common import open_store
     from common.errors import UserError
     from engine.model import LlamaModel
@@ -65,7 +80,7 @@ def validate(source, gguf_path, prompts, positions, greedy_tokens, reference, no
     with tempfile.TemporaryDirectory(prefix="validate-") as tmp:
         if use_twin:
             twin = write_f32_twin(gguf_path, Path(tmp) / "twin-f32.gguf")
-            model = LlamaModel(loader)
+            model = LlamaModel(loader, backend=kernels)
             report = run(model, tokenizer, load_llama(twin, n_ctx=n_ctx, threads=threads, logits_all=True),
                          prompts, positions, greedy_tokens, not no_chat)
             report.reference = "f32-twin"
@@ -85,6 +100,49 @@ def validate(source, gguf_path, prompts, positions, greedy_tokens, reference, no
     else:
         _print_report(report, source, gguf_path)
     sys.exit(0 if report.passed else 1)
+
+
+def _kernels_given() -> bool:
+    import sys
+
+    return any(a == "--kernels" or a.startswith("--kernels=") for a in sys.argv)
+
+
+def _speed(source, gguf_path, kernels, tokens, prompt_tokens, rounds, threads, as_json) -> None:
+    import time
+
+    from cli.common import open_store
+    from common.errors import UserError
+    from engine.model import LlamaModel
+    from engine.tokenizer import Tokenizer
+    from models.factory import CORPUS
+    from validation.reference import load_llama
+    from validation.speed import measure
+
+    loader = open_store(source, allow_file=True)
+    tokenizer = Tokenizer(loader.metadata, loader.where)
+    text = CORPUS.read_text(encoding="utf-8")
+    prompt = tokenizer.encode(text[: prompt_tokens * 12])[:prompt_tokens]
+    if len(prompt) < prompt_tokens:
+        raise UserError(f"could only make a {len(prompt)}-token prompt")
+    n_ctx = len(prompt) + tokens + 8
+    start = time.perf_counter()
+    model = LlamaModel(loader, backend=kernels)
+    load_s = time.perf_counter() - start
+    llm = load_llama(gguf_path, n_ctx=n_ctx, threads=threads, batch=512)
+    report = measure(model, llm, prompt, tokens, rounds)
+    compile_s = getattr(model.backend, "compile_s", 0.0) + getattr(model.decoder, "compile_s", 0.0)
+    report.update(kernels=kernels, threads=threads, load_s=round(load_s, 2), compile_s=round(compile_s, 2))
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+        return
+    e, r = report["engine"], report["llama_cpp"]
+    click.echo(f"{source} ({kernels} kernels) vs llama.cpp on {gguf_path}, {threads} threads, "
+               f"{len(prompt)}-token prompt, {tokens} tokens decoded, best of {rounds}")
+    click.echo(f"  prefill  engine {e['prefill_tok_s']:8.1f} tok/s   llama.cpp {r['prefill_tok_s']:8.1f} tok/s   "
+               f"ratio {report['prefill_ratio']:.2f}")
+    click.echo(f"  decode   engine {e['decode_tok_s']:8.1f} tok/s   llama.cpp {r['decode_tok_s']:8.1f} tok/s   "
+               f"ratio {report['decode_ratio']:.2f}")
 
 
 def _print_report(report, source, gguf_path) -> None:

@@ -52,6 +52,25 @@ class DenseWeight:
     ggml_type: str
 
 
+@dataclass
+class Q8Weight:
+    qs: np.ndarray      # (out, in) int8
+    d: np.ndarray       # (out, in // 32) float32 block scales
+    ggml_type: str = "Q8_0"
+
+    @property
+    def rows(self) -> int:
+        return self.qs.shape[0]
+
+
+@dataclass
+class FusedWeight:
+    """Several matrices applied to the same input (Q, K, V; gate, up), output split by ``sizes``."""
+    parts: list
+    sizes: list[int]
+    stacked: bool = False  # parts[0] holds all of them stacked row-wise
+
+
 class NumpyBackend:
     name = "numpy"
 
@@ -69,8 +88,77 @@ class NumpyBackend:
                 x = _ROUNDERS[fmt](x)
         return x @ w.values.T
 
+    def prepare_fused(self, loader, names: list[str]) -> FusedWeight:
+        parts = [self.prepare(loader, n) for n in names]
+        return FusedWeight(parts, [loader.tensor_entry(n).shape[0] for n in names])
 
-BACKENDS = {"numpy": NumpyBackend}
+    def matmul_fused(self, x: np.ndarray, fw: FusedWeight) -> list[np.ndarray]:
+        if fw.stacked:
+            y = self.matmul(x, fw.parts[0])
+            return np.split(y, np.cumsum(fw.sizes)[:-1], axis=1)
+        return [self.matmul(x, p) for p in fw.parts]
+
+
+class NumbaBackend(NumpyBackend):
+    """Weights stay quantized (Q8_0) in memory; one token at a time uses the Numba kernels, prompts
+    use BLAS on weights dequantized into a reused buffer. Other types are held as float32."""
+
+    name = "numba"
+    SMALL_BATCH = 8  # up to this many tokens: the matvec kernel reading each row once for all
+    SCRATCH_FLOATS = 16 * 1024 * 1024  # prompt path: dequantize at most 64 MB of a matrix at a time
+
+    def __init__(self, emulate_llama_cpp: bool = False):
+        if emulate_llama_cpp:
+            raise UserError("llama.cpp activation rounding is only available with the numpy kernels")
+        super().__init__(False)
+        from engine import kernels_numba
+
+        self.k = kernels_numba
+        self.compile_s = kernels_numba.warm_up()
+        self._scratch = np.empty(0, np.float32)
+
+    def prepare(self, loader, name: str):
+        entry = loader.tensor_entry(name)
+        if entry.ggml_type == "Q8_0":
+            blocks, _ = loader.load_quantized(name)
+            return Q8Weight(*self.k.split_q8_0(blocks))
+        return DenseWeight(loader.load_tensor(name), entry.ggml_type)
+
+    def prepare_fused(self, loader, names: list[str]) -> FusedWeight:
+        fw = super().prepare_fused(loader, names)
+        if all(isinstance(p, Q8Weight) for p in fw.parts):
+            stacked = Q8Weight(np.concatenate([p.qs for p in fw.parts]), np.concatenate([p.d for p in fw.parts]))
+            return FusedWeight([stacked], fw.sizes, stacked=True)
+        return fw
+
+    def matmul(self, x: np.ndarray, w) -> np.ndarray:
+        if not isinstance(w, Q8Weight):
+            return x @ w.values.T
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        T, R = x.shape[0], w.rows
+        if T == 1:
+            out = np.empty((1, R), np.float32)
+            self.k.q8_0_matvec(w.qs, w.d, x[0], out[0])
+            return out
+        if T <= self.SMALL_BATCH:
+            out = np.empty((T, R), np.float32)
+            self.k.q8_0_matvecs(w.qs, w.d, x, out)
+            return out
+        # Prompt: BLAS on the weight dequantized into a bounded, reused buffer, in row chunks.
+        C = w.qs.shape[1]
+        chunk = max(1, min(R, self.SCRATCH_FLOATS // C))
+        if self._scratch.size < chunk * C:
+            self._scratch = np.empty(chunk * C, np.float32)
+        out = np.empty((T, R), np.float32)
+        for r0 in range(0, R, chunk):
+            r1 = min(R, r0 + chunk)
+            dense = self._scratch[:(r1 - r0) * C].reshape(r1 - r0, C)
+            self.k.q8_0_dequantize(w.qs[r0:r1], w.d[r0:r1], dense)
+            np.matmul(x, dense.T, out=out[:, r0:r1])
+        return out
+
+
+BACKENDS = {"numpy": NumpyBackend, "numba": NumbaBackend}
 
 
 def make_backend(name: str, **options):

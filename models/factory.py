@@ -48,6 +48,7 @@ class ModelSpec:
     rms_eps: float = 1e-5
     chat_template: bool = True
     k_quant_extra: bool = False    # add opaque Q4_K / Q6_K tensors (format-level tests only)
+    direct_q8_0: bool = False      # write random Q8_0 blocks directly (fast for big models)
     seed: int = 0
     name: str = "factory-llama"
 
@@ -58,7 +59,9 @@ class ModelSpec:
 
 # A TinyLlama-1.1B-shaped model (about 1.17 GB in Q8_0) for speed work.
 TINYLLAMA_SHAPE = ModelSpec(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632, vocab="spm",
-                            vocab_size=32000, weight_type="Q8_0", context_length=2048, name="tinyllama-shaped")
+                            vocab_size=32000, weight_type="Q8_0", context_length=2048, name="tinyllama-shaped",
+                            direct_q8_0=True)
+TRAINED_SPM_MAX = 2000  # the shipped corpus supports about this many learned pieces
 
 
 def standard_specs() -> dict[str, ModelSpec]:
@@ -78,7 +81,17 @@ def _corpus_lines() -> list[str]:
 
 @lru_cache(maxsize=8)
 def spm_vocab(vocab_size: int) -> tuple[list[str], list[float], list[int]]:
-    """Train a SentencePiece BPE model with byte fallback; return (tokens, scores, token types)."""
+    """Train a SentencePiece BPE model with byte fallback; return (tokens, scores, token types).
+
+    Beyond what the corpus supports, the vocabulary is padded with unreachable pieces of very low
+    score, so a big model (32000 tokens) gets a real, working tokenizer of the right size.
+    """
+    if vocab_size > TRAINED_SPM_MAX:
+        tokens, scores, types = spm_vocab(TRAINED_SPM_MAX)
+        extra = vocab_size - len(tokens)
+        low = min(scores) - 1.0
+        return (tokens + [f"\u2581<pad{i}>" for i in range(extra)], scores + [low - i for i in range(extra)],
+                types + [int(TokenType.NORMAL)] * extra)
     import sentencepiece as spm
 
     model = io.BytesIO()
@@ -173,6 +186,15 @@ def _encode(values: np.ndarray, type_name: str) -> tuple[np.ndarray, GGMLQuantiz
     return quants.quantize(values, qtype), qtype
 
 
+def _random_q8_0(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    """Random Q8_0 blocks with scales that keep activations in a sane range, without quantizing."""
+    blocks = np.empty((rows, cols // 32, 34), dtype=np.uint8)
+    scale = np.float16(2.0 / (127 * np.sqrt(cols)))
+    blocks[:, :, :2] = np.frombuffer(scale.tobytes(), dtype=np.uint8)
+    blocks[:, :, 2:] = rng.integers(-127, 128, size=(rows, cols // 32, 32), dtype=np.int8).view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
 def _opaque_quant(rng: np.random.Generator, rows: int, cols: int, qtype: GGMLQuantizationType) -> np.ndarray:
     """Random bytes shaped as ``qtype`` blocks: real layout, meaningless values."""
     block, size = GGML_QUANT_SIZES[qtype]
@@ -224,7 +246,9 @@ def write_model(spec: ModelSpec, path: str | Path) -> Path:
         w.add_vocab_size(vocab)
 
         for name, shape, is_weight in tensor_specs(spec, vocab):
-            if is_weight:
+            if is_weight and spec.direct_q8_0 and spec.weight_type == "Q8_0":
+                data, qtype = _random_q8_0(rng, *shape), GGMLQuantizationType.Q8_0
+            elif is_weight:
                 scale = 1.0 / np.sqrt(shape[1]) if name != "token_embd.weight" else 1.0
                 values = rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
                 data, qtype = _encode(values, spec.weight_type)
@@ -250,3 +274,14 @@ def write_model(spec: ModelSpec, path: str | Path) -> Path:
 def _file_type(type_name: str) -> int:
     """llama_ftype value for a model whose weights are all of one type."""
     return {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "BF16": 32}[type_name]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Write a synthetic LLaMA GGUF from the factory.")
+    ap.add_argument("which", choices=["tinyllama"] + sorted(standard_specs()))
+    ap.add_argument("output")
+    args = ap.parse_args()
+    spec = TINYLLAMA_SHAPE if args.which == "tinyllama" else standard_specs()[args.which]
+    print(write_model(spec, args.output))
