@@ -188,10 +188,11 @@ def _opt_int(value) -> int | None:
 def _sentencepiece_from_vocab(tokens: list[str], scores, types: list[int]):
     """A SentencePiece BPE processor equal to llama.cpp's SPM tokenizer on this vocabulary."""
     import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2 as pb
 
-    proto = pb.ModelProto()
-    proto.trainer_spec.model_type = pb.TrainerSpec.BPE
+    from engine.sp_proto import model_proto_class
+
+    proto = model_proto_class()()
+    proto.trainer_spec.model_type = 2  # BPE: llama.cpp's SPM tokenizer merges by score, as BPE does
     proto.trainer_spec.vocab_size = len(tokens)
     proto.trainer_spec.byte_fallback = any(t == TokenType.BYTE for t in types)
     proto.trainer_spec.unk_id = next((i for i, t in enumerate(types) if t == TokenType.UNKNOWN), 0)
@@ -200,17 +201,13 @@ def _sentencepiece_from_vocab(tokens: list[str], scores, types: list[int]):
     proto.normalizer_spec.add_dummy_prefix = False
     proto.normalizer_spec.remove_extra_whitespaces = False
     proto.normalizer_spec.escape_whitespaces = True
-    kinds = {TokenType.NORMAL: pb.ModelProto.SentencePiece.NORMAL,
-             TokenType.UNKNOWN: pb.ModelProto.SentencePiece.UNKNOWN,
-             TokenType.CONTROL: pb.ModelProto.SentencePiece.CONTROL,
-             TokenType.USER_DEFINED: pb.ModelProto.SentencePiece.USER_DEFINED,
-             TokenType.UNUSED: pb.ModelProto.SentencePiece.UNUSED,
-             TokenType.BYTE: pb.ModelProto.SentencePiece.BYTE}
+    known = {int(t) for t in (TokenType.NORMAL, TokenType.UNKNOWN, TokenType.CONTROL, TokenType.USER_DEFINED,
+                              TokenType.UNUSED, TokenType.BYTE)}  # GGUF token types share SentencePiece's numbers
     for i, (text, t) in enumerate(zip(tokens, types)):
         piece = proto.pieces.add()
         piece.piece = text
         piece.score = float(scores[i]) if scores is not None else 0.0
-        piece.type = kinds.get(TokenType(t), pb.ModelProto.SentencePiece.NORMAL)
+        piece.type = int(t) if int(t) in known else int(TokenType.NORMAL)
     return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
 

@@ -1,0 +1,90 @@
+"""`serve`: a store over HTTP, with aiohttp.
+
+    GET /manifest.json          the manifest (ETag: its SHA-256)
+    GET /fragments/<sha256>     a fragment listed in the manifest (ETag: its id; Range supported)
+
+Nothing else is served: no listing, no paths, only hashes the manifest lists. The layout is the
+store directory's own, so any static web server (nginx, `python -m http.server`) pointed at a
+store serves the same URLs and works with the HTTP loader too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from fragmenter.manifest import FRAGMENT_ID, FRAGMENTS_DIR, MANIFEST_NAME, Manifest
+
+MAX_CONCURRENT = 64  # fragment responses in flight; further requests wait their turn
+
+
+def make_app(store: str | Path, only: set[str] | None = None, max_concurrent: int = MAX_CONCURRENT) -> web.Application:
+    """The aiohttp application serving ``store`` (or only the fragment ids in ``only``)."""
+    store = Path(store)
+    manifest = Manifest.load(store)  # validates; refuses a broken store up front
+    manifest_bytes = (store / MANIFEST_NAME).read_bytes()
+    manifest_etag = f'"{hashlib.sha256(manifest_bytes).hexdigest()}"'
+    allowed = set(manifest.unique_fragments()) if only is None else set(only)
+    gate = asyncio.Semaphore(max_concurrent)
+
+    async def get_manifest(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("If-None-Match") == manifest_etag:
+            return web.Response(status=304, headers={"ETag": manifest_etag})
+        return web.Response(body=manifest_bytes, content_type="application/json", headers={"ETag": manifest_etag})
+
+    async def get_fragment(request: web.Request) -> web.StreamResponse:
+        fid = request.match_info["fid"]
+        if not FRAGMENT_ID.match(fid) or fid not in allowed:
+            raise web.HTTPNotFound(text="no such fragment\n")
+        path = store / FRAGMENTS_DIR / fid
+        if not path.is_file():
+            raise web.HTTPNotFound(text="fragment not held here\n")
+        async with gate:
+            response = web.FileResponse(path, headers={"Cache-Control": "public, max-age=31536000, immutable"})
+            response.etag = fid  # content-addressed: the id is the strongest possible validator
+            return response
+
+    app = web.Application(client_max_size=1024)
+    app.router.add_get(f"/{MANIFEST_NAME}", get_manifest)
+    app.router.add_get("/fragments/{fid}", get_fragment)
+    app["manifest"] = manifest
+    return app
+
+
+async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Start serving; returns the runner and the bound port (port 0 picks a free one)."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1]  # aiohttp keeps the listening socket here
+    return runner, bound
+
+
+def serve_forever(store: str | Path, host: str, port: int, announce=print, extra=None) -> None:
+    """Serve until SIGINT/SIGTERM, then close connections and return."""
+
+    async def main():
+        app = make_app(store)
+        runner, bound = await start(app, host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        m = app["manifest"]
+        announce(f"serving {store} ({len(m.unique_fragments())} fragments of {m.source['name']}) "
+                 f"on http://{host}:{bound}/")
+        tasks = [asyncio.ensure_future(t(bound)) for t in (extra or [])]
+        try:
+            await stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await runner.cleanup()
+        announce("stopped")
+
+    asyncio.run(main())
