@@ -32,11 +32,15 @@ def user_errors(func):
 
 
 def open_store(source: str, allow_file: bool = False):
-    """A loader for SOURCE: a store directory, or (where allowed) a .gguf file."""
+    """A loader for SOURCE: a store directory, an http(s):// store, or (where allowed) a .gguf file."""
     import os
 
     from distribution.local import LocalLoader
 
+    if source.startswith(("http://", "https://")):
+        from distribution.http import HTTPLoader
+
+        return HTTPLoader(source)
     if os.path.isdir(source):
         return LocalLoader(source)
     if os.path.isfile(source):

@@ -43,6 +43,8 @@ class FragmentLoader(ABC):
 
     #: How many bytes of verified fragments to keep, so tensors sharing a fragment read it once.
     cache_bytes = 64 * 1024 * 1024
+    #: True when ``fetch`` itself only returns bytes it has just checked against the id.
+    fetch_verifies = False
 
     def __init__(self, manifest: Manifest, where: str):
         self.manifest = manifest
@@ -87,7 +89,8 @@ class FragmentLoader(ABC):
             self._cache.move_to_end(fragment_id)
             return data
         data = self.fetch(fragment_id)
-        self.check(fragment_id, data)
+        if not self.fetch_verifies:
+            self.check(fragment_id, data)
         self._remember(fragment_id, data)
         return data
 

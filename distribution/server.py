@@ -22,6 +22,23 @@ from fragmenter.manifest import FRAGMENT_ID, FRAGMENTS_DIR, MANIFEST_NAME, Manif
 MAX_CONCURRENT = 64  # fragment responses in flight; further requests wait their turn
 
 
+class FragmentResponse(web.FileResponse):
+    """aiohttp's file response (sendfile, Range, 416 on bad ranges) whose ETag is always the
+    fragment's id: aiohttp would otherwise set one made of mtime and size."""
+
+    def __init__(self, path: Path, fid: str, **kwargs):
+        super().__init__(path, **kwargs)
+        self._fid = fid
+
+    @property
+    def etag(self):
+        return web.FileResponse.etag.fget(self)
+
+    @etag.setter
+    def etag(self, value) -> None:
+        web.FileResponse.etag.fset(self, self._fid)
+
+
 def make_app(store: str | Path, only: set[str] | None = None, max_concurrent: int = MAX_CONCURRENT) -> web.Application:
     """The aiohttp application serving ``store`` (or only the fragment ids in ``only``)."""
     store = Path(store)
@@ -44,9 +61,7 @@ def make_app(store: str | Path, only: set[str] | None = None, max_concurrent: in
         if not path.is_file():
             raise web.HTTPNotFound(text="fragment not held here\n")
         async with gate:
-            response = web.FileResponse(path, headers={"Cache-Control": "public, max-age=31536000, immutable"})
-            response.etag = fid  # content-addressed: the id is the strongest possible validator
-            return response
+            return FragmentResponse(path, fid, headers={"Cache-Control": "public, max-age=31536000, immutable"})
 
     app = web.Application(client_max_size=1024)
     app.router.add_get(f"/{MANIFEST_NAME}", get_manifest)

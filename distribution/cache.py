@@ -1,0 +1,51 @@
+"""A local content-addressed fragment cache shared by every network loader and every model.
+
+Fragments are files named by their SHA-256 under one directory (default
+``~/.cache/gguf-fragments/fragments``, or ``$GGUF_FRAGMENTS_CACHE``), so a fragment is fetched
+once, whichever model or peer it came for. Every read is verified; a damaged entry is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("GGUF_FRAGMENTS_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gguf-fragments" / "fragments"
+
+
+class FragmentCache:
+    def __init__(self, directory: str | Path | None = None):
+        self.dir = Path(directory) if directory is not None else default_cache_dir()
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, fid: str) -> Path:
+        return self.dir / fid
+
+    def has(self, fid: str, size: int) -> bool:
+        p = self.path(fid)
+        return p.is_file() and p.stat().st_size == size
+
+    def get(self, fid: str, size: int) -> bytes | None:
+        """The fragment's bytes if cached and intact, else None (a damaged copy is removed)."""
+        p = self.path(fid)
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            return None
+        if len(data) == size and hashlib.sha256(data).hexdigest() == fid:
+            return data
+        p.unlink(missing_ok=True)
+        return None
+
+    def temp_path(self, fid: str) -> Path:
+        return self.dir / f".partial-{os.getpid()}-{fid}"
+
+    def commit(self, fid: str, temp: Path) -> None:
+        """Move a downloaded, already verified temporary file into place."""
+        os.replace(temp, self.path(fid))
