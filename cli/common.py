@@ -37,6 +37,10 @@ def open_store(source: str, allow_file: bool = False):
 
     from distribution.local import LocalLoader
 
+    if source.startswith("p2p://"):
+        from distribution.p2p import P2PLoader
+
+        return P2PLoader(source)
     if source.startswith(("http://", "https://")):
         from distribution.http import HTTPLoader
 

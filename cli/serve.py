@@ -11,13 +11,32 @@ from cli.common import user_errors
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
+@click.option("--p2p", is_flag=True, help="Also join the DHT and announce the fragments held (see --listen, --bootstrap).")
+@click.option("--listen", default="/ip4/127.0.0.1/tcp/0", show_default=True, help="--p2p: libp2p listen multiaddr.")
+@click.option("--bootstrap", multiple=True, help="--p2p: multiaddr of a peer to join through (repeatable).")
+@click.option("--layers", help="--p2p: serve only these blocks (and the header, the embedding with block 0, the "
+                                "head with the last block), e.g. 0-14 or 0-9,20-29.")
 @user_errors
-def serve(store, host, port):
+def serve(store, host, port, p2p, listen, bootstrap, layers):
     """Serve STORE over HTTP: GET /manifest.json and GET /fragments/<sha256>.
 
     Only fragments listed in the manifest are served (no listing, no paths), with ETag = hash and
     Range requests. Any HTTP loader (`infer http://HOST:PORT/ ...`) can use it. Ctrl-C stops it.
-    """
-    from distribution.server import serve_forever
 
-    serve_forever(store, host, port, announce=lambda line: click.echo(line, err=True))
+    With --p2p the peer also joins a Kademlia DHT (py-libp2p), announces the fragments it holds
+    (all, or those of --layers A-B) and prints its address: p2p://<manifest sha256>@<multiaddr>.
+    Clients (`infer p2p://...`) find providers through the DHT and fetch over HTTP, verified.
+    """
+    from common.errors import UserError
+
+    say = lambda line: click.echo(line, err=True)  # noqa: E731
+    if not p2p:
+        if bootstrap or layers:
+            raise UserError("--bootstrap and --layers go with --p2p")
+        from distribution.server import serve_forever
+
+        serve_forever(store, host, port, announce=say)
+        return
+    from distribution.p2p import parse_spans, serve_p2p
+
+    serve_p2p(store, host, port, listen, list(bootstrap), parse_spans(layers) if layers else None, announce=say)
