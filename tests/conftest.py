@@ -45,9 +45,12 @@ def default_store() -> Path:
     return DEFAULT_STORE
 
 
-def run_cli(command: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(command: str, *args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run one of the installed console scripts; capture its output."""
-    return subprocess.run([str(BIN / command), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    import os
+
+    return subprocess.run([str(BIN / command), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:

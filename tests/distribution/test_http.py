@@ -1,0 +1,223 @@
+"""serve and the HTTP loader: same tensors and text as the local store, over any web server, and
+every failure retried where it makes sense, then one clear error, never a wrong tensor."""
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from aiohttp import web
+
+from common.errors import StoreError
+from distribution.base import FragmentError
+from distribution.http import HTTPLoader
+from distribution.local import LocalLoader
+from engine.model import LlamaModel
+from fragmenter.fragment import fragment_file
+from tests.conftest import assert_one_line_error, run_cli
+from tests.distribution.netutil import aiohttp_server, serving
+
+PROMPT = ["--prompt", "What is the capital of France?", "--max-tokens", "24", "--json"]
+
+
+@pytest.fixture
+def store(factory_models, tmp_path):
+    fragment_file(str(factory_models["q8_0-spm-gqa"]), tmp_path / "store", 8192, progress=False)
+    return tmp_path / "store"
+
+
+def test_serve_then_http_loader_gives_the_same_tensors(store, tmp_path):
+    with serving(store, "--port", "0") as server:
+        loader = HTTPLoader(server.url, cache_dir=tmp_path / "cache")
+        local = LocalLoader(store)
+        for name in local.manifest.tensor_names():
+            np.testing.assert_array_equal(loader.load_tensor(name), local.load_tensor(name))
+        assert loader.metadata["general.architecture"] == "llama"
+
+
+def test_infer_over_http_matches_the_local_store(default_store, tmp_path):
+    env_cache = {"GGUF_FRAGMENTS_CACHE": str(tmp_path / "cache")}
+    local = json.loads(run_cli("infer", default_store, *PROMPT).stdout)
+    with serving(default_store, "--port", "0") as server:
+        proc = run_cli("infer", server.url, *PROMPT, env=env_cache)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["text"] == local["text"]
+
+
+def test_a_web_server_we_did_not_write(default_store, tmp_path):
+    """python -m http.server hosting the store directory as plain files."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                              cwd=default_store, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "http.server did not start"
+                time.sleep(0.1)
+        loader = HTTPLoader(f"http://127.0.0.1:{port}/", cache_dir=tmp_path / "cache")
+        model = LlamaModel(loader, backend="numpy")
+        ref = LlamaModel(LocalLoader(default_store), backend="numpy")
+        tokens = np.array([1, 504, 3575, 282, 4649])
+        np.testing.assert_array_equal(model.forward(tokens, model.new_cache(8)), ref.forward(tokens, ref.new_cache(8)))
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_cache_is_shared_and_only_needed_fragments_are_fetched(store, tmp_path):
+    requests = []
+
+    async def fragment(request):
+        requests.append(request.match_info["fid"])
+        return web.FileResponse(store / "fragments" / request.match_info["fid"])
+
+    async def manifest(request):
+        return web.FileResponse(store / "manifest.json")
+
+    app = web.Application()
+    app.router.add_get("/manifest.json", manifest)
+    app.router.add_get("/fragments/{fid}", fragment)
+    with aiohttp_server(app) as url:
+        loader = HTTPLoader(url, cache_dir=tmp_path / "cache")
+        LlamaModel(loader, layers=(1, 1))  # a node serving block 1 only (the last block: with the head)
+        m = loader.manifest
+        needed = set(m.fragments_for([t.name for t in m.layer_tensors(1, 1)] + ["output_norm.weight", "output.weight"],
+                                     header=True))
+        assert set(requests) == needed and len(requests) == len(needed)
+        requests.clear()
+        again = HTTPLoader(url, cache_dir=tmp_path / "cache")  # another loader, same cache: no fetch
+        for name in again.manifest.tensor_names()[:3]:
+            again.load_tensor(name)
+        assert requests == [fid for fid in requests if fid not in needed]
+
+
+class Faulty:
+    """A web server that misbehaves in scripted ways, per fragment."""
+
+    def __init__(self, store):
+        self.store = store
+        self.plan = {}  # fid -> list of behaviours, consumed in order; then "ok"
+        self.hits = {}
+
+    def app(self):
+        app = web.Application()
+        app.router.add_get("/manifest.json", self.manifest)
+        app.router.add_get("/fragments/{fid}", self.fragment)
+        return app
+
+    async def manifest(self, request):
+        return web.FileResponse(self.store / "manifest.json")
+
+    async def fragment(self, request):
+        fid = request.match_info["fid"]
+        self.hits[fid] = self.hits.get(fid, 0) + 1
+        steps = self.plan.get(fid, [])
+        what = steps.pop(0) if steps else "ok"
+        data = (self.store / "fragments" / fid).read_bytes()
+        if what == "500":
+            return web.Response(status=500)
+        if what == "404":
+            return web.Response(status=404)
+        if what == "slow":
+            await asyncio.sleep(5)
+        if what == "short":
+            response = web.StreamResponse(headers={"Content-Length": str(len(data))})
+            await response.prepare(request)
+            await response.write(data[: len(data) // 2])
+            return response  # the connection closes early
+        if what == "wrong":
+            data = bytes([data[0] ^ 1]) + data[1:]
+        return web.Response(body=data)
+
+
+@pytest.mark.parametrize("faults", [["500", "500"], ["slow"], ["short"], ["wrong"], ["500", "short", "wrong"]])
+def test_transient_faults_are_retried(store, tmp_path, faults):
+    faulty = Faulty(store)
+    m = LocalLoader(store).manifest
+    victim = m.tensor("blk.0.attn_q.weight").pieces[0].fragment
+    faulty.plan[victim] = list(faults)
+    with aiohttp_server(faulty.app()) as url:
+        loader = HTTPLoader(url, cache_dir=tmp_path / "cache", timeout=1.0, attempts=4)
+        np.testing.assert_array_equal(loader.load_tensor("blk.0.attn_q.weight"),
+                                      LocalLoader(store).load_tensor("blk.0.attn_q.weight"))
+        assert faulty.hits[victim] == len(faults) + 1
+
+
+@pytest.mark.parametrize("fault, message", [("404", "404"), ("wrong", "SHA-256"), ("500", "HTTP 500")])
+def test_persistent_faults_end_in_one_clear_error(store, tmp_path, fault, message):
+    faulty = Faulty(store)
+    victim = LocalLoader(store).manifest.tensor("blk.1.ffn_up.weight").pieces[0].fragment
+    faulty.plan[victim] = [fault] * 10
+    with aiohttp_server(faulty.app()) as url:
+        loader = HTTPLoader(url, cache_dir=tmp_path / "cache", timeout=1.0, attempts=3)
+        started = time.monotonic()
+        with pytest.raises(FragmentError, match=message) as info:
+            loader.load_tensor("blk.1.ffn_up.weight")
+        assert "blk.1.ffn_up.weight" in str(info.value) and victim[:16] in str(info.value)
+        assert time.monotonic() - started < 20
+        assert not (tmp_path / "cache" / victim).exists()
+
+
+def test_pinned_manifest_hash(store, tmp_path):
+    with serving(store, "--port", "0") as server:
+        with pytest.raises(StoreError, match="not the"):
+            HTTPLoader(server.url + "#" + "ab" * 32, cache_dir=tmp_path / "cache")
+        import hashlib
+
+        good = hashlib.sha256((store / "manifest.json").read_bytes()).hexdigest()
+        assert HTTPLoader(server.url + "#" + good, cache_dir=tmp_path / "cache").manifest_sha256 == good
+        assert_one_line_error(run_cli("infer", server.url + "#" + "ab" * 32, "--prompt", "hi"), "manifest")
+
+
+def test_unreachable_server_is_one_line(tmp_path):
+    proc = run_cli("infer", "http://127.0.0.1:9/", "--prompt", "hi", timeout=120)
+    assert_one_line_error(proc, "127.0.0.1:9", "manifest")
+
+
+def raw_request(url: str, data: bytes) -> bytes:
+    host, port = url.split("//")[1].rstrip("/").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(data)
+        try:
+            return s.recv(200)
+        except socket.timeout:
+            return b""
+
+
+def test_serve_rejects_bad_requests_and_keeps_serving(store):
+    fid = LocalLoader(store).manifest.fragments[0].id
+    with serving(store, "--port", "0") as server:
+        import urllib.error
+        import urllib.request
+
+        def status(path, headers=None):
+            try:
+                return urllib.request.urlopen(urllib.request.Request(server.url + path, headers=headers or {}),
+                                              timeout=5).status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        for path in ["fragments/../manifest.json", "fragments/%2e%2e%2fmanifest.json", "../../etc/passwd",
+                     "fragments/", "fragments/" + "0" * 64, "", "store/manifest.json", "fragments/" + fid + "x"]:
+            assert 400 <= status(path) < 500, path
+        assert status("fragments/" + fid, {"Range": "bytes=999999999999-9999999999999"}) == 416
+        assert 400 <= status("fragments/" + fid, {"Range": "bytes=" + ",".join(f"{i}-{i}" for i in range(5000))}) < 500
+        assert status("fragments/" + fid, {"Range": "bytes=0-9"}) == 206
+        for garbage in (b"GARBAGE\r\n\r\n", b"GET /" + b"a" * 100000 + b" HTTP/1.1\r\n\r\n",
+                        b"\x00\xff\x16\x03\x01 binary junk\r\n\r\n"):
+            first_line = raw_request(server.url, garbage).split(b"\r\n")[0]
+            assert first_line.startswith(b"HTTP/1.") and first_line.split()[1].startswith(b"4"), first_line
+        assert status("manifest.json") == 200 and status("fragments/" + fid) == 200
+        with urllib.request.urlopen(server.url + "fragments/" + fid, timeout=5) as r:
+            assert r.headers["ETag"].strip('"') == fid

@@ -1,0 +1,140 @@
+"""P2P: peers announce fragments through a real Kademlia DHT (py-libp2p) on 127.0.0.1; a client
+that knows one peer and the manifest's hash fetches everything, verified, with failover."""
+
+import json
+import shutil
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from distribution import p2p
+from distribution.base import FragmentError
+from distribution.local import LocalLoader
+from distribution.p2p import P2PLoader, parse_address
+from fragmenter.fragment import fragment_file
+from models.factory import ModelSpec, write_model
+from tests.conftest import assert_one_line_error, run_cli
+from tests.distribution.netutil import serving
+
+PEER_WAIT = "p2p://"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("p2pstore")
+    path = write_model(replace(ModelSpec(), n_layers=4), tmp / "four.gguf")
+    fragment_file(str(path), tmp / "store", 8192, progress=False)
+    return tmp / "store"
+
+
+def peer(store, *args, bootstrap=None):
+    extra = ["--bootstrap", bootstrap] if bootstrap else []
+    return serving(store, "--p2p", "--port", "0", *extra, *args, wait_for=PEER_WAIT)
+
+
+def boot_of(server) -> str:
+    return server.line("p2p://").split("@", 1)[1]
+
+
+def peer_id(server) -> str:
+    return boot_of(server).rsplit("/p2p/", 1)[1]
+
+
+def copy_store(store, tmp_path, name):
+    dst = tmp_path / name
+    shutil.copytree(store, dst)
+    return dst
+
+
+def test_three_overlapping_peers_one_killed_mid_fetch(store, tmp_path, monkeypatch):
+    warnings = []
+    local = LocalLoader(store)
+    with peer(store, "--layers", "0-2") as a, \
+            peer(store, "--layers", "1-3", bootstrap=boot_of(a)) as b, \
+            peer(store, "--layers", "0-0,3-3", bootstrap=boot_of(a)) as c:
+        loader = P2PLoader(a.line("p2p://"), cache_dir=tmp_path / "cache", concurrency=2, warn=warnings.append)
+        try:
+            original = loader.fetcher.fetch_one
+            fetched = []
+
+            async def fetch_then_kill(session, url, fid, size, bar=None):
+                await original(session, url, fid, size, bar)
+                fetched.append(fid)
+                if len(fetched) == 2:
+                    b.kill()  # mid-fetch: the rest must come from a and c
+
+            monkeypatch.setattr(loader.fetcher, "fetch_one", fetch_then_kill)
+            loader.prefetch(loader.manifest.unique_fragments())
+            assert b.proc.poll() is not None
+            for name in local.manifest.tensor_names():
+                np.testing.assert_array_equal(loader.load_tensor(name), local.load_tensor(name))
+        finally:
+            loader.close()
+    # every fragment arrived exactly once; more than two were still to come when b died
+    assert sorted(fetched) == sorted(local.manifest.unique_fragments()) and len(fetched) > 2
+
+
+def test_corrupt_peer_is_named_and_bytes_come_from_elsewhere(store, tmp_path, monkeypatch):
+    bad_store = copy_store(store, tmp_path, "bad")
+    victim = LocalLoader(store).manifest.tensor("blk.2.ffn_down.weight").pieces[0].fragment
+    data = bytearray((bad_store / "fragments" / victim).read_bytes())
+    data[100] ^= 0xFF
+    (bad_store / "fragments" / victim).write_bytes(bytes(data))
+    warnings = []
+    with peer(bad_store) as bad, peer(store, bootstrap=boot_of(bad)) as good:
+        # Ask the corrupting peer first, every time.
+        monkeypatch.setattr(p2p.random, "shuffle", lambda urls: urls.sort(key=lambda u: not u.startswith(bad.url)))
+        loader = P2PLoader(good.line("p2p://"), cache_dir=tmp_path / "cache", warn=warnings.append)
+        try:
+            got = loader.load_tensor("blk.2.ffn_down.weight")
+        finally:
+            loader.close()
+    np.testing.assert_array_equal(got, LocalLoader(store).load_tensor("blk.2.ffn_down.weight"))
+    assert any(peer_id(bad) in w and "SHA-256" in w for w in warnings), warnings
+
+
+def test_fragment_no_peer_has(store, tmp_path):
+    holes = [copy_store(store, tmp_path, n) for n in ("x", "y")]
+    victim = LocalLoader(store).manifest.tensor("blk.3.attn_k.weight").pieces[0].fragment
+    for h in holes:
+        (h / "fragments" / victim).unlink()
+    with peer(holes[0]) as x, peer(holes[1], bootstrap=boot_of(x)):
+        loader = P2PLoader(x.line("p2p://"), cache_dir=tmp_path / "cache", attempts=2, warn=lambda w: None)
+        started = time.monotonic()
+        try:
+            with pytest.raises(FragmentError, match="blk.3.attn_k.weight") as info:
+                loader.load_tensor("blk.3.attn_k.weight")
+        finally:
+            loader.close()
+        assert "no peer provides it" in str(info.value) and time.monotonic() - started < 60
+
+
+def test_wrong_manifest_hash_and_bad_addresses(store, tmp_path):
+    with peer(store) as a:
+        wrong = "p2p://" + "cd" * 32 + "@" + boot_of(a)
+        proc = run_cli("infer", wrong, "--prompt", "hi", timeout=120,
+                       env={"GGUF_FRAGMENTS_CACHE": str(tmp_path / "cache")})
+        assert_one_line_error(proc, "no peer provides the manifest")
+    for bad in ("p2p://nothex@/ip4/127.0.0.1/tcp/1/p2p/x", "p2p://" + "ab" * 32 + "@127.0.0.1:4001"):
+        assert_one_line_error(run_cli("infer", bad, "--prompt", "hi"), "p2p")
+    with pytest.raises(Exception):
+        parse_address("p2p://" + "ab" * 32)
+
+
+def test_infer_p2p_matches_local_also_after_a_peer_dies(default_store, tmp_path):
+    args = ["--prompt", "What is the capital of France?", "--max-tokens", "16", "--json"]
+    local = json.loads(run_cli("infer", default_store, *args).stdout)["text"]
+    with peer(default_store) as full, \
+            peer(default_store, "--layers", "0-14", bootstrap=boot_of(full)) as front, \
+            peer(default_store, "--layers", "15-29", bootstrap=boot_of(full)) as back:
+        proc = run_cli("infer", full.line("p2p://"), *args, timeout=300, env={"GGUF_FRAGMENTS_CACHE": str(tmp_path / "c1")})
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["text"] == local
+        full.kill()  # its records linger in the DHT; the client must fail over to front and back
+        proc = run_cli("infer", front.line("p2p://"), *args, timeout=300,
+                       env={"GGUF_FRAGMENTS_CACHE": str(tmp_path / "c2")})
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["text"] == local
+        assert back.proc.poll() is None
