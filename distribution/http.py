@@ -44,8 +44,9 @@ class HTTPFetcher:
 
     def session(self) -> aiohttp.ClientSession:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=self.timeout)
+        # A 4 MiB read buffer: with aiohttp's 64 KiB default, per-chunk overhead caps us near 0.5x curl.
         return aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=self.concurrency),
-                                     auto_decompress=False)
+                                     auto_decompress=False, read_bufsize=1 << 22)
 
     async def get_bytes(self, session, url: str, what: str) -> bytes:
         """A small document (the manifest), with retries."""
@@ -77,7 +78,7 @@ class HTTPFetcher:
                 h = hashlib.sha256()
                 got = 0
                 with open(temp, "wb") as out:
-                    async for chunk in r.content.iter_chunked(1 << 20):
+                    async for chunk in r.content.iter_any():
                         got += len(chunk)
                         if got > size:
                             raise FetchFailed(f"body longer than the fragment's {size} bytes")

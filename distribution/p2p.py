@@ -32,7 +32,7 @@ from fragmenter.manifest import FRAGMENT_ID, Manifest
 
 HTTP_KEY_PREFIX = "gguf-fragments-http/"
 LOOKUP_TIMEOUT = 10.0  # seconds for one DHT lookup
-DHT_PARALLEL = 4       # DHT operations in flight: py-libp2p fails to open streams beyond a few
+DHT_PARALLEL = 8       # DHT operations in flight: py-libp2p fails to open streams beyond a few more
 
 
 def _quiet_libp2p() -> None:
@@ -71,8 +71,11 @@ class P2PNode:
     """A libp2p host with a Kademlia DHT, running in its own thread."""
 
     def __init__(self, listen: str = "/ip4/127.0.0.1/tcp/0", bootstrap: list[str] | None = None,
-                 seed: bytes | None = None):
+                 seed: bytes | None = None, server: bool = True):
         self.listen = listen
+        # A peer that serves answers DHT queries; a client only asks, so that when it leaves it
+        # does not linger in the others' routing tables and slow their lookups.
+        self.server = server
         self.bootstrap = list(bootstrap or [])
         self.seed = seed or secrets.token_bytes(32)
         self._ready = threading.Event()
@@ -127,12 +130,13 @@ class P2PNode:
 
         _quiet_libp2p()  # after the imports: importing libp2p resets its logger
         self._limit = trio.CapacityLimiter(DHT_PARALLEL)
+        self._known = []  # peers we connected to: asked first, over their open connections
         host = new_host(key_pair=create_new_key_pair(self.seed))
         self._token = trio.lowlevel.current_trio_token()
         self._stop = trio.Event()
         async with host.run(listen_addrs=[Multiaddr(self.listen)]):
             self.host = host
-            self.dht = KadDHT(host, DHTMode.SERVER)
+            self.dht = KadDHT(host, DHTMode.SERVER if self.server else DHTMode.CLIENT)
             async with background_trio_service(self.dht):
                 self.peer_id = host.get_id().pretty()
                 self.addrs = [a if "/p2p/" in a else f"{a}/p2p/{self.peer_id}" for a in map(str, host.get_addrs())]
@@ -148,6 +152,7 @@ class P2PNode:
         info = info_from_p2p_addr(Multiaddr(addr))
         await self.host.connect(info)
         await self.dht.routing_table.add_peer(info.peer_id)
+        self._known.append(info.peer_id)
 
     # -- calls from other threads -------------------------------------------------------------------
     def call(self, fn: Callable, *args, timeout: float = 60.0):
@@ -184,13 +189,31 @@ class P2PNode:
         """hash -> provider peer ids, looked up concurrently."""
         found: dict[str, list[str]] = {}
 
+        from libp2p.kad_dht.kad_dht import _encode_key
+
+        async def ask_known(key: bytes) -> list[str]:
+            # One GET_PROVIDERS round trip to each peer we are connected to. py-libp2p's
+            # find_providers always starts with an iterative FIND_NODE across the network, which
+            # waits on departed peers; most lookups are answered by the peers we know.
+            # (_get_providers_from_peer_with_closers is private API of the pinned libp2p 0.8.1.)
+            for peer in self._known:
+                try:
+                    infos, _ = await self.dht.provider_store._get_providers_from_peer_with_closers(peer, key)
+                except Exception:  # a peer that died or answers badly: ask the next
+                    continue
+                if infos:
+                    return [i.peer_id.pretty() for i in infos]
+            return []
+
         async def one(h):
             import trio
 
             async with self._limit:
                 with trio.move_on_after(LOOKUP_TIMEOUT):
-                    infos = await self.dht.find_providers(dht_key(h), 20)
-                    found[h] = [i.peer_id.pretty() for i in infos]
+                    found[h] = await ask_known(_encode_key(dht_key(h)))
+                    if not found[h]:
+                        infos = await self.dht.find_providers(dht_key(h), 20)
+                        found[h] = [i.peer_id.pretty() for i in infos]
 
         async def run():
             import trio
@@ -204,11 +227,20 @@ class P2PNode:
         return found
 
     def http_url(self, peer_id: str) -> str | None:
+        key = HTTP_KEY_PREFIX + peer_id
+
         async def get():
             import trio
 
             with trio.move_on_after(LOOKUP_TIMEOUT):
-                return await self.dht.get_value(HTTP_KEY_PREFIX + peer_id)
+                for peer in self._known:  # as for providers: the peers we know first, then the network
+                    try:  # private API of the pinned libp2p 0.8.1
+                        value = await self.dht.value_store._get_from_peer(peer, key.encode())
+                    except Exception:
+                        continue
+                    if value:
+                        return value
+                return await self.dht.get_value(key)
             return None
 
         value = self.call(get, timeout=LOOKUP_TIMEOUT + 5)
@@ -222,7 +254,7 @@ class P2PLoader(HTTPLoader):
                  progress: bool | None = None, listen: str = "/ip4/127.0.0.1/tcp/0", warn=None):
         digest, boots = parse_address(address)
         self.address = address
-        self.node = P2PNode(listen, boots).start()
+        self.node = P2PNode(listen, boots, server=False).start()
         self._urls: dict[str, str | None] = {}   # peer id -> HTTP base URL
         self._providers: dict[str, list[str]] = {}
         self._warn_sink = warn or (lambda line: print(line, file=sys.stderr))
