@@ -102,7 +102,7 @@ class HTTPFetcher:
         for attempt in range(self.attempts):
             if attempt:
                 await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
-            urls = urls_for(fid)
+            urls = urls_for(fid, attempt)
             if not urls:
                 last = "no peer provides it"
                 continue
@@ -148,7 +148,7 @@ class HTTPLoader(FragmentLoader):
         async with self.fetcher.session() as s:
             return await self.fetcher.get_bytes(s, url, "manifest")
 
-    def fragment_urls(self, fid: str) -> list[str]:
+    def fragment_urls(self, fid: str, attempt: int = 0) -> list[str]:
         return [f"{self.base}fragments/{fid}"]
 
     def prefetch(self, fragment_ids) -> None:

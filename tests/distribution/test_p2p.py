@@ -86,7 +86,8 @@ def test_corrupt_peer_is_named_and_bytes_come_from_elsewhere(store, tmp_path, mo
     with peer(bad_store) as bad, peer(store, bootstrap=boot_of(bad)) as good:
         # Ask the corrupting peer first, every time.
         monkeypatch.setattr(p2p.random, "shuffle", lambda urls: urls.sort(key=lambda u: not u.startswith(bad.url)))
-        loader = P2PLoader(good.line("p2p://"), cache_dir=tmp_path / "cache", warn=warnings.append)
+        # The client enters through the bad peer, which lists itself and the good one as providers.
+        loader = P2PLoader(bad.line("p2p://"), cache_dir=tmp_path / "cache", warn=warnings.append)
         try:
             got = loader.load_tensor("blk.2.ffn_down.weight")
         finally:
