@@ -59,3 +59,44 @@ def recombine(store, output, verify, progress):
             click.echo(line, err=not report.ok)
         sys.exit(0 if report.ok else 2)
     click.echo(rebuild(loader, output, progress).summary())
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("source")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Store directory to write.")
+@click.option("--layers", help="Only these blocks (with the header, and the embedding/head their ends need), "
+                               "e.g. 0-14 or 0-9,20-29.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@user_errors
+def fetch(source, output, layers, progress):
+    """Copy a store (or some of its blocks) from SOURCE into a local store directory.
+
+    SOURCE is a store directory, an http(s):// store or a p2p:// address. The manifest is copied
+    byte for byte, so `serve OUTPUT --p2p` re-provides what was fetched under the same address.
+    """
+    from pathlib import Path
+
+    from common.errors import UserError
+    from distribution.p2p import parse_spans, span_tensors
+    from fragmenter.fragment import write_atomically
+    from fragmenter.manifest import FRAGMENTS_DIR, MANIFEST_NAME, Manifest
+
+    out = Path(output)
+    loader = open_store(source)
+    try:
+        m = loader.manifest
+        if (out / MANIFEST_NAME).exists() and (out / MANIFEST_NAME).read_bytes() != loader.manifest_bytes:
+            raise UserError(f"{out}: already holds the store of another model; choose another -o")
+        names = span_tensors(m, parse_spans(layers)) if layers else m.tensor_names()
+        wanted = m.fragments_for(names, header=True)
+        (out / FRAGMENTS_DIR).mkdir(parents=True, exist_ok=True)
+        if progress is not None and hasattr(loader, "fetcher"):
+            loader.fetcher.progress = progress
+        loader.prefetch(wanted)
+        for fid in wanted:
+            write_atomically(out / FRAGMENTS_DIR / fid, loader.load_raw(fid))
+        write_atomically(out / MANIFEST_NAME, loader.manifest_bytes)
+        Manifest.load(out)  # what we wrote reads back as a valid store
+    finally:
+        loader.close()
+    click.echo(f"fetched {len(wanted)} of {len(m.unique_fragments())} fragments of {m.source['name']} into {out}")

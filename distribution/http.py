@@ -143,6 +143,7 @@ class HTTPLoader(FragmentLoader):
             raise StoreError(f"{manifest_url}: manifest hashes to {digest[:16]}..., not the {pinned[:16]}... asked for")
         super().__init__(Manifest.from_json(raw, manifest_url), self.base)
         self.manifest_sha256 = digest
+        self.manifest_bytes = raw
 
     async def _get_manifest(self, url: str) -> bytes:
         async with self.fetcher.session() as s:

@@ -14,6 +14,7 @@ class LocalLoader(FragmentLoader):
     def __init__(self, store_dir: str | Path):
         self.store = Path(store_dir)
         super().__init__(Manifest.load(self.store), str(self.store))
+        self.manifest_bytes = (self.store / "manifest.json").read_bytes()
         self.fragment_dir = self.store / FRAGMENTS_DIR
 
     def fetch(self, fragment_id: str) -> bytes:

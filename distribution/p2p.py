@@ -271,6 +271,7 @@ class P2PLoader(HTTPLoader):
 
         FragmentLoader.__init__(self, manifest, address)
         self.manifest_sha256 = digest
+        self.manifest_bytes = raw
 
     def _fetch_manifest(self, digest: str) -> bytes:
         peers = self.node.find_providers([digest])[digest]

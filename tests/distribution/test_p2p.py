@@ -139,3 +139,21 @@ def test_infer_p2p_matches_local_also_after_a_peer_dies(default_store, tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["text"] == local
         assert back.proc.poll() is None
+
+
+def test_a_peer_re_provides_what_it_fetched(store, tmp_path):
+    cache = {"GGUF_FRAGMENTS_CACHE": str(tmp_path / "c0")}
+    local = LocalLoader(store)
+    span = [t.name for t in local.manifest.layer_tensors(2, 3)]
+    with peer(store) as origin:
+        proc = run_cli("fetch", origin.line("p2p://"), "-o", tmp_path / "copy", "--layers", "2-3", timeout=120, env=cache)
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / "copy" / "manifest.json").read_bytes() == (store / "manifest.json").read_bytes()
+        with peer(tmp_path / "copy", bootstrap=boot_of(origin)) as relay:
+            origin.kill()
+            loader = P2PLoader(relay.line("p2p://"), cache_dir=tmp_path / "c1", attempts=2, warn=lambda w: None)
+            try:
+                for name in span:
+                    np.testing.assert_array_equal(loader.load_tensor(name), local.load_tensor(name))
+            finally:
+                loader.close()
