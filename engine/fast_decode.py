@@ -18,22 +18,9 @@ import math
 import numpy as np
 from numba import njit, prange
 
-_CHUNKS = 64
+from engine.kernels_numba import _CHUNKS
+from engine.kernels_numba import q8_0_rows as _rows
 
-
-@njit(inline="always", fastmath=True)
-def _rows(qs, d, x, out, r0, r1, acc):
-    """out[r] = sum_b d[r, b] * (q[r, b, :] . x[b, :]) for r in [r0, r1), 32 lane accumulators."""
-    nb = qs.shape[1] // 32
-    for r in range(r0, r1):
-        for i in range(32):
-            acc[i] = 0.0
-        for b in range(nb):
-            db = d[r, b]
-            base = b * 32
-            for i in range(32):
-                acc[i] += db * (np.float32(qs[r, base + i]) * x[base + i])
-        out[r] = acc.sum()
 
 
 @njit(fastmath=False)

@@ -26,23 +26,30 @@ from numba import njit, prange
 _CHUNKS = 64  # work items per parallel region: enough to balance 2-16 threads, few allocations
 
 
+@njit(inline="always", fastmath=True)
+def q8_0_rows(qs, d, x, out, r0, r1, acc):
+    """out[r] = sum_b d[r, b] * (q[r, b, :] . x[b, :]) for rows r0..r1-1, with 32 lane
+    accumulators kept across the row's blocks (``acc``: a 32-float scratch of the caller's)."""
+    nb = qs.shape[1] // 32
+    for r in range(r0, r1):
+        for i in range(32):
+            acc[i] = 0.0
+        for b in range(nb):
+            db = d[r, b]
+            base = b * 32
+            for i in range(32):
+                acc[i] += db * (np.float32(qs[r, base + i]) * x[base + i])
+        out[r] = acc.sum()
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def q8_0_matvec(qs, d, x, out):
     """qs: (R, C) int8, d: (R, C // 32) float32, x: (C,) float32 -> out: (R,) float32."""
-    R, C = qs.shape
-    NB = C // 32
+    R = qs.shape[0]
     step = (R + _CHUNKS - 1) // _CHUNKS
     for c in prange(_CHUNKS):
         acc = np.empty(32, np.float32)
-        for r in range(c * step, min(R, (c + 1) * step)):
-            for i in range(32):
-                acc[i] = 0.0
-            for b in range(NB):
-                db = d[r, b]
-                base = b * 32
-                for i in range(32):
-                    acc[i] += db * (np.float32(qs[r, base + i]) * x[base + i])
-            out[r] = acc.sum()
+        q8_0_rows(qs, d, x, out, c * step, min(R, (c + 1) * step), acc)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
