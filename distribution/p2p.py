@@ -35,6 +35,20 @@ LOOKUP_TIMEOUT = 10.0  # seconds for one DHT lookup
 DHT_PARALLEL = 8       # DHT operations in flight: py-libp2p fails to open streams beyond a few more
 
 
+DIAL_FALLBACK_DELAY = 0.02
+
+
+def _trim_dial_delay() -> None:
+    """py-libp2p 0.8.1 dials a peer's addresses "happy eyeballs" style but, after starting the
+    last address, waits the whole 250 ms fallback delay even when that dial already succeeded
+    (swarm.dial_peer: move_on_after(_HAPPY_EYEBALLS_DELAY) around failed_event.wait()). Every
+    connection therefore took 0.25 s on loopback (measured: the dial itself 8 ms). Our peers
+    advertise one TCP address each, so the head start for other transports buys nothing."""
+    import libp2p.network.swarm as swarm
+
+    swarm._HAPPY_EYEBALLS_DELAY = min(getattr(swarm, "_HAPPY_EYEBALLS_DELAY", 0.25), DIAL_FALLBACK_DELAY)
+
+
 def _quiet_libp2p() -> None:
     """libp2p leaves its logger without handlers unless LIBP2P_DEBUG is set, so Python's
     last-resort handler prints every warning (one per failed stream) to stderr. Keep them unless
@@ -129,6 +143,7 @@ class P2PNode:
         from multiaddr import Multiaddr
 
         _quiet_libp2p()  # after the imports: importing libp2p resets its logger
+        _trim_dial_delay()
         self._limit = trio.CapacityLimiter(DHT_PARALLEL)
         self._known = []  # peers we connected to: asked first, over their open connections
         host = new_host(key_pair=create_new_key_pair(self.seed))
