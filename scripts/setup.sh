@@ -14,7 +14,7 @@ need_apt=()
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 # py-libp2p's fastecdsa compiles against GMP and the Python headers when no wheel fits.
-ls /usr/include/gmp.h /usr/include/*/gmp.h >/dev/null 2>&1 || need_apt+=(libgmp-dev)
+compgen -G "/usr/include/gmp.h" >/dev/null || compgen -G "/usr/include/*/gmp.h" >/dev/null || need_apt+=(libgmp-dev)
 "$PYTHON" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
   || need_apt+=(python3-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
