@@ -71,8 +71,9 @@ def decode_blocks(x, pos, attn_norm, ffn_norm, qkv_qs, qkv_d, o_qs, o_d, gu_qs, 
     for layer in range(L):
         # attention
         _rms_norm(x, attn_norm[layer], eps, h)
-        # The four row-parallel products below are written out, not called: a parallel function
-        # called from inside another runs serially in Numba, which would halve decode speed.
+        # The four row-parallel products below are written out rather than calling a parallel
+        # matvec, so that each is sure to be a parallel region of this function (how Numba runs a
+        # parallel function called from jitted code was not something we wanted to depend on).
         rows = qkv_qs.shape[1]
         step = (rows + _CHUNKS - 1) // _CHUNKS
         for c in prange(_CHUNKS):  # one parallel region over output rows
