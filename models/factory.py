@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from gguf import GGUFWriter, quants
+
+from models.gguf_write import gguf_writer
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, TokenType
 
 CORPUS = Path(__file__).parent / "data" / "corpus.txt"
@@ -226,11 +227,8 @@ def tensor_specs(spec: ModelSpec, vocab: int) -> list[tuple[str, tuple[int, ...]
 
 def write_model(spec: ModelSpec, path: str | Path) -> Path:
     """Write the model described by ``spec`` to ``path`` (atomically). Returns the path."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     rng = np.random.default_rng(spec.seed)
-    w = GGUFWriter(str(tmp), "llama")
-    try:
+    with gguf_writer(path, "llama") as w:
         w.add_name(spec.name)
         w.add_context_length(spec.context_length)
         w.add_embedding_length(spec.dim)
@@ -259,16 +257,7 @@ def write_model(spec: ModelSpec, path: str | Path) -> Path:
             for qname in ("Q4_K", "Q6_K"):
                 qtype = GGMLQuantizationType[qname]
                 w.add_tensor(f"extra.{qname.lower()}.weight", _opaque_quant(rng, 4, 256, qtype), raw_dtype=qtype)
-
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return Path(path)
 
 
 def _file_type(type_name: str) -> int:

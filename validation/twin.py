@@ -13,11 +13,12 @@ loader, so a loader bug cannot hide by appearing on both sides.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType, GGUFWriter, quants
+from gguf import GGUFReader, GGUFValueType, quants
+
+from models.gguf_write import gguf_writer
 
 F32_FILE_TYPE = 0
 
@@ -25,10 +26,7 @@ F32_FILE_TYPE = 0
 def write_f32_twin(source: str | Path, target: str | Path) -> Path:
     reader = GGUFReader(str(source))
     arch = reader.fields["general.architecture"].contents()
-    target = Path(target)
-    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    writer = GGUFWriter(str(tmp), arch)
-    try:
+    with gguf_writer(target, arch) as writer:
         for key, field in reader.fields.items():
             if key.startswith("GGUF.") or key == "general.architecture":
                 continue
@@ -44,15 +42,7 @@ def write_f32_twin(source: str | Path, target: str | Path) -> Path:
             values = quants.dequantize(t.data, t.tensor_type)
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
             writer.add_tensor(t.name, np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return target
+    return Path(target)
 
 
 def is_float_model(reader_types: list[str]) -> bool:
