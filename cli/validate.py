@@ -25,8 +25,8 @@ from cli.common import user_errors
               help="direct: llama.cpp on --gguf as given; twin: on an F32 copy of it (same weight values, no "
                    "activation quantization); auto: twin when any weight is quantized.")
 @click.option("--no-chat", is_flag=True, help="Greedy prompts without the chat template.")
-@click.option("--kernels", type=click.Choice(["numpy", "numba"]), default="numpy", show_default=True,
-              help="Engine kernels to validate (--speed: to time; default there: numba).")
+@click.option("--kernels", type=click.Choice(["numpy", "numba"]), default=None,
+              help="Engine kernels (default: numpy to compare logits, numba with --speed).")
 @click.option("--speed", is_flag=True, help="Measure prefill and decode tokens/s of the engine and of llama.cpp "
                                             "in one run instead of comparing logits.")
 @click.option("--tokens", default=64, show_default=True, type=click.IntRange(1), help="--speed: tokens to decode.")
@@ -54,8 +54,8 @@ def validate(source, gguf_path, prompts, positions, greedy_tokens, reference, no
 
     _set_threads(threads)
     if speed:
-        return _speed(source, gguf_path, "numba" if kernels == "numpy" and not _kernels_given() else kernels,
-                      tokens, prompt_tokens, rounds, threads, as_json)
+        return _speed(source, gguf_path, kernels or "numba", tokens, prompt_tokens, rounds, threads, as_json)
+    kernels = kernels or "numpy"
     from cli.common import open_store
     from common.errors import UserError
     from engine.model import LlamaModel
@@ -100,12 +100,6 @@ def validate(source, gguf_path, prompts, positions, greedy_tokens, reference, no
     else:
         _print_report(report, source, gguf_path)
     sys.exit(0 if report.passed else 1)
-
-
-def _kernels_given() -> bool:
-    import sys
-
-    return any(a == "--kernels" or a.startswith("--kernels=") for a in sys.argv)
 
 
 def _speed(source, gguf_path, kernels, tokens, prompt_tokens, rounds, threads, as_json) -> None:

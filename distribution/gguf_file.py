@@ -34,6 +34,3 @@ class GGUFFileLoader(FragmentLoader):
     def tensor_bytes(self, name: str):
         entry = self.manifest.tensor(name)
         return memoryview(self._map)[entry.offset:entry.offset + entry.length]
-
-    def close(self) -> None:
-        super().close()

@@ -37,11 +37,8 @@ def _computable(type_name: str) -> bool:
     """Types the engine can compute with: plain floats and everything gguf-py can dequantize."""
     if type_name in _PLAIN_TYPES:
         return True
-    try:
-        quants._type_traits[GGMLQuantizationType[type_name]]
-        return hasattr(quants._type_traits[GGMLQuantizationType[type_name]], "dequantize_blocks")
-    except KeyError:
-        return False
+    qtype = GGMLQuantizationType.__members__.get(type_name)
+    return qtype is not None and hasattr(quants._type_traits.get(qtype), "dequantize_blocks")
 
 
 def _return_freed_memory() -> None:
