@@ -6,9 +6,11 @@ Q8_0 weights are kept as int8 values (rows, in) plus one float32 scale per 32-va
 Decode (one token): out[r] = sum_b d[r, b] * sum_i q[r, b, i] * x[b, i]. The obvious loop ends each
 32-value block with a horizontal sum and runs at 3-5 GB/s here; keeping 32 lane accumulators
 across all blocks of a row and summing them once lets LLVM emit straight SIMD (int8 -> float
-conversion and FMA, 16 lanes per AVX-512 instruction) and reaches 18-25 GB/s, close to memory
-bandwidth. Activations stay float32: llama.cpp's Q8_0 rounding of activations would make us
-differ from the F32 reference by far more than the rounding of a different summation order.
+conversion and FMA, 16 lanes per AVX-512 instruction): 18-25 GB/s on matrices that stay in cache,
+10-11 GB/s streaming from memory, about 95% of a plain parallel read in Numba
+(benchmarks/kernel_bandwidth.py). Activations stay float32: llama.cpp's Q8_0 rounding of
+activations would make us differ from the F32 reference by far more than the rounding of a
+different summation order.
 
 Prompts (many tokens): the weight is dequantized into a reused float32 buffer and BLAS does the
 product, which beats a hand-written kernel once there are more than a few tokens.
