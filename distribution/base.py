@@ -12,7 +12,7 @@ import hashlib
 import io
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Iterable
 
 import numpy as np
 from gguf import quants
@@ -73,12 +73,14 @@ class FragmentLoader(ABC):
     # -- verified raw bytes -----------------------------------------------------------------------
     def check(self, fragment_id: str, data: bytes) -> None:
         """Raise FragmentError unless ``data`` is exactly the fragment ``fragment_id``."""
-        expected = self._sizes[fragment_id]
-        if len(data) != expected:
-            raise CorruptFragment(f"{self.where}: {self.describe(fragment_id)} is truncated or padded "
-                                f"({len(data)} bytes, expected {expected})")
+        if len(data) != self._sizes[fragment_id]:
+            raise self.wrong_length(fragment_id, len(data))
         if hashlib.sha256(data).hexdigest() != fragment_id:
             raise CorruptFragment(f"{self.where}: {self.describe(fragment_id)} is corrupt (SHA-256 mismatch)")
+
+    def wrong_length(self, fragment_id: str, length: int) -> CorruptFragment:
+        return CorruptFragment(f"{self.where}: {self.describe(fragment_id)} is truncated or padded "
+                               f"({length} bytes, expected {self._sizes[fragment_id]})")
 
     def load_raw(self, fragment_id: str) -> bytes:
         """The bytes of one fragment, checked against its SHA-256."""
@@ -93,6 +95,16 @@ class FragmentLoader(ABC):
             self.check(fragment_id, data)
         self._remember(fragment_id, data)
         return data
+
+    def open_unverified(self, fragment_id: str) -> BinaryIO:
+        """A readable file of the fragment's bytes for a caller that checks a hash covering them.
+
+        Recombining checks the whole file's SHA-256, which covers every byte of every fragment, so
+        hashing each fragment too would only spend a second SHA-256 pass. Backends that can stream
+        from disk override this and still check the length, so a truncated fragment is named at
+        once; the default hands over the bytes ``load_raw`` has verified.
+        """
+        return io.BytesIO(self.load_raw(fragment_id))
 
     def _remember(self, fragment_id: str, data: bytes) -> None:
         if len(data) > self.cache_bytes:

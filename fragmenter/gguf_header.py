@@ -50,6 +50,20 @@ _NUMPY_TYPES = {
 }
 
 
+class UndecodedStrings:
+    """A string array that was skipped rather than decoded (``decode_strings=False``): the fragmenter
+    needs its length, not SmolLM2's 98k vocabulary and merge strings, which are half its parse time."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __repr__(self) -> str:
+        return f"<{self.count} undecoded strings>"
+
+
 class GGUFFormatError(UserError):
     """The bytes are not a GGUF file this project can read."""
 
@@ -97,6 +111,9 @@ class GGUFHeader:
         return max(ends, default=self.data_offset)
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Reader:
     """Reads from a stream through a growing in-memory buffer: the header is parsed with
     struct.unpack_from on the buffer instead of one small read per field (SmolLM2's 49k-token
@@ -104,9 +121,10 @@ class _Reader:
 
     _CHUNK = 1 << 20
 
-    def __init__(self, stream: BinaryIO, source: str):
+    def __init__(self, stream: BinaryIO, source: str, decode_strings: bool = True):
         self.stream = stream
         self.source = source
+        self.decode_strings = decode_strings
         self.buf = bytearray()
         self.pos = 0
 
@@ -150,19 +168,30 @@ class _Reader:
         return self.take(n).decode("utf-8", errors="surrogateescape")
 
     def strings(self, count: int) -> list[str]:
-        """An array of strings, the bulk of a header: one tight loop over the buffer."""
-        out = []
-        unpack = struct.unpack_from
+        """An array of strings, the bulk of a header: one tight loop over the buffer, with the
+        buffer's state in locals (SmolLM2 has 98k of them)."""
+        out, decode = [], self.decode_strings
+        append = out.append
+        length_at = _U64.unpack_from
+        buf, pos, end = self.buf, self.pos, len(self.buf)
         for _ in range(count):
-            self._need(8)
-            n = unpack("<Q", self.buf, self.pos)[0]
+            if end - pos < 8:
+                self.pos = pos
+                self._need(8)
+                end = len(buf)
+            (n,) = length_at(buf, pos)
             if n > MAX_COUNT * 4:
-                raise GGUFFormatError(f"{self.source}: corrupt GGUF header (string of {n} bytes at byte {self.pos})")
-            self._need(8 + n)
-            start = self.pos + 8
-            out.append(self.buf[start:start + n].decode("utf-8", errors="surrogateescape"))
-            self.pos = start + n
-        return out
+                raise GGUFFormatError(f"{self.source}: corrupt GGUF header (string of {n} bytes at byte {pos})")
+            start = pos + 8
+            pos = start + n
+            if pos > end:
+                self.pos = start - 8
+                self._need(8 + n)
+                end = len(buf)
+            if decode:
+                append(str(buf[start:pos], "utf-8", "surrogateescape"))
+        self.pos = pos
+        return out if decode else UndecodedStrings(count)
 
     def value_type(self) -> GGUFValueType:
         raw = self.u32()
@@ -186,9 +215,12 @@ class _Reader:
         return self.scalar(vtype)
 
 
-def parse_header(stream: BinaryIO, source: str = "<stream>") -> GGUFHeader:
-    """Read the GGUF header from ``stream`` (positioned at byte 0). ``source`` names it in errors."""
-    r = _Reader(stream, source)
+def parse_header(stream: BinaryIO, source: str = "<stream>", decode_strings: bool = True) -> GGUFHeader:
+    """Read the GGUF header from ``stream`` (positioned at byte 0). ``source`` names it in errors.
+
+    With ``decode_strings=False`` string arrays are checked and skipped, not decoded.
+    """
+    r = _Reader(stream, source, decode_strings)
     try:
         magic = r.take(4)
     except GGUFFormatError:
@@ -249,7 +281,7 @@ def parse_header_bytes(data: bytes, source: str) -> GGUFHeader:
     return parse_header(io.BytesIO(data), source)
 
 
-def read_file_header(path: str) -> tuple[GGUFHeader, int]:
+def read_file_header(path: str, decode_strings: bool = True) -> tuple[GGUFHeader, int]:
     """Parse a GGUF file's header and check that the file holds every tensor's bytes.
 
     Returns the header and the file's size.
@@ -259,7 +291,7 @@ def read_file_header(path: str) -> tuple[GGUFHeader, int]:
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            header = parse_header(io.BufferedReader(f, buffer_size=1 << 20), path)
+            header = parse_header(io.BufferedReader(f, buffer_size=1 << 20), path, decode_strings)
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})")
     extent = header.tensor_extent()

@@ -1,8 +1,8 @@
 """Rebuild the original GGUF file from a store, or verify a store without writing anything.
 
 Both work through the loader interface, so they apply to any backend (a directory today, a web
-server or peers tomorrow): every fragment is checked against its SHA-256 as it is read, and the
-rebuilt file against the source's SHA-256 before it is given its final name.
+server or peers tomorrow). The rebuilt file is checked against the source's SHA-256 before it is given
+its final name; verify checks every fragment against its own SHA-256 as well.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import StoreError, UserError
+from common.hashing import BackgroundSHA256
 from common.progress import byte_progress
 from distribution.base import CorruptFragment, FragmentError, FragmentLoader, MissingFragment
 
@@ -33,7 +33,12 @@ class RecombineResult:
 
 
 def recombine(loader: FragmentLoader, out_path: str | Path, progress: bool | None = None) -> RecombineResult:
-    """Write the store's original file to ``out_path``; raises StoreError on any bad fragment."""
+    """Write the store's original file to ``out_path``; raises StoreError on any bad fragment.
+
+    One SHA-256 pass, of the whole file, checks everything: every fragment is a slice of the
+    source, so the rebuilt file hashes to the source's SHA-256 only if every fragment is intact.
+    Only when it does not are the fragments hashed one by one, to name the damaged ones.
+    """
     started = time.perf_counter()
     out = Path(out_path)
     if out.is_dir():
@@ -42,30 +47,50 @@ def recombine(loader: FragmentLoader, out_path: str | Path, progress: bool | Non
         raise UserError(f"{out.parent}: no such directory")
     m = loader.manifest
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    whole = hashlib.sha256()
     loader.prefetch(m.unique_fragments())
     try:
-        with open(tmp, "wb") as f, ThreadPoolExecutor(1) as hasher, \
+        with open(tmp, "wb", buffering=0) as dest, BackgroundSHA256() as whole, \
                 byte_progress(m.source["size"], f"recombine {m.source['name']}", progress) as bar:
-            pending = None
             for frag in m.fragments:
-                data = loader.load_raw(frag.id)
-                if pending is not None:
-                    pending.result()
-                pending = hasher.submit(whole.update, data)  # hashes beside the write: both cores
-                f.write(data)
-                bar.update(len(data))
-            if pending is not None:
-                pending.result()
-        digest = whole.hexdigest()
+                with loader.open_unverified(frag.id) as src:
+                    if _copy(src, frag.size, dest, whole, bar) != frag.size:
+                        raise StoreError(f"{loader.where}: {loader.describe(frag.id)} shrank while being read")
+            digest = whole.hexdigest()
         if digest != m.source["sha256"]:
-            raise StoreError(f"{loader.where}: rebuilt file hashes to {digest[:16]}..., the source was "
-                             f"{m.source['sha256'][:16]}...; nothing written")
+            raise _name_the_damage(loader, digest)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             tmp.unlink()
     return RecombineResult(out, m.source["size"], digest, time.perf_counter() - started)
+
+
+def _copy(src, length: int, dest, whole: BackgroundSHA256, bar) -> int:
+    """Append up to ``length`` bytes of ``src`` to ``dest`` while ``whole`` hashes them on the
+    other core; returns how many there were."""
+    done = 0
+    while done < length:
+        slot = whole.take()
+        view = slot.view[: min(length - done, len(slot.view))]
+        n = src.readinto(view)
+        whole.submit(slot, n)
+        if n == 0:
+            break
+        dest.write(view[:n])
+        done += n
+        bar.update(n)
+    return done
+
+
+def _name_the_damage(loader: FragmentLoader, digest: str) -> StoreError:
+    """The error for a rebuilt file with the wrong hash: which fragments are bad, if any."""
+    report = verify(loader, progress=False)
+    problems = report.missing + report.corrupt
+    if problems:
+        more = f" (and {len(problems) - 1} more; see recombine --verify)" if len(problems) > 1 else ""
+        return StoreError(f"{loader.where}: {problems[0]}{more}; nothing written")
+    return StoreError(f"{loader.where}: rebuilt file hashes to {digest[:16]}..., the source was "
+                      f"{loader.manifest.source['sha256'][:16]}...; nothing written")
 
 
 @dataclass
