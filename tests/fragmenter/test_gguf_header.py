@@ -9,7 +9,7 @@ from gguf import GGUFReader
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fragmenter.gguf_header import GGUFFormatError, parse_header, read_file_header
+from fragmenter.gguf_header import GGUFFormatError, UndecodedStrings, parse_header, read_file_header
 
 
 def test_parser_matches_gguf_reader_on_every_factory_model(factory_models):
@@ -39,6 +39,22 @@ def test_default_model_header(default_gguf):
     assert header.metadata["general.architecture"] == "llama"
     assert header.metadata["tokenizer.ggml.model"] == "gpt2"
     assert size == header.tensor_extent() or size > header.tensor_extent()
+
+
+def test_skipping_string_arrays_changes_nothing_else(default_gguf):
+    """The fragmenter's fast parse: string arrays are skipped but counted, everything else equal."""
+    full, size = read_file_header(str(default_gguf))
+    fast, fast_size = read_file_header(str(default_gguf), decode_strings=False)
+    assert (fast.data_offset, fast.tensors, fast_size) == (full.data_offset, full.tensors, size)
+    skipped = {k for k, v in fast.metadata.items() if isinstance(v, UndecodedStrings)}
+    assert {"tokenizer.ggml.tokens", "tokenizer.ggml.merges"} <= skipped
+    for key, value in full.metadata.items():
+        if key in skipped:
+            assert all(isinstance(v, str) for v in value) and len(fast.metadata[key]) == len(value)
+        elif isinstance(value, np.ndarray):
+            assert np.array_equal(fast.metadata[key], value)
+        else:
+            assert fast.metadata[key] == value
 
 
 def test_not_gguf():

@@ -58,6 +58,21 @@ def test_recombine_refuses_and_leaves_no_output(store, tmp_path):
     assert list(out.parent.iterdir()) == []
 
 
+def test_recombine_names_the_first_of_several_damaged_fragments(store, tmp_path):
+    """One hash pass finds that something is wrong; the per-fragment pass then says what."""
+    store_dir, m = store
+    victims = [m.fragments[1].id, m.fragments[-2].id]
+    for fid in victims:
+        data = bytearray(frag_path(store_dir, fid).read_bytes())
+        data[-1] ^= 0x40
+        frag_path(store_dir, fid).write_bytes(bytes(data))
+    out = tmp_path / "model.gguf"
+    with pytest.raises(StoreError, match=rf"{victims[0][:16]}.*corrupt.*and 1 more") as err:
+        recombine(LocalLoader(store_dir), out, progress=False)
+    assert "recombine --verify" in str(err.value)
+    assert not out.exists() and list(tmp_path.glob(".model.gguf*")) == []
+
+
 def test_recombine_checks_whole_file_hash(store, tmp_path):
     """A manifest whose source hash is wrong (fragments fine) must not yield a file."""
     store_dir, m = store
