@@ -111,6 +111,29 @@ def test_other_models_store_is_refused(factory_models, tmp_path):
     assert sorted(p.name for p in (store / "fragments").iterdir()) == before
 
 
+def test_file_changed_while_fragmenting_records_nothing(factory_models, tmp_path, monkeypatch):
+    """The file is read twice (whole-file hash, fragments); a change in between must not give a
+    manifest whose hash and fragments describe two different files."""
+    import shutil
+
+    import fragmenter.fragment as fragmenter_module
+
+    model = tmp_path / "m.gguf"
+    shutil.copy(factory_models["q8_0-spm-gqa"], model)
+    plan = fragmenter_module.plan_fragments
+
+    def plan_then_append(*args):
+        cuts = plan(*args)
+        with open(model, "ab") as f:
+            f.write(b"\0" * 64)
+        return cuts
+
+    monkeypatch.setattr(fragmenter_module, "plan_fragments", plan_then_append)
+    with pytest.raises(UserError, match="changed while being read"):
+        fragment_file(str(model), tmp_path / "s", 4096, progress=False)
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+
 def test_parse_size():
     assert parse_size("10MB") == 10_000_000
     assert parse_size("4MiB") == 4 * 2**20
