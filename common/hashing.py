@@ -47,6 +47,7 @@ class BackgroundSHA256:
             self._free.put(i)
         self._work: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
         self._hash = hashlib.sha256()
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
         self._thread.start()
         self._closed = False
@@ -55,9 +56,15 @@ class BackgroundSHA256:
         own = memoryview(bytearray(len(self._buffers[0])))
         while (item := self._work.get()) is not None:
             index, n = item
-            own[:n] = self._buffers[index][:n]
-            self._free.put(index)
-            self._hash.update(own[:n])
+            try:
+                own[:n] = self._buffers[index][:n]
+            finally:
+                self._free.put(index)  # even after a failure, or the filling thread would wait forever
+            if self._error is None:
+                try:
+                    self._hash.update(own[:n])
+                except BaseException as e:  # reported by hexdigest; keep draining the queue
+                    self._error = e
 
     def take(self) -> Slot:
         """A free buffer to fill; it belongs to the caller until ``submit``."""
@@ -77,6 +84,8 @@ class BackgroundSHA256:
 
     def hexdigest(self) -> str:
         self.close()
+        if self._error is not None:
+            raise RuntimeError("background SHA-256 failed") from self._error
         return self._hash.hexdigest()
 
     def __enter__(self) -> BackgroundSHA256:
