@@ -76,7 +76,10 @@ class FragmentLoader(ABC):
         if len(data) != self._sizes[fragment_id]:
             raise self.wrong_length(fragment_id, len(data))
         if hashlib.sha256(data).hexdigest() != fragment_id:
-            raise CorruptFragment(f"{self.where}: {self.describe(fragment_id)} is corrupt (SHA-256 mismatch)")
+            raise self.corrupt(fragment_id)
+
+    def corrupt(self, fragment_id: str) -> CorruptFragment:
+        return CorruptFragment(f"{self.where}: {self.describe(fragment_id)} is corrupt (SHA-256 mismatch)")
 
     def wrong_length(self, fragment_id: str, length: int) -> CorruptFragment:
         return CorruptFragment(f"{self.where}: {self.describe(fragment_id)} is truncated or padded "

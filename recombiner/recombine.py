@@ -16,7 +16,7 @@ from pathlib import Path
 from common.errors import StoreError, UserError
 from common.hashing import BackgroundSHA256
 from common.progress import byte_progress
-from distribution.base import CorruptFragment, FragmentError, FragmentLoader, MissingFragment
+from distribution.base import FragmentError, FragmentLoader, MissingFragment
 
 
 @dataclass
@@ -53,7 +53,7 @@ def recombine(loader: FragmentLoader, out_path: str | Path, progress: bool | Non
                 byte_progress(m.source["size"], f"recombine {m.source['name']}", progress) as bar:
             for frag in m.fragments:
                 with loader.open_unverified(frag.id) as src:
-                    if _copy(src, frag.size, dest, whole, bar) != frag.size:
+                    if _stream(src, frag.size, dest.write, whole, bar) != frag.size:
                         raise StoreError(f"{loader.where}: {loader.describe(frag.id)} shrank while being read")
             digest = whole.hexdigest()
         if digest != m.source["sha256"]:
@@ -65,18 +65,18 @@ def recombine(loader: FragmentLoader, out_path: str | Path, progress: bool | Non
     return RecombineResult(out, m.source["size"], digest, time.perf_counter() - started)
 
 
-def _copy(src, length: int, dest, whole: BackgroundSHA256, bar) -> int:
-    """Append up to ``length`` bytes of ``src`` to ``dest`` while ``whole`` hashes them on the
-    other core; returns how many there were."""
+def _stream(src, length: int, use, whole: BackgroundSHA256, bar) -> int:
+    """Pass up to ``length`` bytes of ``src`` to ``use`` in cache-sized chunks while ``whole``
+    hashes them on the other core; returns how many there were."""
     done = 0
     while done < length:
         slot = whole.take()
         view = slot.view[: min(length - done, len(slot.view))]
         n = src.readinto(view)
-        whole.submit(slot, n)
+        whole.submit(slot, n)  # from here on only read, by both threads at once
         if n == 0:
             break
-        dest.write(view[:n])
+        use(view[:n])
         done += n
         bar.update(n)
     return done
@@ -120,31 +120,37 @@ class VerifyReport:
 
 
 def verify(loader: FragmentLoader, progress: bool | None = None) -> VerifyReport:
-    """Check every fragment and the whole-file hash; never raises for bad fragments, lists them."""
+    """Check every fragment and the whole-file hash; never raises for bad fragments, lists them.
+
+    Each fragment is hashed on this thread and the whole file on the other, from the same chunks.
+    """
     m = loader.manifest
     report = VerifyReport(loader.where, len(m.unique_fragments()))
-    whole = hashlib.sha256()
+    checked: set[str] = set()
     bad: set[str] = set()
     loader.prefetch(m.unique_fragments())
-    with byte_progress(m.source["size"], "verify", progress) as bar:
+    with BackgroundSHA256() as whole, byte_progress(m.source["size"], "verify", progress) as bar:
         for frag in m.fragments:
             if frag.id in bad:
                 continue
+            digest = hashlib.sha256()
             try:
-                data = loader.load_raw(frag.id)
+                with loader.open_unverified(frag.id) as src:
+                    length = _stream(src, frag.size, digest.update, whole, bar)
+                if length != frag.size:
+                    raise loader.wrong_length(frag.id, length)
+                if frag.id not in checked and digest.hexdigest() != frag.id:
+                    raise loader.corrupt(frag.id)
+                checked.add(frag.id)
             except MissingFragment as e:
                 report.missing.append(_strip_where(str(e), loader.where))
                 bad.add(frag.id)
-                continue
-            except (CorruptFragment, FragmentError) as e:
+            except FragmentError as e:
                 report.corrupt.append(_strip_where(str(e), loader.where))
                 bad.add(frag.id)
-                continue
-            if not bad:
-                whole.update(data)
-            bar.update(frag.size)
+        source_hash = whole.hexdigest()
     if not bad:
-        report.whole_file_ok = whole.hexdigest() == m.source["sha256"]
+        report.whole_file_ok = source_hash == m.source["sha256"]
     return report
 
 
