@@ -115,7 +115,8 @@ def build_manifest(header: GGUFHeader, source: dict, fragment_size: int, fragmen
     gguf = {"version": header.version, "alignment": header.alignment, "data_offset": header.data_offset,
             "tensor_count": len(header.tensors), "metadata_count": len(header.metadata)}
     return Manifest(source=source, fragment_size=fragment_size, gguf=gguf, model=model_summary(header),
-                    header_pieces=_pieces(0, header.data_offset, fragments), tensors=tensors, fragments=fragments)
+                    header_pieces=_pieces(0, min(header.data_offset, source["size"]), fragments), tensors=tensors,
+                    fragments=fragments)
 
 
 def write_atomically(path: Path, data: bytes) -> None:

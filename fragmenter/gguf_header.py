@@ -104,11 +104,16 @@ class GGUFHeader:
     alignment: int
     data_offset: int  # absolute offset of the data section (header plus padding)
     value_types: dict[str, int] = field(default_factory=dict)
+    header_end: int = 0  # absolute end of the tensor infos, before the padding
 
     def tensor_extent(self) -> int:
-        """Absolute end of the last tensor's bytes: the smallest size a complete file can have."""
+        """Absolute end of the last tensor's bytes: the smallest size a complete file can have.
+
+        A file without tensors (a vocabulary-only GGUF) may end right after its tensor infos,
+        without the padding that would lead to a data section.
+        """
         ends = [self.data_offset + t.offset + t.n_bytes for t in self.tensors]
-        return max(ends, default=self.data_offset)
+        return max(ends, default=self.header_end)
 
 
 _U64 = struct.Struct("<Q")
@@ -270,7 +275,7 @@ def parse_header(stream: BinaryIO, source: str = "<stream>", decode_strings: boo
     if alignment <= 0 or alignment & (alignment - 1):
         raise GGUFFormatError(f"{source}: general.alignment {alignment} is not a power of two")
     data_offset = -(-r.pos // alignment) * alignment
-    header = GGUFHeader(version, metadata, tensors, alignment, data_offset, value_types)
+    header = GGUFHeader(version, metadata, tensors, alignment, data_offset, value_types, r.pos)
     for t in tensors:
         if t.offset % alignment:
             raise GGUFFormatError(f"{source}: tensor {t.name!r} data offset {t.offset} is not aligned to {alignment}")

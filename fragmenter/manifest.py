@@ -133,7 +133,8 @@ class Manifest:
             "fragment_size": self.fragment_size,
             "gguf": self.gguf,
             "model": self.model,
-            "header": {"offset": 0, "length": self.gguf["data_offset"], "pieces": pieces(self.header_pieces)},
+            "header": {"offset": 0, "length": sum(p.length for p in self.header_pieces),
+                       "pieces": pieces(self.header_pieces)},
             "tensors": [
                 {"name": t.name, "ggml_type": t.ggml_type, "gguf_shape": list(t.gguf_shape), "shape": list(t.shape),
                  "offset": t.offset, "length": t.length, "pieces": pieces(t.pieces)}
@@ -258,7 +259,8 @@ def _parse(doc: dict, path: str) -> Manifest:
     gguf = doc["gguf"]
     data_offset = _int(gguf["data_offset"], "gguf.data_offset", path, 8)
     header_pieces = _parse_pieces(doc["header"]["pieces"], sizes, "header", path)
-    _check_contiguous(header_pieces, 0, data_offset, offsets, "header", path)
+    # A file without tensors may end before the padding that would lead to its data section.
+    _check_contiguous(header_pieces, 0, min(data_offset, source_size), offsets, "header", path)
 
     tensors = []
     for t in doc["tensors"]:

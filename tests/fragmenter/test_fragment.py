@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from common.errors import StoreError, UserError
 from distribution.local import LocalLoader
 from fragmenter.fragment import fragment_file, parse_size
+from fragmenter.gguf_header import read_file_header
 from fragmenter.manifest import Manifest, layer_of
 from recombiner.recombine import recombine, verify
 
@@ -71,6 +72,23 @@ def test_roundtrip_upstream_q4_1_file(default_gguf, tmp_path):
     assert SOURCE_GGUF.exists(), "run scripts/setup.sh first"
     m = roundtrip(SOURCE_GGUF, tmp_path, 10_000_000)
     assert "Q4_1" in {t.ggml_type for t in m.tensors}
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_roundtrip_file_without_tensors(tmp_path, padded):
+    """A vocabulary-only GGUF has no data section; some writers end it without the padding."""
+    model = tmp_path / "vocab.gguf"
+    w = GGUFWriter(str(model), "llama")
+    w.add_token_list(["<unk>", "a", "b"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    if not padded:
+        header, _ = read_file_header(str(model))
+        model.write_bytes(model.read_bytes()[:header.header_end])
+    roundtrip(model, tmp_path, 1024)
+    assert LocalLoader(tmp_path / "store").metadata["tokenizer.ggml.tokens"] == ["<unk>", "a", "b"]
 
 
 def test_manifest_locates_every_tensor(factory_models, tmp_path):
