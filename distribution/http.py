@@ -141,8 +141,13 @@ class HTTPLoader(FragmentLoader):
         digest = hashlib.sha256(raw).hexdigest()
         if pinned and digest != pinned:
             raise StoreError(f"{manifest_url}: manifest hashes to {digest[:16]}..., not the {pinned[:16]}... asked for")
-        super().__init__(Manifest.from_json(raw, manifest_url), self.base)
-        self.manifest_sha256 = digest
+        self._adopt_manifest(raw, manifest_url, self.base)
+
+    def _adopt_manifest(self, raw: bytes, label: str, where: str) -> None:
+        """Finish construction from the manifest's bytes once a subclass has obtained them
+        (P2PLoader gets them from a peer rather than from ``base``)."""
+        FragmentLoader.__init__(self, Manifest.from_json(raw, label), where)
+        self.manifest_sha256 = hashlib.sha256(raw).hexdigest()
         self.manifest_bytes = raw
 
     async def _get_manifest(self, url: str) -> bytes:

@@ -281,12 +281,7 @@ class P2PLoader(HTTPLoader):
         except BaseException:
             self.node.stop()
             raise
-        manifest = Manifest.from_json(raw, f"{address} (manifest)")
-        from distribution.base import FragmentLoader
-
-        FragmentLoader.__init__(self, manifest, address)
-        self.manifest_sha256 = digest
-        self.manifest_bytes = raw
+        self._adopt_manifest(raw, f"{address} (manifest)", address)
 
     def _fetch_manifest(self, digest: str) -> bytes:
         peers = self.node.find_providers([digest])[digest]
@@ -298,7 +293,7 @@ class P2PLoader(HTTPLoader):
             if base is None:
                 continue
             try:
-                raw = asyncio.run(self._get(base + "manifest.json"))
+                raw = asyncio.run(self._get_manifest(base + "manifest.json"))
             except StoreError as e:
                 last = str(e)
                 continue
@@ -307,10 +302,6 @@ class P2PLoader(HTTPLoader):
             last = f"peer {peer[:12]} sent a manifest that does not hash to {digest[:16]}..."
             self._warn_sink(f"warning: {last}")
         raise StoreError(f"{self.address}: could not get the manifest ({last})")
-
-    async def _get(self, url: str) -> bytes:
-        async with self.fetcher.session() as s:
-            return await self.fetcher.get_bytes(s, url, "manifest")
 
     def _peer_url(self, peer: str) -> str | None:
         if peer not in self._urls:
