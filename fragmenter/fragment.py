@@ -131,6 +131,24 @@ def write_atomically(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
+def _remove_leftovers(frag_dir: Path) -> None:
+    """Delete the temporary files of fragmenter runs that were killed (their process is gone)."""
+    for tmp in frag_dir.glob(".tmp-*"):
+        pid = tmp.name.split("-")[1]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def _copy_fragment(fd: int, start: int, length: int, frag_dir: Path, source: str) -> str:
     """Copy bytes [start, start+length) of the open file ``fd`` into the store as one fragment.
 
@@ -211,6 +229,7 @@ def fragment_file(model_path: str, store_dir: str | Path | None = None,
             old = _check_existing_store(store, size, whole.result)
             frag_dir = store / FRAGMENTS_DIR
             frag_dir.mkdir(parents=True, exist_ok=True)
+            _remove_leftovers(frag_dir)
             existing = set(os.listdir(frag_dir))
             cuts = plan_fragments(header, size, fragment_size)
             with open(model_path, "rb", buffering=0) as f, \

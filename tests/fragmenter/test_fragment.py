@@ -1,6 +1,7 @@
 """Fragmenting then recombining reproduces any GGUF byte for byte; the cut follows the rules."""
 
 import hashlib
+import os
 import tempfile
 from pathlib import Path
 
@@ -127,6 +128,22 @@ def test_refragment_same_model_repairs_and_resizes(factory_models, tmp_path):
     on_disk = {p.name for p in (store / "fragments").iterdir()}
     assert on_disk == set(m2.unique_fragments())  # the old cut's leftovers are gone
     assert verify(LocalLoader(store)).ok
+
+
+def test_refragment_removes_leftovers_of_killed_runs(factory_models, tmp_path):
+    import subprocess
+    import sys
+
+    path = factory_models["q8_0-spm-gqa"]
+    store = tmp_path / "s"
+    fragment_file(str(path), store, 4096, progress=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = store / "fragments" / f".tmp-{int(dead.stdout)}-4096"
+    leftover.write_bytes(b"half a fragment")
+    alive = store / "fragments" / f".tmp-{os.getppid()}-0"  # a running process's file is not touched
+    alive.write_bytes(b"in progress")
+    fragment_file(str(path), store, 4096, progress=False)
+    assert not leftover.exists() and alive.exists()
 
 
 def test_other_models_store_is_refused(factory_models, tmp_path):
