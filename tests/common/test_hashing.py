@@ -47,3 +47,29 @@ def test_sha256_file_stops_when_asked(tmp_path):
     stop = threading.Event()
     stop.set()
     assert sha256_file(path, stop, chunk=1000) is None
+
+
+def test_background_sha256_failure_is_raised_not_hung():
+    """If hashing fails on the other thread, the filling thread still gets every slot back and
+    hexdigest raises instead of returning a digest of part of the stream."""
+    class Broken:
+        def update(self, data):
+            raise MemoryError("simulated")
+
+    whole = BackgroundSHA256(16, 1)
+    whole._hash = Broken()
+    outcome = []
+
+    def fill():  # one slot: a slot kept after the failure would block here forever
+        for _ in range(4):
+            whole.submit(whole.take(), 8)
+        try:
+            whole.hexdigest()
+        except RuntimeError as e:
+            outcome.append(str(e))
+
+    filler = threading.Thread(target=fill, daemon=True)
+    filler.start()
+    filler.join(timeout=20)  # bounded: a regression fails here instead of hanging the suite
+    assert not filler.is_alive(), "the filling thread is stuck waiting for a slot"
+    assert outcome == ["background SHA-256 failed"]
