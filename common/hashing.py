@@ -1,8 +1,8 @@
 """SHA-256 of a byte stream computed on the second core while this thread moves the bytes.
 
 Fragmenting and rebuilding are bound by SHA-256, not by I/O: a page-cache copy runs at about
-3 GB/s here while one core hashes (SHA-NI, through OpenSSL) at about 1.7 GB/s, and only when the
-data sits in that core's L2 cache; from main memory it drops to about 1.1 GB/s. The whole-file hash
+3 GB/s here while one core hashes (SHA-NI, through OpenSSL) at about 1.6 GB/s, and only when the
+data sits in that core's L2 cache; from main memory it drops to about 1.04 GB/s. The whole-file hash
 is one sequential chain, so it cannot be split across cores. What we can do is give it a core of
 its own and feed it cache-sized chunks:
 
@@ -15,8 +15,9 @@ its own and feed it cache-sized chunks:
     whole.hexdigest()
 
 The hashing thread first copies each chunk into a buffer of its own (a memcpy at memory speed),
-so that SHA-256 then reads from its own L2 cache: measured 1.32 vs 1.21 GB/s for hashing straight
-from the shared buffer. hashlib releases the GIL for large updates, so both threads really run at once.
+so that SHA-256 then reads from its own L2 cache: 1.25 vs 1.02 GB/s for hashing straight from
+the shared buffer (benchmarks/sha256_placement.py prints all these figures). hashlib releases the
+GIL for large updates, so both threads really run at once.
 """
 
 from __future__ import annotations
