@@ -108,17 +108,18 @@ def _stream(as_json: bool):
 
 
 def _run_engine(loader, tokenizer, prompt_tokens, max_tokens, params, stops, ctx, kernels, as_json, started):
-    from engine.generate import check_fits, generate
+    from engine.config import LlamaConfig
     from engine.model import LlamaModel
     from engine.sampling import Sampler
-
-    from engine.config import LlamaConfig
+    from generation.stream import check_fits, generate
 
     config = LlamaConfig.from_metadata(loader.metadata, loader.where)
-    check_fits(len(prompt_tokens), min(ctx, config.context_length))  # before any weight is loaded
+    capacity = min(ctx, config.context_length)
+    check_fits(len(prompt_tokens), capacity)  # before any weight is loaded
     model = LlamaModel(loader, backend=kernels)
     load_s = time.perf_counter() - started
-    result = generate(model, tokenizer, prompt_tokens, max_tokens, Sampler(params), stops, _stream(as_json), ctx)
+    with model.open_session(min(capacity, len(prompt_tokens) + max_tokens)) as session:
+        result = generate(session, tokenizer, prompt_tokens, max_tokens, Sampler(params), stops, _stream(as_json))
     return {"prompt_tokens": len(result.prompt_tokens), "tokens": result.tokens, "text": result.text,
             "stop_reason": result.stop_reason, "load_s": round(load_s, 3),
             "prefill_tok_s": round(result.prefill_tok_s, 2), "decode_tok_s": round(result.decode_tok_s, 2)}
@@ -126,7 +127,7 @@ def _run_engine(loader, tokenizer, prompt_tokens, max_tokens, params, stops, ctx
 
 def _run_llama_cpp(loader, prompt_tokens, max_tokens, params, stops, ctx, threads, as_json, started):
     """The seed's bridge: the same request through llama.cpp, from a verified rebuild of the store."""
-    from engine.generate import check_fits
+    from generation.stream import check_fits
     from validation.reference import load_llama, materialized
 
     with materialized(loader) as path:

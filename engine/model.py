@@ -69,15 +69,19 @@ class Block:
 
 class LlamaModel:
     def __init__(self, loader, backend: str = "numpy", layers: tuple[int, int] | None = None,
-                 emulate_llama_cpp: bool = False):
+                 emulate_llama_cpp: bool = False, edges_only: bool = False):
+        """Load all blocks, a span ``layers=(first, last)``, or with ``edges_only`` no block at all:
+        just the embedding and the head, for a client whose blocks run on other nodes."""
         self.loader = loader
         self.config = cfg = LlamaConfig.from_metadata(loader.metadata, loader.where)
         first, last = layers if layers is not None else (0, cfg.n_layers - 1)
         if not 0 <= first <= last < cfg.n_layers:
             raise UserError(f"{loader.where}: layer span {first}-{last} is outside 0-{cfg.n_layers - 1}")
+        if edges_only:
+            first, last = 0, -1  # an empty span: no block, both edges
         self.first_layer, self.last_layer = first, last
         self.has_embedding = first == 0
-        self.has_head = last == cfg.n_layers - 1
+        self.has_head = edges_only or last == cfg.n_layers - 1
         self.emulate = emulate_llama_cpp
         self.backend = make_backend(backend, emulate_llama_cpp=emulate_llama_cpp)
         names = set(loader.manifest.tensor_names())
@@ -97,7 +101,7 @@ class LlamaModel:
         if self.backend.name == "numba":
             from engine.fast_decode import StackedDecoder
 
-            if StackedDecoder.supports(self.blocks):
+            if self.blocks and StackedDecoder.supports(self.blocks):
                 self.decoder = StackedDecoder(self.blocks, cfg)
         _return_freed_memory()
 
@@ -135,6 +139,14 @@ class LlamaModel:
                      ffn_down=be.prepare(self.loader, name("ffn_down")))
 
     # -- sessions ---------------------------------------------------------------------------------
+    def open_session(self, max_positions: int | None = None):
+        """A ``Session`` (feed tokens, get logits; rewind; close) over this whole local model."""
+        from engine.session import LocalSpanSession, RoutedSession
+
+        if not (self.has_embedding and self.has_head and self.blocks):
+            raise RuntimeError("only a model holding every block can open a local session")
+        return RoutedSession(self, [LocalSpanSession(self, max_positions)])
+
     def new_cache(self, max_positions: int | None = None) -> KVCache:
         cfg = self.config
         n = min(max_positions or cfg.context_length, cfg.context_length)

@@ -6,7 +6,7 @@ import pytest
 from common.errors import UserError
 from distribution.gguf_file import GGUFFileLoader
 from engine.chat import NAMED_TEMPLATES, chat_prompt, detect_template, render
-from engine.generate import StopMatcher
+from generation.stream import StopMatcher
 from engine.sampling import Sampler, SamplingParams
 from engine.tokenizer import Tokenizer
 

@@ -1,0 +1,1 @@
+"""Text generation over any engine session: prompt -> tokens -> a cancellable stream of text."""

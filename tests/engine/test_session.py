@@ -1,0 +1,58 @@
+"""The session seam: a local model and a route of spans give the same logits; rewind; close."""
+
+import numpy as np
+import pytest
+
+from distribution.gguf_file import GGUFFileLoader
+from engine.model import LlamaModel
+from engine.session import LocalSpanSession, RoutedSession, Session, SpanSession
+
+TOKENS = [1, 17, 99, 23, 250, 7, 311, 42, 5, 128, 64, 300]
+
+
+@pytest.fixture(scope="module")
+def loader(factory_models):
+    return GGUFFileLoader(factory_models["q8_0-spm-gqa"])
+
+
+def test_session_equals_forward_and_rewinds(loader):
+    model = LlamaModel(loader)
+    expected = model.forward(np.array(TOKENS), model.new_cache(32), all_logits=True)
+    with model.open_session(32) as s:
+        assert isinstance(s, Session)
+        np.testing.assert_allclose(s.feed(TOKENS[:5], all_logits=True), expected[:5], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(s.feed(TOKENS[5:]), expected[-1], rtol=1e-4, atol=1e-4)
+        assert s.position == len(TOKENS)
+        s.rewind(3)
+        assert s.position == 3
+        np.testing.assert_allclose(s.feed(TOKENS[3:]), expected[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_route_of_spans_equals_whole_model(loader):
+    whole = LlamaModel(loader)
+    expected = whole.open_session(32).feed(TOKENS)
+    n = whole.config.n_layers
+    edges = LlamaModel(loader, edges_only=True)
+    assert edges.blocks == [] and edges.has_embedding and edges.has_head
+    spans = [LocalSpanSession(LlamaModel(loader, layers=(0, 0)), 32),
+             LocalSpanSession(LlamaModel(loader, layers=(1, n - 1)), 32)]
+    assert all(isinstance(s, SpanSession) for s in spans)
+    session = RoutedSession(edges, spans)
+    np.testing.assert_allclose(session.feed(TOKENS), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_route_must_cover_every_block(loader):
+    edges = LlamaModel(loader, edges_only=True)
+    with pytest.raises(ValueError, match="block 0"):
+        RoutedSession(edges, [LocalSpanSession(LlamaModel(loader, layers=(1, 1)), 8)])
+    with pytest.raises(ValueError, match="ends at block 0"):
+        RoutedSession(edges, [LocalSpanSession(LlamaModel(loader, layers=(0, 0)), 8)])
+
+
+def test_context_full_is_a_clear_error(loader):
+    from common.errors import UserError
+
+    s = LlamaModel(loader).open_session(4)
+    with pytest.raises(UserError, match="context full"):
+        s.feed(TOKENS[:5])
+    s.close()

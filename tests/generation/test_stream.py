@@ -1,0 +1,60 @@
+"""Generation over a session: streaming pieces, cancellation, and feeding only new tokens."""
+
+import threading
+
+import pytest
+
+from common.errors import UserError
+from distribution.gguf_file import GGUFFileLoader
+from engine.model import LlamaModel
+from engine.sampling import Sampler, SamplingParams
+from engine.tokenizer import Tokenizer
+from generation.stream import Generation, generate
+
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(factory_models):
+    loader = GGUFFileLoader(factory_models["q8_0-spm-gqa"])
+    return LlamaModel(loader), Tokenizer(loader.metadata)
+
+
+def test_stream_pieces_join_to_text(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    prompt = tok.encode("The quick brown")
+    gen = Generation(model.open_session(64), tok, prompt, 12, Sampler(GREEDY))
+    pieces = list(gen)
+    assert "".join(pieces) == gen.result.text
+    assert len(gen.result.tokens) <= 12
+    assert gen.fed[:len(prompt)] == prompt and gen.session.position == len(gen.fed)
+
+
+def test_cancel_stops_the_stream(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    cancel = threading.Event()
+    gen = Generation(model.open_session(64), tok, tok.encode("The quick brown"), 40, Sampler(GREEDY), cancel=cancel)
+    for _ in gen:
+        cancel.set()
+    assert gen.result.stop_reason == "cancelled"
+    assert len(gen.result.tokens) < 40
+
+
+def test_continuing_a_session_equals_one_long_prompt(model_and_tokenizer):
+    """A second turn fed after the first one's cache gives what a fresh run of the whole gives."""
+    model, tok = model_and_tokenizer
+    first, second = tok.encode("The quick brown"), tok.encode(" fox jumps", add_bos=False)
+    whole = generate(model.open_session(64), tok, first + second, 8, Sampler(GREEDY))
+    s = model.open_session(64)
+    s.feed(first)
+    assert s.position == len(first)
+    cont = generate(s, tok, second, 8, Sampler(GREEDY))
+    assert cont.tokens == whole.tokens
+
+
+def test_empty_prompt_and_full_context_are_clear(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    with pytest.raises(UserError, match="empty"):
+        Generation(model.open_session(8), tok, [], 4, Sampler(GREEDY))
+    with pytest.raises(UserError, match="context window"):
+        Generation(model.open_session(4), tok, [1, 2, 3, 4, 5], 4, Sampler(GREEDY))
