@@ -54,3 +54,46 @@ def open_store(source: str, allow_file: bool = False):
             return GGUFFileLoader(source)
         raise UserError(f"{source}: not a store directory (a store holds manifest.json and fragments/)")
     raise UserError(f"{source}: no such store directory" + (" or GGUF file" if allow_file else ""))
+
+
+def resolve_source(source: str | None) -> str:
+    """SOURCE as given, or the default model's store (made by scripts/setup.sh)."""
+    import os
+
+    if source is not None:
+        return source
+    from models.default import DEFAULT_STORE
+
+    if not os.path.isdir(DEFAULT_STORE):
+        raise UserError(f"{DEFAULT_STORE}: the default model's store is missing; run scripts/setup.sh first")
+    return str(DEFAULT_STORE)
+
+
+def describe_model(loader) -> dict:
+    """What a person wants to know about a loaded model: shown by `chat`, the API and the web page."""
+    from collections import Counter
+
+    manifest = loader.manifest
+    types = Counter(t.ggml_type for t in manifest.tensors if len(t.shape) > 1)
+    return {**{k: v for k, v in manifest.model.items() if v is not None},
+            "source": loader.where,
+            "file": manifest.source.get("name"),
+            "file_size": manifest.source.get("size"),
+            "sha256": manifest.source.get("sha256"),
+            "quantization": ", ".join(f"{t} x{n}" for t, n in types.most_common()),
+            "fragments": len(manifest.unique_fragments())}
+
+
+def load_text_model(source: str | None, kernels: str = "numba", template: str | None = None):
+    """A ``generation.TextModel`` for any source `infer` takes, with every block loaded here."""
+    from engine.model import LlamaModel
+    from engine.tokenizer import Tokenizer
+    from generation.textmodel import TextModel
+
+    loader = open_store(resolve_source(source), allow_file=True)
+    tokenizer = Tokenizer(loader.metadata, loader.where)
+    model = LlamaModel(loader, backend=kernels)
+    info = describe_model(loader)
+    return TextModel(name=info.get("name") or info.get("file") or "model", tokenizer=tokenizer,
+                     context_length=model.config.context_length, open_session=model.open_session,
+                     info=info, template=template)

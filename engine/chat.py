@@ -74,17 +74,24 @@ def render(template: str, messages: list[dict], bos_token: str = "", eos_token: 
 
 
 def chat_prompt(tokenizer, user: str, system: str | None = None, template: str | None = None) -> tuple[str, str]:
-    """(prompt text, template name used). ``template`` None: the model's own, else detected."""
+    """(prompt text, template name used) for one user message. ``template`` None: the model's own,
+    else detected."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    return render_messages(tokenizer, messages, template)
+
+
+def render_messages(tokenizer, messages: list[dict], template: str | None = None,
+                    add_generation_prompt: bool = True) -> tuple[str, str]:
+    """(prompt text, template name used) for a whole conversation: [{"role", "content"}, ...]."""
     bos = tokenizer.tokens[tokenizer.bos_id] if tokenizer.bos_id is not None else ""
     eos = tokenizer.tokens[tokenizer.eos_id] if tokenizer.eos_id is not None else ""
     if template is None and tokenizer.chat_template:
-        text, name = render(tokenizer.chat_template, messages, bos, eos), "model"
+        text, name = render(tokenizer.chat_template, messages, bos, eos, add_generation_prompt), "model"
     else:
         name = template or detect_template(tokenizer.tokens)
         if name not in NAMED_TEMPLATES:
             raise UserError(f"unknown template {name!r} (choose from: {', '.join(sorted(NAMED_TEMPLATES))})")
-        text = render(NAMED_TEMPLATES[name], messages, bos, eos)
+        text = render(NAMED_TEMPLATES[name], messages, bos, eos, add_generation_prompt)
     # The tokenizer adds BOS itself when the model asks for it: do not send it twice.
     if bos and tokenizer.add_bos and text.startswith(bos):
         text = text[len(bos):]
