@@ -1,0 +1,186 @@
+"""Worker slots for generation: N threads, each with its own session (KV cache), and a bounded queue.
+
+The engine is synchronous numpy/Numba code, so answers are generated in worker threads, never on
+the event loop. A ``Job`` carries one request in and its text pieces out: the worker hands each piece
+to the event loop with ``call_soon_threadsafe`` into an ``asyncio.Queue`` the HTTP handler reads.
+Setting ``job.cancel`` (a client went away) stops the generation at the next token, or before it
+starts if the job is still waiting.
+
+At most ``parallel + queue_size`` jobs are admitted at once; beyond that ``submit`` raises
+``QueueFull`` (the server answers 503), so a burst cannot pile up unbounded work.
+
+Each slot opens its session once and rewinds it to 0 for every request: the KV cache is allocated
+once per slot, and an answer never depends on which slot or which earlier request it follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from dataclasses import dataclass
+
+from engine.sampling import Sampler, SamplingParams
+from generation.stream import Generation, GenerationResult
+
+
+class QueueFull(Exception):
+    """Every slot is busy and the waiting queue is full."""
+
+
+@dataclass
+class Work:
+    """What a slot runs: tokens in, limits and sampling."""
+
+    prompt_tokens: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    stop: list[str]
+
+
+class Job:
+    """One request between the event loop (reads ``events``) and a worker thread (writes them)."""
+
+    def __init__(self, work: Work, loop: asyncio.AbstractEventLoop):
+        self.work = work
+        self.loop = loop
+        self.cancel = threading.Event()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.result: GenerationResult | None = None
+
+    # -- worker side ------------------------------------------------------------------------------
+    def _send(self, kind: str, value) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            self.cancel.set()
+
+    def piece(self, text: str) -> None:
+        self._send("piece", text)
+
+    def finish(self, result: GenerationResult | None) -> None:
+        self._send("done", result)
+
+    def fail(self, error: BaseException) -> None:
+        self._send("error", error)
+
+    # -- event-loop side --------------------------------------------------------------------------
+    async def pieces(self):
+        """Text pieces as they come; ``result`` is set when this ends. Re-raises a worker's error."""
+        while True:
+            kind, value = await self.events.get()
+            if kind == "piece":
+                yield value
+            elif kind == "done":
+                self.result = value
+                return
+            else:
+                raise value
+
+
+class _Serialized:
+    """A session whose ``feed`` holds a lock shared by all slots.
+
+    Numba's parallel kernels already use every core, and its default (workqueue) threading layer
+    must not be entered by two threads at once; slots therefore take turns per feed (one token per
+    step while decoding), which interleaves N answers fairly.
+    """
+
+    def __init__(self, session, lock: threading.Lock):
+        self.session, self.lock = session, lock
+
+    @property
+    def position(self) -> int:
+        return self.session.position
+
+    @property
+    def capacity(self) -> int:
+        return self.session.capacity
+
+    def feed(self, tokens, all_logits: bool = False):
+        with self.lock:
+            return self.session.feed(tokens, all_logits)
+
+    def rewind(self, position: int) -> None:
+        self.session.rewind(position)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+class Scheduler:
+    def __init__(self, text_model, parallel: int = 1, queue_size: int = 16, context: int | None = None,
+                 on_result=None):
+        self.text_model = text_model
+        self.parallel, self.queue_size = parallel, queue_size
+        self.context = min(context or text_model.context_length, text_model.context_length)
+        self.on_result = on_result  # called with each finished GenerationResult (metrics)
+        self.jobs: queue.Queue = queue.Queue()
+        self.lock = threading.Lock()
+        self.compute_lock = threading.Lock()
+        self.admitted = 0  # waiting + running
+        self.running = 0
+        self.workers = [threading.Thread(target=self._work, name=f"api-slot-{i}", daemon=True)
+                        for i in range(parallel)]
+        for w in self.workers:
+            w.start()
+
+    @property
+    def queue_length(self) -> int:
+        with self.lock:
+            return self.admitted - self.running
+
+    def submit(self, job: Job) -> None:
+        with self.lock:
+            if self.admitted >= self.parallel + self.queue_size:
+                raise QueueFull(f"all {self.parallel} slots are busy and {self.queue_size} requests are waiting")
+            self.admitted += 1
+        self.jobs.put(job)
+
+    def close(self) -> None:
+        for _ in self.workers:
+            self.jobs.put(None)
+        for w in self.workers:
+            w.join(timeout=10)
+
+    # -- worker threads ---------------------------------------------------------------------------
+    def _work(self) -> None:
+        session = None
+        while (job := self.jobs.get()) is not None:
+            with self.lock:
+                self.running += 1
+            try:
+                if session is None:
+                    session = _Serialized(self.text_model.open_session(self.context), self.compute_lock)
+                self._run(session, job)
+            except Exception as e:  # noqa: BLE001 - the reply says what failed; the slot keeps serving
+                job.fail(e)
+                session = _close_quietly(session)
+            finally:
+                with self.lock:
+                    self.running -= 1
+                    self.admitted -= 1
+        _close_quietly(session)
+
+    def _run(self, session, job: Job) -> None:
+        if job.cancel.is_set():  # the client left while the job waited
+            job.finish(None)
+            return
+        session.rewind(0)
+        w = job.work
+        gen = Generation(session, self.text_model.tokenizer, w.prompt_tokens, w.max_tokens, Sampler(w.sampling),
+                         w.stop, job.cancel)
+        for piece in gen:
+            job.piece(piece)
+        if self.on_result:
+            self.on_result(gen.result)
+        job.finish(gen.result)
+
+
+def _close_quietly(session) -> None:
+    if session is not None:
+        try:
+            session.close()
+        except Exception:  # noqa: BLE001 - a broken session is being dropped anyway
+            pass
+    return None

@@ -1,0 +1,88 @@
+"""`api`: an OpenAI-compatible HTTP API and a web chat page over any source."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import click
+
+from cli.common import user_errors
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("source", required=False)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
+@click.option("--parallel", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Requests generated at once, each in its own session (KV cache of --ctx positions).")
+@click.option("--queue", "queue_size", default=16, show_default=True, type=click.IntRange(0, 100000),
+              help="Requests that may wait for a free slot; beyond that the server answers 503.")
+@click.option("--api-key", help="Require 'Authorization: Bearer KEY' on /v1/*, /info and /metrics.")
+@click.option("--ctx", default=4096, show_default=True, type=click.IntRange(16),
+              help="Context window per session (at most the model's).")
+@click.option("--template", help="Chat template: chatml, llama2, llama3, mistral, gemma, alpaca, zephyr "
+                                 "(default: the model's own, else detected).")
+@click.option("--kernels", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True,
+              help="numba: the fast path (weights stay quantized); numpy: the plain reference.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all cores; at most the core count).")
+@user_errors
+def api(source, host, port, parallel, queue_size, api_key, ctx, template, kernels, threads):
+    """Serve SOURCE (a store directory, a .gguf file, an http:// store address or a p2p:// address)
+    over an OpenAI-compatible API, with a chat page at /.
+
+    Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (with "stream": true
+    as server-sent events), GET /health, GET /metrics (Prometheus), GET /info. The server listens at
+    once and prints its URL; until the model is loaded, /health and the page show the loading
+    progress and completion requests get 503. Sampling defaults follow llama-server's (temperature
+    0.8, top-k 40, top-p 0.95, min-p 0.05). With no SOURCE, the default model's store is used.
+    Ctrl-C stops it.
+    """
+    from cli.common import set_threads
+
+    set_threads(threads)  # before numpy and numba are imported
+    from common.errors import UserError
+
+    if template:
+        from engine.chat import NAMED_TEMPLATES
+
+        if template not in NAMED_TEMPLATES:
+            raise UserError(f"unknown template {template!r} (choose from: {', '.join(sorted(NAMED_TEMPLATES))})")
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key is empty")
+    try:
+        asyncio.run(_serve(source, host, port, parallel, queue_size, api_key, ctx, template, kernels))
+    except KeyboardInterrupt:
+        click.echo("stopped", err=True)
+
+
+async def _serve(source, host, port, parallel, queue_size, api_key, ctx, template, kernels) -> None:
+    from api.loading import LoadingModel
+    from api.server import make_app, start
+    from common.progress import Status
+
+    status = Status(enabled=sys.stderr.isatty())
+
+    def load(progress):
+        from cli.common import load_text_model
+
+        def say(message: str) -> None:
+            progress(message)
+            status(message)
+
+        return load_text_model(source, kernels, template, say=say)
+
+    model = LoadingModel(load)
+    app = make_app(model, parallel=parallel, queue_size=queue_size, api_key=api_key, context=ctx)
+    runner, bound = await start(app, host, port)
+    try:
+        shown = f"[{host}]" if ":" in host else host
+        click.echo(f"api: listening on http://{shown}:{bound}/ (OpenAI API under /v1, chat page at /)")
+        while not model.ready_event.is_set():  # polled: a thread blocked in wait() would delay Ctrl-C
+            await asyncio.sleep(0.1)
+        if model.status == "failed":
+            raise model.exception
+        click.echo(f"api: model ready: {model.text_model.name}")
+        await asyncio.Event().wait()  # serve until Ctrl-C
+    finally:
+        await runner.cleanup()

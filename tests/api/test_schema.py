@@ -1,0 +1,85 @@
+"""Request validation: every body is either a clean record or a 400 that names the field at fault."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from api.openai_schema import APIError, parse_chat, parse_completion
+
+CTX = 512
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True)
+                           | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                        max_size=3),
+                           max_leaves=8)
+FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+          "min_p", "repeat_penalty", "seed", "stop", "stream", "stream_options", "n", "logprobs", "frobnicate"]
+bodies = st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=6)
+good_message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]),
+                                      "content": st.text(max_size=20)})
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=bodies | json_values, messages=st.none() | st.lists(good_message, min_size=1, max_size=3))
+def test_any_body_is_a_request_or_a_named_400(body, messages):
+    if messages is not None and isinstance(body, dict):
+        body = {**body, "messages": messages, "prompt": "hi"}
+    for parse in (parse_chat, parse_completion):
+        try:
+            req = parse(body, CTX)
+        except APIError as e:
+            assert e.status == 400
+            assert e.body()["error"]["type"] == "invalid_request_error"
+            if e.param:
+                assert e.message.startswith(e.param), e.message
+            continue
+        req.sampling.validate()  # whatever passed the parser is a valid sampler setting
+        assert req.max_tokens is None or 1 <= req.max_tokens <= CTX
+        assert all(isinstance(s, str) and s for s in req.stop)
+
+
+def test_defaults_follow_llama_server():
+    req = parse_chat({"messages": [{"role": "user", "content": "hi"}]}, CTX)
+    s = req.sampling
+    assert (s.temperature, s.top_k, s.top_p, s.min_p, s.repeat_penalty) == (0.8, 40, 0.95, 0.05, 1.0)
+    assert req.max_tokens is None and req.stop == [] and not req.stream
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"n": 2}, "n"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"temperature": True}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_k": 1.5}, "top_k"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 10**9}, "max_tokens"),
+    ({"stop": ["a", 3]}, "stop"),
+    ({"stream": "yes"}, "stream"),
+    ({"logprobs": True}, "logprobs"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
+])
+def test_chat_refusals_name_the_field(body, param):
+    body = {"messages": [{"role": "user", "content": "hi"}], **body}
+    with pytest.raises(APIError) as e:
+        parse_chat(body, CTX)
+    assert e.value.status == 400 and e.value.param == param and param in e.value.message
+
+
+def test_chat_accepts_text_parts_developer_role_and_stop_string():
+    req = parse_chat({"messages": [{"role": "developer", "content": "be brief"},
+                                   {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                {"type": "text", "text": "b"}]}],
+                      "stop": "END", "seed": 7, "temperature": 0, "frobnicate": {"x": 1}}, CTX)
+    assert req.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
+    assert req.stop == ["END"] and req.sampling.seed == 7 and req.sampling.temperature == 0
+
+
+def test_completion_prompt_forms():
+    assert parse_completion({"prompt": ["one"]}, CTX).prompt == "one"
+    for prompt, param in ((["a", "b"], "prompt"), (None, "prompt"), ([1, 2], "prompt")):
+        with pytest.raises(APIError) as e:
+            parse_completion({"prompt": prompt}, CTX)
+        assert e.value.param == param
