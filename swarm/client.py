@@ -1,0 +1,221 @@
+"""The client's side of a node: one WebSocket per remote span session, driven synchronously.
+
+Generation is synchronous (engine/session.py), so the WebSockets live on one asyncio loop in a
+background thread and each call waits for its reply with a timeout. ``RemoteSpanSession`` is a
+``SpanSession`` whose blocks run on a node; ``distributed_text_model`` builds the ``TextModel``
+that `infer --distributed` (and chat, the API) use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+import time
+
+import aiohttp
+import numpy as np
+
+from swarm import wire
+
+CONNECT_TIMEOUT = 10.0
+STEP_TIMEOUT = 30.0        # one step's reply, beyond the allowance per position below
+PER_POSITION_S = 0.5       # a prefill of T positions may take this much longer
+
+
+class NodeError(Exception):
+    """A node failed a request: it died, timed out, refused, or answered with an error."""
+
+    def __init__(self, url: str, code: str, message: str):
+        super().__init__(f"{url}: {message}")
+        self.url, self.code, self.message = url, code, message
+
+
+class _Loop:
+    """One asyncio loop in a daemon thread for every WebSocket of this process."""
+
+    _instance = None
+    _guard = threading.Lock()
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="swarm-client", daemon=True)
+        self.thread.start()
+        self.http: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def get(cls) -> "_Loop":
+        with cls._guard:
+            if cls._instance is None:
+                cls._instance = _Loop()
+            return cls._instance
+
+    def run(self, coro, timeout: float):
+        return asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, timeout), self.loop).result()
+
+    async def session(self) -> aiohttp.ClientSession:
+        if self.http is None:
+            self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT))
+        return self.http
+
+
+class NodeLink:
+    """One WebSocket to one node; request() sends a frame and returns the checked reply."""
+
+    def __init__(self, url: str, key: bytes | None = None, dim: int | None = None, max_rows: int | None = None):
+        self.url, self.key, self.dim, self.max_rows = url, key, dim, max_rows
+        self.loop = _Loop.get()
+        self.ws = None
+
+    def connect(self) -> "NodeLink":
+        async def go():
+            http = await self.loop.session()
+            limit = wire.HEADER.size + (self.max_rows or 0) * (self.dim or 0) * 4 + wire.MAC_LEN + wire.MAX_JSON
+            return await http.ws_connect(self.url, max_msg_size=limit, compress=0, autoping=True)
+
+        try:
+            self.ws = self.loop.run(go(), CONNECT_TIMEOUT)
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            raise NodeError(self.url, "unreachable", f"cannot connect ({type(e).__name__}: {e})") from None
+        return self
+
+    def request(self, frame: wire.Frame, timeout: float) -> wire.Frame:
+        data = wire.encode(frame, self.key)
+
+        async def go():
+            await self.ws.send_bytes(data)
+            msg = await self.ws.receive()
+            if msg.type != aiohttp.WSMsgType.BINARY:
+                raise NodeError(self.url, "died", f"connection closed ({msg.type.name.lower()})")
+            return msg.data
+
+        if self.ws is None or self.ws.closed:
+            raise NodeError(self.url, "died", "connection closed")
+        try:
+            raw = self.loop.run(go(), timeout)
+        except asyncio.TimeoutError:
+            self.abort()
+            raise NodeError(self.url, "timeout", f"no reply within {timeout:.0f} s") from None
+        except (aiohttp.ClientError, OSError, ConnectionError) as e:
+            raise NodeError(self.url, "died", f"connection lost ({type(e).__name__})") from None
+        try:
+            reply = wire.decode(raw, self.key, self.dim, self.max_rows)
+        except wire.WireError as e:
+            raise NodeError(self.url, "bad_reply", f"unusable reply: {e}") from None
+        if reply.type == wire.ERROR:
+            body = reply.body or {}
+            code = str(body.get("code", "error"))
+            message = str(body.get("message", "error"))
+            if code == "auth":
+                message = f"refused: {message} (see --swarm-key)"
+            raise NodeError(self.url, code, message)
+        if reply.session != frame.session:
+            raise NodeError(self.url, "bad_reply", "the reply names another session")
+        return reply
+
+    def abort(self) -> None:
+        if self.ws is not None and not self.ws.closed:
+            try:
+                self.loop.run(self.ws.close(), 5)
+            except Exception:  # closing a connection that is already gone
+                pass
+
+
+def query_info(url: str, key: bytes | None = None, timeout: float = CONNECT_TIMEOUT) -> tuple[dict, float]:
+    """A node's INFO and the round trip in ms (the best of three small requests)."""
+    link = NodeLink(url, key).connect()
+    try:
+        best, info = float("inf"), {}
+        for _ in range(3):
+            t0 = time.perf_counter()
+            info = link.request(wire.Frame(wire.INFO_REQ, secrets.token_bytes(16)), timeout).body or {}
+            best = min(best, (time.perf_counter() - t0) * 1000)
+        return info, best
+    finally:
+        link.abort()
+
+
+class RemoteSpanSession:
+    """A ``SpanSession`` for blocks first..last run by one node, over its own WebSocket."""
+
+    def __init__(self, url: str, first_layer: int, last_layer: int, capacity: int, dim: int,
+                 key: bytes | None = None, dtype: str = "float32"):
+        self.url, self.first_layer, self.last_layer = url, first_layer, last_layer
+        self._capacity, self.dim, self.dtype = capacity, dim, wire.DTYPE_CODES[dtype]
+        self.sid = secrets.token_bytes(16)
+        self._position = 0
+        self.link = NodeLink(url, key, dim, capacity).connect()
+        self.node_s = 0.0       # node compute, decode steps only
+        self.round_s = 0.0      # round trips seen by this client, decode steps only
+        self.steps = 0          # decode steps
+        self.closed = False
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def forward(self, hidden: np.ndarray) -> np.ndarray:
+        # hidden: (T, dim) -> (T, dim)
+        T = hidden.shape[0]
+        frame = wire.Frame(wire.FORWARD, self.sid, self._position, hidden, first_block=self.first_layer,
+                           last_block=self.last_layer, dtype=self.dtype)
+        t0 = time.perf_counter()
+        reply = self.link.request(frame, STEP_TIMEOUT + PER_POSITION_S * T)
+        elapsed = time.perf_counter() - t0
+        if reply.type != wire.RESULT or reply.array.shape != (T, self.dim) or reply.position != self._position:
+            raise NodeError(self.url, "bad_reply", "the reply does not answer this step")
+        if T == 1:
+            self.steps += 1
+            self.node_s += reply.elapsed_us / 1e6
+            self.round_s += elapsed
+        self._position += T
+        return reply.array.astype(np.float32)
+
+    def rewind(self, position: int) -> None:
+        if not 0 <= position <= self._position:
+            raise ValueError(f"cannot rewind a span session at {self._position} to {position}")
+        self._position = position  # the node rewinds when the next FORWARD names this position
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.link.request(wire.Frame(wire.CLOSE, self.sid), 5)
+        except NodeError:
+            pass  # a node that is gone has dropped the session already
+        self.link.abort()
+
+
+def distributed_text_model(loader, nodes: list[str] | None = None, key: bytes | None = None, find=None,
+                           kernels: str = "numba", template: str | None = None, dtype: str = "float32"):
+    """A ``generation.TextModel`` whose sessions run every block on the swarm's nodes.
+
+    Only the edges (embedding, output norm and head) and the tokenizer are loaded here. Nodes come
+    from ``nodes`` (WebSocket URLs) and/or ``find`` (a callable returning URLs: the DHT lookup).
+    ``timings(text_model)`` reports the route, failovers and per-node times afterwards.
+    """
+    from engine.model import LlamaModel
+    from engine.tokenizer import Tokenizer
+    from generation.textmodel import TextModel
+    from swarm import manifest_sha
+    from swarm.route import Directory, Swarm
+
+    sha = manifest_sha(loader)
+    edges = LlamaModel(loader, backend=kernels, edges_only=True)
+    swarm = Swarm(edges, Directory(sha, nodes, find, key), key, dtype)
+    model = {k: v for k, v in loader.manifest.model.items() if v is not None}
+    info = {**model, "source": loader.where, "sha256": loader.manifest.source.get("sha256"),
+            "manifest": sha, "distributed": True}
+    return TextModel(name=model.get("name") or loader.manifest.source.get("name") or "model",
+                     tokenizer=Tokenizer(loader.metadata, loader.where), context_length=edges.config.context_length,
+                     open_session=swarm.open_session, info=info, template=template)
+
+
+def timings(text_model) -> dict:
+    """route, failovers, node_ms, hop_overhead_ms of a distributed text model's sessions so far."""
+    return text_model.open_session.__self__.timings()

@@ -1,0 +1,147 @@
+"""A node's session caches, within limits: how many sessions, how many positions each, how many
+bytes in all, how long idle.
+
+Each session's KV cache starts small and doubles as the session grows (never past the
+per-session limit), so a node's memory follows what its sessions hold rather than what they
+might hold. Every allocation is checked against the budget first; a request that does not fit is
+refused with a ``NodeFull`` or ``TooLong`` error the client can route around.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from engine.kv_cache import KVCache
+
+MIN_POSITIONS = 64  # a new cache's size: a short prompt and some tokens without regrowing
+
+
+@dataclass
+class Limits:
+    max_sessions: int = 16
+    max_positions: int = 4096          # per session
+    max_cache_bytes: int = 1 << 30     # all sessions' KV caches together
+    idle_s: float = 600.0              # a session unused this long is closed
+
+
+class LimitError(Exception):
+    code = "full"
+
+
+class NodeFull(LimitError):
+    code = "full"
+
+
+class TooLong(LimitError):
+    code = "too_long"
+
+
+@dataclass
+class NodeSession:
+    sid: bytes
+    owner: object                      # the connection that opened it
+    first_block: int
+    last_block: int
+    cache: KVCache
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def position(self) -> int:
+        return self.cache.length
+
+
+class SessionCache:
+    """The sessions of one node, for a model with these KV heads and head size."""
+
+    def __init__(self, limits: Limits, n_kv_heads: int, head_dim: int):
+        self.limits = limits
+        self.kv_shape = (n_kv_heads, head_dim)
+        self.position_bytes = 2 * n_kv_heads * head_dim * 4  # K and V, float32
+        self.sessions: dict[bytes, NodeSession] = {}
+
+    # -- accounting -------------------------------------------------------------------------------
+    @property
+    def used_bytes(self) -> int:
+        return sum(s.cache.nbytes for s in self.sessions.values())
+
+    @property
+    def free_bytes(self) -> int:
+        return max(self.limits.max_cache_bytes - self.used_bytes, 0)
+
+    @property
+    def free_sessions(self) -> int:
+        return max(self.limits.max_sessions - len(self.sessions), 0)
+
+    def _bytes(self, n_blocks: int, positions: int) -> int:
+        return n_blocks * positions * self.position_bytes
+
+    # -- life cycle -------------------------------------------------------------------------------
+    def open(self, sid: bytes, owner, first_block: int, last_block: int, positions: int) -> NodeSession:
+        """A new session able to hold ``positions`` (checked against every limit)."""
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise NodeFull(f"node full: {len(self.sessions)} sessions open, the maximum (--max-sessions)")
+        self._check_length(positions)
+        n_blocks = last_block - first_block + 1
+        size = self._initial(positions)
+        if self._bytes(n_blocks, size) > self.free_bytes:
+            size = positions  # without the head room, if the exact need fits
+        self._check_budget(self._bytes(n_blocks, size))
+        session = NodeSession(sid, owner, first_block, last_block, KVCache(n_blocks, size, *self.kv_shape))
+        self.sessions[sid] = session
+        return session
+
+    def reserve(self, session: NodeSession, positions: int) -> None:
+        """Make ``session`` able to hold ``positions``, growing its cache within the limits."""
+        if positions <= session.cache.capacity:
+            return
+        self._check_length(positions)
+        n_blocks = session.last_block - session.first_block + 1
+        size = min(max(positions, 2 * session.cache.capacity), self.limits.max_positions)
+        extra = lambda n: self._bytes(n_blocks, n) - session.cache.nbytes  # noqa: E731
+        if extra(size) > self.free_bytes:
+            size = positions
+        self._check_budget(extra(size))
+        session.cache = grown(session.cache, size)
+
+    def close(self, sid: bytes) -> bool:
+        return self.sessions.pop(sid, None) is not None
+
+    def close_owned_by(self, owner) -> int:
+        gone = [sid for sid, s in self.sessions.items() if s.owner is owner]
+        for sid in gone:
+            del self.sessions[sid]
+        return len(gone)
+
+    def expire(self, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        idle = [sid for sid, s in self.sessions.items() if now - s.last_used > self.limits.idle_s]
+        for sid in idle:
+            del self.sessions[sid]
+        return len(idle)
+
+    # -- checks -----------------------------------------------------------------------------------
+    def _initial(self, positions: int) -> int:
+        return min(max(positions, MIN_POSITIONS), self.limits.max_positions)
+
+    def _check_length(self, positions: int) -> None:
+        if positions > self.limits.max_positions:
+            raise TooLong(f"{positions} positions exceed this node's limit of {self.limits.max_positions} "
+                          f"per session")
+
+    def _check_budget(self, extra: int) -> None:
+        if extra > self.free_bytes:
+            raise NodeFull(f"node full: the KV cache budget has {self.free_bytes / 2**20:.1f} MiB free, "
+                           f"{extra / 2**20:.1f} MiB needed (--max-cache-mb)")
+
+
+def grown(cache: KVCache, positions: int) -> KVCache:
+    """A copy of ``cache`` with room for ``positions``; the filled positions are kept."""
+    n_layers, _, n_kv, head_dim = cache.k.shape
+    new = KVCache(n_layers, positions, n_kv, head_dim, dtype=cache.k.dtype)
+    n = cache.length
+    new.k[:, :n] = cache.k[:, :n]
+    new.v[:, :n] = cache.v[:, :n]
+    new.length = n
+    return new
+

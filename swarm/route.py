@@ -1,0 +1,265 @@
+"""The sequence manager: find the nodes, choose a route over blocks 0..L-1, fail over with replay.
+
+A route is a list of *segments*, each a contiguous run of blocks with its own replay history:
+every hidden-state chunk fed to the segment's first block in this session, in order. When a
+node of a segment dies, times out or errors, the segment asks the directory again (a node that
+joined since may take over), plans a new chain for exactly its blocks (one node or several, any
+sub-span of a node's span), replays the history in the same chunks as the original steps, so
+the new caches are bit for bit the old ones, and retries the step. Retries are bounded.
+
+Planning is a shortest path over block boundaries: a hop running blocks a..e on node n costs
+n's round trip plus its measured ms per block times the blocks; nodes with no free session,
+excluded after failing, or serving another model, are skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.errors import UserError
+from swarm.client import NodeError, RemoteSpanSession, query_info
+
+MAX_FAILOVERS = 4      # per step: then the error is the user's to see
+RETRYABLE_SAME_NODE = {"unknown_session"}  # the node is fine, it only lost (expired) our session
+
+
+@dataclass
+class NodeInfo:
+    url: str
+    first: int
+    last: int
+    ms_per_token: float
+    free_sessions: int
+    max_positions: int
+    rtt_ms: float
+    peer: str = ""
+
+    @property
+    def per_block_ms(self) -> float:
+        return self.ms_per_token / (self.last - self.first + 1)
+
+
+class NoRoute(UserError):
+    pass
+
+
+def block_ranges(blocks: list[int]) -> str:
+    """[10, 11, 12, 20] -> '10-12, 20'."""
+    out, start = [], None
+    for i, b in enumerate(blocks):
+        if start is None:
+            start = b
+        if i + 1 == len(blocks) or blocks[i + 1] != b + 1:
+            out.append(f"{start}-{b}" if b != start else f"{b}")
+            start = None
+    return ", ".join(out)
+
+
+class Directory:
+    """The nodes serving one model: from explicit WebSocket URLs, or from a ``find`` callable
+    (the DHT lookup) returning URLs; each is asked for its INFO, which also measures its latency."""
+
+    def __init__(self, manifest_sha: str, urls: list[str] | None = None, find=None, key: bytes | None = None):
+        self.manifest_sha, self.urls, self.find, self.key = manifest_sha, list(urls or []), find, key
+        self.problems: dict[str, str] = {}  # url -> why it is not usable, for the no-route error
+
+    def candidates(self) -> list[str]:
+        found = list(self.find()) if self.find else []
+        return list(dict.fromkeys(self.urls + found))
+
+    def nodes(self) -> list[NodeInfo]:
+        nodes = []
+        for url in self.candidates():
+            try:
+                info, rtt = query_info(url, self.key)
+            except NodeError as e:
+                self.problems[url] = e.message
+                continue
+            if info.get("manifest") != self.manifest_sha:
+                self.problems[url] = f"serves another model ({str(info.get('manifest'))[:16]}...)"
+                continue
+            nodes.append(NodeInfo(url, int(info["first_block"]), int(info["last_block"]),
+                                  float(info["ms_per_token"]), int(info["free_sessions"]),
+                                  int(info["max_positions"]), rtt))
+        return nodes
+
+
+def plan(nodes: list[NodeInfo], first: int, last: int, exclude=frozenset(), positions: int = 1) -> list[tuple]:
+    """The cheapest chain of (node, a, b) hops running blocks first..last in order."""
+    usable = [n for n in nodes if n.url not in exclude and n.free_sessions > 0]
+    roomy = [n for n in usable if n.max_positions >= positions]
+    for pool in (roomy, usable):  # prefer nodes that can hold the whole session
+        best = _shortest(pool, first, last)
+        if best is not None:
+            return best
+    missing = [b for b in range(first, last + 1) if not any(n.first <= b <= n.last for n in usable)]
+    raise NoRoute(f"no node serves blocks {block_ranges(missing)}")
+
+
+def _shortest(nodes: list[NodeInfo], first: int, last: int) -> list[tuple] | None:
+    best: dict[int, tuple[float, list]] = {last + 1: (0.0, [])}
+    for a in range(last, first - 1, -1):
+        options = []
+        for n in nodes:
+            if not n.first <= a <= n.last:
+                continue
+            for e in range(a, min(n.last, last) + 1):
+                if e + 1 in best:
+                    cost, rest = best[e + 1]
+                    options.append((n.rtt_ms + n.per_block_ms * (e - a + 1) + cost, len(rest), n.url,
+                                    [(n, a, e)] + rest))
+        if options:
+            cost, _, _, hops = min(options, key=lambda o: o[:3])
+            best[a] = (cost, hops)
+    return best[first][1] if first in best else None
+
+
+class Segment:
+    """A ``SpanSession`` for blocks first..last on one or more nodes, with replay on failure."""
+
+    def __init__(self, swarm, first: int, last: int, capacity: int, spans: list):
+        self.swarm, self.first_layer, self.last_layer = swarm, first, last
+        self._capacity = capacity
+        self.spans = spans
+        self.taken = self.describe()       # the chain in use (kept after close, for the report)
+        self.history: list[np.ndarray] = []  # inputs to block ``first``, chunk by chunk, from position 0
+        self._position = 0
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def forward(self, hidden: np.ndarray) -> np.ndarray:
+        # hidden: (T, dim) -> (T, dim)
+        hidden = np.ascontiguousarray(hidden, dtype=np.float32)
+        lost = None
+        for attempt in range(MAX_FAILOVERS + 1):
+            try:
+                if lost is not None:
+                    self._rebuild(lost)
+                out = self._through(hidden)
+                break
+            except NodeError as e:
+                if attempt == MAX_FAILOVERS:
+                    raise UserError(f"blocks {self.first_layer}-{self.last_layer}: gave up after "
+                                    f"{MAX_FAILOVERS} failovers (last: {e})") from None
+                self.swarm.failed(e)
+                lost = e
+        self.history.append(hidden)
+        self._position += hidden.shape[0]
+        return out
+
+    def _through(self, x: np.ndarray) -> np.ndarray:
+        for span in self.spans:
+            x = span.forward(x)
+        return x
+
+    def _rebuild(self, lost: NodeError) -> None:
+        """A new chain for this segment's blocks, its caches rebuilt by replaying the history."""
+        for span in self.spans:
+            span.close()
+        self.spans = []
+        try:
+            self.spans = self.swarm.open_chain(self.first_layer, self.last_layer, self._capacity)
+        except NoRoute as e:
+            raise NoRoute(f"{e} (lost {lost.url}: {lost.message})") from None
+        self.taken = self.describe()
+        for chunk in self.history:  # the same chunks as the original steps: the same cache, bit for bit
+            self._through(chunk)
+
+    def rewind(self, position: int) -> None:
+        if not 0 <= position <= self._position:
+            raise ValueError(f"cannot rewind blocks {self.first_layer}-{self.last_layer} at "
+                             f"{self._position} to {position}")
+        kept, at = [], 0
+        for chunk in self.history:
+            if at + len(chunk) <= position:
+                kept.append(chunk)
+            elif at < position:
+                kept.append(chunk[:position - at])
+            at += len(chunk)
+        self.history, self._position = kept, position
+        for span in self.spans:
+            span.rewind(position)
+
+    def close(self) -> None:
+        for span in self.spans:
+            span.close()
+        self.spans = []
+
+    def describe(self) -> list[dict]:
+        return [{"blocks": f"{s.first_layer}-{s.last_layer}", "node": s.url} for s in self.spans]
+
+
+class Swarm:
+    """Opens routed sessions over the nodes a ``Directory`` knows; keeps the timings and failovers."""
+
+    def __init__(self, edges, directory: Directory, key: bytes | None = None, dtype: str = "float32"):
+        self.edges, self.directory, self.key, self.dtype = edges, directory, key, dtype
+        self.n_layers, self.dim = edges.config.n_layers, edges.config.dim
+        self.failovers = 0
+        self.excluded: set[str] = set()
+        self.opened: list[RemoteSpanSession] = []
+        self.last_segments: list[Segment] = []
+
+    def failed(self, error: NodeError) -> None:
+        self.failovers += 1
+        if error.code not in RETRYABLE_SAME_NODE:
+            self.excluded.add(error.url)
+
+    def open_chain(self, first: int, last: int, capacity: int) -> list[RemoteSpanSession]:
+        """Remote span sessions covering first..last, chosen from a fresh look at the directory."""
+        for _ in range(MAX_FAILOVERS + 1):
+            nodes = self.directory.nodes()
+            try:
+                hops = plan(nodes, first, last, self.excluded, capacity)
+            except NoRoute as e:
+                raise NoRoute(str(e) + self._problems()) from None
+            try:
+                return self._connect(hops, capacity)
+            except NodeError as e:
+                self.excluded.add(e.url)
+                self.directory.problems[e.url] = e.message
+        raise NoRoute(f"no reachable nodes for blocks {first}-{last}" + self._problems())
+
+    def _connect(self, hops, capacity: int) -> list[RemoteSpanSession]:
+        spans = []
+        try:
+            for node, a, b in hops:
+                spans.append(RemoteSpanSession(node.url, a, b, min(capacity, node.max_positions), self.dim,
+                                               self.key, self.dtype))
+        except NodeError:
+            for s in spans:
+                s.close()
+            raise
+        self.opened += spans
+        return spans
+
+    def _problems(self) -> str:
+        seen = {u: m for u, m in self.directory.problems.items()}
+        return "".join(f"; {u}: {m}" for u, m in seen.items())
+
+    def open_session(self, max_positions: int | None = None):
+        from engine.session import RoutedSession
+
+        capacity = min(max_positions or self.edges.config.context_length, self.edges.config.context_length)
+        chain = self.open_chain(0, self.n_layers - 1, capacity)
+        self.last_segments = [Segment(self, s.first_layer, s.last_layer, s.capacity, [s]) for s in chain]
+        return RoutedSession(self.edges, self.last_segments)
+
+    def timings(self) -> dict:
+        """route, failovers, node_ms (per node, ms per decode token) and hop_overhead_ms."""
+        node_ms, overhead = {}, []
+        for s in self.opened:
+            if s.steps:
+                node_ms[f"{s.url} ({s.first_layer}-{s.last_layer})"] = round(s.node_s * 1000 / s.steps, 3)
+                overhead.append((s.round_s - s.node_s) * 1000 / s.steps)
+        route = [hop for seg in self.last_segments for hop in seg.taken]
+        return {"route": route, "failovers": self.failovers, "node_ms": node_ms,
+                "hop_overhead_ms": round(sum(overhead) / len(overhead), 3) if overhead else None}

@@ -1,0 +1,259 @@
+"""A node: runs a span of blocks for many sessions, over one aiohttp WebSocket per client session.
+
+    client --FORWARD(session, position, blocks a..b, hidden (T, dim))--> node
+    client <--RESULT(session, position, hidden (T, dim), compute time)-- node
+
+Each session has its own KV cache here (swarm/memory.py), created by its first FORWARD at
+position 0, rewound by a FORWARD at an earlier position, dropped by CLOSE, by idle expiry, or when
+the connection that opened it closes. A FORWARD may ask for any sub-span a..b of the node's
+blocks, so a node holding 10-29 can stand in for a lost node that held 10-19. Every frame is
+checked (swarm/wire.py) before anything is allocated; a bad one gets an ERROR reply and the
+connection, like every other, goes on being served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from aiohttp import WSMsgType, web
+
+from swarm import wire
+from swarm.memory import LimitError, Limits, SessionCache
+
+WS_PATH = "/swarm"
+# One forward pass at a time per process: the numba kernels use every core already, and their
+# thread pool must not be entered from two threads at once (several in-process nodes in tests).
+COMPUTE_LOCK = threading.Lock()
+
+
+def span_view(model, first: int, last: int):
+    """``model`` restricted to blocks first..last (a sub-span of its own), sharing its weights."""
+    if (first, last) == (model.first_layer, model.last_layer):
+        return model
+    i, j = first - model.first_layer, last - model.first_layer + 1
+    view = copy.copy(model)
+    view.blocks = model.blocks[i:j]
+    view.first_layer, view.last_layer = first, last
+    if model.decoder is not None:  # the stacked weights sliced by layer: views, not copies
+        d = view.decoder = copy.copy(model.decoder)
+        for name in ("qkv", "o", "gu", "down"):
+            setattr(d, name, tuple(a[i:j] for a in getattr(model.decoder, name)))
+        d.attn_norm, d.ffn_norm = model.decoder.attn_norm[i:j], model.decoder.ffn_norm[i:j]
+    return view
+
+
+class NodeService:
+    """The node's state and its answer to each frame; transport-free so it can be tested alone."""
+
+    def __init__(self, model, manifest_sha: str, limits: Limits | None = None, key: bytes | None = None):
+        cfg = model.config
+        self.model, self.manifest_sha, self.key = model, manifest_sha, key
+        self.limits = limits or Limits()
+        self.limits.max_positions = min(self.limits.max_positions, cfg.context_length)
+        self.dim = cfg.dim
+        self.cache = SessionCache(self.limits, cfg.n_kv_heads, cfg.head_dim)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="node-compute")
+        self.views: dict[tuple[int, int], object] = {}
+        self.ms_per_token = self.measure()
+        self.served = 0
+
+    @property
+    def max_message(self) -> int:
+        return wire.HEADER.size + self.limits.max_positions * self.dim * 4 + wire.MAC_LEN
+
+    def info(self) -> dict:
+        cfg = self.model.config
+        return {"manifest": self.manifest_sha, "first_block": self.model.first_layer,
+                "last_block": self.model.last_layer, "n_layers": cfg.n_layers, "dim": cfg.dim,
+                "max_sessions": self.limits.max_sessions, "free_sessions": self.cache.free_sessions,
+                "max_positions": self.limits.max_positions,
+                "free_cache_mb": round(self.cache.free_bytes / 2**20, 1),
+                "ms_per_token": round(self.ms_per_token, 3), "private": self.key is not None,
+                "version": wire.VERSION}
+
+    def measure(self, steps: int = 4) -> float:
+        """ms per decode token over the whole span (also compiles and warms the kernels)."""
+        cache = self.model.new_cache(steps + 1)
+        x = np.zeros((1, self.dim), np.float32) + 0.01
+        times = []
+        with COMPUTE_LOCK:
+            for pos in range(steps + 1):
+                t0 = time.perf_counter()
+                self.model.forward_layers(x, cache, pos)
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:]) * 1000
+
+    def view(self, first: int, last: int):
+        if (first, last) not in self.views:
+            self.views[(first, last)] = span_view(self.model, first, last)
+        return self.views[(first, last)]
+
+    # -- one frame in, one frame out ----------------------------------------------------------------
+    async def handle(self, data, conn) -> bytes:
+        session = bytes(data[8:24]) if isinstance(data, (bytes, bytearray)) and len(data) >= 24 else bytes(16)
+        try:
+            frame = wire.decode(data, self.key, self.dim, self.limits.max_positions)
+            reply = await self.dispatch(frame, conn)
+        except wire.WireError as e:
+            reply = wire.error_frame(session, e.code, str(e))
+        except LimitError as e:
+            reply = wire.error_frame(session, e.code, str(e))
+        except Exception as e:  # a bug must not take the node down for everyone
+            reply = wire.error_frame(session, "internal", f"{type(e).__name__}: {e}")
+        return wire.encode(reply, self.key)
+
+    async def dispatch(self, frame: wire.Frame, conn) -> wire.Frame:
+        if frame.type == wire.INFO_REQ:
+            return wire.Frame(wire.INFO, frame.session, body=self.info())
+        if frame.type == wire.CLOSE:
+            owned = self.cache.sessions.get(frame.session)
+            if owned is not None and owned.owner is conn:
+                self.cache.close(frame.session)
+            return wire.Frame(wire.CLOSED, frame.session)
+        if frame.type == wire.FORWARD:
+            return await self.forward(frame, conn)
+        raise wire.WireError("bad_frame", f"a node does not take {wire.TYPE_NAMES[frame.type]} frames")
+
+    async def forward(self, frame: wire.Frame, conn) -> wire.Frame:
+        first, last, T = frame.first_block, frame.last_block, frame.array.shape[0]
+        if not self.model.first_layer <= first <= last <= self.model.last_layer:
+            raise wire.WireError("span", f"blocks {first}-{last} asked; this node serves "
+                                         f"{self.model.first_layer}-{self.model.last_layer}")
+        session = self._session(frame, conn)
+        self.cache.reserve(session, frame.position + T)
+        session.cache.truncate(frame.position)  # a FORWARD at an earlier position rewinds
+        x = frame.array.astype(np.float32)      # (T, dim), a copy we own
+        y, seconds = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self._compute, session, x, frame.position)
+        session.last_used = time.monotonic()
+        if T == 1:
+            per_block = seconds * 1000 / (last - first + 1)
+            n = self.model.last_layer - self.model.first_layer + 1
+            self.ms_per_token = 0.9 * self.ms_per_token + 0.1 * per_block * n
+        self.served += T
+        return wire.Frame(wire.RESULT, frame.session, frame.position, y, first_block=first, last_block=last,
+                          elapsed_us=min(int(seconds * 1e6), 2**32 - 1), dtype=frame.dtype)
+
+    def _session(self, frame: wire.Frame, conn):
+        sid = frame.session
+        if sid == bytes(16):
+            raise wire.WireError("wrong_session", "session id 0 is reserved: choose 128 random bits")
+        session = self.cache.sessions.get(sid)
+        if session is None:
+            if frame.position != 0:
+                raise wire.WireError("unknown_session", f"session {sid.hex()} is not open here (closed or "
+                                                        f"expired); replay it from position 0")
+            return self.cache.open(sid, conn, frame.first_block, frame.last_block, frame.array.shape[0])
+        if session.owner is not conn:
+            raise wire.WireError("wrong_session", f"session {sid.hex()} belongs to another connection")
+        if (session.first_block, session.last_block) != (frame.first_block, frame.last_block):
+            raise wire.WireError("wrong_session", f"session {sid.hex()} runs blocks {session.first_block}-"
+                                                  f"{session.last_block}, not {frame.first_block}-{frame.last_block}")
+        if frame.position > session.position:
+            raise wire.WireError("position", f"position {frame.position} asked; session {sid.hex()} holds "
+                                             f"{session.position} positions")
+        return session
+
+    def _compute(self, session, x: np.ndarray, position: int):
+        view = self.view(session.first_block, session.last_block)
+        with COMPUTE_LOCK:
+            t0 = time.perf_counter()
+            try:
+                y = view.forward_layers(x, session.cache, position)
+            except BaseException:
+                session.cache.length = position  # nothing of this step is kept
+                raise
+            return y, time.perf_counter() - t0
+
+
+def make_app(service: NodeService, extra_routes=None) -> web.Application:
+    """The node's aiohttp application: the WebSocket at /swarm (plus any fragment routes)."""
+    connections: set[web.WebSocketResponse] = set()
+
+    async def swarm(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=service.max_message + 4096, compress=False)
+        await ws.prepare(request)
+        connections.add(ws)
+        conn = object()  # the owner of the sessions this connection opens
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.BINARY:
+                    await ws.send_bytes(await service.handle(msg.data, conn))
+                elif msg.type == WSMsgType.TEXT:
+                    await ws.send_bytes(wire.encode(wire.error_frame(bytes(16), "bad_frame",
+                                                                     "a frame is binary, not text"), service.key))
+                else:  # ERROR, CLOSE: the connection is over
+                    break
+        finally:
+            connections.discard(ws)
+            service.cache.close_owned_by(conn)
+        return ws
+
+    async def expire_idle(app):
+        async def loop():
+            while True:
+                await asyncio.sleep(min(service.limits.idle_s / 2, 5.0))
+                service.cache.expire()
+
+        task = asyncio.ensure_future(loop())
+        yield
+        task.cancel()
+
+    async def close_connections(app):
+        for ws in list(connections):
+            await ws.close(code=1001, message=b"node stopping")
+
+    app = web.Application()
+    app.router.add_get(WS_PATH, swarm)
+    for method, path, handler in extra_routes or []:
+        app.router.add_route(method, path, handler)
+    app.cleanup_ctx.append(expire_idle)
+    app.on_shutdown.append(close_connections)
+    return app
+
+
+class NodeThread:
+    """A node serving on 127.0.0.1 from a background thread (tests, benchmarks)."""
+
+    def __init__(self, service: NodeService, host: str = "127.0.0.1", port: int = 0):
+        from distribution.server import start
+
+        self.service = service
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        async def begin():
+            self.runner, self.port = await start(make_app(service), host, port)
+            ready.set()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(begin())
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, name="swarm-node", daemon=True)
+        self.thread.start()
+        if not ready.wait(30):
+            raise RuntimeError("the node did not start within 30 s")
+        self.url = f"ws://{host}:{self.port}{WS_PATH}"
+
+    def stop(self) -> None:
+        """Close every connection and stop listening (what a client sees when a node dies)."""
+        if not self.thread.is_alive():
+            return
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+        self.service.executor.shutdown(wait=False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,184 @@
+"""The swarm's one binary framing (docs/wire.md): a fixed header, a body, an optional HMAC.
+
+    offset size  field
+    0      4     magic        b"GFSW"
+    4      1     version      1
+    5      1     type         INFO_REQ, INFO, FORWARD, RESULT, CLOSE, CLOSED, ERROR
+    6      1     dtype        0 none (body is UTF-8 JSON or empty), 1 float32, 2 float16
+    7      1     flags        bit 0: a 32-byte HMAC-SHA256 follows the body
+    8      16    session      the session id, 128 bits the client chose at random
+    24     4     position     first position of the rows (FORWARD, RESULT)
+    28     4     rows         T                      } the array's shape (T, dim);
+    32     4     cols         dim                    } 0, 0 for a JSON body
+    36     2     first_block  } blocks to run (FORWARD), a sub-span of the node's span
+    38     2     last_block   }
+    40     4     elapsed_us   the node's compute time for this reply (RESULT)
+    44     4     body_len     bytes of body; for arrays exactly rows * cols * itemsize
+    48     ...   body, then the MAC over header + body when flags bit 0 is set
+
+All integers little-endian. Nothing is evaluated or unpickled: JSON bodies go through json.loads,
+arrays through np.frombuffer after every size has been checked against the caller's limits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+MAGIC = b"GFSW"
+VERSION = 1
+HEADER = struct.Struct("<4sBBBB16sIIIHHII")
+MAC_LEN = 32
+MAX_JSON = 64 * 1024  # a JSON body (info, error) is never larger
+
+INFO_REQ, INFO, FORWARD, RESULT, CLOSE, CLOSED, ERROR = range(1, 8)
+TYPE_NAMES = {INFO_REQ: "INFO_REQ", INFO: "INFO", FORWARD: "FORWARD", RESULT: "RESULT", CLOSE: "CLOSE",
+              CLOSED: "CLOSED", ERROR: "ERROR"}
+ARRAY_TYPES = {FORWARD, RESULT}
+
+NONE, F32, F16 = 0, 1, 2
+DTYPES = {F32: np.dtype("<f4"), F16: np.dtype("<f2")}
+DTYPE_CODES = {"float32": F32, "float16": F16}
+
+FLAG_MAC = 1
+
+
+class WireError(Exception):
+    """A frame that cannot be accepted; ``code`` says why (for the error reply)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Frame:
+    type: int
+    session: bytes = bytes(16)
+    position: int = 0
+    array: np.ndarray | None = None   # (T, dim) for FORWARD / RESULT
+    body: dict | None = None          # JSON for INFO / ERROR
+    first_block: int = 0
+    last_block: int = 0
+    elapsed_us: int = 0
+    dtype: int = F32                  # the wire dtype of ``array``
+
+
+def mac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def encode(frame: Frame, key: bytes | None = None) -> bytes:
+    """A frame as bytes: header, body, and the HMAC when a swarm key is given."""
+    if frame.type in ARRAY_TYPES:
+        if frame.dtype not in DTYPES:
+            raise ValueError(f"unknown wire dtype {frame.dtype}")
+        array = np.ascontiguousarray(frame.array, dtype=DTYPES[frame.dtype])
+        if array.ndim != 2:
+            raise ValueError(f"an activation array is (T, dim), not {array.shape}")
+        body, dtype, (rows, cols) = array.tobytes(), frame.dtype, array.shape
+    else:
+        body = json.dumps(frame.body, separators=(",", ":")).encode() if frame.body is not None else b""
+        dtype, rows, cols = NONE, 0, 0
+    header = HEADER.pack(MAGIC, VERSION, frame.type, dtype, FLAG_MAC if key else 0, frame.session,
+                         frame.position, rows, cols, frame.first_block, frame.last_block, frame.elapsed_us, len(body))
+    data = header + body
+    return data + mac(key, data) if key else data
+
+
+def decode(data: bytes, key: bytes | None = None, dim: int | None = None, max_rows: int | None = None) -> Frame:
+    """Parse and check a frame; raise WireError for anything malformed, unauthenticated or too big.
+
+    ``dim`` and ``max_rows`` are the receiver's limits: an array frame must be (T, dim) with
+    T <= max_rows. All sizes are checked before the body is looked at; the array is a read-only
+    view of ``data`` (no copy).
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError("bad_frame", "a frame is binary, not text")
+    data = bytes(data)
+    if len(data) < HEADER.size:
+        raise WireError("bad_frame", f"truncated frame: {len(data)} bytes, the header alone is {HEADER.size}")
+    (magic, version, ftype, dtype, flags, session, position, rows, cols, first, last, elapsed,
+     body_len) = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise WireError("bad_frame", "not a swarm frame (bad magic)")
+    if version != VERSION:
+        raise WireError("bad_frame", f"protocol version {version}; this peer speaks version {VERSION}")
+    if ftype not in TYPE_NAMES:
+        raise WireError("bad_frame", f"unknown message type {ftype}")
+    if flags & ~FLAG_MAC:
+        raise WireError("bad_frame", f"unknown flags {flags:#x}")
+    has_mac = bool(flags & FLAG_MAC)
+    expected = HEADER.size + body_len + (MAC_LEN if has_mac else 0)
+    if len(data) != expected:
+        kind = "truncated" if len(data) < expected else "oversized"
+        raise WireError("bad_frame", f"{kind} frame: {len(data)} bytes, the header says {expected}")
+    if key is not None:
+        if not has_mac:
+            raise WireError("auth", "this swarm is private: frames must carry the swarm key's HMAC")
+        if not hmac.compare_digest(data[-MAC_LEN:], mac(key, data[:-MAC_LEN])):
+            raise WireError("auth", "HMAC mismatch: the frame was not made with this swarm's key")
+    body = data[HEADER.size:HEADER.size + body_len]
+    frame = Frame(ftype, session, position, first_block=first, last_block=last, elapsed_us=elapsed, dtype=dtype)
+    if ftype in ARRAY_TYPES:
+        frame.array = _array(dtype, rows, cols, body, dim, max_rows)
+    else:
+        if dtype != NONE or rows or cols:
+            raise WireError("bad_frame", f"a {TYPE_NAMES[ftype]} frame carries no array")
+        frame.body = _json(body)
+    return frame
+
+
+def _array(dtype: int, rows: int, cols: int, body: bytes, dim: int | None, max_rows: int | None) -> np.ndarray:
+    if dtype not in DTYPES:
+        raise WireError("bad_frame", f"unknown dtype code {dtype} (1 float32, 2 float16)")
+    if rows == 0:
+        raise WireError("bad_frame", "an activation frame needs at least one row")
+    if dim is not None and cols != dim:
+        raise WireError("bad_shape", f"activation width {cols}, this model's is {dim}")
+    if max_rows is not None and rows > max_rows:
+        raise WireError("too_long", f"{rows} positions in one frame, at most {max_rows} accepted")
+    if rows * cols * DTYPES[dtype].itemsize != len(body):
+        raise WireError("bad_frame", f"body is {len(body)} bytes, shape ({rows}, {cols}) needs "
+                                     f"{rows * cols * DTYPES[dtype].itemsize}")
+    array = np.frombuffer(body, dtype=DTYPES[dtype]).reshape(rows, cols)
+    if not np.isfinite(array).all():
+        raise WireError("bad_frame", "activations hold NaN or infinity")
+    return array
+
+
+def _json(body: bytes) -> dict | None:
+    if not body:
+        return None
+    if len(body) > MAX_JSON:
+        raise WireError("bad_frame", f"JSON body of {len(body)} bytes, at most {MAX_JSON}")
+    try:
+        value = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise WireError("bad_frame", "the body is not UTF-8 JSON") from None
+    if not isinstance(value, dict):
+        raise WireError("bad_frame", "a JSON body must be an object")
+    return value
+
+
+def error_frame(session: bytes, code: str, message: str) -> Frame:
+    return Frame(ERROR, session, body={"code": code, "message": message})
+
+
+def load_key(path) -> bytes:
+    """A swarm key file: its bytes (whitespace-trimmed) are the HMAC secret; at least 16 of them."""
+    from common.errors import UserError
+
+    try:
+        with open(path, "rb") as f:
+            key = f.read().strip()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the swarm key ({e.strerror})") from None
+    if len(key) < 16:
+        raise UserError(f"{path}: a swarm key needs at least 16 bytes (make one: head -c 32 /dev/urandom | base64)")
+    return key

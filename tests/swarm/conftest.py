@@ -1,0 +1,60 @@
+"""Swarm test helpers: a 6-block factory store, in-process nodes on 127.0.0.1, greedy loops."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from distribution.local import LocalLoader
+from engine.model import LlamaModel
+from fragmenter.fragment import fragment_file
+from models.factory import ModelSpec, write_model
+from swarm import manifest_sha
+from swarm.memory import Limits
+from swarm.server import NodeService, NodeThread
+
+PROMPT = [1, 17, 99, 23, 250, 7, 311, 42]
+
+
+@pytest.fixture(scope="session")
+def six_store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("swarmstore")
+    path = write_model(replace(ModelSpec(), n_layers=6, name="six-blocks"), tmp / "six.gguf")
+    fragment_file(str(path), tmp / "store", 16384, progress=False)
+    return tmp / "store"
+
+
+@pytest.fixture(scope="session")
+def six_loader(six_store):
+    return LocalLoader(six_store)
+
+
+def start_node(loader, first: int, last: int, key: bytes | None = None, **limits) -> NodeThread:
+    model = LlamaModel(loader, backend="numba", layers=(first, last))
+    return NodeThread(NodeService(model, manifest_sha(loader), Limits(**limits), key))
+
+
+def greedy(session, prompt: list[int], n: int, after_step=None) -> list[int]:
+    """n greedy tokens; ``after_step(i)`` runs after the i-th token is chosen (to kill a node)."""
+    logits = session.feed(prompt)
+    tokens = []
+    for i in range(n):
+        tokens.append(int(np.argmax(logits)))
+        if after_step:
+            after_step(i)
+        if i + 1 < n:
+            logits = session.feed([tokens[-1]])
+    return tokens
+
+
+@pytest.fixture(scope="session")
+def local_greedy(six_loader):
+    model = LlamaModel(six_loader, backend="numba")
+
+    def run(prompt, n):
+        with model.open_session(64) as s:
+            return greedy(s, prompt, n)
+
+    return run

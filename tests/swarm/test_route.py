@@ -1,0 +1,145 @@
+"""Routes over in-process nodes (factory model, 6 blocks): same tokens as local, failover with
+replay, the clear error when no node serves a span, routing around full nodes, concurrency."""
+
+import threading
+
+import pytest
+
+from common.errors import UserError
+from swarm import manifest_sha
+from swarm.client import distributed_text_model, timings
+from swarm.route import NodeInfo, NoRoute, plan
+from tests.swarm.conftest import PROMPT, greedy, start_node
+
+N = 10
+
+
+def text_model(loader, nodes, **kw):
+    return distributed_text_model(loader, [n.url for n in nodes], **kw)
+
+
+def test_three_nodes_equal_local(six_loader, local_greedy):
+    nodes = [start_node(six_loader, a, b) for a, b in [(0, 1), (2, 3), (4, 5)]]
+    try:
+        tm = text_model(six_loader, nodes)
+        for prompt in (PROMPT, PROMPT[:3], [5, 400, 12]):
+            with tm.open_session(64) as s:
+                assert greedy(s, prompt, N) == local_greedy(prompt, N)
+        t = timings(tm)
+        assert [r["blocks"] for r in t["route"]] == ["0-1", "2-3", "4-5"]
+        assert t["failovers"] == 0 and len(t["node_ms"]) == 3 and t["hop_overhead_ms"] > 0
+        # closed sessions are gone from the nodes
+        assert all(not n.service.cache.sessions for n in nodes)
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+@pytest.mark.parametrize("spare_span", [(2, 3), (2, 5)])
+def test_middle_node_killed_mid_generation(six_loader, local_greedy, spare_span):
+    a, b, c = (start_node(six_loader, *s) for s in [(0, 1), (2, 3), (4, 5)])
+    spare = None
+    try:
+        tm = text_model(six_loader, [a, b, c])
+        expected = local_greedy(PROMPT, N)
+        with tm.open_session(64) as s:
+            def kill(i):
+                nonlocal spare
+                if i == 4:
+                    b.stop()
+                    spare = start_node(six_loader, *spare_span)  # joins after the session began
+                    tm.open_session.__self__.directory.urls.append(spare.url)
+            assert greedy(s, PROMPT, N, kill) == expected
+            t = timings(tm)
+            assert t["failovers"] == 1
+            assert {"blocks": "2-3", "node": spare.url} in t["route"]
+    finally:
+        for n in (a, b, c, spare):
+            if n:
+                n.stop()
+
+
+def test_no_spare_names_the_lost_blocks(six_loader):
+    a, b, c = (start_node(six_loader, *s) for s in [(0, 1), (2, 3), (4, 5)])
+    try:
+        tm = text_model(six_loader, [a, b, c])
+        with tm.open_session(64) as s:
+            with pytest.raises(UserError, match="no node serves blocks 2-3") as e:
+                greedy(s, PROMPT, N, lambda i: b.stop() if i == 2 else None)
+        assert "\n" not in str(e.value)
+    finally:
+        for n in (a, b, c):
+            n.stop()
+
+
+def test_route_around_full_node_and_short_node(six_loader, local_greedy):
+    full = start_node(six_loader, 0, 5, max_sessions=1)
+    short = start_node(six_loader, 0, 5, max_positions=4)
+    other = start_node(six_loader, 0, 5)
+    try:
+        tm = text_model(six_loader, [full, short, other])
+        blocker = full.service.cache.open(b"x" * 16, object(), 0, 5, 8)  # someone else holds the one slot
+        with tm.open_session(64) as s:
+            assert greedy(s, PROMPT, N) == local_greedy(PROMPT, N)
+        assert timings(tm)["route"] == [{"blocks": "0-5", "node": other.url}]
+        assert blocker.sid in full.service.cache.sessions
+    finally:
+        for n in (full, short, other):
+            n.stop()
+
+
+def test_eight_concurrent_sessions(six_loader):
+    a, b = start_node(six_loader, 0, 2), start_node(six_loader, 3, 5)
+    try:
+        tm = text_model(six_loader, [a, b], kernels="numpy")  # numpy edges: safe from many threads
+        prompts = [[1 + i, 17 * i % 500, 99, 23 + i] for i in range(8)]
+        alone = []
+        for p in prompts:
+            with tm.open_session(64) as s:
+                alone.append(greedy(s, p, N))
+        together = [None] * 8
+        barrier = threading.Barrier(8)
+
+        def run(i):
+            with tm.open_session(64) as s:
+                barrier.wait(30)
+                together[i] = greedy(s, prompts[i], N)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert together == alone
+        assert len(set(map(tuple, alone))) > 1  # the prompts do lead to different outputs
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_wrong_model_is_skipped(six_loader, factory_models):
+    from distribution.gguf_file import GGUFFileLoader
+
+    node = start_node(six_loader, 0, 5)
+    try:
+        other = GGUFFileLoader(factory_models["q8_0-spm-gqa"])
+        tm = distributed_text_model(other, [node.url])
+        with pytest.raises(NoRoute, match="serves another model"):
+            tm.open_session(16)
+        assert manifest_sha(other) != manifest_sha(six_loader)
+    finally:
+        node.stop()
+
+
+def info(url, first, last, ms=1.0, rtt=0.1, free=4, positions=100):
+    return NodeInfo(url, first, last, ms, free, positions, rtt)
+
+
+def test_plan_prefers_fast_nodes_and_uses_sub_spans():
+    nodes = [info("a", 0, 9, ms=10), info("b", 10, 29, ms=20), info("c", 0, 14, ms=3), info("d", 20, 29, ms=100)]
+    hops = [(n.url, a, b) for n, a, b in plan(nodes, 0, 29)]
+    assert hops == [("c", 0, 14), ("b", 15, 29)]
+    with pytest.raises(NoRoute, match="no node serves blocks 15-19"):
+        plan(nodes, 10, 19, exclude={"b"})
+    with pytest.raises(NoRoute, match="blocks 10-29"):
+        plan([info("a", 0, 9), info("b", 10, 29, free=0)], 0, 29)

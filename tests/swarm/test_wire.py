@@ -1,0 +1,118 @@
+"""The swarm framing: every frame round-trips; anything else is a WireError, never a crash."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from swarm import wire
+
+KEY = b"k" * 32
+sessions = st.binary(min_size=16, max_size=16)
+
+
+@st.composite
+def array_frames(draw):
+    rows, cols = draw(st.integers(1, 8)), draw(st.integers(1, 16))
+    dtype = draw(st.sampled_from([wire.F32, wire.F16]))
+    values = draw(st.lists(st.floats(-1e3, 1e3, width=16), min_size=rows * cols, max_size=rows * cols))
+    array = np.array(values, np.float32).reshape(rows, cols)
+    first = draw(st.integers(0, 100))
+    return wire.Frame(draw(st.sampled_from([wire.FORWARD, wire.RESULT])), draw(sessions),
+                      draw(st.integers(0, 2**32 - 1)), array, first_block=first, last_block=first + draw(st.integers(0, 50)),
+                      elapsed_us=draw(st.integers(0, 2**32 - 1)), dtype=dtype)
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.text(max_size=20),
+                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                           max_leaves=10)
+
+
+@st.composite
+def json_frames(draw):
+    ftype = draw(st.sampled_from([wire.INFO_REQ, wire.INFO, wire.CLOSE, wire.CLOSED, wire.ERROR]))
+    body = draw(st.none() | st.dictionaries(st.text(max_size=8), json_values, max_size=5))
+    return wire.Frame(ftype, draw(sessions), body=body or None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(frame=array_frames() | json_frames(), key=st.none() | st.just(KEY))
+def test_round_trip(frame, key):
+    back = wire.decode(wire.encode(frame, key), key)
+    assert (back.type, back.session) == (frame.type, frame.session)
+    if frame.array is not None:
+        assert (back.position, back.first_block, back.last_block, back.elapsed_us, back.dtype) == \
+            (frame.position, frame.first_block, frame.last_block, frame.elapsed_us, frame.dtype)
+        np.testing.assert_array_equal(back.array.astype(np.float32), frame.array)  # exact in f16 too
+    else:
+        assert back.body == frame.body
+
+
+def test_float32_is_bit_exact():
+    x = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)
+    back = wire.decode(wire.encode(wire.Frame(wire.FORWARD, b"s" * 16, 3, x)))
+    assert back.array.dtype == np.float32 and back.array.tobytes() == x.tobytes()
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.binary(max_size=300), key=st.none() | st.just(KEY))
+def test_garbage_is_a_wire_error(data, key):
+    try:
+        wire.decode(data, key, dim=16, max_rows=8)
+    except wire.WireError as e:
+        assert e.code in {"bad_frame", "auth", "bad_shape", "too_long"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(frame=array_frames() | json_frames(), cut=st.integers(0, 10_000), key=st.none() | st.just(KEY))
+def test_truncated_and_padded_frames_are_refused(frame, cut, key):
+    data = wire.encode(frame, key)
+    short = data[:cut % len(data)]
+    with pytest.raises(wire.WireError, match="truncated"):
+        wire.decode(short, key)
+    with pytest.raises(wire.WireError, match="oversized"):
+        wire.decode(data + b"\0", key)
+
+
+@settings(max_examples=200, deadline=None)
+@given(frame=array_frames(), flip=st.integers(0, 10_000))
+def test_any_flipped_bit_fails_the_mac(frame, flip):
+    data = bytearray(wire.encode(frame, KEY))
+    i = flip % len(data)
+    data[i] ^= 1 << (flip % 8)
+    with pytest.raises(wire.WireError):
+        wire.decode(bytes(data), KEY)
+
+
+def test_limits_checked_before_the_body():
+    x = np.zeros((4, 8), np.float32)
+    data = wire.encode(wire.Frame(wire.FORWARD, b"s" * 16, 0, x))
+    with pytest.raises(wire.WireError, match="width 8") as e:
+        wire.decode(data, dim=16)
+    assert e.value.code == "bad_shape"
+    with pytest.raises(wire.WireError, match="at most 3") as e:
+        wire.decode(data, dim=8, max_rows=3)
+    assert e.value.code == "too_long"
+    # A header claiming a huge array with a short body: refused by length, nothing allocated.
+    header = bytearray(data[:wire.HEADER.size])
+    header[28:32] = (2**31).to_bytes(4, "little")
+    with pytest.raises(wire.WireError):
+        wire.decode(bytes(header) + data[wire.HEADER.size:], dim=8, max_rows=10)
+
+
+def test_key_required_and_checked():
+    frame = wire.Frame(wire.INFO_REQ, b"s" * 16)
+    with pytest.raises(wire.WireError, match="private") as e:
+        wire.decode(wire.encode(frame), KEY)
+    assert e.value.code == "auth"
+    with pytest.raises(wire.WireError, match="HMAC mismatch"):
+        wire.decode(wire.encode(frame, b"x" * 32), KEY)
+    assert wire.decode(wire.encode(frame, KEY), KEY).type == wire.INFO_REQ
+
+
+def test_nan_and_text_refused():
+    x = np.full((1, 4), np.nan, np.float32)
+    with pytest.raises(wire.WireError, match="NaN"):
+        wire.decode(wire.encode(wire.Frame(wire.FORWARD, b"s" * 16, 0, x)))
+    with pytest.raises(wire.WireError, match="binary"):
+        wire.decode("hello")
