@@ -79,9 +79,8 @@ class NodeLink:
             raise NodeError(self.url, "unreachable", f"cannot connect ({type(e).__name__}: {e})") from None
         return self
 
-    def request(self, frame: wire.Frame, timeout: float) -> wire.Frame:
-        data = wire.encode(frame, self.key)
-
+    def exchange(self, data: bytes, timeout: float) -> bytes:
+        """Send one message, return the reply's bytes (raises NodeError if none comes)."""
         async def go():
             await self.ws.send_bytes(data)
             msg = await self.ws.receive()
@@ -92,12 +91,15 @@ class NodeLink:
         if self.ws is None or self.ws.closed:
             raise NodeError(self.url, "died", "connection closed")
         try:
-            raw = self.loop.run(go(), timeout)
+            return self.loop.run(go(), timeout)
         except asyncio.TimeoutError:
             self.abort()
             raise NodeError(self.url, "timeout", f"no reply within {timeout:.0f} s") from None
         except (aiohttp.ClientError, OSError, ConnectionError) as e:
             raise NodeError(self.url, "died", f"connection lost ({type(e).__name__})") from None
+
+    def request(self, frame: wire.Frame, timeout: float) -> wire.Frame:
+        raw = self.exchange(wire.encode(frame, self.key), timeout)
         try:
             reply = wire.decode(raw, self.key, self.dim, self.max_rows)
         except wire.WireError as e:

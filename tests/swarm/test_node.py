@@ -1,0 +1,189 @@
+"""A node under bad frames and at its limits: an error reply each time, and the other sessions go on
+as if nothing happened. Private swarms: without the key nothing is served."""
+
+import secrets
+
+import numpy as np
+import pytest
+
+from engine.model import LlamaModel
+from engine.session import LocalSpanSession
+from swarm import wire
+from swarm.client import NodeError, NodeLink, RemoteSpanSession, distributed_text_model
+from swarm.route import NoRoute
+from tests.swarm.conftest import PROMPT, greedy, start_node
+
+KEY = b"a-private-swarm-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def node(six_loader):
+    n = start_node(six_loader, 0, 2, max_sessions=4, max_positions=32)
+    yield n
+    n.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(six_loader):
+    return LlamaModel(six_loader, backend="numba", layers=(0, 2))
+
+
+def hidden(rows, dim=96, seed=0):
+    return np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
+
+
+def error_of(link, data) -> dict:
+    reply = wire.decode(link.exchange(data, 10))
+    assert reply.type == wire.ERROR, reply
+    return reply.body
+
+
+def check_alive(node, reference):
+    """A fresh session on its own connection computes exactly what the local span does."""
+    remote = RemoteSpanSession(node.url, 0, 2, 32, 96)
+    local = LocalSpanSession(reference, 32)
+    try:
+        for chunk in (hidden(5, seed=1), hidden(1, seed=2), hidden(1, seed=3)):
+            np.testing.assert_array_equal(remote.forward(chunk), local.forward(chunk))
+    finally:
+        remote.close()
+
+
+def frame(rows=2, cols=96, session=None, position=0, first=0, last=2, **kw):
+    return wire.Frame(wire.FORWARD, session or secrets.token_bytes(16), position, hidden(rows, cols),
+                      first_block=first, last_block=last, **kw)
+
+
+def test_bad_frames_get_error_replies_and_others_are_unaffected(node, reference):
+    # a session in the middle of its work, on its own connection, throughout
+    bystander = RemoteSpanSession(node.url, 0, 2, 32, 96)
+    mirror = LocalSpanSession(reference, 32)
+    np.testing.assert_array_equal(bystander.forward(hidden(4)), mirror.forward(hidden(4)))
+
+    link = NodeLink(node.url).connect()
+    good = wire.encode(frame())
+    bad = {
+        "garbage": (secrets.token_bytes(100), "bad_frame"),
+        "empty": (b"", "bad_frame"),
+        "truncated": (good[:-10], "bad_frame"),
+        "padded": (good + b"xx", "bad_frame"),
+        "bad magic": (b"XXXX" + good[4:], "bad_frame"),
+        "bad version": (good[:4] + b"\x09" + good[5:], "bad_frame"),
+        "unknown type": (good[:5] + b"\x63" + good[6:], "bad_frame"),
+        "wrong width": (wire.encode(frame(cols=64)), "bad_shape"),
+        "too many rows": (wire.encode(frame(rows=33)), "too_long"),
+        "blocks not served": (wire.encode(frame(first=2, last=4)), "span"),
+        "zero session": (wire.encode(frame(session=bytes(16))), "wrong_session"),
+        "unknown session": (wire.encode(frame(position=5)), "unknown_session"),
+        "another's session": (wire.encode(frame(session=bystander.sid, position=4)), "wrong_session"),
+        "result sent to a node": (wire.encode(wire.Frame(wire.RESULT, b"s" * 16, 0, hidden(1))), "bad_frame"),
+    }
+    for name, (data, code) in bad.items():
+        assert error_of(link, data)["code"] == code, name
+    # a position gap in one's own session
+    sid = secrets.token_bytes(16)
+    link.request(frame(session=sid), 10)
+    assert error_of(link, wire.encode(frame(session=sid, position=7)))["code"] == "position"
+    # text instead of binary
+    link.loop.run(link.ws.send_str("hello"), 5)
+    reply = wire.decode(link.loop.run(link.ws.receive(), 5).data)
+    assert reply.body["code"] == "bad_frame"
+    # the same connection still works after all that
+    assert link.request(frame(), 10).type == wire.RESULT
+    link.abort()
+
+    # a message beyond the node's size limit closes only that connection
+    huge = NodeLink(node.url).connect()
+    with pytest.raises(NodeError):
+        huge.exchange(b"\0" * (node.service.max_message + 10_000), 10)
+
+    np.testing.assert_array_equal(bystander.forward(hidden(1, seed=9)), mirror.forward(hidden(1, seed=9)))
+    bystander.close()
+    check_alive(node, reference)
+
+
+def test_rewind_by_position(node, reference):
+    remote, local = RemoteSpanSession(node.url, 0, 2, 32, 96), LocalSpanSession(reference, 32)
+    try:
+        remote.forward(hidden(6))
+        local.forward(hidden(6))
+        remote.rewind(3)
+        local.rewind(3)
+        np.testing.assert_array_equal(remote.forward(hidden(2, seed=5)), local.forward(hidden(2, seed=5)))
+    finally:
+        remote.close()
+
+
+def test_max_sessions(node, reference):
+    sessions = [RemoteSpanSession(node.url, 0, 2, 32, 96) for _ in range(4)]
+    for s in sessions:
+        s.forward(hidden(1))
+    extra = RemoteSpanSession(node.url, 0, 2, 32, 96)
+    with pytest.raises(NodeError, match="node full: 4 sessions open") as e:
+        extra.forward(hidden(1))
+    assert e.value.code == "full"
+    sessions[0].close()  # an explicit close frees the slot at once
+    extra.forward(hidden(1))
+    for s in sessions[1:] + [extra]:
+        s.close()
+    check_alive(node, reference)
+
+
+def test_positions_limit(node, reference):
+    s = RemoteSpanSession(node.url, 0, 2, 32, 96)
+    s.forward(hidden(30))
+    with pytest.raises(NodeError, match="33 positions exceed this node's limit of 32") as e:
+        s.forward(hidden(3))
+    assert e.value.code == "too_long"
+    s.close()
+    check_alive(node, reference)
+
+
+def test_memory_budget_and_idle_expiry(six_loader):
+    # one position of 3 blocks: 3 * 2 * 2 heads * 16 * 4 bytes = 768; 64 positions = 48 KiB
+    node = start_node(six_loader, 0, 2, max_cache_bytes=100 * 1024)
+    try:
+        a, b, c = (RemoteSpanSession(node.url, 0, 2, 512, 96) for _ in range(3))
+        a.forward(hidden(10))
+        b.forward(hidden(10))
+        with pytest.raises(NodeError, match="KV cache budget") as e:
+            c.forward(hidden(10))
+        assert e.value.code == "full"
+        with pytest.raises(NodeError, match="KV cache budget"):
+            a.forward(hidden(100))  # growing past the budget is refused too
+        a.forward(hidden(1))        # and the session is still usable
+        cache = node.service.cache
+        assert cache.used_bytes <= 100 * 1024
+        import time
+
+        assert cache.expire(time.monotonic() + cache.limits.idle_s + 1) == 2
+        assert not cache.sessions
+        with pytest.raises(NodeError, match="not open here") as e:
+            a.forward(hidden(1))
+        assert e.value.code == "unknown_session"
+        c.forward(hidden(10))  # room again
+        for s in (a, b, c):
+            s.close()
+    finally:
+        node.stop()
+
+
+def test_private_swarm(six_loader, local_greedy):
+    node = start_node(six_loader, 0, 5, key=KEY)
+    try:
+        with pytest.raises(NoRoute, match="refused: this swarm is private"):
+            distributed_text_model(six_loader, [node.url]).open_session(64)
+        with pytest.raises(NoRoute, match="HMAC mismatch"):
+            distributed_text_model(six_loader, [node.url], key=b"another-key-0123456789").open_session(64)
+        tm = distributed_text_model(six_loader, [node.url], key=KEY)
+        with tm.open_session(64) as s:
+            assert greedy(s, PROMPT, 6) == local_greedy(PROMPT, 6)
+    finally:
+        node.stop()
+    # and a keyed client does not use an open node's unauthenticated answers
+    open_node = start_node(six_loader, 0, 5)
+    try:
+        with pytest.raises(NoRoute, match="unusable reply"):
+            distributed_text_model(six_loader, [open_node.url], key=KEY).open_session(64)
+    finally:
+        open_node.stop()
