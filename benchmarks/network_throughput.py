@@ -24,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from distribution.http import HTTPLoader  # noqa: E402
 from distribution.local import LocalLoader  # noqa: E402
-from distribution.p2p import P2PLoader, P2PNode  # noqa: E402
+from distribution.dht import P2PNode  # noqa: E402
+from distribution.p2p_loader import P2PLoader  # noqa: E402
 from models.default import DEFAULT_STORE  # noqa: E402
-from tests.distribution.netutil import serving  # noqa: E402
+from benchmarks.serve_process import serving  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -40,7 +41,7 @@ def dht_rates(n: int = 200) -> tuple[float, float]:
     import hashlib
 
     keys = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)]
-    with P2PNode() as a, P2PNode(bootstrap=a.addrs) as b:
+    with P2PNode() as a, P2PNode(bootstrap=a.reachable_addrs()) as b:
         provide_s = timed(lambda: b.provide(keys))
         find_s = timed(lambda: a.find_providers(keys))
     return n / provide_s, n / find_s

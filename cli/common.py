@@ -38,7 +38,7 @@ def open_store(source: str, allow_file: bool = False):
     from distribution.local import LocalLoader
 
     if source.startswith("p2p://"):
-        from distribution.p2p import P2PLoader
+        from distribution.p2p_loader import P2PLoader
 
         return P2PLoader(source)
     if source.startswith(("http://", "https://")):

@@ -13,11 +13,14 @@ from cli.common import user_errors
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
 @click.option("--p2p", is_flag=True, help="Also join the DHT and announce the fragments held (see --listen, --bootstrap).")
 @click.option("--listen", default="/ip4/127.0.0.1/tcp/0", show_default=True, help="--p2p: libp2p listen multiaddr.")
-@click.option("--bootstrap", multiple=True, help="--p2p: multiaddr of a peer to join through (repeatable).")
+@click.option("--bootstrap", multiple=True, help="--p2p: a peer to join through, as its p2p://<sha>@<multiaddr> address "
+                                                 "or the bare multiaddr (repeatable).")
+@click.option("--announce", help="--p2p: HOST[:PORT] others reach this server at (NAT, proxy); default: the "
+                                 "interface addresses behind a wildcard --host/--listen.")
 @click.option("--layers", help="--p2p: serve only these blocks (and the header, the embedding with block 0, the "
                                 "head with the last block), e.g. 0-14 or 0-9,20-29.")
 @user_errors
-def serve(store, host, port, p2p, listen, bootstrap, layers):
+def serve(store, host, port, p2p, listen, bootstrap, announce, layers):
     """Serve STORE over HTTP: GET /manifest.json and GET /fragments/<sha256>.
 
     Only fragments listed in the manifest are served (no listing, no paths), with ETag = hash and
@@ -31,12 +34,15 @@ def serve(store, host, port, p2p, listen, bootstrap, layers):
 
     say = lambda line: click.echo(line, err=True)  # noqa: E731
     if not p2p:
-        if bootstrap or layers:
-            raise UserError("--bootstrap and --layers go with --p2p")
+        if bootstrap or layers or announce:
+            raise UserError("--bootstrap, --announce and --layers go with --p2p")
         from distribution.server import serve_forever
 
         serve_forever(store, host, port, announce=say)
         return
-    from distribution.p2p import parse_spans, serve_p2p
+    from distribution.addresses import parse_announce, parse_bootstrap
+    from distribution.p2p_server import serve_p2p
+    from distribution.spans import parse_spans
 
-    serve_p2p(store, host, port, listen, list(bootstrap), parse_spans(layers) if layers else None, announce=say)
+    serve_p2p(store, host, port, listen, parse_bootstrap(bootstrap), parse_spans(layers) if layers else None,
+              announce=say, public=parse_announce(announce))

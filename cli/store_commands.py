@@ -77,7 +77,7 @@ def fetch(source, output, layers, progress):
     from pathlib import Path
 
     from common.errors import UserError
-    from distribution.p2p import parse_spans, span_tensors
+    from distribution.spans import parse_spans, span_tensors
     from fragmenter.fragment import write_atomically
     from fragmenter.manifest import FRAGMENTS_DIR, MANIFEST_NAME, Manifest
 

@@ -9,10 +9,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from distribution import p2p
+from distribution import p2p_loader
 from distribution.base import FragmentError
 from distribution.local import LocalLoader
-from distribution.p2p import P2PLoader, parse_address
+from distribution.addresses import parse_address
+from distribution.p2p_loader import P2PLoader
 from fragmenter.fragment import fragment_file
 from models.factory import ModelSpec, write_model
 from tests.conftest import assert_one_line_error, run_cli
@@ -85,7 +86,7 @@ def test_corrupt_peer_is_named_and_bytes_come_from_elsewhere(store, tmp_path, mo
     warnings = []
     with peer(bad_store) as bad, peer(store, bootstrap=boot_of(bad)) as good:
         # Ask the corrupting peer first, every time.
-        monkeypatch.setattr(p2p.random, "shuffle", lambda urls: urls.sort(key=lambda u: not u.startswith(bad.url)))
+        monkeypatch.setattr(p2p_loader.random, "shuffle", lambda urls: urls.sort(key=lambda u: not u.startswith(bad.url)))
         # The client enters through the bad peer, which lists itself and the good one as providers.
         loader = P2PLoader(bad.line("p2p://"), cache_dir=tmp_path / "cache", warn=warnings.append)
         try:
