@@ -7,28 +7,41 @@ import sys
 
 import click
 
-from common.errors import UserError
+from common.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
+
+
+# Click exits 2 on usage errors, but 2 is this project's code for a damaged store
+# (common/errors.py): a wrong option is bad input like any other, exit 1. Every command imports
+# this module, so the one class attribute covers them all.
+click.exceptions.UsageError.exit_code = EXIT_USAGE
 
 
 def user_errors(func):
-    """Turn UserError (and the usual OS errors) into one line on stderr and a non-zero exit."""
+    """Turn UserError (and the usual OS errors) into one line on stderr and the documented exit code."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except UserError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
+            _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
-            sys.exit(130)
+            sys.exit(EXIT_INTERRUPTED)
         except OSError as e:
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-            click.echo(f"error: {where}{e.strerror or e}", err=True)
-            sys.exit(1)
+            _fail(f"{where}{e.strerror or e}", EXIT_USAGE)
+        except RecursionError:  # a structure nested deeper than Python's stack, from some input
+            _fail("input nested too deeply to read", EXIT_USAGE)
 
     return wrapper
+
+
+def _fail(message: str, code: int) -> None:
+    # One line: a message that carries a newline (a server's reply, a file name) must not add lines.
+    flat = message.replace("\r", " ").replace("\n", " ")
+    click.echo(f"error: {flat}", err=True)
+    sys.exit(code)
 
 
 def open_store(source: str, allow_file: bool = False):

@@ -46,7 +46,7 @@ def recombine(store, output, verify, progress):
     """
     import sys
 
-    from common.errors import UserError
+    from common.errors import EXIT_DAMAGED_STORE, EXIT_OK, UserError
     from recombiner.recombine import recombine as rebuild
     from recombiner.recombine import verify as check
 
@@ -57,7 +57,7 @@ def recombine(store, output, verify, progress):
         report = check(loader, progress)
         for line in report.lines():
             click.echo(line, err=not report.ok)
-        sys.exit(0 if report.ok else 2)
+        sys.exit(EXIT_OK if report.ok else EXIT_DAMAGED_STORE)
     click.echo(rebuild(loader, output, progress).summary())
 
 
@@ -76,20 +76,26 @@ def fetch(source, output, layers, progress):
     """
     from pathlib import Path
 
+    from contextlib import ExitStack
+
     from common.errors import UserError
     from distribution.spans import parse_spans, span_tensors
-    from fragmenter.fragment import write_atomically
-    from fragmenter.manifest import FRAGMENTS_DIR, MANIFEST_NAME, Manifest
+    from fragmenter.fragment import prepare_store, store_lock, write_atomically
+    from fragmenter.manifest import FRAGMENTS_DIR, MANIFEST_NAME, Manifest, read_manifest_bytes
 
     out = Path(output)
     loader = open_store(source)
-    try:
+    with ExitStack() as stack:
+        stack.callback(loader.close)
         m = loader.manifest
-        if (out / MANIFEST_NAME).exists() and (out / MANIFEST_NAME).read_bytes() != loader.manifest_bytes:
+        spans = parse_spans(layers) if layers else None
+        loader.header()  # refuse to copy a manifest whose tensor table the header contradicts
+        prepare_store(out)
+        stack.enter_context(store_lock(out))
+        if (out / MANIFEST_NAME).exists() and read_manifest_bytes(out) != loader.manifest_bytes:
             raise UserError(f"{out}: already holds the store of another model; choose another -o")
-        names = span_tensors(m, parse_spans(layers)) if layers else m.tensor_names()
+        names = span_tensors(m, spans) if spans else m.tensor_names()
         wanted = m.fragments_for(names, header=True)
-        (out / FRAGMENTS_DIR).mkdir(parents=True, exist_ok=True)
         if progress is not None and hasattr(loader, "fetcher"):
             loader.fetcher.progress = progress
         loader.prefetch(wanted)
@@ -97,6 +103,4 @@ def fetch(source, output, layers, progress):
             write_atomically(out / FRAGMENTS_DIR / fid, loader.load_raw(fid))
         write_atomically(out / MANIFEST_NAME, loader.manifest_bytes)
         Manifest.load(out)  # what we wrote reads back as a valid store
-    finally:
-        loader.close()
     click.echo(f"fetched {len(wanted)} of {len(m.unique_fragments())} fragments of {m.source['name']} into {out}")

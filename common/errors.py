@@ -1,17 +1,55 @@
-"""One exception type for everything a user can cause.
+"""One exception type for everything a user can cause, and the exit codes the commands use.
 
-The command-line layer prints ``str(error)`` as a single line and exits non-zero, without a
-traceback. Messages therefore always name the file, fragment or tensor at fault.
+The command-line layer prints ``str(error)`` as a single line and exits with the error's
+``exit_code``, without a traceback. Messages therefore always name the file, fragment, tensor,
+peer or option at fault.
+
+Exit codes (README, "Exit codes and time bounds"):
+    0    success
+    1    bad input or usage: a wrong option, a file that is not a GGUF, an output that cannot be
+         written (full disk, no permission), an address that cannot be listened on
+    2    a damaged store: a fragment missing or corrupt, a manifest that does not describe its file
+    3    a network source or peer that cannot be reached or gives up (refused, timed out, too slow)
+    130  interrupted (Ctrl-C)
 """
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+EXIT_OK = 0
+EXIT_USAGE = 1
+EXIT_DAMAGED_STORE = 2
+EXIT_UNREACHABLE = 3
+EXIT_INTERRUPTED = 130
 
 
 class UserError(Exception):
     """A problem with the user's input (file, store, option), reported as one clear line."""
 
-    exit_code = 1
+    exit_code = EXIT_USAGE
 
 
 class StoreError(UserError):
     """A fragment store is missing pieces, corrupt or not what was asked for."""
 
-    exit_code = 2
+    exit_code = EXIT_DAMAGED_STORE
+
+
+class NetworkError(UserError):
+    """A server or peer could not be reached, or stopped answering in time. Names the address."""
+
+    exit_code = EXIT_UNREACHABLE
+
+
+@contextmanager
+def naming(path, doing: str = "write"):
+    """Turn an OSError inside the block into a UserError naming ``path``.
+
+    A full disk raises ENOSPC from write(), whose OSError carries no file name; without this the
+    user reads "No space left on device" and has to guess which of several files it was.
+    """
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"{path}: cannot {doing} ({e.strerror or e})") from None

@@ -19,7 +19,7 @@ from gguf import quants
 from gguf.constants import GGMLQuantizationType
 
 from common.errors import StoreError
-from fragmenter.gguf_header import GGUFHeader, parse_header
+from fragmenter.gguf_header import GGUFFormatError, GGUFHeader, parse_header
 from fragmenter.manifest import Manifest, TensorEntry
 
 # Non-quantized element types gguf.quants does not cover: read them as plain numpy values.
@@ -127,10 +127,19 @@ class FragmentLoader(ABC):
 
     # -- header and metadata ----------------------------------------------------------------------
     def header(self) -> GGUFHeader:
-        """The GGUF header (metadata and tensor infos), parsed from the store's header fragments."""
+        """The GGUF header (metadata and tensor infos), parsed from the store's header fragments.
+
+        Its fragments are hash-checked; the manifest's tensor table is not, so it must agree with
+        the header before anything is read through it (StoreError naming the tensor if not).
+        """
         if self._header is None:
             data = self._assemble(self.manifest.header_pieces)
-            self._header = parse_header(io.BytesIO(data), f"{self.where} (header)")
+            try:
+                header = parse_header(io.BytesIO(data), f"{self.where} (header)")
+            except GGUFFormatError as e:  # hash-checked bytes that do not parse: the manifest cut them wrong
+                raise StoreError(str(e)) from None
+            self.manifest.check_header(header, self.where)
+            self._header = header
         return self._header
 
     @property
@@ -139,11 +148,13 @@ class FragmentLoader(ABC):
 
     # -- tensors ----------------------------------------------------------------------------------
     def tensor_entry(self, name: str) -> TensorEntry:
+        """A tensor's manifest entry, once the manifest has been checked against the header."""
+        self.header()
         return self.manifest.tensor(name)
 
     def tensor_bytes(self, name: str) -> bytes:
         """A tensor's bytes exactly as stored in the GGUF file (still quantized)."""
-        entry = self.manifest.tensor(name)
+        entry = self.tensor_entry(name)
         self.prefetch(self.manifest.fragments_for([name]))
         return self._assemble(entry.pieces)
 
@@ -152,7 +163,7 @@ class FragmentLoader(ABC):
 
         For kernels that compute on quantized blocks and for row-by-row lookups (token embeddings).
         """
-        entry = self.manifest.tensor(name)
+        entry = self.tensor_entry(name)
         qtype = GGMLQuantizationType[entry.ggml_type]
         rows = int(np.prod(entry.shape[:-1], dtype=np.int64)) if len(entry.shape) > 1 else 1
         raw = np.frombuffer(self.tensor_bytes(name), dtype=np.uint8)
@@ -168,7 +179,7 @@ class FragmentLoader(ABC):
         beyond dequantization; the engine computes y = x @ W.T. Reading the bytes as [in, out]
         instead is the bug that made the seed predict one token forever.
         """
-        entry = self.manifest.tensor(name)
+        entry = self.tensor_entry(name)
         if entry.ggml_type in _PLAIN_TYPES:
             values = np.frombuffer(self.tensor_bytes(name), dtype=_PLAIN_TYPES[entry.ggml_type])
             return values.astype(np.float32).reshape(entry.shape)

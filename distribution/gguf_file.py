@@ -23,6 +23,7 @@ class GGUFFileLoader(FragmentLoader):
         self.path = Path(path)
         header, size = read_file_header(str(self.path))
         source = {"name": self.path.name, "size": size, "sha256": WHOLE_FILE}
+        # The manifest is derived from the header, so it needs no check against it.
         super().__init__(build_manifest(header, source, size, [Fragment(WHOLE_FILE, size, 0)]), str(self.path))
         self._header = header
         with open(self.path, "rb") as f:
@@ -32,5 +33,16 @@ class GGUFFileLoader(FragmentLoader):
         raise UserError(f"{self.where}: a plain GGUF file has no fragments (fragment it first)")
 
     def tensor_bytes(self, name: str):
+        """A read-only view into the mapped file (no copy). Views may outlive ``close``: see there."""
         entry = self.manifest.tensor(name)
         return memoryview(self._map)[entry.offset:entry.offset + entry.length]
+
+    def close(self) -> None:
+        """Unmap the file. Arrays still viewing it (the engine keeps quantized weights as views) would
+        turn into dangling pointers, so while any exist mmap refuses, and the mapping then ends when
+        the last of them is garbage-collected."""
+        super().close()
+        try:
+            self._map.close()
+        except BufferError:
+            pass

@@ -18,20 +18,23 @@ whatever the model's size.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import UserError
+from common.errors import UserError, naming
+from common.files import remove_leftovers
 from common.hashing import CHUNK, sha256_file
 from common.progress import byte_progress
 from fragmenter.gguf_header import GGUFHeader, read_file_header
-from fragmenter.manifest import (FRAGMENTS_DIR, MANIFEST_NAME, Fragment, Manifest, Piece, TensorEntry,
-                                 layer_of)
+from fragmenter.manifest import (FRAGMENTS_DIR, MANIFEST_NAME, Fragment, Manifest, gguf_summary, layer_of,
+                                 model_summary, pieces_of, tensor_entries)
 
 DEFAULT_FRAGMENT_SIZE = 10_000_000  # "10 MB", as the seed's store used
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -49,30 +52,6 @@ def parse_size(text: str) -> int:
     if unit not in _UNITS:
         raise UserError(f"fragment size {text!r}: unknown unit {unit!r} (use B, KB, MB, GB, KiB, MiB, GiB)")
     return int(value * _UNITS[unit])
-
-
-def model_summary(header: GGUFHeader) -> dict:
-    """The handful of hyperparameters a person (or a scheduler) wants without opening the file."""
-    md = header.metadata
-    arch = md.get("general.architecture", "unknown")
-
-    def get(key):
-        value = md.get(f"{arch}.{key}")
-        return int(value) if value is not None and not hasattr(value, "__len__") else value
-
-    tokens = md.get("tokenizer.ggml.tokens")
-    vocab = get("vocab_size") or (len(tokens) if tokens is not None else None)
-    return {
-        "architecture": arch,
-        "name": md.get("general.name"),
-        "block_count": get("block_count"),
-        "embedding_length": get("embedding_length"),
-        "feed_forward_length": get("feed_forward_length"),
-        "head_count": get("attention.head_count"),
-        "head_count_kv": get("attention.head_count_kv"),
-        "vocab_size": vocab,
-        "context_length": get("context_length"),
-    }
 
 
 def plan_fragments(header: GGUFHeader, file_size: int, fragment_size: int) -> list[tuple[int, int]]:
@@ -95,35 +74,21 @@ def plan_fragments(header: GGUFHeader, file_size: int, fragment_size: int) -> li
     return cuts
 
 
-def _pieces(start: int, length: int, fragments: list[Fragment]) -> tuple[Piece, ...]:
-    """The pieces of [start, start+length) as held by the fragments."""
-    end = start + length
-    pieces = []
-    for f in fragments:
-        lo, hi = max(start, f.offset), min(end, f.offset + f.size)
-        if lo < hi:
-            pieces.append(Piece(f.id, lo - f.offset, hi - lo))
-    return tuple(pieces)
-
-
 def build_manifest(header: GGUFHeader, source: dict, fragment_size: int, fragments: list[Fragment]) -> Manifest:
-    tensors = [
-        TensorEntry(t.name, t.type_name, t.dims, t.numpy_shape, header.data_offset + t.offset, t.n_bytes,
-                    _pieces(header.data_offset + t.offset, t.n_bytes, fragments))
-        for t in header.tensors
-    ]
-    gguf = {"version": header.version, "alignment": header.alignment, "data_offset": header.data_offset,
-            "tensor_count": len(header.tensors), "metadata_count": len(header.metadata)}
-    return Manifest(source=source, fragment_size=fragment_size, gguf=gguf, model=model_summary(header),
-                    header_pieces=_pieces(0, min(header.data_offset, source["size"]), fragments), tensors=tensors,
-                    fragments=fragments)
+    return Manifest(source=source, fragment_size=fragment_size, gguf=gguf_summary(header),
+                    model=model_summary(header),
+                    header_pieces=pieces_of(0, min(header.data_offset, source["size"]), fragments),
+                    tensors=tensor_entries(header, fragments), fragments=fragments)
+
+
+TEMP_PREFIX = ".tmp-"  # temporary files in a store: .tmp-<pid>-<name>, see common.files.remove_leftovers
 
 
 def write_atomically(path: Path, data: bytes) -> None:
     """Write to a temporary name beside ``path`` and rename, so readers never see half a file."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{path.name}")
     try:
-        with open(tmp, "wb") as f:
+        with naming(path), open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     finally:
@@ -131,22 +96,36 @@ def write_atomically(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
-def _remove_leftovers(frag_dir: Path) -> None:
-    """Delete the temporary files of fragmenter runs that were killed (their process is gone)."""
-    for tmp in frag_dir.glob(".tmp-*"):
-        pid = tmp.name.split("-")[1]
-        if pid.isdigit() and not _running(int(pid)):
-            tmp.unlink(missing_ok=True)
+@contextmanager
+def store_lock(store: Path):
+    """Hold an exclusive lock on the store directory while writing it.
 
-
-def _running(pid: int) -> bool:
+    Two runs writing one directory at once (two models, or a fragment and a fetch) would each
+    check it, each write, and the last manifest would win over fragments the other run deleted.
+    flock on the directory itself leaves no lock file behind and is released if the process dies.
+    """
+    fd = os.open(store, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"{store}: another run is writing this store right now; wait for it to finish") from None
+    try:
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def prepare_store(store: Path) -> Path:
+    """Create ``store/fragments`` and clear the temporary files of killed runs; returns that directory."""
+    if store.exists() and not store.is_dir():
+        raise UserError(f"{store}: exists and is not a directory")
+    frag_dir = store / FRAGMENTS_DIR
+    with naming(frag_dir, "create"):
+        frag_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(frag_dir, TEMP_PREFIX)
+    remove_leftovers(store, TEMP_PREFIX)
+    return frag_dir
 
 
 def _copy_fragment(fd: int, start: int, length: int, frag_dir: Path, source: str) -> str:
@@ -155,11 +134,11 @@ def _copy_fragment(fd: int, start: int, length: int, frag_dir: Path, source: str
     The bytes go to a temporary file in cache-sized chunks, hashed on the way, and the file is
     renamed to its id once complete. Safe to run on several threads at once. Returns the id.
     """
-    tmp = frag_dir / f".tmp-{os.getpid()}-{start}"
+    tmp = frag_dir / f"{TEMP_PREFIX}{os.getpid()}-{start}"
     digest = hashlib.sha256()
     buffer = memoryview(bytearray(min(CHUNK, length)))
     try:
-        with open(tmp, "wb", buffering=0) as out:
+        with naming(tmp), open(tmp, "wb", buffering=0) as out:
             done = 0
             while done < length:
                 view = buffer[: min(len(buffer), length - done)]
@@ -218,18 +197,15 @@ def fragment_file(model_path: str, store_dir: str | Path | None = None,
     stat_before = os.stat(model_path)
     stop = threading.Event()
     jobs = []
-    with ThreadPoolExecutor(2, thread_name_prefix="fragment") as pool:
+    store = Path(store_dir) if store_dir is not None else Path(model_path).with_suffix("")
+    with ThreadPoolExecutor(2, thread_name_prefix="fragment") as pool, ExitStack() as locked:
         # The whole-file hash is one sequential chain: start it first, on a core of its own.
         whole = pool.submit(sha256_file, model_path, stop)
         try:
             header, size = read_file_header(model_path, decode_strings=False)
-            store = Path(store_dir) if store_dir is not None else Path(model_path).with_suffix("")
-            if store.exists() and not store.is_dir():
-                raise UserError(f"{store}: exists and is not a directory")
+            frag_dir = prepare_store(store)
+            locked.enter_context(store_lock(store))  # held until the manifest is written
             old = _check_existing_store(store, size, whole.result)
-            frag_dir = store / FRAGMENTS_DIR
-            frag_dir.mkdir(parents=True, exist_ok=True)
-            _remove_leftovers(frag_dir)
             existing = set(os.listdir(frag_dir))
             cuts = plan_fragments(header, size, fragment_size)
             with open(model_path, "rb", buffering=0) as f, \
@@ -246,16 +222,16 @@ def fragment_file(model_path: str, store_dir: str | Path | None = None,
             for job in jobs:
                 job.cancel()
             raise
-    stat_after = os.stat(model_path)
-    if (stat_after.st_size, stat_after.st_mtime_ns) != (stat_before.st_size, stat_before.st_mtime_ns):
-        raise UserError(f"{model_path}: file changed while being read; nothing recorded")
-    written = len({f.id for f in fragments} - existing)
+        stat_after = os.stat(model_path)
+        if (stat_after.st_size, stat_after.st_mtime_ns) != (stat_before.st_size, stat_before.st_mtime_ns):
+            raise UserError(f"{model_path}: file changed while being read; nothing recorded")
+        written = len({f.id for f in fragments} - existing)
 
-    source = {"name": Path(model_path).name, "size": size, "sha256": source_hash}
-    manifest = build_manifest(header, source, fragment_size, fragments)
-    manifest.path = str(store / MANIFEST_NAME)
-    write_atomically(store / MANIFEST_NAME, manifest.to_json().encode())
-    if old is not None:  # re-cut with another fragment size: drop what only the old cut used
-        for fid in set(old.unique_fragments()) - set(manifest.unique_fragments()):
-            (frag_dir / fid).unlink(missing_ok=True)
+        source = {"name": Path(model_path).name, "size": size, "sha256": source_hash}
+        manifest = build_manifest(header, source, fragment_size, fragments)
+        manifest.path = str(store / MANIFEST_NAME)
+        write_atomically(store / MANIFEST_NAME, manifest.to_json().encode())
+        if old is not None:  # re-cut with another fragment size: drop what only the old cut used
+            for fid in set(old.unique_fragments()) - set(manifest.unique_fragments()):
+                (frag_dir / fid).unlink(missing_ok=True)
     return FragmentResult(manifest, store, written, time.perf_counter() - started)

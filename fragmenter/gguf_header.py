@@ -31,6 +31,8 @@ DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
 # Far above any real model, low enough to stop a corrupt count from allocating the machine away.
 MAX_COUNT = 1 << 24
+# llama.cpp refuses element counts that do not fit an int64; so do we, as every reader must agree.
+MAX_ELEMENTS = (1 << 63) - 1
 
 _SCALAR_FORMATS = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b",
@@ -88,7 +90,10 @@ class TensorInfo:
 
     @property
     def n_elements(self) -> int:
-        return int(np.prod(self.dims, dtype=np.int64)) if self.dims else 1
+        n = 1
+        for d in self.dims:  # Python ints: numpy's int64 product would wrap around silently
+            n *= d
+        return n
 
     @property
     def n_bytes(self) -> int:
@@ -256,6 +261,7 @@ def parse_header(stream: BinaryIO, source: str = "<stream>", decode_strings: boo
         if not 1 <= n_dims <= MAX_DIMS:
             raise GGUFFormatError(f"{source}: tensor {name!r} has {n_dims} dimensions (GGUF allows 1 to {MAX_DIMS})")
         dims = tuple(r.u64() for _ in range(n_dims))
+        _check_dims(name, dims, source)
         raw_type = r.u32()
         offset = r.u64()
         try:
@@ -280,6 +286,20 @@ def parse_header(stream: BinaryIO, source: str = "<stream>", decode_strings: boo
         if t.offset % alignment:
             raise GGUFFormatError(f"{source}: tensor {t.name!r} data offset {t.offset} is not aligned to {alignment}")
     return header
+
+
+def _check_dims(name: str, dims: tuple[int, ...], source: str) -> None:
+    """Every dimension at least 1 and the element count an int64: what llama.cpp and the manifest
+    accept. Refusing here, where the header is read, keeps `fragment` from writing a store that no
+    reader accepts and gives `infer FILE.gguf` the same one-line error."""
+    if 0 in dims:
+        raise GGUFFormatError(f"{source}: tensor {name!r} has a dimension of 0 (dims {list(dims)})")
+    n = 1
+    for d in dims:
+        n *= d
+    if n > MAX_ELEMENTS:
+        raise GGUFFormatError(f"{source}: tensor {name!r} has dims {list(dims)}: more elements than a GGUF "
+                              f"tensor can hold (2^63 - 1)")
 
 
 def parse_header_bytes(data: bytes, source: str) -> GGUFHeader:

@@ -12,6 +12,7 @@ tensor or one layer from the manifest alone.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from typing import Any, Iterable
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from common.errors import StoreError
+from common.files import read_regular
+from fragmenter.gguf_header import GGUFHeader
 
 FORMAT_NAME = "gguf-fragment-store"
 FORMAT_VERSION = 1
@@ -28,6 +31,8 @@ MANIFEST_NAME = "manifest.json"
 FRAGMENTS_DIR = "fragments"
 FRAGMENT_ID = re.compile(r"^[0-9a-f]{64}$")
 _LAYER = re.compile(r"^blk\.(\d+)\.")
+# Far above the 46,000-fragment model's manifest (about 10 MB); stops a huge or endless file early.
+MAX_MANIFEST_BYTES = 256 << 20
 
 
 def layer_of(tensor_name: str) -> int | None:
@@ -150,23 +155,140 @@ class Manifest:
             doc = json.loads(text)
         except (ValueError, UnicodeDecodeError) as e:
             raise StoreError(f"{path}: not a valid manifest (bad JSON: {e})") from None
+        except RecursionError:  # json recurses once per nesting level
+            raise StoreError(f"{path}: not a valid manifest (nested too deeply)") from None
         try:
             return _parse(doc, path)
         except StoreError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise StoreError(f"{path}: not a valid manifest (missing or malformed field: {e})") from None
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise StoreError(f"{path}: not a valid manifest (missing or malformed field: {e!r})") from None
 
     @classmethod
     def load(cls, store_dir: str | Path) -> "Manifest":
-        path = Path(store_dir) / MANIFEST_NAME
-        try:
-            text = path.read_bytes()
-        except FileNotFoundError:
-            raise StoreError(f"{path}: no manifest (not a fragment store, or an incomplete one)") from None
-        except OSError as e:
-            raise StoreError(f"{path}: cannot read ({e.strerror})") from None
-        return cls.from_json(text, str(path))
+        return cls.from_json(read_manifest_bytes(store_dir), str(Path(store_dir) / MANIFEST_NAME))
+
+    # -- the GGUF header is the authority ---------------------------------------------------------
+    def check_header(self, header: GGUFHeader, where: str | None = None) -> None:
+        """Raise StoreError unless this manifest's tensor table is exactly what ``header`` implies.
+
+        The header sits inside hash-checked fragments; the table beside it in manifest.json does
+        not. A table whose names, types, shapes, offsets or pieces differ from the header's (say two
+        tensors' offsets swapped) would hand the engine the wrong bytes under the right name and
+        produce fluent garbage. So every loader calls this before any tensor is used, and
+        `recombine --verify` reports it. The table must equal the one the fragmenter derives from
+        the header and the fragment list, piece for piece.
+        """
+        where = where or self.path
+        gguf = gguf_summary(header)
+        for key, value in gguf.items():
+            if self.gguf.get(key) != value:
+                raise StoreError(f"{where}: manifest gguf.{key} is {self.gguf.get(key)!r} but the GGUF header "
+                                 f"says {value!r}")
+        model = model_summary(header)
+        if self.model != model:
+            key = next(k for k in {**model, **self.model} if self.model.get(k) != model.get(k))
+            raise StoreError(f"{where}: manifest model.{key} is {self.model.get(key)!r} but the GGUF header "
+                             f"says {model.get(key)!r}")
+        expected = tensor_entries(header, self.fragments)
+        if self.tensors == expected:
+            return
+        listed = {t.name for t in expected}
+        seen = set()
+        for t in self.tensors:
+            if t.name not in listed:
+                raise StoreError(f"{where}: manifest lists tensor {t.name!r}, which the GGUF header does not have")
+            if t.name in seen:
+                raise StoreError(f"{where}: manifest lists tensor {t.name!r} twice")
+            seen.add(t.name)
+        missing = [t.name for t in expected if t.name not in seen]
+        if missing:
+            raise StoreError(f"{where}: manifest does not list tensor {missing[0]!r} of the GGUF header")
+        for want, got in zip(expected, self.tensors):
+            if want.name != got.name:
+                raise StoreError(f"{where}: manifest lists tensor {got.name!r} where the GGUF header has "
+                                 f"{want.name!r} (another order)")
+            if want != got:
+                raise StoreError(f"{where}: manifest entry for tensor {want.name!r} {_difference(want, got)}")
+
+
+def read_manifest_bytes(store_dir: str | Path) -> bytes:
+    """manifest.json's bytes: a regular file of sane size (a FIFO or /dev/zero would hang us)."""
+    path = Path(store_dir) / MANIFEST_NAME
+    try:
+        data = read_regular(path, MAX_MANIFEST_BYTES)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: no manifest (not a fragment store, or an incomplete one)") from None
+    except OSError as e:
+        raise StoreError(f"{path}: cannot read ({e.strerror})") from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise StoreError(f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a manifest")
+    return data
+
+
+# -- what the header implies ----------------------------------------------------------------------
+def pieces_of(start: int, length: int, fragments: list[Fragment]) -> tuple[Piece, ...]:
+    """The pieces of source bytes [start, start+length) as held by ``fragments`` (in file order)."""
+    starts = [f.offset for f in fragments]
+    end = start + length
+    pieces = []
+    i = max(bisect.bisect_right(starts, start) - 1, 0)
+    while i < len(fragments) and fragments[i].offset < end:
+        f = fragments[i]
+        lo, hi = max(start, f.offset), min(end, f.offset + f.size)
+        if lo < hi:
+            pieces.append(Piece(f.id, lo - f.offset, hi - lo))
+        i += 1
+    return tuple(pieces)
+
+
+def tensor_entries(header: GGUFHeader, fragments: list[Fragment]) -> list[TensorEntry]:
+    """The manifest's tensor table for a file with this header cut into these fragments."""
+    return [TensorEntry(t.name, t.type_name, t.dims, t.numpy_shape, header.data_offset + t.offset, t.n_bytes,
+                        pieces_of(header.data_offset + t.offset, t.n_bytes, fragments))
+            for t in header.tensors]
+
+
+def model_summary(header: GGUFHeader) -> dict:
+    """The handful of hyperparameters a person (or a scheduler) wants without opening the file."""
+    md = header.metadata
+    arch = md.get("general.architecture", "unknown")
+
+    def get(key):
+        value = md.get(f"{arch}.{key}")
+        return int(value) if value is not None and not hasattr(value, "__len__") else value
+
+    tokens = md.get("tokenizer.ggml.tokens")
+    vocab = get("vocab_size") or (len(tokens) if tokens is not None else None)
+    return {
+        "architecture": arch,
+        "name": md.get("general.name"),
+        "block_count": get("block_count"),
+        "embedding_length": get("embedding_length"),
+        "feed_forward_length": get("feed_forward_length"),
+        "head_count": get("attention.head_count"),
+        "head_count_kv": get("attention.head_count_kv"),
+        "vocab_size": vocab,
+        "context_length": get("context_length"),
+    }
+
+
+def gguf_summary(header: GGUFHeader) -> dict[str, int]:
+    return {"version": header.version, "alignment": header.alignment, "data_offset": header.data_offset,
+            "tensor_count": len(header.tensors), "metadata_count": len(header.metadata)}
+
+
+def _difference(want: TensorEntry, got: TensorEntry) -> str:
+    """How a manifest entry differs from the header's, for the error message."""
+    for field in ("ggml_type", "gguf_shape", "shape", "offset", "length"):
+        a, b = getattr(want, field), getattr(got, field)
+        if a != b:
+            return f"has {field} {_show(b)} but the GGUF header says {_show(a)}"
+    return "has pieces that do not tile its bytes as the fragment list places them"
+
+
+def _show(value) -> str:
+    return str(list(value)) if isinstance(value, tuple) else repr(value)
 
 
 def _dump(doc: dict) -> str:
@@ -262,19 +384,22 @@ def _parse(doc: dict, path: str) -> Manifest:
     # A file without tensors may end before the padding that would lead to its data section.
     _check_contiguous(header_pieces, 0, min(data_offset, source_size), offsets, "header", path)
 
-    tensors = []
+    tensors, names = [], set()
     for t in doc["tensors"]:
         name = t["name"]
         if not isinstance(name, str):
             raise StoreError(f"{path}: tensor name {name!r} is not a string")
+        if name in names:
+            raise StoreError(f"{path}: tensor {name!r} is listed twice")
+        names.add(name)
         try:
             qtype = GGMLQuantizationType[t["ggml_type"]]
         except KeyError:
             raise StoreError(f"{path}: tensor {name!r} has unknown GGML type {t['ggml_type']!r}") from None
         gguf_shape = tuple(_int(d, f"tensor {name!r} dimension", path, 1) for d in t["gguf_shape"])
-        shape = tuple(t["shape"])
-        if shape != tuple(reversed(gguf_shape)):
-            raise StoreError(f"{path}: tensor {name!r} shape {list(shape)} is not gguf_shape reversed")
+        shape = tuple(reversed(gguf_shape))
+        if list(t["shape"]) != list(shape) or any(type(d) is not int for d in t["shape"]):
+            raise StoreError(f"{path}: tensor {name!r} shape {t['shape']!r} is not gguf_shape reversed")
         block, type_size = GGML_QUANT_SIZES[qtype]
         n = 1
         for d in gguf_shape:

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.errors import StoreError, UserError
+from common.errors import StoreError, UserError, naming
+from common.files import remove_leftovers
 from common.hashing import BackgroundSHA256
 from common.progress import byte_progress
 from distribution.base import FragmentError, FragmentLoader, MissingFragment
@@ -45,11 +46,13 @@ def recombine(loader: FragmentLoader, out_path: str | Path, progress: bool | Non
         raise UserError(f"{out}: is a directory; give the path of the .gguf file to write")
     if not out.parent.is_dir():
         raise UserError(f"{out.parent}: no such directory")
+    _refuse_inside_store(loader, out)
     m = loader.manifest
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    remove_leftovers(out.parent, _temp_prefix(out))
+    tmp = out.with_name(f"{_temp_prefix(out)}{os.getpid()}")
     loader.prefetch(m.unique_fragments())
     try:
-        with open(tmp, "wb", buffering=0) as dest, BackgroundSHA256() as whole, \
+        with naming(tmp), open(tmp, "wb", buffering=0) as dest, BackgroundSHA256() as whole, \
                 byte_progress(m.source["size"], f"recombine {m.source['name']}", progress) as bar:
             for frag in m.fragments:
                 with loader.open_unverified(frag.id) as src:
@@ -63,6 +66,28 @@ def recombine(loader: FragmentLoader, out_path: str | Path, progress: bool | Non
         if tmp.exists():
             tmp.unlink()
     return RecombineResult(out, m.source["size"], digest, time.perf_counter() - started)
+
+
+def _temp_prefix(out: Path) -> str:
+    """Temporary name of a rebuild: .<name>.partial-<pid>, so a later run can clear a killed run's."""
+    return f".{out.name}.partial-"
+
+
+def _refuse_inside_store(loader: FragmentLoader, out: Path) -> None:
+    """Writing the rebuilt file into the store being read (onto manifest.json, or a fragment) would
+    replace what it is read from; refuse any output under the store directory, or that is the same
+    file as one of its files under another name (a hard link or a symlinked directory)."""
+    store = getattr(loader, "store", None)
+    if store is None:
+        return
+    store = Path(store).resolve()
+    target = out.resolve()
+    if target == store or store in target.parents:
+        raise UserError(f"{out}: is inside the store being read ({store}); write the rebuilt file elsewhere")
+    if target.exists():
+        ours = [store / "manifest.json"] + [store / "fragments" / fid for fid in loader.manifest.unique_fragments()]
+        if any(p.exists() and os.path.samefile(p, target) for p in ours):
+            raise UserError(f"{out}: is a file of the store being read ({store}); write the rebuilt file elsewhere")
 
 
 def _stream(src, length: int, use, whole: BackgroundSHA256, bar) -> int:
@@ -100,14 +125,18 @@ class VerifyReport:
     missing: list[str] = field(default_factory=list)   # messages, one per fragment
     corrupt: list[str] = field(default_factory=list)
     whole_file_ok: bool | None = None                  # None: not checkable (fragments bad)
+    table: str | None = None                           # how the tensor table disagrees with the header
 
     @property
     def ok(self) -> bool:
-        return not self.missing and not self.corrupt and self.whole_file_ok is True
+        return not self.missing and not self.corrupt and self.whole_file_ok is True and self.table is None
 
     def lines(self) -> list[str]:
         out = [f"missing: {msg}" for msg in self.missing] + [f"corrupt: {msg}" for msg in self.corrupt]
-        if self.whole_file_ok is True:
+        if self.table is not None:
+            out.append(f"{self.where}: the fragments and the whole file's SHA-256 are intact, but the manifest's "
+                       f"tensor table does not describe them: {self.table}")
+        elif self.whole_file_ok is True:
             out.append(f"{self.where}: all {self.fragments} fragments verified; the whole file's SHA-256 "
                        f"matches the source")
         elif self.whole_file_ok is False:
@@ -151,6 +180,11 @@ def verify(loader: FragmentLoader, progress: bool | None = None) -> VerifyReport
         source_hash = whole.hexdigest()
     if not bad:
         report.whole_file_ok = source_hash == m.source["sha256"]
+    if report.whole_file_ok:
+        try:  # the header is inside hash-checked fragments; the table beside it must agree
+            loader.header()
+        except StoreError as e:
+            report.table = _strip_where(str(e), loader.where)
     return report
 
 

@@ -1,0 +1,167 @@
+"""The hostile run's silently-wrong cases: a manifest that lies about its own header, headers no
+reader accepts, two writers in one store, an output inside the store being read."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from common.errors import EXIT_DAMAGED_STORE, EXIT_USAGE, StoreError, UserError
+from distribution.local import LocalLoader
+from fragmenter.fragment import fragment_file
+from recombiner.recombine import verify
+from tests.conftest import BIN, assert_one_line_error, run_cli
+from tests.hostile.damage import copy_store, edit_manifest, set_dim, swap_tensors, tensor
+
+MODEL = "q8_0-spm-gqa"
+A, B = "blk.0.attn_q.weight", "blk.1.attn_q.weight"
+
+
+@pytest.fixture(scope="module")
+def clean_store(factory_models, tmp_path_factory):
+    store = tmp_path_factory.mktemp("trust") / "store"
+    fragment_file(str(factory_models[MODEL]), store, 8192, progress=False)
+    return store
+
+
+@pytest.fixture
+def store(clean_store, tmp_path):
+    return copy_store(clean_store, tmp_path / "store")
+
+
+def test_swapped_tensors_are_refused_by_the_loader_and_by_verify(store):
+    clean = LocalLoader(store).load_tensor(A)
+    edit_manifest(store, lambda d: swap_tensors(d, A, B))
+    with pytest.raises(StoreError, match=f"'{A}' has offset"):
+        LocalLoader(store).load_tensor(A)
+    report = verify(LocalLoader(store), progress=False)
+    assert not report.ok and A in report.table
+    proc = run_cli("recombine", store, "--verify")
+    assert proc.returncode == EXIT_DAMAGED_STORE
+    assert "tensor table does not describe them" in proc.stderr and "verified" not in proc.stdout
+    assert clean.shape == LocalLoader(store).manifest.tensor(A).shape  # the lie was shape-compatible
+
+
+def test_infer_on_swapped_tensors_is_one_line_not_garbage(store):
+    edit_manifest(store, lambda d: swap_tensors(d, A, B))
+    proc = run_cli("infer", store, "--prompt", "hi", "--max-tokens", "4", "--no-chat")
+    assert_one_line_error(proc, A, "GGUF header")
+    assert proc.returncode == EXIT_DAMAGED_STORE and proc.stdout == ""
+
+
+def permute_shape(doc):
+    t = tensor(doc, "blk.0.ffn_up.weight")
+    t["gguf_shape"] = t["gguf_shape"][::-1]
+    t["shape"] = t["shape"][::-1]
+
+
+def change_type(doc):  # F32 -> I32: same size, so only the header can tell
+    t = next(t for t in doc["tensors"] if t["ggml_type"] == "F32")
+    t["ggml_type"] = "I32"
+
+
+def duplicate_tensor(doc):
+    doc["tensors"].append(dict(doc["tensors"][3]))
+
+
+def drop_tensor(doc):
+    del doc["tensors"][3]
+
+
+def reorder_tensors(doc):
+    doc["tensors"][2], doc["tensors"][3] = doc["tensors"][3], doc["tensors"][2]
+
+
+def lie_about_model(doc):
+    doc["model"]["block_count"] += 1
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (permute_shape, "gguf_shape"), (change_type, "ggml_type"), (duplicate_tensor, "twice"),
+    (drop_tensor, "does not list"), (reorder_tensors, "another order"), (lie_about_model, "model.block_count"),
+])
+def test_every_table_lie_is_one_line_with_exit_2(store, edit, needle):
+    edit_manifest(store, edit)
+    proc = run_cli("recombine", store, "--verify")
+    assert proc.returncode == EXIT_DAMAGED_STORE, proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(StoreError, match=needle):
+        loader = LocalLoader(store)
+        loader.load_tensor(loader.manifest.tensors[0].name)
+
+
+def test_manifest_nested_200k_levels_is_one_line(store):
+    (store / "manifest.json").write_text("[" * 200_000 + "]" * 200_000)
+    for cmd in (["recombine", store, "--verify"], ["infer", store, "--prompt", "x"], ["fetch", store, "-o",
+                store.parent / "copy"]):
+        proc = run_cli(*cmd)
+        assert_one_line_error(proc, "manifest.json", "nested too deeply")
+        assert proc.returncode == EXIT_DAMAGED_STORE
+
+
+@pytest.mark.parametrize("dim", [0, 1 << 63, (1 << 64) - 1])
+def test_fragment_and_infer_refuse_impossible_dimensions_naming_the_tensor(factory_models, tmp_path, dim):
+    bad = set_dim(factory_models[MODEL], tmp_path / "bad.gguf", "blk.0.ffn_up.weight", 1, dim)
+    proc = run_cli("fragment", bad, "-o", tmp_path / "store")
+    assert_one_line_error(proc, "blk.0.ffn_up.weight", "bad.gguf")
+    assert proc.returncode == EXIT_USAGE
+    assert not (tmp_path / "store" / "manifest.json").exists()
+    proc = run_cli("infer", bad, "--prompt", "x", "--max-tokens", "2")
+    assert_one_line_error(proc, "blk.0.ffn_up.weight")
+
+
+def test_a_second_writer_is_refused_while_the_store_is_locked(factory_models, clean_store, tmp_path):
+    store = copy_store(clean_store, tmp_path / "store")
+    fd = os.open(store, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # what a running `fragment` or `fetch` holds
+        proc = run_cli("fragment", factory_models["f32-spm-gqa"], "-o", store, "--fragment-size", "8KiB")
+        assert_one_line_error(proc, str(store), "another run is writing")
+        proc = run_cli("fetch", clean_store, "-o", store)
+        assert_one_line_error(proc, "another run is writing")
+    finally:
+        os.close(fd)
+    assert verify(LocalLoader(store), progress=False).ok  # untouched
+
+
+def test_two_fragment_runs_of_different_models_leave_one_intact_store(factory_models, tmp_path):
+    store = tmp_path / "store"
+    procs = [subprocess.Popen([str(BIN / "fragment"), str(factory_models[m]), "-o", str(store), "--fragment-size",
+                               "4KiB"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for m in (MODEL, "f32-spm-gqa")]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    ok = [rc for rc, _ in results if rc == 0]
+    assert len(ok) == 1, results  # the other is refused: locked, or the store now holds another model
+    for rc, err in results:
+        if rc:
+            assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert verify(LocalLoader(store), progress=False).ok
+
+
+@pytest.mark.parametrize("target", ["manifest.json", "fragment", "store", "hardlink"])
+def test_recombine_refuses_outputs_inside_the_store(clean_store, tmp_path, target):
+    store = copy_store(clean_store, tmp_path / "store")
+    fid = json.loads((store / "manifest.json").read_text())["fragments"][1]["id"]
+    out = {"manifest.json": store / "manifest.json", "fragment": store / "fragments" / fid,
+           "store": store / "rebuilt.gguf", "hardlink": tmp_path / "elsewhere.gguf"}[target]
+    if target == "hardlink":
+        os.link(store / "fragments" / fid, out)
+    proc = run_cli("recombine", store, "-o", out)
+    assert_one_line_error(proc, str(store))
+    assert proc.returncode == EXIT_USAGE
+    assert verify(LocalLoader(store), progress=False).ok
+
+
+def test_an_honest_store_loads_every_tensor(store):
+    loader = LocalLoader(store)
+    for name in loader.manifest.tensor_names():
+        assert np.isfinite(loader.load_tensor(name)).all()
+
+
+def test_user_error_types_keep_their_codes():
+    assert UserError("x").exit_code == EXIT_USAGE and StoreError("x").exit_code == EXIT_DAMAGED_STORE
