@@ -81,7 +81,7 @@ async function loadInfo() {
   const info = data.info;
   const keys = SHOWN_FIRST.filter((k) => k in info).concat(
     Object.keys(info).filter((k) => !SHOWN_FIRST.includes(k) && k !== "route"));
-  const rows = keys.map((k) => [k, k === "file_size" ? megabytes(info[k]) : show(info[k])]);
+  const rows = keys.map((k) => [k, k === "file_size" ? megabytes(info[k]) : k === "sha256" ? short(info[k]) : show(info[k])]);
   rows.push(["served context", data.context + " tokens"], ["slots", String(data.parallel)]);
   fillList($("model-info"), rows);
   applyDefaults(data.defaults);
@@ -90,6 +90,10 @@ async function loadInfo() {
 
 function megabytes(n) {
   return typeof n === "number" ? (n / 1e6).toFixed(1) + " MB" : show(n);
+}
+
+function short(hash) {
+  return typeof hash === "string" && hash.length > 16 ? hash.slice(0, 16) + "…" : show(hash);
 }
 
 function show(v) {
