@@ -6,9 +6,10 @@ The DHT holds three kinds of entries, all written and read through ``P2PNode``:
                     or a *region* of one store: ``block_key(manifest sha256, region)`` with region
                     "header", "blk.N" or "globals" (distribution/spans.py). One lookup per block
                     instead of one per fragment: the plan of docs/p2p-scale.md.
-  peer records      a small JSON object per peer, under ``gguf-fragments-peer/<peer id>``: its HTTP
-                    address for fragments ("http"), the multiaddrs it can be dialled at ("addrs"),
-                    and whatever else a kind of peer publishes (a swarm node adds "swarm").
+  peer records      a small JSON object per peer, signed by it, under ``/gguf-peer/<peer id>``
+                    (distribution/peer_records.py): its HTTP address for fragments ("http"), the
+                    multiaddrs it can be dialled at ("addrs"), and whatever else a kind of peer
+                    publishes (a swarm node adds "swarm").
   routing           the usual Kademlia tables, which the two above ride on.
 
 Bytes never travel over libp2p (one py-libp2p stream moved 71 MB/s on loopback, HTTP over
@@ -21,7 +22,6 @@ public method is a blocking call from the caller's thread, so the loaders stay s
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import secrets
 import sys
@@ -30,9 +30,9 @@ import time
 from typing import Callable
 
 from common.errors import NetworkError, UserError
+from distribution import peer_records
 from distribution.addresses import Announce, multiaddr_host, reachable_hosts
 
-PEER_KEY_PREFIX = "gguf-fragments-peer/"
 LOOKUP_TIMEOUT = 10.0   # seconds for one DHT lookup
 CONNECT_TIMEOUT = 10.0  # seconds to reach one bootstrap peer
 DHT_PARALLEL = 8        # DHT operations in flight: py-libp2p fails to open streams beyond a few more
@@ -79,17 +79,32 @@ def _quiet_libp2p() -> None:
         log.setLevel(logging.CRITICAL + 1)
 
 
+def _causes(e: BaseException, depth: int = 0):
+    """``e`` and everything it wraps: causes, contexts and the members of libp2p's MultiError."""
+    if e is None or depth > 8:
+        return
+    yield e
+    for inner in [e.__cause__, e.__context__, *(getattr(e, "errors", None) or []),
+                  *(getattr(e, "exceptions", None) or [])]:
+        if isinstance(inner, BaseException):
+            yield from _causes(inner, depth + 1)
+
+
 def _why(e: BaseException) -> str:
-    """The root cause of a failed dial, in a few words (libp2p wraps it two or three times)."""
-    seen = e
-    while seen.__cause__ is not None or (seen.__context__ is not None and not seen.__suppress_context__):
-        seen = seen.__cause__ or seen.__context__
-        if isinstance(seen, ConnectionRefusedError):
+    """The reason a dial failed, in a few words (libp2p wraps the cause two or three times)."""
+    causes = list(_causes(e))
+    for c in causes:
+        if isinstance(c, ConnectionRefusedError):
             return "connection refused"
-        if isinstance(seen, OSError) and seen.strerror:
-            return seen.strerror.lower()
-    text = str(seen) or type(seen).__name__
-    return text.splitlines()[0][:200]
+        if isinstance(c, OSError) and c.strerror:
+            return c.strerror.lower()
+    text = " ".join(str(c) for c in causes)
+    if "upgrade security" in text or "handshake" in text:
+        return "something answers there, but not that peer: the security handshake failed"
+    if "fail to open connection" in text:
+        return "no connection could be opened: refused, or nothing listens there"
+    first = str(e) or type(e).__name__
+    return first.splitlines()[0][:200]
 
 
 class P2PNode:
@@ -188,7 +203,8 @@ class P2PNode:
         self._known = []  # peers we connected to: asked first, over their open connections
         # What the host tells other peers (identify, provider records) is what they can dial,
         # not the wildcard it listens on: to another host 0.0.0.0 and 127.0.0.1 are itself.
-        host = new_host(key_pair=create_new_key_pair(self.seed), addrs_factory=self._advertise)
+        self._key_pair = create_new_key_pair(self.seed)
+        host = new_host(key_pair=self._key_pair, addrs_factory=self._advertise)
         self._token = trio.lowlevel.current_trio_token()
         self._stop = trio.Event()
         async with host.run(listen_addrs=[Multiaddr(self.listen)]):
@@ -196,6 +212,7 @@ class P2PNode:
             self.peer_id = host.get_id().pretty()
             self._bound = [str(a) for a in host.get_transport_addrs()]
             self.dht = KadDHT(host, DHTMode.SERVER if self.server else DHTMode.CLIENT)
+            self.dht.register_validator(peer_records.NAMESPACE, peer_records.validator())
             async with background_trio_service(self.dht):
                 async with trio.open_nursery() as nursery:
                     for addr in self.bootstrap:
@@ -357,47 +374,42 @@ class P2PNode:
 
     # -- peer records -----------------------------------------------------------------------------
     def put_peer_record(self, record: dict) -> None:
-        """Publish this peer's record: a JSON object stored under ``gguf-fragments-peer/<peer id>``.
+        """Publish this peer's record, a JSON object, under ``/gguf-peer/<peer id>``.
 
         ``record`` holds what this peer offers, e.g. ``{"http": "http://10.0.0.5:8001/"}`` for a
         fragment server, plus ``"swarm": {...}`` for a node. The node adds "peer" (its id),
-        "addrs" (``reachable_addrs()``) and "seq" (a nanosecond timestamp: publishing again
-        replaces the record, and readers keep the highest seq they find). Not signed: in an open
-        swarm anyone can publish under any key, which is why fragments are verified by hash and
-        a private swarm authenticates its requests."""
+        "addrs" (``reachable_addrs()``), "seq" (a nanosecond timestamp: publishing again replaces
+        the record; readers keep the highest seq) and "sig" (its signature with this peer's key,
+        so nobody else can publish for it). Keep it small (well under 10 KB)."""
         value = {**record, "peer": self.peer_id, "addrs": self.reachable_addrs(), "seq": time.time_ns()}
         self._record = value
-        self.call(self.dht.put_value, PEER_KEY_PREFIX + self.peer_id, json.dumps(value).encode())
+        signed = peer_records.sign_record(value, self._key_pair.private_key)
+        self.call(self.dht.put_value, peer_records.record_key(self.peer_id), signed)
 
     def get_peer_record(self, peer_id: str) -> dict | None:
-        """The newest record ``peer_id`` published (a dict), or None if none is found within
-        LOOKUP_TIMEOUT. Asks the peers we are connected to first (one round trip each), then
-        walks the DHT. Records that are not JSON objects, or name another peer, are ignored."""
+        """The newest valid record ``peer_id`` published (a dict with at least "peer", "addrs",
+        "seq" and what the peer put in it), or None if none is found within LOOKUP_TIMEOUT.
+        Asks the peers we are connected to first (one round trip each), then walks the DHT.
+        Values that are not JSON objects signed by ``peer_id`` are ignored."""
         if peer_id == self.peer_id and self._record is not None:
             return dict(self._record)
-        key = (PEER_KEY_PREFIX + peer_id).encode()
-
-        def parse(value) -> dict | None:
-            try:
-                record = json.loads(value)
-            except (ValueError, TypeError, UnicodeDecodeError):
-                return None
-            ok = isinstance(record, dict) and record.get("peer") == peer_id and isinstance(record.get("seq"), int)
-            return record if ok else None
+        key = peer_records.record_key(peer_id)
 
         async def get():
             import trio
 
-            records = []
+            values = []
             with trio.move_on_after(LOOKUP_TIMEOUT):
                 for peer in self._known:  # as for providers: the peers we know first, then the network
                     try:  # private API of the pinned libp2p 0.8.1
-                        records.append(parse(await self.dht.value_store._get_from_peer(peer, key)))
+                        values.append(await self.dht.value_store._get_from_peer(peer, key.encode()))
                     except Exception:
                         continue
-                if not any(records):
-                    records.append(parse(await self.dht.get_value(key.decode())))
-            records = [r for r in records if r]
-            return max(records, key=lambda r: r["seq"]) if records else None
+                if peer_records.newest(key, [v for v in values if v]) is None:
+                    values.append(await self.dht.get_value(key))
+            return peer_records.newest(key, [v for v in values if v])
 
-        return self.call(get, timeout=LOOKUP_TIMEOUT + 5)
+        record = self.call(get, timeout=LOOKUP_TIMEOUT + 5)
+        if record is not None:
+            record.pop("sig", None)
+        return record

@@ -1,0 +1,75 @@
+"""What users type (--bootstrap, --announce, p2p:// addresses) and which addresses a peer announces
+behind a wildcard listen (never 0.0.0.0, loopback only when nothing else exists)."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from common.errors import UserError
+from distribution import addresses
+from distribution.addresses import (Announce, http_url, parse_address, parse_announce, parse_bootstrap,
+                                    reachable_hosts)
+
+SHA = "ab" * 32
+PEER = "16Uiu2HAmPLe7Mzm8TsYUubgCAW1aJoeFScxrLj8ppHFivPo97bUZ"
+MADDR = f"/ip4/10.77.0.1/tcp/4001/p2p/{PEER}"
+
+
+def test_bootstrap_takes_the_whole_address_or_the_bare_multiaddr():
+    assert parse_bootstrap([f"p2p://{SHA}@{MADDR}"]) == [MADDR]
+    assert parse_bootstrap([MADDR]) == [MADDR]
+    other = MADDR.replace("10.77.0.1", "10.77.0.2")
+    assert parse_bootstrap([f"p2p://{SHA}@{MADDR},{other}", MADDR]) == [MADDR, other]
+    for bad in ("10.77.0.1:4001", "/ip4/10.77.0.1/tcp/4001", "/ip4/10.77.0.1/tcp/4001/p2p/xyz",
+                f"p2p://{SHA}@", "p2p://nothex@" + MADDR):
+        with pytest.raises(UserError, match="bootstrap|multiaddr|SHA-256|P2P address"):
+            parse_bootstrap([bad])
+    assert parse_address(f"p2p://{SHA}@{MADDR}") == (SHA, [MADDR])
+
+
+def test_announce():
+    assert parse_announce("example.org") == Announce("example.org")
+    assert parse_announce("203.0.113.7:8443") == Announce("203.0.113.7", 8443)
+    assert parse_announce("[2001:db8::1]:80") == Announce("2001:db8::1", 80)
+    assert parse_announce(None) is None
+    for bad in ("0.0.0.0", "host:0", "host:http", ":80", "host:70000"):
+        with pytest.raises(UserError, match="--announce"):
+            parse_announce(bad)
+
+
+@given(st.text(max_size=40))
+def test_announce_never_crashes(text):
+    try:
+        parse_announce(text)
+    except UserError:
+        pass
+
+
+@pytest.fixture
+def interfaces(monkeypatch):
+    """A host with one bridge address and loopback; routes to 10.77/16 leave from the bridge."""
+    monkeypatch.setattr(addresses, "interface_addresses", lambda: ["10.77.0.3", "192.0.2.9", "127.0.0.1"])
+    monkeypatch.setattr(addresses, "route_source", lambda h: "10.77.0.3" if h.startswith("10.77.") else
+                        ("127.0.0.1" if h.startswith("127.") else "192.0.2.9"))
+
+
+def test_wildcard_listen_announces_interface_addresses(interfaces):
+    assert reachable_hosts("0.0.0.0") == ["10.77.0.3", "192.0.2.9"]
+    assert reachable_hosts("0.0.0.0", toward=["192.0.2.1"]) == ["192.0.2.9", "10.77.0.3"]
+    assert reachable_hosts("0.0.0.0", toward=["127.0.0.1"]) == ["10.77.0.3", "192.0.2.9"]  # never loopback
+    assert reachable_hosts("0.0.0.0", observed=["203.0.113.5"]) == ["10.77.0.3", "192.0.2.9", "203.0.113.5"]
+    assert reachable_hosts("127.0.0.1") == ["127.0.0.1"] and reachable_hosts("10.77.0.3") == ["10.77.0.3"]
+    assert http_url("0.0.0.0", 8001) == "http://10.77.0.3:8001/"
+    assert http_url("0.0.0.0", 8001, Announce("example.org", 443)) == "http://example.org:443/"
+    assert http_url("0.0.0.0", 8001, Announce("example.org")) == "http://example.org:8001/"
+
+
+def test_a_loopback_only_host_announces_loopback(monkeypatch):
+    monkeypatch.setattr(addresses, "interface_addresses", lambda: ["127.0.0.1"])
+    assert reachable_hosts("0.0.0.0") == ["127.0.0.1"]
+
+
+def test_interface_addresses_of_this_host():
+    found = addresses.interface_addresses()
+    assert found and "0.0.0.0" not in found
+    assert not any(addresses.is_loopback(a) for a in found[:-1]) or all(addresses.is_loopback(a) for a in found)
