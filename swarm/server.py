@@ -77,17 +77,17 @@ class NodeService:
                 "ms_per_token": round(self.ms_per_token, 3), "private": self.key is not None,
                 "version": wire.VERSION}
 
-    def measure(self, steps: int = 4) -> float:
-        """ms per decode token over the whole span (also compiles and warms the kernels)."""
-        cache = self.model.new_cache(steps + 1)
+    def measure(self, steps: int = 5, warm_up: int = 2) -> float:
+        """ms per decode token over the whole span (the first steps compile and warm the kernels)."""
+        cache = self.model.new_cache(steps + warm_up)
         x = np.zeros((1, self.dim), np.float32) + 0.01
         times = []
         with COMPUTE_LOCK:
-            for pos in range(steps + 1):
+            for pos in range(steps + warm_up):
                 t0 = time.perf_counter()
                 self.model.forward_layers(x, cache, pos)
                 times.append(time.perf_counter() - t0)
-        return statistics.median(times[1:]) * 1000
+        return statistics.median(times[warm_up:]) * 1000
 
     def view(self, first: int, last: int):
         if (first, last) not in self.views:
@@ -172,8 +172,8 @@ class NodeService:
             return y, time.perf_counter() - t0
 
 
-def make_app(service: NodeService, extra_routes=None) -> web.Application:
-    """The node's aiohttp application: the WebSocket at /swarm (plus any fragment routes)."""
+def make_app(service: NodeService, app: web.Application | None = None) -> web.Application:
+    """The node's WebSocket at /swarm, added to ``app`` (say, the fragment server's) or a new one."""
     connections: set[web.WebSocketResponse] = set()
 
     async def swarm(request: web.Request) -> web.WebSocketResponse:
@@ -209,10 +209,8 @@ def make_app(service: NodeService, extra_routes=None) -> web.Application:
         for ws in list(connections):
             await ws.close(code=1001, message=b"node stopping")
 
-    app = web.Application()
+    app = app if app is not None else web.Application()
     app.router.add_get(WS_PATH, swarm)
-    for method, path, handler in extra_routes or []:
-        app.router.add_route(method, path, handler)
     app.cleanup_ctx.append(expire_idle)
     app.on_shutdown.append(close_connections)
     return app
