@@ -121,10 +121,14 @@ function applyDefaults(defaults) {
   }
 }
 
+let hasRoute = false;
 function showRoute(route) {
+  hasRoute = Boolean(route);
   // The route of a distributed source: one row per node (whatever columns it reports: node, blocks, ms/token).
-  if (!Array.isArray(route) || route.length === 0) return;
+  if (route && !Array.isArray(route)) route = [route];
+  if (!route || route.length === 0) return;
   $("route-panel").hidden = false;
+  route = route.map((hop) => (typeof hop === "object" && hop !== null ? hop : { hop }));
   const cols = [...new Set(route.flatMap((hop) => Object.keys(hop)))];
   const table = $("route");
   table.replaceChildren();
@@ -216,6 +220,7 @@ async function send(event) {
       bubble.append(span);
     }
     bubble.dataset.state = "done";
+    if (hasRoute) loadInfo();  // the route's ms per token were measured during this answer
     controller = null;
     $("send").disabled = false;
     $("stop").disabled = true;
