@@ -100,8 +100,9 @@ class NumpyBackend:
 
 
 class NumbaBackend(NumpyBackend):
-    """Weights stay quantized (Q8_0) in memory; one token at a time uses the Numba kernels, prompts
-    use BLAS on weights dequantized into a reused buffer. Other types are held as float32."""
+    """Weights stay quantized in memory (Q8_0 here; F16, BF16, Q4_0-Q5_1 and Q4_K-Q6_K as stored, in
+    engine/quant_weights.py); one token at a time uses the Numba kernels, prompts use BLAS on weights
+    dequantized into a reused buffer. Other types are held as float32."""
 
     name = "numba"
     SMALL_BATCH = 8  # up to this many tokens: the matvec kernel reading each row once for all
@@ -111,10 +112,12 @@ class NumbaBackend(NumpyBackend):
         if emulate_llama_cpp:
             raise UserError("llama.cpp activation rounding is only available with the numpy kernels")
         super().__init__(False)
-        from engine import kernels_numba
+        from engine import kernels_numba, quant_weights
 
         self.k = kernels_numba
-        self.compile_s = kernels_numba.warm_up()
+        self.qw = quant_weights
+        self.quant = quant_weights.QuantMatmul()  # the other stored types (engine/quant_weights.py)
+        self.compile_s = kernels_numba.warm_up() + self.quant.compile_s
         self._scratch = np.empty(0, np.float32)
 
     def prepare(self, loader, name: str):
@@ -122,6 +125,10 @@ class NumbaBackend(NumpyBackend):
         if entry.ggml_type == "Q8_0":
             blocks, _ = loader.load_quantized(name)
             return Q8Weight(*self.k.split_q8_0(blocks))
+        held = self.qw.prepare(loader, name)
+        if held is not None:
+            return held
+        self.qw.note_expanded(entry.ggml_type)
         return DenseWeight(loader.load_tensor(name), entry.ggml_type)
 
     def prepare_fused(self, loader, names: list[str]) -> FusedWeight:
@@ -129,9 +136,12 @@ class NumbaBackend(NumpyBackend):
         if all(isinstance(p, Q8Weight) for p in fw.parts):
             stacked = Q8Weight(np.concatenate([p.qs for p in fw.parts]), np.concatenate([p.d for p in fw.parts]))
             return FusedWeight([stacked], fw.sizes, stacked=True)
-        return fw
+        stacked = self.qw.stack(fw.parts)
+        return FusedWeight([stacked], fw.sizes, stacked=True) if stacked is not None else fw
 
     def matmul(self, x: np.ndarray, w) -> np.ndarray:
+        if isinstance(w, self.qw.QuantWeight):
+            return self.quant.matmul(x, w)
         if not isinstance(w, Q8Weight):
             return x @ w.values.T
         x = np.ascontiguousarray(x, dtype=np.float32)
