@@ -19,6 +19,7 @@ class LoadingModel:
         self.error: str | None = None
         self.exception: BaseException | None = None
         self.stage, self.done, self.total = ("ready", None, None) if text_model is not None else ("starting", None, None)
+        self.unit: str | None = None
         self.started = time.monotonic()
         self.started_wall = time.time()
         self.ready_event = threading.Event()
@@ -29,9 +30,10 @@ class LoadingModel:
             self.thread = threading.Thread(target=self._load, args=(load,), name="api-load", daemon=True)
             self.thread.start()
 
-    def progress(self, stage: str, done: int | None = None, total: int | None = None) -> None:
+    def progress(self, stage: str, done: int | None = None, total: int | None = None, unit: str | None = None) -> None:
+        """The current stage, and how far it is (``done`` of ``total`` ``unit``s: "B" for bytes) when known."""
         with self.lock:
-            self.stage, self.done, self.total = stage, done, total
+            self.stage, self.done, self.total, self.unit = stage, done, total, unit
 
     def _load(self, load: Callable) -> None:
         try:
@@ -51,6 +53,8 @@ class LoadingModel:
             out = {"status": self.status, "stage": self.stage}
             if self.total:
                 out.update(done=self.done, total=self.total, progress=round((self.done or 0) / self.total, 4))
+                if self.unit:
+                    out["unit"] = self.unit
             if self.status == "loading":
                 out["elapsed_s"] = round(time.monotonic() - self.started, 1)
             if self.error:

@@ -61,18 +61,7 @@ async def _serve(source, host, port, parallel, queue_size, api_key, ctx, templat
     from api.server import make_app, start
     from common.progress import Status
 
-    status = Status(enabled=sys.stderr.isatty())
-
-    def load(progress):
-        from cli.common import load_text_model
-
-        def say(message: str) -> None:
-            progress(message)
-            status(message)
-
-        return load_text_model(source, kernels, template, say=say)
-
-    model = LoadingModel(load)
+    model = LoadingModel(model_loader(source, kernels, template, Status(enabled=sys.stderr.isatty())))
     app = make_app(model, parallel=parallel, queue_size=queue_size, api_key=api_key, context=ctx)
     runner, bound = await start(app, host, port)
     try:
@@ -86,3 +75,24 @@ async def _serve(source, host, port, parallel, queue_size, api_key, ctx, templat
         await asyncio.Event().wait()  # serve until Ctrl-C
     finally:
         await runner.cleanup()
+
+
+def model_loader(source, kernels, template, status):
+    """``load(progress)`` for a ``LoadingModel``: the stages go to ``progress`` (and to ``status`` on
+    stderr), and so do the bytes of fragments being fetched from a remote source."""
+
+    def load(progress):
+        from cli.common import load_text_model
+        from common.progress import watch_progress
+
+        def say(message: str) -> None:
+            progress(message)
+            status(message)
+
+        stop = watch_progress(lambda desc, done, total: progress(desc, done, total, "B"))
+        try:
+            return load_text_model(source, kernels, template, say=say)
+        finally:
+            stop()
+
+    return load

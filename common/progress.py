@@ -6,8 +6,36 @@ from tqdm import tqdm
 
 
 def byte_progress(total: int, desc: str, enabled: bool | None = None) -> tqdm:
-    """A bytes progress bar on stderr; silent unless stderr is a terminal (or forced)."""
+    """A bytes progress bar on stderr; silent unless stderr is a terminal (or forced).
+    Watchers (``watch_progress``) hear it either way."""
     if enabled is None:
         enabled = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                disable=not enabled, file=sys.stderr, leave=False)
+    return _Watched(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                    disable=not enabled, file=sys.stderr, leave=False)
+
+
+_watchers: list = []
+
+
+def watch_progress(callback):
+    """Call ``callback(desc, done_bytes, total_bytes)`` on every byte progress update in this
+    process (fragment fetches...), terminal or not: a server shows its loading this way.
+    Returns a function that stops watching."""
+    _watchers.append(callback)
+    return lambda: _watchers.remove(callback)
+
+
+class _Watched(tqdm):
+    def __init__(self, *args, desc: str = "", total: int | None = None, **kwargs):
+        self._label, self._total, self._done = desc, total, 0  # tqdm keeps neither when disabled
+        super().__init__(*args, desc=desc, total=total, **kwargs)
+        self._tell()
+
+    def update(self, n=1):
+        self._done += n
+        self._tell()
+        return super().update(n)
+
+    def _tell(self) -> None:
+        for callback in list(_watchers):
+            callback(self._label, self._done, self._total)

@@ -58,8 +58,9 @@ function showLoading(state) {
   if (state.total) {
     bar.max = state.total;
     bar.value = state.done || 0;
-    $("loading-detail").textContent = `${state.done} of ${state.total} (${Math.round(100 * state.progress)}%), ` +
-      `${state.elapsed_s} s`;
+    const amount = (n) => (state.unit === "B" ? (n / 1e6).toFixed(1) + " MB" : String(n));
+    $("loading-detail").textContent = `${amount(state.done)} of ${amount(state.total)} ` +
+      `(${Math.round(100 * state.progress)}%), ${state.elapsed_s} s`;
   } else {
     bar.removeAttribute("value");  // indeterminate
     $("loading-detail").textContent = state.elapsed_s !== undefined ? `${state.elapsed_s} s` : "";
