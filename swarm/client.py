@@ -47,8 +47,18 @@ class _Loop:
     def get(cls) -> "_Loop":
         with cls._guard:
             if cls._instance is None:
+                import atexit
+
                 cls._instance = _Loop()
+                atexit.register(cls._instance.close)
             return cls._instance
+
+    def close(self) -> None:
+        if self.http is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(self.http.close(), self.loop).result(2)
+            except Exception:  # the loop is already gone at exit: nothing left to close
+                pass
 
     def run(self, coro, timeout: float):
         return asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, timeout), self.loop).result()
@@ -198,7 +208,8 @@ def distributed_text_model(loader, nodes: list[str] | None = None, key: bytes | 
     """A ``generation.TextModel`` whose sessions run every block on the swarm's nodes.
 
     Only the edges (embedding, output norm and head) and the tokenizer are loaded here. Nodes come
-    from ``nodes`` (WebSocket URLs) and/or ``find`` (a callable returning URLs: the DHT lookup).
+    from ``nodes`` (WebSocket URLs) and/or ``find`` (a callable returning URLs), by default the DHT
+    of a p2p:// loader (the nodes announcing the manifest's blocks).
     ``timings(text_model)`` reports the route, failovers and per-node times afterwards.
     """
     from engine.model import LlamaModel
@@ -209,6 +220,10 @@ def distributed_text_model(loader, nodes: list[str] | None = None, key: bytes | 
 
     sha = manifest_sha(loader)
     edges = LlamaModel(loader, backend=kernels, edges_only=True)
+    if find is None and getattr(loader, "node", None) is not None:  # a p2p:// source: ask its DHT
+        from swarm.discovery import dht_finder
+
+        find = dht_finder(loader.node, sha, edges.config.n_layers)
     swarm = Swarm(edges, Directory(sha, nodes, find, key), key, dtype)
     model = {k: v for k, v in loader.manifest.model.items() if v is not None}
     info = {**model, "source": loader.where, "sha256": loader.manifest.source.get("sha256"),

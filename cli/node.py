@@ -1,0 +1,63 @@
+"""`node`: run a span of transformer blocks for the swarm's clients."""
+
+from __future__ import annotations
+
+import click
+
+from cli.common import user_errors
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("source")
+@click.option("--layers", required=True, help="The blocks to run, e.g. 0-9.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", default=0, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
+@click.option("--listen", default="/ip4/127.0.0.1/tcp/0", show_default=True, help="libp2p listen multiaddr.")
+@click.option("--bootstrap", multiple=True, help="A peer to join through: p2p://<manifest>@<multiaddr> or the "
+                                                 "bare multiaddr (repeatable).")
+@click.option("--max-sessions", default=16, show_default=True, type=click.IntRange(1), help="Sessions held at once.")
+@click.option("--max-positions", default=4096, show_default=True, type=click.IntRange(1),
+              help="Positions (prompt + generated tokens) per session.")
+@click.option("--max-cache-mb", default=1024, show_default=True, type=click.IntRange(1),
+              help="Memory for all sessions' KV caches together.")
+@click.option("--idle", default=600, show_default=True, type=click.IntRange(1), help="Seconds before an idle session is dropped.")
+@click.option("--swarm-key", type=click.Path(dir_okay=False), help="Private swarm: the shared secret's file.")
+@click.option("--announce", help="HOST[:PORT] others reach this node at (behind NAT or a proxy).")
+@click.option("--kernels", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True)
+@user_errors
+def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positions, max_cache_mb, idle, swarm_key,
+         announce, kernels):
+    """Serve blocks A-B of SOURCE (a store directory, http://, p2p:// or .gguf) to the swarm.
+
+    Loads only those blocks, joins the DHT, announces its span under the model's per-block keys
+    and prints its address, p2p://<manifest sha256>@<multiaddr>, for clients and other nodes to
+    bootstrap from. A store directory's fragments of the span are served to peers too. Clients
+    connect with `infer p2p://... --distributed`. Ctrl-C stops it.
+    """
+    import os
+
+    from cli.common import open_store
+    from common.errors import UserError
+    from distribution.addresses import parse_announce, parse_bootstrap
+    from distribution.spans import parse_spans
+    from engine.model import LlamaModel
+    from swarm import manifest_sha
+    from swarm.memory import Limits
+    from swarm.node import serve_node
+    from swarm.server import NodeService
+    from swarm.wire import load_key
+
+    spans = parse_spans(layers)
+    if len(spans) != 1:
+        raise UserError(f"--layers {layers!r}: a node runs one contiguous span, like 0-9")
+    key = load_key(swarm_key) if swarm_key else None
+    public = parse_announce(announce)
+    boots = parse_bootstrap(bootstrap)
+    say = lambda line: click.echo(line, err=True)  # noqa: E731
+    loader = open_store(source, allow_file=True)
+    model = LlamaModel(loader, backend=kernels, layers=spans[0])
+    limits = Limits(max_sessions=max_sessions, max_positions=max_positions, max_cache_bytes=max_cache_mb << 20,
+                    idle_s=idle)
+    service = NodeService(model, manifest_sha(loader), limits, key)
+    store = source if os.path.isdir(source) else None
+    serve_node(service, host, port, listen, boots, public, store, say)

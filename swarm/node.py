@@ -1,0 +1,84 @@
+"""`node`: serve a span of blocks to the swarm (and its fragments to peers), announced in the DHT."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from swarm.discovery import block_regions, node_record, ws_url
+from swarm.server import NodeService, make_app
+
+REPUBLISH_S = 30.0  # the peer record carries the free capacity: refreshed this often
+
+
+def serve_node(service: NodeService, host: str, port: int, listen: str, bootstrap: list[str], public=None,
+               store=None, say=print) -> None:
+    """Run the node until SIGINT/SIGTERM. With ``store`` (a store directory) the fragments of the
+    span are served over HTTP on the same port, as `serve --p2p --layers` does."""
+    from distribution.addresses import http_url, multiaddr_host
+    from distribution.dht import P2PNode
+    from distribution.server import start
+
+    model = service.model
+    first, last = model.first_layer, model.last_layer
+    p2p = P2PNode(listen, bootstrap, announce=public).start()
+    toward = [h for h in map(multiaddr_host, bootstrap) if h]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        app, held = _fragment_app(store, first, last)
+        runner, bound = await start(make_app(service, app), host, port)
+        url = ws_url(host, bound, public, toward)
+        record = {"swarm": node_record(service, url)}
+        if held:
+            record["http"] = http_url(host, bound, public, toward)
+        await loop.run_in_executor(None, p2p.put_peer_record, record)
+        await loop.run_in_executor(None, _provide, p2p, service.manifest_sha, store, held, first, last)
+        say(f"node: blocks {first}-{last} on {url} ({service.ms_per_token:.2f} ms/token, "
+            f"{service.limits.max_sessions} sessions, {service.limits.max_cache_bytes / 2**20:.0f} MiB of cache"
+            + (f", {len(held)} fragments served" if held else "") + ")")
+        for addr in p2p.reachable_addrs():
+            say(f"p2p://{service.manifest_sha}@{addr}")
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), REPUBLISH_S)
+                except asyncio.TimeoutError:
+                    record["swarm"] = node_record(service, url)
+                    await loop.run_in_executor(None, p2p.put_peer_record, record)
+        finally:
+            await runner.cleanup()
+
+    try:
+        asyncio.run(main())
+    finally:
+        p2p.stop()
+        service.executor.shutdown(wait=False)
+        say("stopped")
+
+
+def _fragment_app(store, first: int, last: int):
+    """The fragment server for the span's fragments of a store directory (or none)."""
+    if store is None:
+        return None, set()
+    from pathlib import Path
+
+    from distribution.p2p_server import held_fragments
+    from distribution.server import make_app as fragment_app
+    from fragmenter.manifest import Manifest
+
+    store = Path(store)
+    held = held_fragments(store, Manifest.load(store), [(first, last)])
+    return fragment_app(store, only=held), held
+
+
+def _provide(p2p, manifest_sha: str, store, held: set, first: int, last: int) -> None:
+    if held:
+        from distribution.p2p_server import announce_fragments
+        from fragmenter.manifest import Manifest
+
+        announce_fragments(p2p, Manifest.load(store), manifest_sha, held)
+    p2p.provide_regions(manifest_sha, block_regions(first, last))

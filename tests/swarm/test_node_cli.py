@@ -1,0 +1,64 @@
+"""`node` processes that find each other through the DHT; a client that knows one p2p:// address
+routes through them, and when a node is killed -9 mid-generation, finds (again in the DHT) a node
+that joined after the session began."""
+
+import pytest
+
+from distribution.p2p_loader import P2PLoader
+from swarm.client import distributed_text_model, timings
+from tests.conftest import assert_one_line_error, run_cli
+from tests.swarm.conftest import greedy
+from tests.swarm.nodeutil import NodeProcess
+
+PROMPT = "What is the capital of France?"
+N = 8
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--layers", "5-2"], "span 5-2 is empty"),
+    (["--layers", "0-40"], "layer span 0-40 is outside 0-29"),
+    (["--layers", "0-9,20-29"], "one contiguous span"),
+    (["--layers", "0-9", "--bootstrap", "/ip4/127.0.0.1/tcp/1"], "--bootstrap"),
+])
+def test_node_user_errors(default_store, args, needle):
+    assert_one_line_error(run_cli("node", default_store, *args, timeout=120), needle)
+
+
+def test_short_swarm_key_is_refused(default_store, tmp_path):
+    key = tmp_path / "key"
+    key.write_text("short")
+    assert_one_line_error(run_cli("node", default_store, "--layers", "0-9", "--swarm-key", key, timeout=120),
+                          str(key), "at least 16 bytes")
+
+
+def test_dht_route_and_failover_to_a_node_that_joined_later(default_store):
+    from cli.common import load_text_model
+
+    local = load_text_model(str(default_store))
+    tokens = local.chat_prompt([{"role": "user", "content": PROMPT}])[0]
+    with local.open_session(len(tokens) + N) as s:
+        expected = greedy(s, tokens, N)
+
+    a = NodeProcess(default_store, "0-9")
+    nodes = [a] + [NodeProcess(default_store, span, "--bootstrap", a.address) for span in ("10-19", "20-29")]
+    loader = None
+    try:
+        loader = P2PLoader(a.address)  # fetches only the manifest, header, embedding and head
+        tm = distributed_text_model(loader)
+
+        def kill(i):
+            if i == 3:
+                nodes[1].kill()
+                nodes.append(NodeProcess(default_store, "10-29", "--bootstrap", a.address))
+
+        with tm.open_session(len(tokens) + N) as s:
+            assert [hop["node"] for hop in timings(tm)["route"]] == [n.url for n in nodes]
+            assert greedy(s, tokens, N, kill) == expected
+        t = timings(tm)
+        assert t["failovers"] == 1
+        assert t["route"][1] == {"blocks": "10-19", "node": nodes[3].url}
+    finally:
+        if loader is not None:
+            loader.close()
+        for n in nodes:
+            n.stop()
