@@ -158,3 +158,24 @@ def test_a_peer_re_provides_what_it_fetched(store, tmp_path):
                     np.testing.assert_array_equal(loader.load_tensor(name), local.load_tensor(name))
             finally:
                 loader.close()
+
+
+def test_providers_are_looked_up_per_block_not_per_fragment(store, tmp_path, monkeypatch):
+    from distribution.dht import block_key, dht_key
+    from distribution.spans import fragment_regions
+
+    manifest = LocalLoader(store).manifest
+    with peer(store) as full, peer(store, "--layers", "0-1", bootstrap=boot_of(full)):
+        loader = P2PLoader(full.line("p2p://"), cache_dir=tmp_path / "cache")
+        asked = []
+        original = loader.node.find_keys
+        monkeypatch.setattr(loader.node, "find_keys", lambda keys, thorough=False: asked.extend(keys) or
+                            original(keys, thorough))
+        try:
+            loader.prefetch(manifest.unique_fragments())
+        finally:
+            loader.close()
+    regions = fragment_regions(manifest)
+    assert sorted(asked) == sorted(block_key(loader.manifest_sha256, r) for r in regions)
+    assert not set(asked) & {dht_key(f) for f in manifest.unique_fragments()}
+    assert len(asked) < len(manifest.unique_fragments())
