@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import click
@@ -97,16 +98,157 @@ def describe_model(loader) -> dict:
             "fragments": len(manifest.unique_fragments())}
 
 
-def load_text_model(source: str | None, kernels: str = "numba", template: str | None = None):
-    """A ``generation.TextModel`` for any source `infer` takes, with every block loaded here."""
+def load_text_model(source: str | None, kernels: str = "numba", template: str | None = None,
+                    say=None, before_weights=None):
+    """A ``generation.TextModel`` for any source `infer` takes, with every block loaded here.
+
+    ``say(message)`` hears what takes time (loading, first-time kernel compilation);
+    ``before_weights(tokenizer, context_length)`` runs before any weight is loaded, so a request
+    that cannot be served (a prompt longer than the context) fails at once.
+    """
+    from engine.config import LlamaConfig
     from engine.model import LlamaModel
     from engine.tokenizer import Tokenizer
     from generation.textmodel import TextModel
 
+    say = say or (lambda message: None)
     loader = open_store(resolve_source(source), allow_file=True)
     tokenizer = Tokenizer(loader.metadata, loader.where)
-    model = LlamaModel(loader, backend=kernels)
     info = describe_model(loader)
+    if before_weights is not None:
+        before_weights(tokenizer, LlamaConfig.from_metadata(loader.metadata, loader.where).context_length)
+    announce_loading(say, info, kernels)
+    model = LlamaModel(loader, backend=kernels)
+    say(loaded_message(model))
     return TextModel(name=info.get("name") or info.get("file") or "model", tokenizer=tokenizer,
                      context_length=model.config.context_length, open_session=model.open_session,
                      info=info, template=template)
+
+
+def announce_loading(say, info: dict, kernels: str) -> None:
+    """Tell a waiting person what is about to take time: the weights, and kernels compiled on first use."""
+    size = info.get("file_size")
+    what = f"{size / 1e6:.0f} MB in {info.get('fragments')} fragments" if size else f"{info.get('fragments')} fragments"
+    say(f"loading {info.get('name') or info.get('file') or 'the model'} from {info.get('source')} ({what})...")
+    if kernels == "numba" and kernels_need_compiling():
+        say("compiling kernels (first run only; about 10 s)...")
+
+
+def loaded_message(model) -> str:
+    compile_s = getattr(model.backend, "compile_s", 0.0) + getattr(model.decoder, "compile_s", 0.0)
+    return f"ready ({model.backend.name} kernels" + (f", {compile_s:.1f} s of it compiling or loading them)"
+                                                     if compile_s >= 1 else ")")
+
+
+def kernels_need_compiling() -> bool:
+    """True when loading will compile the engine's Numba kernels: on a machine that never compiled
+    them (no cache index at all), or after their source changed (an index that is stale). Reads
+    Numba's cache index; if Numba's internals differ, says False (better quiet than wrong)."""
+    import importlib
+    import sys as _sys
+
+    try:
+        from numba.core.dispatcher import Dispatcher
+
+        for name in ("engine.kernels_numba", "engine.fast_decode"):
+            importlib.import_module(name)
+        indexes = [obj._cache._cache_file for name, module in list(_sys.modules.items())
+                   if name.startswith("engine.") and module is not None
+                   for obj in vars(module).values()
+                   if isinstance(obj, Dispatcher) and not obj.signatures
+                   and hasattr(getattr(obj, "_cache", None), "_cache_file")]
+        written = [index for index in indexes if os.path.exists(index._index_path)]
+        stale = any(not index._load_index() for index in written)
+        return bool(indexes) and (not written or stale)
+    except Exception:  # an internal detail changed
+        return False
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int | None) -> int | None:
+    """Thread count for numpy/numba; must run before they are imported (their pools read it once).
+
+    More threads than cores only slows every step down (and 100000 crashed OpenBLAS), so a larger
+    request is capped at the core count with a note on stderr. Returns the count used.
+    """
+    if not threads:
+        return None
+    cores = usable_cores()
+    if threads > cores:
+        click.echo(f"note: --threads {threads} is more than the {cores} cores here; using {cores}", err=True)
+        threads = cores
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    return threads
+
+
+def seed_option(seed: int | None) -> int | None:
+    """--seed as llama.cpp reads it: -1 (or none) draws a random seed."""
+    if seed is None or seed == -1:
+        return None
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0, or -1 for a random seed; got {seed}")
+    return seed
+
+
+def check_utf8(text: str, what: str) -> str:
+    """Command-line text that held invalid UTF-8 arrives with surrogate escapes: refuse it clearly."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start].encode("utf-8", "surrogateescape")
+        raise UserError(f"{what} is not valid UTF-8 (byte 0x{bad.hex()} at character {e.start})") from None
+    return text
+
+
+def decode_utf8(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    """The prompt from --prompt TEXT, --prompt - (standard input) or --prompt-file FILE."""
+    if (prompt is None) == (prompt_file is None):
+        raise UserError("give the prompt with exactly one of --prompt TEXT, --prompt - (standard input) "
+                        "or --prompt-file FILE")
+    if prompt_file is not None:
+        try:
+            with open(prompt_file, "rb") as f:
+                return decode_utf8(f.read(), prompt_file)
+        except OSError as e:
+            raise UserError(f"{prompt_file}: {e.strerror or e}") from None
+    if prompt == "-":
+        return decode_utf8(sys.stdin.buffer.read(), "standard input")
+    return check_utf8(prompt, "--prompt")
+
+
+def sampling_options(temperature: float, max_tokens: int):
+    """The sampling options `infer` and `chat` share (their defaults differ: greedy vs llama-server's)."""
+
+    def apply(command):
+        options = [
+            click.option("-n", "--max-tokens", default=max_tokens, show_default=True, type=click.IntRange(1),
+                         help="Tokens to generate at most" + (" per answer." if temperature else ".")),
+            click.option("--temperature", default=temperature, show_default=True, type=float,
+                         help="0 is greedy (deterministic); higher is more varied."),
+            click.option("--top-k", default=40, show_default=True, type=int, help="Keep the K likeliest tokens (0: off)."),
+            click.option("--top-p", default=0.95, show_default=True, type=float, help="Nucleus sampling, in (0, 1]."),
+            click.option("--min-p", default=0.05, show_default=True, type=float,
+                         help="Drop tokens below this share of the best."),
+            click.option("--repeat-penalty", default=1.0, show_default=True, type=float,
+                         help="Penalize recent tokens (1: off)."),
+            click.option("--seed", type=int, help="Random seed: the same seed repeats a sampled run (-1: random)."),
+        ]
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply

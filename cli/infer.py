@@ -1,99 +1,108 @@
-"""`infer`: generate text from a store (or a .gguf file), streaming it as it comes."""
+"""`infer`: generate text from any source (store, .gguf, http://, p2p://), streaming it as it comes."""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
+from dataclasses import dataclass, field
 
 import click
 
-from cli.common import user_errors
-
-
-def _set_threads(threads: int | None) -> None:
-    """Must run before numpy/numba are imported: their thread pools read these once."""
-    if threads:
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-            os.environ[var] = str(threads)
+from cli.common import sampling_options, user_errors
+from common.errors import UserError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("source", required=False)
-@click.option("-p", "--prompt", required=True, help="What to ask (or, with --no-chat, the raw text to continue).")
-@click.option("-n", "--max-tokens", default=256, show_default=True, type=click.IntRange(1), help="Tokens to generate at most.")
-@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 is greedy (deterministic).")
-@click.option("--top-k", default=40, show_default=True, type=int, help="Keep the K likeliest tokens (0: off).")
-@click.option("--top-p", default=0.95, show_default=True, type=float, help="Nucleus sampling, in (0, 1].")
-@click.option("--min-p", default=0.05, show_default=True, type=float, help="Drop tokens below this share of the best.")
-@click.option("--repeat-penalty", default=1.0, show_default=True, type=float, help="Penalize recent tokens (1: off).")
-@click.option("--seed", type=int, help="Random seed: the same seed repeats a sampled run.")
+@click.option("-p", "--prompt", help="What to ask (with --no-chat: the raw text to continue); '-' reads it from "
+                                     "standard input.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False),
+              help="Read the prompt from this file (UTF-8) instead of --prompt.")
+@sampling_options(temperature=0.0, max_tokens=256)
 @click.option("--stop", multiple=True, help="Stop when this text appears (not printed). Repeatable.")
 @click.option("--system", help="System message for the chat template.")
 @click.option("--template", help="Chat template: chatml, llama2, llama3, mistral, gemma, alpaca, zephyr "
                                  "(default: the model's own, else detected).")
 @click.option("--no-chat", is_flag=True, help="Send the prompt as is, with no chat template.")
 @click.option("--ctx", default=4096, show_default=True, type=click.IntRange(16), help="Context window (KV cache size).")
-@click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all cores; at most the core count).")
 @click.option("--backend", type=click.Choice(["engine", "llama.cpp"]), default="engine", show_default=True,
               help="engine: this project's engine; llama.cpp: the same request through llama-cpp-python.")
 @click.option("--kernels", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True,
               help="numba: the fast path (weights stay quantized); numpy: the plain reference.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end instead of streaming.")
 @user_errors
-def infer(source, prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop, system,
-          template, no_chat, ctx, threads, backend, kernels, as_json):
-    """Generate text from SOURCE: a store directory or a .gguf file.
+def infer(source, prompt, prompt_file, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop,
+          system, template, no_chat, ctx, threads, backend, kernels, as_json):
+    """Generate text from SOURCE: a store directory, a .gguf file, an http:// store address or a
+    p2p:// address.
 
     With no SOURCE, the default model's store (made by scripts/setup.sh) is used. Text streams to
-    stdout as it is generated; --json prints prompt_tokens, tokens, text, load_s, prefill_tok_s and
-    decode_tok_s at the end instead.
+    stdout as it is generated; loading and first-time kernel compilation are reported on stderr
+    when it is a terminal. --json prints prompt_tokens, tokens, text, load_s, prefill_tok_s,
+    decode_tok_s and stop_reason at the end instead (and nothing on stderr).
     """
-    _set_threads(threads)
-    from common.errors import UserError
+    from cli.common import check_utf8, read_prompt, seed_option, set_threads
+
+    threads = set_threads(threads)  # before numpy and numba are imported
+    from common.progress import Status
     from engine.sampling import SamplingParams
 
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                            repeat_penalty=repeat_penalty, seed=seed).validate()
+                            repeat_penalty=repeat_penalty, seed=seed_option(seed)).validate()
+    text = read_prompt(prompt, prompt_file)
+    system = check_utf8(system, "--system") if system is not None else None
+    stops = [check_utf8(s, "--stop") for s in stop]
     if no_chat and (template or system):
         raise UserError("--no-chat sends the raw prompt: it cannot be combined with --template or --system")
+    if no_chat and not text:
+        raise UserError("the prompt is empty: with --no-chat there is no text to continue")
     if template:
         from engine.chat import NAMED_TEMPLATES
 
         if template not in NAMED_TEMPLATES:
             raise UserError(f"unknown template {template!r} (choose from: {', '.join(sorted(NAMED_TEMPLATES))})")
-    if source is None:
-        from models.default import DEFAULT_STORE
-
-        source = str(DEFAULT_STORE)
-        if not os.path.isdir(source):
-            raise UserError(f"{source}: the default model's store is missing; run scripts/setup.sh first")
-
-    from cli.common import open_store
-    from engine.chat import STOPS, chat_prompt
-    from engine.tokenizer import Tokenizer
-
-    started = time.perf_counter()
-    loader = open_store(source, allow_file=True)
-    tokenizer = Tokenizer(loader.metadata, loader.where)
-    stops = list(stop)
-    if no_chat:
-        text = prompt
-    else:
-        text, used = chat_prompt(tokenizer, prompt, system, template)
-        stops += STOPS.get(used, [])
-    prompt_tokens = tokenizer.encode(text)
+    request = Request(text, system, template, no_chat, max_tokens, params, stops, ctx)
+    say = Status(enabled=not as_json and sys.stderr.isatty())
 
     if backend == "llama.cpp":
-        result = _run_llama_cpp(loader, prompt_tokens, max_tokens, params, stops, ctx, threads, as_json, started)
+        result = _run_llama_cpp(source, request, threads, as_json, say)
     else:
-        result = _run_engine(loader, tokenizer, prompt_tokens, max_tokens, params, stops, ctx, kernels, as_json,
-                             started)
+        result = _run_engine(source, request, kernels, as_json, say)
     if as_json:
         click.echo(json.dumps(result))
     else:
         click.echo()
+
+
+@dataclass
+class Request:
+    """What to generate, independent of where the model comes from."""
+    text: str
+    system: str | None
+    template: str | None
+    no_chat: bool
+    max_tokens: int
+    params: object  # engine.sampling.SamplingParams
+    stops: list[str]
+    ctx: int
+    prompt_tokens: list[int] = field(default_factory=list)
+
+    def tokenize(self, tokenizer, context_length: int) -> None:
+        """Prompt tokens and the template's stop strings; refuses a prompt the context cannot hold."""
+        from engine.chat import STOPS, chat_prompt
+        from generation.stream import check_fits
+
+        if self.no_chat:
+            text = self.text
+        else:
+            text, used = chat_prompt(tokenizer, self.text, self.system, self.template)
+            self.stops += STOPS.get(used, [])
+        self.prompt_tokens = tokenizer.encode(text)
+        if not self.prompt_tokens:
+            raise UserError("the prompt is empty: there is nothing to continue")
+        check_fits(len(self.prompt_tokens), min(self.ctx, context_length))
 
 
 def _stream(as_json: bool):
@@ -107,40 +116,59 @@ def _stream(as_json: bool):
     return out
 
 
-def _run_engine(loader, tokenizer, prompt_tokens, max_tokens, params, stops, ctx, kernels, as_json, started):
-    from engine.config import LlamaConfig
-    from engine.model import LlamaModel
-    from engine.sampling import Sampler
-    from generation.stream import check_fits, generate
+def open_model(source, request: Request, kernels: str, say):
+    """SOURCE -> a generation.TextModel (the one place infer turns a source into a model)."""
+    from cli.common import load_text_model
 
-    config = LlamaConfig.from_metadata(loader.metadata, loader.where)
-    capacity = min(ctx, config.context_length)
-    check_fits(len(prompt_tokens), capacity)  # before any weight is loaded
-    model = LlamaModel(loader, backend=kernels)
+    return load_text_model(source, kernels, request.template, say=say, before_weights=request.tokenize)
+
+
+def _run_engine(source, request: Request, kernels, as_json, say):
+    from engine.sampling import Sampler
+    from generation.stream import generate
+
+    started = time.perf_counter()
+    model = open_model(source, request, kernels, say)
     load_s = time.perf_counter() - started
-    with model.open_session(min(capacity, len(prompt_tokens) + max_tokens)) as session:
-        result = generate(session, tokenizer, prompt_tokens, max_tokens, Sampler(params), stops, _stream(as_json))
+    capacity = min(request.ctx, model.context_length, len(request.prompt_tokens) + request.max_tokens)
+    session = model.open_session(capacity)
+    try:
+        result = generate(session, model.tokenizer, request.prompt_tokens, request.max_tokens,
+                          Sampler(request.params), request.stops, _stream(as_json))
+    finally:
+        session.close()
     return {"prompt_tokens": len(result.prompt_tokens), "tokens": result.tokens, "text": result.text,
             "stop_reason": result.stop_reason, "load_s": round(load_s, 3),
             "prefill_tok_s": round(result.prefill_tok_s, 2), "decode_tok_s": round(result.decode_tok_s, 2)}
 
 
-def _run_llama_cpp(loader, prompt_tokens, max_tokens, params, stops, ctx, threads, as_json, started):
+def _run_llama_cpp(source, request: Request, threads, as_json, say):
     """The seed's bridge: the same request through llama.cpp, from a verified rebuild of the store."""
+    from cli.common import open_store, resolve_source, usable_cores
+    from engine.config import LlamaConfig
+    from engine.tokenizer import Tokenizer
     from generation.stream import check_fits
     from validation.reference import load_llama, materialized
 
+    started = time.perf_counter()
+    loader = open_store(resolve_source(source), allow_file=True)
+    request.tokenize(Tokenizer(loader.metadata, loader.where),
+                     LlamaConfig.from_metadata(loader.metadata, loader.where).context_length)
+    prompt_tokens, params = request.prompt_tokens, request.params
+    say(f"rebuilding {loader.where} into a temporary GGUF for llama.cpp...")
     with materialized(loader) as path:
-        llm = load_llama(path, n_ctx=ctx, threads=threads or os.cpu_count() or 2)
+        say("loading llama.cpp...")
+        llm = load_llama(path, n_ctx=request.ctx, threads=threads or usable_cores())
         check_fits(len(prompt_tokens), llm.n_ctx())
         load_s = time.perf_counter() - started
+        say("ready")
         emit = _stream(as_json)
         t0 = time.perf_counter()
         tokens, pieces, first_at = [], [], None
-        for chunk in llm.create_completion(prompt_tokens, max_tokens=max_tokens, temperature=params.temperature,
-                                           top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
-                                           repeat_penalty=params.repeat_penalty, seed=params.seed,
-                                           stop=stops or None, stream=True):
+        for chunk in llm.create_completion(prompt_tokens, max_tokens=request.max_tokens,
+                                           temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                                           min_p=params.min_p, repeat_penalty=params.repeat_penalty,
+                                           seed=params.seed, stop=request.stops or None, stream=True):
             if first_at is None:
                 first_at = time.perf_counter()
             piece = chunk["choices"][0]["text"]
@@ -154,3 +182,4 @@ def _run_llama_cpp(loader, prompt_tokens, max_tokens, params, stops, ctx, thread
     return {"prompt_tokens": len(prompt_tokens), "tokens": tokens, "text": text, "load_s": round(load_s, 3),
             "prefill_tok_s": round(len(prompt_tokens) / prefill_s, 2) if prefill_s else 0.0,
             "decode_tok_s": round((len(tokens) - 1) / (end - first_at), 2) if first_at and len(tokens) > 1 else 0.0}
+

@@ -39,3 +39,26 @@ class _Watched(tqdm):
     def _tell(self) -> None:
         for callback in list(_watchers):
             callback(self._label, self._done, self._total)
+
+
+class Status:
+    """Stage lines on stderr for long steps ("loading ...", "compiling kernels ..."), each with the
+    seconds since the command started, so a person waiting sees what is happening and how long it
+    took. Silent unless enabled (default: when stderr is a terminal)."""
+
+    def __init__(self, enabled: bool | None = None, prefix: str = ""):
+        import time
+
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.prefix = prefix
+        self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        import time
+
+        return time.perf_counter() - self.started
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            sys.stderr.write(f"{self.prefix}[{self.elapsed():5.1f} s] {message}\n")
+            sys.stderr.flush()

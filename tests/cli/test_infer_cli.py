@@ -92,3 +92,103 @@ def test_store_that_fails_verification(factory_models, tmp_path):
 
 def test_missing_source(tmp_path):
     assert_one_line_error(run_cli("infer", tmp_path / "nope", "--prompt", "hi"), "no such store")
+
+
+# -- issue 10: prompts and options that used to end in a traceback ----------------------------------
+def run_bytes(*args, stdin: bytes | None = None, env: dict | None = None, timeout: float = 300):
+    """run_cli with raw bytes as arguments (invalid UTF-8 included) and optional standard input."""
+    import os
+    import subprocess
+
+    from tests.conftest import BIN
+
+    return subprocess.run([str(BIN / "infer"), *args], input=stdin, capture_output=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def text_of(proc):
+    import subprocess
+
+    return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode("utf-8", "replace"),
+                                       proc.stderr.decode("utf-8", "replace"))
+
+
+@pytest.mark.parametrize("option, needle", [("--prompt", "--prompt is not valid UTF-8 (byte 0xff"),
+                                            ("--system", "--system is not valid UTF-8 (byte 0xff")])
+def test_invalid_utf8_is_one_clear_line(factory_models, option, needle):
+    args = [str(factory_models["q8_0-spm-gqa"]).encode(), b"--prompt", b"hi", option.encode(), b"\xff\xfehi\x80"]
+    assert_one_line_error(text_of(run_bytes(*args)), needle)
+
+
+def test_invalid_utf8_in_a_prompt_file_or_stdin(factory_models, tmp_path):
+    model = str(factory_models["q8_0-spm-gqa"])
+    bad = tmp_path / "prompt.txt"
+    bad.write_bytes(b"ok \xc3\x28")
+    assert_one_line_error(run_cli("infer", model, "--prompt-file", bad), str(bad), "not valid UTF-8")
+    assert_one_line_error(text_of(run_bytes(model, "--prompt", "-", stdin=b"\x80")), "standard input",
+                          "not valid UTF-8")
+
+
+def test_prompt_from_stdin_and_from_a_file_equal_the_option(factory_models, tmp_path):
+    model = str(factory_models["q8_0-spm-gqa"])
+    args = ["--no-chat", "--max-tokens", "6", "--json"]
+    direct = json.loads(run_cli("infer", model, "--prompt", "The quick brown", *args).stdout)
+    piped = json.loads(text_of(run_bytes(model, "--prompt", "-", *args, stdin=b"The quick brown")).stdout)
+    (tmp_path / "p.txt").write_text("The quick brown", encoding="utf-8")
+    filed = json.loads(run_cli("infer", model, "--prompt-file", tmp_path / "p.txt", *args).stdout)
+    assert direct["tokens"] == piped["tokens"] == filed["tokens"] and direct["prompt_tokens"] > 2
+
+
+@pytest.mark.parametrize("args, needle", [
+    ([], "exactly one of --prompt"),
+    (["--prompt", "hi", "--prompt-file", "x.txt"], "exactly one of --prompt"),
+    (["--prompt-file", "/nonexistent/p.txt"], "/nonexistent/p.txt"),
+    (["--prompt", "", "--no-chat"], "the prompt is empty"),
+    (["--prompt", "hi", "--seed", "-2"], "--seed must be >= 0, or -1"),
+])
+def test_prompt_and_seed_mistakes(factory_models, args, needle):
+    assert_one_line_error(run_cli("infer", factory_models["q8_0-spm-gqa"], *args), needle)
+
+
+def test_seed_minus_one_is_random_and_threads_are_capped(factory_models):
+    proc = run_cli("infer", factory_models["q8_0-spm-gqa"], "--prompt", "hello", "--no-chat", "--temperature", "1",
+                   "--seed", "-1", "--threads", "100000", "--max-tokens", "4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "--threads 100000 is more than the" in proc.stderr
+    assert len(json.loads(proc.stdout)["tokens"]) > 0
+
+
+def test_help_names_every_kind_of_source():
+    proc = run_cli("infer", "--help")
+    for kind in ("store directory", ".gguf file", "http://", "p2p://", "--prompt-file"):
+        assert kind in proc.stdout, kind
+
+
+# -- issue 12: nothing a person waits on is silent ---------------------------------------------------
+def test_loading_is_reported_on_a_terminal_and_silent_otherwise(factory_models):
+    import pexpect
+
+    from tests.conftest import BIN
+
+    model = str(factory_models["q8_0-spm-gqa"])
+    child = pexpect.spawn(str(BIN / "infer"), [model, "--prompt", "hi", "--no-chat", "--max-tokens", "4"],
+                          encoding="utf-8", timeout=300)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+    assert "s] loading " in child.before and "s] ready (numba kernels" in child.before
+    piped = run_cli("infer", model, "--prompt", "hi", "--no-chat", "--max-tokens", "4")
+    assert piped.returncode == 0 and piped.stderr == ""
+
+
+def test_cold_kernel_cache_is_detected(tmp_path):
+    """With an empty Numba cache, infer announces "compiling kernels (first run only...)"."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    check = "from cli.common import kernels_need_compiling as k; print(k())"
+    cold = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env={**__import__("os").environ, "NUMBA_CACHE_DIR": str(tmp_path)})
+    assert cold.stdout.strip() == "True", cold.stderr
