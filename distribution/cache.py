@@ -11,6 +11,11 @@ import hashlib
 import os
 from pathlib import Path
 
+from common.errors import naming
+from common.files import read_regular, remove_leftovers
+
+TEMP_PREFIX = ".partial-"  # downloads in progress: .partial-<pid>-<sha256>
+
 
 def default_cache_dir() -> Path:
     env = os.environ.get("GGUF_FRAGMENTS_CACHE")
@@ -22,29 +27,36 @@ def default_cache_dir() -> Path:
 class FragmentCache:
     def __init__(self, directory: str | Path | None = None):
         self.dir = Path(directory) if directory is not None else default_cache_dir()
-        self.dir.mkdir(parents=True, exist_ok=True)
+        with naming(self.dir, "create"):
+            self.dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(self.dir, TEMP_PREFIX)  # downloads of killed runs
 
     def path(self, fid: str) -> Path:
         return self.dir / fid
 
     def has(self, fid: str, size: int) -> bool:
         p = self.path(fid)
-        return p.is_file() and p.stat().st_size == size
+        try:
+            return p.is_file() and p.stat().st_size == size
+        except OSError:
+            return False
 
     def get(self, fid: str, size: int) -> bytes | None:
         """The fragment's bytes if cached and intact, else None (a damaged copy is removed)."""
         p = self.path(fid)
         try:
-            data = p.read_bytes()
+            data = read_regular(p, size)  # never more than one byte past the expected size
         except FileNotFoundError:
             return None
+        except OSError:  # not a regular file, unreadable: treat as damaged
+            data = b""
         if len(data) == size and hashlib.sha256(data).hexdigest() == fid:
             return data
         p.unlink(missing_ok=True)
         return None
 
     def temp_path(self, fid: str) -> Path:
-        return self.dir / f".partial-{os.getpid()}-{fid}"
+        return self.dir / f"{TEMP_PREFIX}{os.getpid()}-{fid}"
 
     def commit(self, fid: str, temp: Path) -> None:
         """Move a downloaded, already verified temporary file into place."""

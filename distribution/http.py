@@ -15,56 +15,149 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from urllib.parse import urldefrag
+import os
+from urllib.parse import urldefrag, urlsplit
 
 import aiohttp
 
-from common.errors import StoreError, UserError
+from common.errors import EXIT_UNREACHABLE, NetworkError, StoreError, UserError, naming
 from common.progress import byte_progress
 from distribution.base import FragmentError, FragmentLoader, MissingFragment
 from distribution.cache import FragmentCache
-from fragmenter.manifest import FRAGMENT_ID, Manifest
+from fragmenter.manifest import FRAGMENT_ID, MAX_MANIFEST_BYTES, Manifest
+
+#: Seconds a server may keep us waiting in all (README, "Exit codes and time bounds"):
+#: every document and every fragment, all attempts together, within TIMEOUT plus the time its
+#: bytes take at MIN_RATE; one attempt is abandoned after TIMEOUT / attempts without a byte.
+DEFAULT_TIMEOUT = 30.0
+#: Bytes per second below which a transfer is a drip, not a slow link (after its first GRACE share).
+MIN_RATE = 64 * 1024
+TIMEOUT_ENV = "GGUF_FRAGMENTS_TIMEOUT"
+
+
+def default_timeout() -> float:
+    """DEFAULT_TIMEOUT, or $GGUF_FRAGMENTS_TIMEOUT (seconds) where set."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e6:
+        raise UserError(f"${TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    return value
+
+
+class Unreachable(StoreError, NetworkError):
+    """The server could not be reached or gave up (timed out, refused, too slow)."""
+
+    exit_code = EXIT_UNREACHABLE  # not StoreError's: nothing is known to be wrong with the store
+
+
+class FragmentUnreachable(FragmentError, NetworkError):
+    """No source delivered the fragment in time."""
+
+    exit_code = EXIT_UNREACHABLE
 
 
 class FetchFailed(Exception):
-    """One attempt failed in a way worth retrying."""
+    """One attempt failed in a way worth retrying. ``network``: the server, not its bytes, failed."""
+
+    def __init__(self, message: str, network: bool = False):
+        super().__init__(message)
+        self.network = network
+
+
+def peer_of(url: str) -> str:
+    """host:port of a URL, to name the peer in messages."""
+    parts = urlsplit(url)
+    return parts.netloc or url
 
 
 class HTTPFetcher:
-    """Downloads content-addressed blobs from base URLs into a FragmentCache, verified."""
+    """Downloads content-addressed blobs from base URLs into a FragmentCache, verified, in bounded time."""
 
-    def __init__(self, cache: FragmentCache, concurrency: int = 8, attempts: int = 4, timeout: float = 30.0,
-                 backoff: float = 0.25, progress: bool | None = None):
+    def __init__(self, cache: FragmentCache, concurrency: int = 8, attempts: int = 4, timeout: float | None = None,
+                 backoff: float = 0.25, progress: bool | None = None, min_rate: float = MIN_RATE):
         self.cache = cache
         self.concurrency = concurrency
         self.attempts = attempts
-        self.timeout = timeout
+        self.timeout = default_timeout() if timeout is None else timeout
         self.backoff = backoff
         self.progress = progress
+        self.min_rate = min_rate
+        # A tarpit (accepts, never answers) costs `attempts` silent waits: TIMEOUT in all.
+        self.stall = self.timeout / attempts
+        self.grace = self.timeout / attempts
+
+    def deadline(self, size: int) -> float:
+        """Seconds for every attempt at ``size`` bytes together: TIMEOUT, plus the bytes at MIN_RATE,
+        plus the pauses between attempts."""
+        pauses = sum(self.backoff * 2 ** (k - 1) for k in range(1, self.attempts))
+        return self.timeout + size / self.min_rate + pauses
 
     def session(self) -> aiohttp.ClientSession:
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=self.timeout)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.stall, sock_read=self.stall)
         # A 4 MiB read buffer: with aiohttp's 64 KiB default, per-chunk overhead caps us near 0.5x curl.
         return aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=self.concurrency),
                                      auto_decompress=False, read_bufsize=1 << 22)
 
+    async def _body(self, r: aiohttp.ClientResponse, limit: int, sink) -> int:
+        """Stream the body to ``sink``; FetchFailed if it runs past ``limit`` or drips below MIN_RATE."""
+        if r.content_length is not None and r.content_length > limit:
+            raise FetchFailed(f"server announces {r.content_length} bytes, expected at most {limit}")
+        loop = asyncio.get_running_loop()
+        started, got = loop.time(), 0
+        async for chunk in r.content.iter_any():
+            got += len(chunk)
+            if got > limit:
+                raise FetchFailed(f"body longer than the expected {limit} bytes")
+            sink(chunk)
+            elapsed = loop.time() - started
+            if elapsed > self.grace and got < self.min_rate * elapsed:
+                raise FetchFailed(f"too slow ({got / elapsed:.0f} bytes/s, below {self.min_rate:.0f})", network=True)
+        return got
+
+    async def _bounded(self, what: str, seconds: float, coro):
+        """``coro`` within ``seconds``, else FetchFailed naming the bound."""
+        try:
+            return await asyncio.wait_for(coro, seconds)
+        except asyncio.TimeoutError:
+            raise FetchFailed(f"gave up after {seconds:.0f} s ({what})", network=True) from None
+
     async def get_bytes(self, session, url: str, what: str) -> bytes:
-        """A small document (the manifest), with retries."""
-        last = "no attempt"
+        """A small document (the manifest), with retries, all within deadline(0)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.deadline(0)
+        last, network, tried = "no attempt", True, 0
         for attempt in range(self.attempts):
             if attempt:
                 await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+            left = end - loop.time()
+            if left <= 0:
+                break
+            tried += 1
             try:
-                async with session.get(url) as r:
-                    if r.status == 404:
-                        raise StoreError(f"{url}: not found (HTTP 404): no {what} there")
-                    if r.status != 200:
-                        last = f"HTTP {r.status}"
-                        continue
-                    return await r.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-                last = _describe_error(e)
-        raise StoreError(f"{url}: could not fetch the {what} after {self.attempts} attempts ({last})")
+                return await self._bounded(f"time bound {self.deadline(0):.0f} s", left,
+                                           self._get_once(session, url, what))
+            except FetchFailed as e:
+                last, network = _after(str(e), last), e.network
+        cls = Unreachable if network else StoreError
+        raise cls(f"{url}: could not fetch the {what} from {peer_of(url)} after {tried} attempts ({last})")
+
+    async def _get_once(self, session, url: str, what: str) -> bytes:
+        body = bytearray()
+        try:
+            async with session.get(url) as r:
+                if r.status == 404:
+                    raise StoreError(f"{url}: not found (HTTP 404): no {what} there")
+                if r.status != 200:
+                    raise FetchFailed(f"HTTP {r.status}", network=r.status >= 500)
+                await self._body(r, MAX_MANIFEST_BYTES, body.extend)
+                return bytes(body)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            raise FetchFailed(_describe_error(e), network=True) from None
 
     async def fetch_one(self, session, url: str, fid: str, size: int, bar=None) -> None:
         """Download ``url`` into the cache as fragment ``fid``; raises FetchFailed, MissingFragment."""
@@ -74,31 +167,36 @@ class HTTPFetcher:
                 if r.status == 404:
                     raise MissingFragment(f"HTTP 404 from {url}")
                 if r.status != 200:
-                    raise FetchFailed(f"HTTP {r.status}")
+                    raise FetchFailed(f"HTTP {r.status}", network=r.status >= 500)
                 h = hashlib.sha256()
-                got = 0
-                with open(temp, "wb") as out:
-                    async for chunk in r.content.iter_any():
-                        got += len(chunk)
-                        if got > size:
-                            raise FetchFailed(f"body longer than the fragment's {size} bytes")
-                        h.update(chunk)
+                with naming(temp, "create"):
+                    out = open(temp, "wb")
+
+                def sink(chunk):
+                    h.update(chunk)
+                    with naming(temp):  # a full disk is ours to report, not the server's fault
                         out.write(chunk)
-                        if bar is not None:
-                            bar.update(len(chunk))
+                    if bar is not None:
+                        bar.update(len(chunk))
+
+                with out:
+                    got = await self._body(r, size, sink)
             if got != size:
                 raise FetchFailed(f"short body ({got} of {size} bytes)")
             if h.hexdigest() != fid:
                 raise FetchFailed("bytes do not match the fragment's SHA-256")
             self.cache.commit(fid, temp)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-            raise FetchFailed(_describe_error(e)) from None
+            raise FetchFailed(_describe_error(e), network=True) from None
         finally:
             temp.unlink(missing_ok=True)
 
     async def fetch_with_retries(self, session, urls_for, fid: str, size: int, bar, gate, warn=None) -> None:
-        """Try each source URL in turn, several rounds with backoff, until the fragment is cached."""
-        last = "no source"
+        """Try each source URL in turn, several rounds with backoff, until the fragment is cached,
+        all within deadline(size); FetchFailed(network=...) naming the last source if not."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.deadline(size)
+        last, network = "no source", True
         for attempt in range(self.attempts):
             if attempt:
                 await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
@@ -107,35 +205,49 @@ class HTTPFetcher:
                 last = "no peer provides it"
                 continue
             for url in urls:
+                left = end - loop.time()
+                if left <= 0:
+                    raise FetchFailed(f"{last}; gave up after {self.deadline(size):.0f} s", network)
                 try:
                     async with gate:
-                        await self.fetch_one(session, url, fid, size, bar)
+                        await self._bounded(f"time bound {self.deadline(size):.0f} s", left,
+                                            self.fetch_one(session, url, fid, size, bar))
                     return
                 except MissingFragment as e:
-                    last = str(e)
+                    last, network = str(e), False
                 except FetchFailed as e:
-                    last = f"{url}: {e}"
+                    last, network = _after(f"{peer_of(url)}: {e}", last), e.network
                     if warn is not None:
                         warn(url, str(e))
-        raise FetchFailed(last)
+        raise FetchFailed(last, network)
+
+
+def _after(problem: str, before: str) -> str:
+    """The last problem, and for a deadline the one that used up the time before it."""
+    if "gave up after" in problem and before not in ("no attempt", "no source"):
+        return f"{problem}; before that: {before}"
+    return problem
 
 
 def _describe_error(e: BaseException) -> str:
     if isinstance(e, asyncio.TimeoutError):
-        return "timed out"
+        return "no answer in time"
+    if isinstance(e, aiohttp.ClientPayloadError):
+        return "the connection closed before the whole body came (short body)"
     return f"{type(e).__name__}: {e}".rstrip(": ")
 
 
 class HTTPLoader(FragmentLoader):
     fetch_verifies = True  # the cache hands out only bytes whose SHA-256 it has just checked
 
-    def __init__(self, url: str, cache_dir=None, concurrency: int = 8, attempts: int = 4, timeout: float = 30.0,
-                 progress: bool | None = None):
+    def __init__(self, url: str, cache_dir=None, concurrency: int = 8, attempts: int = 4,
+                 timeout: float | None = None, progress: bool | None = None, min_rate: float = MIN_RATE):
         base, pinned = urldefrag(url)
         if pinned and not FRAGMENT_ID.match(pinned):
             raise UserError(f"{url}: the part after # must be the manifest's SHA-256 (64 hex digits)")
         self.base = base.rstrip("/") + "/"
-        self.fetcher = HTTPFetcher(FragmentCache(cache_dir), concurrency, attempts, timeout, progress=progress)
+        self.fetcher = HTTPFetcher(FragmentCache(cache_dir), concurrency, attempts, timeout, progress=progress,
+                                   min_rate=min_rate)
         manifest_url = self.base + "manifest.json"
         raw = asyncio.run(self._get_manifest(manifest_url))
         digest = hashlib.sha256(raw).hexdigest()
@@ -166,18 +278,28 @@ class HTTPLoader(FragmentLoader):
     async def _download(self, ids: list[str]) -> None:
         total = sum(self._sizes[f] for f in ids)
         gate = asyncio.Semaphore(self.fetcher.concurrency)
+        # The run's bound: every byte at MIN_RATE on one connection, after TIMEOUT, and one TIMEOUT
+        # more so that a fragment's own deadline, whose message says why, comes first.
+        bound = self.fetcher.deadline(total) + self.fetcher.timeout
         with byte_progress(total, f"fetch {len(ids)} fragments", self.fetcher.progress) as bar:
             async with self.fetcher.session() as session:
-                results = await asyncio.gather(
-                    *(self.fetcher.fetch_with_retries(session, self.fragment_urls, f, self._sizes[f], bar, gate,
-                                                      self.warn) for f in ids),
-                    return_exceptions=True)
-        for fid, result in zip(ids, results):
-            if isinstance(result, BaseException):
-                if isinstance(result, FetchFailed):
-                    raise FragmentError(f"{self.where}: {self.describe(fid)} could not be fetched after "
-                                        f"{self.fetcher.attempts} attempts ({result})")
-                raise result
+                jobs = [asyncio.ensure_future(self.fetcher.fetch_with_retries(
+                    session, self.fragment_urls, f, self._sizes[f], bar, gate, self.warn)) for f in ids]
+                done, pending = await asyncio.wait(jobs, timeout=bound)
+                for job in pending:
+                    job.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        for fid, job in zip(ids, jobs):
+            if job.cancelled():
+                raise FragmentUnreachable(f"{self.where}: {self.describe(fid)} not fetched within the run's "
+                                          f"bound of {bound:.0f} s")
+            result = job.exception()
+            if result is None:
+                continue
+            if isinstance(result, FetchFailed):
+                cls = FragmentUnreachable if result.network else FragmentError
+                raise cls(f"{self.where}: {self.describe(fid)} could not be fetched ({result})")
+            raise result
 
     def warn(self, url: str, problem: str) -> None:
         """Called for each failed attempt at a source (P2P names the peer)."""

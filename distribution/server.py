@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import signal
+import sys
 from pathlib import Path
 
 from aiohttp import web
 
-from fragmenter.manifest import FRAGMENT_ID, FRAGMENTS_DIR, MANIFEST_NAME, Manifest
+from common.errors import UserError
+from distribution.base import MissingFragment
+from distribution.local import LocalLoader
+from fragmenter.manifest import FRAGMENT_ID, FRAGMENTS_DIR, MANIFEST_NAME
 
 MAX_CONCURRENT = 64  # fragment responses in flight; further requests wait their turn
 
@@ -42,8 +47,14 @@ class FragmentResponse(web.FileResponse):
 def make_app(store: str | Path, only: set[str] | None = None, max_concurrent: int = MAX_CONCURRENT) -> web.Application:
     """The aiohttp application serving ``store`` (or only the fragment ids in ``only``)."""
     store = Path(store)
-    manifest = Manifest.load(store)  # validates; refuses a broken store up front
-    manifest_bytes = (store / MANIFEST_NAME).read_bytes()
+    local = LocalLoader(store)  # validates the manifest; refuses a broken store up front
+    try:
+        local.header()  # ... and one whose tensor table its own header contradicts
+    except MissingFragment:
+        pass  # a store without its header serves what it has; every client checks anyway
+    finally:
+        local.close()
+    manifest, manifest_bytes = local.manifest, local.manifest_bytes
     manifest_etag = f'"{hashlib.sha256(manifest_bytes).hexdigest()}"'
     allowed = set(manifest.unique_fragments()) if only is None else set(only)
     gate = asyncio.Semaphore(max_concurrent)
@@ -70,18 +81,50 @@ def make_app(store: str | Path, only: set[str] | None = None, max_concurrent: in
     return app
 
 
+class OneLineLogs(logging.Filter):
+    """aiohttp logs a malformed request (a bad request line, a reset connection) with its traceback;
+    a server facing the internet meets those all day, so each becomes one line naming the problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc}"
+            record.args, record.exc_info, record.exc_text, record.stack_info = (), None, None, None
+        if record.args:
+            record.msg, record.args = record.getMessage(), ()
+        record.msg = " ".join(str(record.msg).split())  # aiohttp's messages carry newlines and a caret line
+        return True
+
+
+def quiet_logs(stream=None) -> None:
+    """Route aiohttp's and asyncio's log records to one line each on stderr."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter("serve: %(levelname)s %(message)s"))
+    handler.addFilter(OneLineLogs())
+    for name in ("aiohttp", "asyncio"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.propagate = False
+
+
 async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Start serving; returns the runner and the bound port (port 0 picks a free one)."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as e:  # unresolvable host, address in use, no permission for the port
+        await runner.cleanup()
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
     bound = site._server.sockets[0].getsockname()[1]  # aiohttp keeps the listening socket here
     return runner, bound
 
 
 def serve_forever(store: str | Path, host: str, port: int, announce=print, extra=None) -> None:
     """Serve until SIGINT/SIGTERM, then close connections and return."""
+
+    quiet_logs()
 
     async def main():
         app = make_app(store)

@@ -22,3 +22,45 @@ def test_fetch_copies_blocks_and_refuses_another_models_store(factory_models, tm
     assert proc.returncode == 0 and "fetched" in proc.stdout, proc.stderr
     assert (tmp_path / "copy" / "manifest.json").read_bytes() == (tmp_path / "a" / "manifest.json").read_bytes()
     assert_one_line_error(run_cli("fetch", tmp_path / "b", "-o", tmp_path / "copy"), "another model")
+
+
+def test_serve_names_a_host_it_cannot_listen_on(factory_models, tmp_path):
+    fragment_file(str(factory_models["q8_0-spm-gqa"]), tmp_path / "s", 8192, progress=False)
+    proc = run_cli("serve", tmp_path / "s", "--host", "999.1.1.1", "--port", "0", timeout=60)
+    assert_one_line_error(proc, "999.1.1.1", "cannot listen")
+    assert proc.returncode == 1
+
+
+MALFORMED = [
+    b"GARBAGE\r\n\r\n",
+    b"GET /manifest.json HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    b"GET /fragments/%ZZ HTTP/1.1\r\nHost: \x00\xff\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"GET / HTTP/9.9\r\n" + b"X: " + b"y" * 100_000 + b"\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64),  # a TLS hello to a plain HTTP port
+]
+
+
+def test_serve_logs_one_line_per_malformed_request_and_keeps_serving(factory_models, tmp_path):
+    import socket
+    import urllib.request
+
+    from tests.distribution.netutil import serving
+
+    fragment_file(str(factory_models["q8_0-spm-gqa"]), tmp_path / "s", 8192, progress=False)
+    with serving(tmp_path / "s", "--port", "0") as server:
+        host, port = server.url.split("//")[1].rstrip("/").split(":")
+        for request in MALFORMED:
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(request)
+                sock.shutdown(socket.SHUT_WR)
+                sock.settimeout(10)
+                try:
+                    while sock.recv(65536):
+                        pass
+                except (ConnectionResetError, socket.timeout):
+                    pass
+        with urllib.request.urlopen(server.url + "manifest.json", timeout=10) as r:
+            assert r.status == 200
+    assert server.proc.returncode == 0
+    assert not any("Traceback" in line for line in server.lines), server.lines
+    assert not any(line.startswith(("File ", "^")) for line in server.lines), server.lines
