@@ -131,3 +131,34 @@ def test_cli_names_the_unreachable_peer(tmp_path, default_store):
         assert proc.returncode == 3
     for bad in ("/ip4/127.0.0.1/tcp/1/p2p/notapeer", "/ip4/127.0.0.1/tcp/1", "127.0.0.1:4001"):
         assert_one_line_error(run_cli("infer", f"p2p://{SHA}@{bad}", "--prompt", "hi"), bad)
+
+
+def test_wildcard_listen_advertises_interfaces_and_confirmed_observations(monkeypatch):
+    """What libp2p tells other peers (its addrs_factory), without opening a socket."""
+    from multiaddr import Multiaddr
+
+    from distribution import addresses
+
+    monkeypatch.setattr(addresses, "interface_addresses", lambda: ["10.77.0.3", "127.0.0.1"])
+    node = P2PNode("/ip4/0.0.0.0/tcp/4001")
+    node.peer_id, node._bound = "16Uiu2HAmPLe7Mzm8TsYUubgCAW1aJoeFScxrLj8ppHFivPo97bUZ", ["/ip4/0.0.0.0/tcp/4001"]
+    told = node._advertise([Multiaddr("/ip4/0.0.0.0/tcp/4001"), Multiaddr("/ip4/203.0.113.5/tcp/4001")])
+    assert [str(a) for a in told] == ["/ip4/10.77.0.3/tcp/4001", "/ip4/203.0.113.5/tcp/4001"]
+    assert node.reachable_addrs() == [f"{a}/p2p/{node.peer_id}" for a in map(str, told)]
+    node.announce = addresses.Announce("example.org", 8443)
+    assert node.reachable_addrs() == [f"/dns4/example.org/tcp/4001/p2p/{node.peer_id}"]
+
+
+def test_serve_announce_replaces_the_addresses(default_store):
+    from tests.distribution.netutil import serving
+
+    # As behind a NAT forwarding 127.0.0.2:9999 to the HTTP port and the libp2p port unchanged.
+    with serving(default_store, "--p2p", "--port", "0", "--listen", "/ip4/127.0.0.2/tcp/0",
+                 "--announce", "127.0.0.2:9999", wait_for="p2p://") as s:
+        assert any("over http://127.0.0.2:9999/ " in line for line in s.lines), s.lines
+        addr = s.line("p2p://")
+        assert "@/ip4/127.0.0.2/tcp/" in addr
+        peer = addr.rsplit("/p2p/", 1)[1]
+        with P2PNode(bootstrap=[addr.split("@", 1)[1]], server=False) as c:
+            record = c.get_peer_record(peer)
+    assert record["http"] == "http://127.0.0.2:9999/" and record["addrs"] == [addr.split("@", 1)[1]]
