@@ -19,8 +19,10 @@ from cli.common import user_errors
 @click.option("--prompt", "prompts", multiple=True, help="Prompt for the greedy comparison (repeatable; "
                                                          "default: five built-in prompts).")
 @click.option("--positions", default=512, show_default=True, type=click.IntRange(1),
-              help="Teacher-forced positions to compare.")
-@click.option("--greedy-tokens", default=32, show_default=True, type=click.IntRange(1))
+              help="Teacher-forced positions to compare: corpus text cut into sequences of at most 256 tokens "
+                   "(less than the model's context), the last one shortened so the total is exactly this.")
+@click.option("--greedy-tokens", default=32, show_default=True, type=click.IntRange(1),
+              help="Tokens each engine generates greedily from every prompt; the runs must be identical.")
 @click.option("--reference", type=click.Choice(["auto", "direct", "twin"]), default="auto", show_default=True,
               help="direct: llama.cpp on --gguf as given; twin: on an F32 copy of it (same weight values, no "
                    "activation quantization); auto: twin when any weight is quantized.")
@@ -33,7 +35,9 @@ from cli.common import user_errors
 @click.option("--prompt-tokens", default=512, show_default=True, type=click.IntRange(1),
               help="--speed: prompt length for prefill.")
 @click.option("--rounds", default=2, show_default=True, type=click.IntRange(1), help="--speed: alternating rounds.")
-@click.option("--threads", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(1),
+              help="CPU threads for both engines (llama.cpp's n_threads, and numpy/numba's pools); at most "
+                   "the core count.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
 def validate(source, gguf_path, prompts, positions, greedy_tokens, reference, no_chat, kernels, speed, tokens,
@@ -50,11 +54,13 @@ def validate(source, gguf_path, prompts, positions, greedy_tokens, reference, no
     comparison (engine rounding activations like llama.cpp) and llama.cpp's own batch-512 vs
     batch-1 disagreement; the direct KL may not exceed max(1e-3, twice that noise floor).
     """
-    from cli.infer import _set_threads
+    from cli.common import set_threads
+    from common.progress import Status
 
-    _set_threads(threads)
+    threads = set_threads(threads)  # before numpy and numba are imported
+    say = Status(enabled=not as_json and sys.stderr.isatty(), prefix="validate ")
     if speed:
-        return _speed(source, gguf_path, kernels or "numba", tokens, prompt_tokens, rounds, threads, as_json)
+        return _speed(source, gguf_path, kernels or "numba", tokens, prompt_tokens, rounds, threads, as_json, say)
     kernels = kernels or "numpy"
     from cli.common import open_store
     from common.errors import UserError
@@ -79,22 +85,32 @@ def validate(source, gguf_path, prompts, positions, greedy_tokens, reference, no
 
     with tempfile.TemporaryDirectory(prefix="validate-") as tmp:
         if use_twin:
+            say(f"writing the F32 twin of {gguf_path} (the reference: same weight values, no activation rounding)...")
             twin = write_f32_twin(gguf_path, Path(tmp) / "twin-f32.gguf")
+            say(f"loading the engine ({kernels} kernels) from {source}...")
             model = LlamaModel(loader, backend=kernels)
-            report = run(model, tokenizer, load_llama(twin, n_ctx=n_ctx, threads=threads, logits_all=True),
-                         prompts, positions, greedy_tokens, not no_chat)
+            say("loading llama.cpp on the F32 twin...")
+            llm = load_llama(twin, n_ctx=n_ctx, threads=threads, logits_all=True)
+            report = run(model, tokenizer, llm, prompts, positions, greedy_tokens, not no_chat, say=say)
             report.reference = "f32-twin"
+            del llm
             # The quantized file as given: engine with llama.cpp's activation rounding, and llama.cpp's own noise.
             seqs = sequences_for(model, tokenizer, positions)
+            say(f"direct comparison: llama.cpp on {gguf_path} as given, batch 512...")
             direct_llm = load_llama(gguf_path, n_ctx=n_ctx, threads=threads, logits_all=True)
             reference_logits = llama_logits(direct_llm, seqs)
+            say("direct comparison: the engine rounding activations as llama.cpp does...")
             emulating = LlamaModel(loader, emulate_llama_cpp=True)
             report.direct = logit_metrics(engine_logits(emulating, seqs), reference_logits)
+            say("llama.cpp's own noise: the same positions one token at a time (batch 1)...")
             report.llama_cpp_self = logit_metrics(llama_logits(direct_llm, seqs, batch=1), reference_logits)
         else:
+            say(f"loading the engine (numpy kernels, llama.cpp-style activations) from {source}...")
             model = LlamaModel(loader, emulate_llama_cpp=True)
-            report = run(model, tokenizer, load_llama(gguf_path, n_ctx=n_ctx, threads=threads, logits_all=True),
-                         prompts, positions, greedy_tokens, not no_chat)
+            say(f"loading llama.cpp on {gguf_path}...")
+            llm = load_llama(gguf_path, n_ctx=n_ctx, threads=threads, logits_all=True)
+            report = run(model, tokenizer, llm, prompts, positions, greedy_tokens, not no_chat, say=say)
+    say("done")
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=1))
     else:
@@ -102,7 +118,7 @@ def validate(source, gguf_path, prompts, positions, greedy_tokens, reference, no
     sys.exit(0 if report.passed else 1)
 
 
-def _speed(source, gguf_path, kernels, tokens, prompt_tokens, rounds, threads, as_json) -> None:
+def _speed(source, gguf_path, kernels, tokens, prompt_tokens, rounds, threads, as_json, say) -> None:
     import time
 
     from cli.common import open_store
@@ -120,10 +136,13 @@ def _speed(source, gguf_path, kernels, tokens, prompt_tokens, rounds, threads, a
     if len(prompt) < prompt_tokens:
         raise UserError(f"could only make a {len(prompt)}-token prompt")
     n_ctx = len(prompt) + tokens + 8
+    say(f"loading the engine ({kernels} kernels) from {source}...")
     start = time.perf_counter()
     model = LlamaModel(loader, backend=kernels)
     load_s = time.perf_counter() - start
+    say(f"loading llama.cpp on {gguf_path}...")
     llm = load_llama(gguf_path, n_ctx=n_ctx, threads=threads, batch=512)
+    say(f"timing {rounds} alternating rounds: {len(prompt)}-token prefill, then {tokens} tokens decoded...")
     report = measure(model, llm, prompt, tokens, rounds)
     compile_s = getattr(model.backend, "compile_s", 0.0) + getattr(model.decoder, "compile_s", 0.0)
     report.update(kernels=kernels, threads=threads, load_s=round(load_s, 2), compile_s=round(compile_s, 2))

@@ -88,15 +88,15 @@ class ValidationReport:
 
 
 def corpus_sequences(tokenizer, n_positions: int, seq_len: int) -> list[list[int]]:
-    """Enough varied text, cut into sequences of seq_len tokens, for n_positions positions in all."""
+    """Varied text cut into sequences of seq_len tokens, the last one shorter, n_positions positions in all."""
     text = CORPUS.read_text(encoding="utf-8")
     n_seqs = -(-n_positions // seq_len)
     stride = max(len(text) // n_seqs, 1)
     seqs = []
     for i in range(n_seqs):
-        chunk = text[i * stride: i * stride + seq_len * 8]
-        tokens = tokenizer.encode(chunk)[:seq_len]
-        seqs.append(tokens)
+        length = min(seq_len, n_positions - i * seq_len)
+        chunk = text[i * stride: i * stride + length * 8]
+        seqs.append(tokenizer.encode(chunk)[:length])
     return seqs
 
 
@@ -140,16 +140,23 @@ def llama_logits(llm, seqs: list[list[int]], batch: int | None = None) -> np.nda
 
 
 def validate(model, tokenizer, llm, prompts: list[str], n_positions: int = 512, greedy_tokens: int = 32,
-             chat: bool = True) -> ValidationReport:
+             chat: bool = True, say=None) -> ValidationReport:
+    """``say(message)``, when given, hears each stage as it starts (the whole run takes minutes)."""
     from engine.chat import chat_prompt
     from validation.reference import greedy
 
+    say = say or (lambda message: None)
     started = time.perf_counter()
     seqs = sequences_for(model, tokenizer, n_positions)
-    metrics = logit_metrics(engine_logits(model, seqs), llama_logits(llm, seqs))
+    shape = f"{sum(map(len, seqs))} positions in {len(seqs)} sequence{'s' if len(seqs) > 1 else ''}"
+    say(f"engine logits over {shape}...")
+    ours = engine_logits(model, seqs)
+    say(f"llama.cpp logits over {shape}...")
+    metrics = logit_metrics(ours, llama_logits(llm, seqs))
 
     report = ValidationReport("llama.cpp" if model.emulate else "float", metrics)
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts, 1):
+        say(f"greedy {i}/{len(prompts)}: {greedy_tokens} tokens from each engine for {prompt!r}...")
         text = chat_prompt(tokenizer, prompt)[0] if chat else prompt
         tokens = tokenizer.encode(text)
         a = engine_greedy(model, tokens, greedy_tokens, tokenizer.eog_ids)

@@ -84,3 +84,27 @@ def test_twin_keeps_metadata_and_weight_values(factory_models, tmp_path):
 def test_validate_refuses_a_different_model(factory_models):
     proc = run_cli("validate", factory_models["q8_0-spm-gqa"], "--gguf", factory_models["q4_0-spm-mha-tied"])
     assert_one_line_error(proc, "different tensors")
+
+
+def test_positions_asked_are_positions_compared_and_stages_are_shown(factory_models):
+    """--positions 16 compares 16 positions (it used to report 256), and a terminal sees each stage."""
+    import pexpect
+
+    from tests.conftest import BIN
+
+    path = str(factory_models["q8_0-spm-gqa"])
+    args = [path, "--gguf", path, "--positions", "16", "--greedy-tokens", "4", "--prompt", "hello"]
+    child = pexpect.spawn(str(BIN / "validate"), args, encoding="utf-8", timeout=600)
+    child.expect(pexpect.EOF)
+    out = child.before
+    for stage in ("writing the F32 twin", "loading the engine", "engine logits over 16 positions in 1 sequence",
+                  "greedy 1/1", "direct comparison", "llama.cpp's own noise", "] done"):
+        assert stage in out, (stage, out)
+    assert "positions       16" in out
+    proc = run_cli("validate", *args, "--json")
+    assert json.loads(proc.stdout)["positions"] == 16 and proc.stderr == ""
+
+
+def test_help_describes_every_option():
+    out = run_cli("validate", "--help").stdout
+    assert "Tokens each engine generates greedily" in out and "CPU threads for both engines" in out
