@@ -28,6 +28,18 @@ class QueueFull(Exception):
     """Every slot is busy and the waiting queue is full."""
 
 
+class GenerationFailed(Exception):
+    """A valid request that the model could not serve: a session that would not open (a route with
+    no node for some blocks), a node lost mid-answer, or a bug. ``status``: 503 for a problem named
+    in one line (a ``UserError``: try again later), 500 for anything else."""
+
+    def __init__(self, error: BaseException):
+        from common.errors import UserError
+
+        super().__init__(str(error) or type(error).__name__)
+        self.status = 503 if isinstance(error, UserError) else 500
+
+
 @dataclass
 class Work:
     """What a slot runs: tokens in, limits and sampling."""
@@ -154,7 +166,7 @@ class Scheduler:
                     session = _Serialized(self.text_model.open_session(self.context), self.compute_lock)
                 self._run(session, job)
             except Exception as e:  # noqa: BLE001 - the reply says what failed; the slot keeps serving
-                job.fail(e)
+                job.fail(GenerationFailed(e))
                 session = _close_quietly(session)
             finally:
                 with self.lock:

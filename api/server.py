@@ -28,7 +28,7 @@ from aiohttp import web
 from api.loading import LoadingModel
 from api.metrics import Metrics
 from api.openai_schema import APIError, Request, parse_chat, parse_completion
-from api.scheduler import Job, QueueFull, Scheduler, Work
+from api.scheduler import GenerationFailed, Job, QueueFull, Scheduler, Work
 from common.errors import UserError
 
 STATIC = Path(__file__).parent / "static"
@@ -260,8 +260,8 @@ async def _complete(request: web.Request, parse) -> web.StreamResponse:
             return await _stream(request, job, reply)
         pieces = [p async for p in job.pieces()]
         return web.json_response(reply.whole("".join(pieces), job.result))
-    except UserError as e:
-        raise APIError(400, str(e)) from None
+    except GenerationFailed as e:
+        raise _failed(e) from None
     finally:
         job.cancel.set()  # the client left (handler cancelled) or we are done: the worker stops either way
         service.jobs.discard(job)
@@ -277,9 +277,8 @@ async def _stream(request: web.Request, job: Job, reply: "_Reply") -> web.Stream
         try:
             async for piece in job.pieces():
                 await _send(response, reply.chunk(piece))
-        except Exception as e:  # noqa: BLE001 - headers are sent: the error goes in the stream
-            error = e if isinstance(e, APIError) else APIError(400 if isinstance(e, UserError) else 500, str(e))
-            await _send(response, error.body())
+        except GenerationFailed as e:  # headers are sent: the error goes in the stream
+            await _send(response, _failed(e).body())
         else:
             await _send(response, reply.last_chunk(job.result))
             if reply.req.include_usage:
@@ -289,6 +288,10 @@ async def _stream(request: web.Request, job: Job, reply: "_Reply") -> web.Stream
     except (ConnectionResetError, ConnectionError):
         job.cancel.set()  # the client went away: stop generating for it
     return response
+
+
+def _failed(e: GenerationFailed) -> APIError:
+    return APIError(e.status, f"generation failed: {e}", code="generation_failed")
 
 
 async def _send(response: web.StreamResponse, payload: dict) -> None:

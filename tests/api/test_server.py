@@ -338,3 +338,52 @@ def test_failed_load_is_reported(factory_text_model):
         assert got == 503 and health["status"] == "failed" and "no such store" in health["error"]
         got, reply = raw(s, "/v1/completions", {"prompt": "x"})
         assert got == 503 and "no such store" in reply["error"]["message"]
+
+
+class BrokenAfter:
+    """A session that fails like a lost node after ``n`` feeds."""
+
+    def __init__(self, session, n: int):
+        self.session, self.n = session, n
+
+    position = property(lambda self: self.session.position)
+    capacity = property(lambda self: self.session.capacity)
+
+    def feed(self, tokens, all_logits=False):
+        from common.errors import UserError
+
+        self.n -= 1
+        if self.n < 0:
+            raise UserError("node ws://127.0.0.1:9 (blocks 1-1) went away and no other node serves them")
+        return self.session.feed(tokens, all_logits)
+
+    def rewind(self, position):
+        self.session.rewind(position)
+
+    def close(self):
+        self.session.close()
+
+
+def test_a_route_that_fails_gives_503_and_the_server_keeps_serving(factory_text_model):
+    from dataclasses import replace
+
+    from common.errors import UserError
+
+    def no_route(n):
+        raise UserError("no node serves blocks 1-1")
+
+    with running(replace(factory_text_model, open_session=no_route)) as s:
+        got, reply = raw(s, "/v1/completions", {"prompt": "The quick", "max_tokens": 3})
+        assert got == 503 and reply["error"]["code"] == "generation_failed" and "blocks 1-1" in reply["error"]["message"]
+        assert raw(s, "/health")[0] == 200
+
+    flaky = replace(factory_text_model, open_session=lambda n: BrokenAfter(factory_text_model.open_session(n), 4))
+    with running(flaky) as s:
+        req = urllib.request.Request(s.url + "/v1/completions", method="POST",
+                                     data=json.dumps({"prompt": "The quick", "max_tokens": 20, "stream": True}).encode())
+        with urllib.request.urlopen(req, timeout=30) as r:
+            events = [json.loads(e[6:]) for e in r.read().decode().split("\n\n") if e and e != "data: [DONE]"]
+        assert events[-1]["error"]["code"] == "generation_failed" and "went away" in events[-1]["error"]["message"]
+        assert len(events) >= 2  # some text came before the failure
+        got, reply = raw(s, "/v1/completions", {"prompt": "The quick", "max_tokens": 2})  # a fresh session
+        assert got == 200, reply
