@@ -168,9 +168,23 @@ async def _info(request: web.Request) -> web.Response:
            "defaults": {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}}
     tm = service.model.text_model
     if tm is not None:
-        out.update(model=tm.name, info=tm.info,
+        out.update(model=tm.name, info=_described(tm.info),
                    context=min(service.context or tm.context_length, tm.context_length))
     return web.Response(text=json.dumps(out, default=str), content_type="application/json")
+
+
+def _described(info: dict) -> dict:
+    """TextModel.info as JSON values. A callable value is a live figure (a distributed route's nodes
+    and ms per token change as sessions open and fail over): it is asked now."""
+    out = {}
+    for key, value in info.items():
+        if callable(value):
+            try:
+                value = value()
+            except Exception as e:  # noqa: BLE001 - a description must not fail the request
+                value = f"unavailable ({e})"
+        out[key] = value
+    return json.loads(json.dumps(out, default=str))
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -186,7 +200,7 @@ def _model_card(service: Service) -> dict:
     service.scheduler()  # 503 while loading
     tm = service.model.text_model
     return {"id": tm.name, "object": "model", "created": int(service.model.started_wall), "owned_by": "gguf-fragments",
-            "meta": json.loads(json.dumps(tm.info, default=str))}
+            "meta": _described(tm.info)}
 
 
 async def _models(request: web.Request) -> web.Response:

@@ -26,8 +26,14 @@ from cli.common import user_errors
 @click.option("--kernels", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True,
               help="numba: the fast path (weights stay quantized); numpy: the plain reference.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all cores; at most the core count).")
+@click.option("--distributed", is_flag=True,
+              help="Run the blocks on swarm nodes (`node`): found through SOURCE's DHT for p2p://, or given "
+                   "with --node. Only the embedding and the head are loaded here.")
+@click.option("--node", "nodes", multiple=True, help="--distributed: a node's ws:// URL (repeatable).")
+@click.option("--swarm-key", type=click.Path(dir_okay=False), help="--distributed: a private swarm's key file.")
 @user_errors
-def api(source, host, port, parallel, queue_size, api_key, ctx, template, kernels, threads):
+def api(source, host, port, parallel, queue_size, api_key, ctx, template, kernels, threads, distributed, nodes,
+        swarm_key):
     """Serve SOURCE (a store directory, a .gguf file, an http:// store address or a p2p:// address)
     over an OpenAI-compatible API, with a chat page at /.
 
@@ -50,18 +56,21 @@ def api(source, host, port, parallel, queue_size, api_key, ctx, template, kernel
             raise UserError(f"unknown template {template!r} (choose from: {', '.join(sorted(NAMED_TEMPLATES))})")
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key is empty")
+    if (nodes or swarm_key) and not distributed:
+        raise UserError("--node and --swarm-key go with --distributed")
+    swarm = {"nodes": list(nodes), "key_file": swarm_key} if distributed else None
     try:
-        asyncio.run(_serve(source, host, port, parallel, queue_size, api_key, ctx, template, kernels))
+        asyncio.run(_serve(source, host, port, parallel, queue_size, api_key, ctx, template, kernels, swarm))
     except KeyboardInterrupt:
         click.echo("stopped", err=True)
 
 
-async def _serve(source, host, port, parallel, queue_size, api_key, ctx, template, kernels) -> None:
+async def _serve(source, host, port, parallel, queue_size, api_key, ctx, template, kernels, swarm) -> None:
     from api.loading import LoadingModel
     from api.server import make_app, start
     from common.progress import Status
 
-    model = LoadingModel(model_loader(source, kernels, template, Status(enabled=sys.stderr.isatty())))
+    model = LoadingModel(model_loader(source, kernels, template, Status(enabled=sys.stderr.isatty()), swarm))
     app = make_app(model, parallel=parallel, queue_size=queue_size, api_key=api_key, context=ctx)
     runner, bound = await start(app, host, port)
     try:
@@ -77,9 +86,10 @@ async def _serve(source, host, port, parallel, queue_size, api_key, ctx, templat
         await runner.cleanup()
 
 
-def model_loader(source, kernels, template, status):
+def model_loader(source, kernels, template, status, swarm: dict | None = None):
     """``load(progress)`` for a ``LoadingModel``: the stages go to ``progress`` (and to ``status`` on
-    stderr), and so do the bytes of fragments being fetched from a remote source."""
+    stderr), and so do the bytes of fragments being fetched from a remote source. ``swarm``
+    ({"nodes", "key_file"}): the blocks run on swarm nodes."""
 
     def load(progress):
         from cli.common import load_text_model
@@ -91,8 +101,35 @@ def model_loader(source, kernels, template, status):
 
         stop = watch_progress(lambda desc, done, total: progress(desc, done, total, "B"))
         try:
+            if swarm is not None:
+                return distributed_model(source, kernels, template, say, **swarm)
             return load_text_model(source, kernels, template, say=say)
         finally:
             stop()
 
     return load
+
+
+def distributed_model(source, kernels, template, say, nodes: list[str], key_file: str | None):
+    """A TextModel whose blocks run on swarm nodes, with a live ``info["route"]`` for /info and the page."""
+    from cli.common import open_store, resolve_source
+    from swarm.client import distributed_text_model
+    from swarm.wire import load_key
+
+    key = load_key(key_file) if key_file else None
+    loader = open_store(resolve_source(source), allow_file=True)
+    say(f"loading the embedding and head of {loader.where}; the blocks run on "
+        f"{', '.join(nodes) if nodes else 'nodes found through the DHT'}...")
+    text_model = distributed_text_model(loader, nodes=nodes or None, key=key, kernels=kernels, template=template)
+    text_model.info["route"] = lambda: route_rows(text_model)
+    say("ready (the route is chosen when a session opens)")
+    return text_model
+
+
+def route_rows(text_model) -> list[dict]:
+    """One row per hop of the route in use: node, blocks, ms per token (measured so far)."""
+    from swarm.client import timings
+
+    t = timings(text_model)
+    return [{"node": hop["node"], "blocks": hop["blocks"],
+             "ms_per_token": t["node_ms"].get(f"{hop['node']} ({hop['blocks']})")} for hop in t["route"]]

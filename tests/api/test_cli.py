@@ -50,6 +50,7 @@ def test_missing_source_is_one_line(tmp_path):
 def test_bad_options_are_one_line(factory_models):
     assert_one_line_error(run_cli("api", str(factory_models["q8_0-spm-gqa"]), "--template", "nope", timeout=60),
                           "nope")
+    assert_one_line_error(run_cli("api", "--node", "ws://127.0.0.1:9/swarm", timeout=60), "--distributed")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
