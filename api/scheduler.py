@@ -93,9 +93,10 @@ class Job:
 class _Serialized:
     """A session whose ``feed`` holds a lock shared by all slots.
 
-    Numba's parallel kernels already use every core, and its default (workqueue) threading layer
-    must not be entered by two threads at once; slots therefore take turns per feed (one token per
-    step while decoding), which interleaves N answers fairly.
+    The engine's Numba kernels already use every core, so two forward passes at once would only
+    fight over them (and Numba's fallback threading layer, workqueue, must not be entered by two
+    threads at once). Slots therefore take turns per feed, one token per turn while decoding, which
+    interleaves N answers fairly. A distributed route's sessions are not wrapped.
     """
 
     def __init__(self, session, lock: threading.Lock):
@@ -129,7 +130,8 @@ class Scheduler:
         self.on_result = on_result  # called with each finished GenerationResult (metrics)
         self.jobs: queue.Queue = queue.Queue()
         self.lock = threading.Lock()
-        self.compute_lock = threading.Lock()
+        # A distributed route's blocks run on nodes: its slots wait on the network, not on these cores.
+        self.compute_lock = None if text_model.info.get("distributed") else threading.Lock()
         self.admitted = 0  # waiting + running
         self.running = 0
         self.workers = [threading.Thread(target=self._work, name=f"api-slot-{i}", daemon=True)
@@ -163,7 +165,9 @@ class Scheduler:
                 self.running += 1
             try:
                 if session is None:
-                    session = _Serialized(self.text_model.open_session(self.context), self.compute_lock)
+                    session = self.text_model.open_session(self.context)
+                    if self.compute_lock is not None:
+                        session = _Serialized(session, self.compute_lock)
                 self._run(session, job)
             except Exception as e:  # noqa: BLE001 - the reply says what failed; the slot keeps serving
                 job.fail(GenerationFailed(e))
