@@ -1,7 +1,8 @@
 """The client's side of a node: one WebSocket per remote span session, driven synchronously.
 
-Generation is synchronous (engine/session.py), so the WebSockets live on one asyncio loop in a
-background thread and each call waits for its reply with a timeout. ``RemoteSpanSession`` is a
+Generation is synchronous (engine/session.py). Each WebSocket has its own asyncio loop, run in the
+calling thread only while a call waits for its reply (with a timeout): no hand-over to another
+thread on the way out or back, which on a busy machine costs more than the network hop itself. ``RemoteSpanSession`` is a
 ``SpanSession`` whose blocks run on a node; ``distributed_text_model`` builds the ``TextModel``
 that `infer --distributed` (and chat, the API) use.
 """
@@ -10,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 import numpy as np
@@ -31,61 +32,35 @@ class NodeError(Exception):
         self.url, self.code, self.message = url, code, message
 
 
-class _Loop:
-    """One asyncio loop in a daemon thread for every WebSocket of this process."""
-
-    _instance = None
-    _guard = threading.Lock()
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="swarm-client", daemon=True)
-        self.thread.start()
-        self.http: aiohttp.ClientSession | None = None
-
-    @classmethod
-    def get(cls) -> "_Loop":
-        with cls._guard:
-            if cls._instance is None:
-                import atexit
-
-                cls._instance = _Loop()
-                atexit.register(cls._instance.close)
-            return cls._instance
-
-    def close(self) -> None:
-        if self.http is not None:
-            try:
-                asyncio.run_coroutine_threadsafe(self.http.close(), self.loop).result(2)
-            except Exception:  # the loop is already gone at exit: nothing left to close
-                pass
-
-    def run(self, coro, timeout: float):
-        return asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, timeout), self.loop).result()
-
-    async def session(self) -> aiohttp.ClientSession:
-        if self.http is None:
-            self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT))
-        return self.http
-
-
 class NodeLink:
     """One WebSocket to one node; request() sends a frame and returns the checked reply."""
 
     def __init__(self, url: str, key: bytes | None = None, dim: int | None = None, max_rows: int | None = None):
         self.url, self.key, self.dim, self.max_rows = url, key, dim, max_rows
-        self.loop = _Loop.get()
+        self.loop = asyncio.new_event_loop()
+        self.http: aiohttp.ClientSession | None = None
         self.ws = None
+
+    def run(self, coro, timeout: float):
+        """Run ``coro`` on this link's loop, here; from inside a running loop, on a helper thread."""
+        bounded = asyncio.wait_for(coro, timeout)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return self.loop.run_until_complete(bounded)
+        with ThreadPoolExecutor(1) as helper:
+            return helper.submit(self.loop.run_until_complete, bounded).result()
 
     def connect(self) -> "NodeLink":
         async def go():
-            http = await self.loop.session()
+            self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT))
             limit = wire.HEADER.size + (self.max_rows or 0) * (self.dim or 0) * 4 + wire.MAC_LEN + wire.MAX_JSON
-            return await http.ws_connect(self.url, max_msg_size=limit, compress=0, autoping=True)
+            return await self.http.ws_connect(self.url, max_msg_size=limit, compress=0, autoping=True)
 
         try:
-            self.ws = self.loop.run(go(), CONNECT_TIMEOUT)
+            self.ws = self.run(go(), CONNECT_TIMEOUT)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            self.abort()
             raise NodeError(self.url, "unreachable", f"cannot connect ({type(e).__name__}: {e})") from None
         return self
 
@@ -101,7 +76,7 @@ class NodeLink:
         if self.ws is None or self.ws.closed:
             raise NodeError(self.url, "died", "connection closed")
         try:
-            return self.loop.run(go(), timeout)
+            return self.run(go(), timeout)
         except asyncio.TimeoutError:
             self.abort()
             raise NodeError(self.url, "timeout", f"no reply within {timeout:.0f} s") from None
@@ -126,11 +101,21 @@ class NodeLink:
         return reply
 
     def abort(self) -> None:
-        if self.ws is not None and not self.ws.closed:
-            try:
-                self.loop.run(self.ws.close(), 5)
-            except Exception:  # closing a connection that is already gone
-                pass
+        """Close the connection (if any) and the loop; the link cannot be used afterwards."""
+        if self.loop.is_closed():
+            return
+
+        async def close():
+            if self.ws is not None and not self.ws.closed:
+                await self.ws.close()
+            if self.http is not None:
+                await self.http.close()
+
+        try:
+            self.run(close(), 5)
+        except Exception:  # closing a connection that is already gone
+            pass
+        self.loop.close()
 
 
 def query_info(url: str, key: bytes | None = None, timeout: float = CONNECT_TIMEOUT) -> tuple[dict, float]:

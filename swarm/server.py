@@ -129,8 +129,11 @@ class NodeService:
         self.cache.reserve(session, frame.position + T)
         session.cache.truncate(frame.position)  # a FORWARD at an earlier position rewinds
         x = frame.array.astype(np.float32)      # (T, dim), a copy we own
-        y, seconds = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self._compute, session, x, frame.position)
+        if T == 1:  # a decode step: a few ms, cheaper here than handed to another thread and back
+            y, seconds = self._compute(session, x, frame.position)
+        else:       # a prefill may take seconds: keep answering the other connections meanwhile
+            y, seconds = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self._compute, session, x, frame.position)
         session.last_used = time.monotonic()
         if T == 1:
             per_block = seconds * 1000 / (last - first + 1)

@@ -85,8 +85,8 @@ def test_bad_frames_get_error_replies_and_others_are_unaffected(node, reference)
     link.request(frame(session=sid), 10)
     assert error_of(link, wire.encode(frame(session=sid, position=7)))["code"] == "position"
     # text instead of binary
-    link.loop.run(link.ws.send_str("hello"), 5)
-    reply = wire.decode(link.loop.run(link.ws.receive(), 5).data)
+    link.run(link.ws.send_str("hello"), 5)
+    reply = wire.decode(link.run(link.ws.receive(), 5).data)
     assert reply.body["code"] == "bad_frame"
     # the same connection still works after all that
     assert link.request(frame(), 10).type == wire.RESULT
