@@ -42,10 +42,10 @@ class Service:
     """The server's state: the (maybe still loading) model, the slots, the counters."""
 
     def __init__(self, model: LoadingModel, parallel: int, queue_size: int, context: int | None,
-                 api_key: str | None):
+                 api_key: str | None, max_body: int):
         self.model = model
         self.parallel, self.queue_size, self.context = parallel, queue_size, context
-        self.api_key = api_key
+        self.api_key, self.max_body = api_key, max_body
         self.metrics = Metrics()
         self.jobs: set[Job] = set()
         self._scheduler: Scheduler | None = None
@@ -65,6 +65,11 @@ class Service:
                                             on_result=self.metrics.record)
             return self._scheduler
 
+    def load(self) -> tuple[int, int]:
+        """(requests being generated, requests waiting for a slot)."""
+        sched = self._scheduler
+        return (sched.running, sched.queue_length) if sched is not None else (0, 0)
+
     def close(self) -> None:
         for job in list(self.jobs):
             job.cancel.set()
@@ -78,8 +83,7 @@ def make_app(model, parallel: int = 1, queue_size: int = 16, api_key: str | None
     if not isinstance(model, LoadingModel):
         model = LoadingModel(text_model=model)
     app = web.Application(client_max_size=max_body, middlewares=[_errors, _auth])
-    app[SERVICE] = Service(model, parallel, queue_size, context, api_key)
-    app[SERVICE].max_body = max_body
+    app[SERVICE] = Service(model, parallel, queue_size, context, api_key, max_body)
     app.router.add_get("/", _page)
     app.router.add_get("/app.js", _page)
     app.router.add_get("/style.css", _page)
@@ -155,9 +159,8 @@ async def _health(request: web.Request) -> web.Response:
     state = service.model.snapshot()
     if state["status"] == "ready":
         state["status"] = "ok"
-        sched = service._scheduler
-        state.update(slots=service.parallel, running=sched.running if sched else 0,
-                     queue=sched.queue_length if sched else 0)
+        running, waiting = service.load()
+        state.update(slots=service.parallel, running=running, queue=waiting)
     return web.json_response(state, status=200 if state["status"] == "ok" else 503)
 
 
@@ -189,9 +192,9 @@ def _described(info: dict) -> dict:
 
 async def _metrics(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    sched = service._scheduler
-    text = service.metrics.render(running=sched.running if sched else 0, queued=sched.queue_length if sched else 0,
-                                  parallel=service.parallel, ready=service.model.status == "ready")
+    running, waiting = service.load()
+    text = service.metrics.render(running=running, queued=waiting, parallel=service.parallel,
+                                  ready=service.model.status == "ready")
     return web.Response(text=text, content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
 
