@@ -47,8 +47,8 @@ class P2PLoader(HTTPLoader):
         peers = self.node.find_providers([digest])[digest]
         if not peers:
             raise StoreError(f"{self.address}: no peer provides the manifest {digest[:16]}...")
-        last = "no provider published its HTTP address"
-        for peer in peers:
+        last, cls = "none published its HTTP address", NetworkError
+        for n, peer in enumerate(peers, 1):
             base = self._peer_url(peer)
             if base is None:
                 continue
@@ -56,9 +56,10 @@ class P2PLoader(HTTPLoader):
                 super().__init__(f"{base}#{digest}", *options)
                 return
             except UserError as e:  # unreachable, or a manifest that is not the one pinned
-                last = f"peer {peer}: {e}"
-                self._warn_sink(f"warning: {last}")
-        raise NetworkError(f"{self.address}: could not get the manifest from any of {len(peers)} providers ({last})")
+                last, cls = f"peer {peer}: {e}", (NetworkError if isinstance(e, NetworkError) else StoreError)
+                if n < len(peers):
+                    self._warn_sink(f"warning: {last}; trying another provider")
+        raise cls(f"{self.address}: could not get the manifest from its {len(peers)} provider(s) ({last})")
 
     def _peer_url(self, peer: str) -> str | None:
         if peer not in self._urls:

@@ -162,3 +162,16 @@ def test_serve_announce_replaces_the_addresses(default_store):
         with P2PNode(bootstrap=[addr.split("@", 1)[1]], server=False) as c:
             record = c.get_peer_record(peer)
     assert record["http"] == "http://127.0.0.2:9999/" and record["addrs"] == [addr.split("@", 1)[1]]
+
+
+def test_a_provider_whose_http_cannot_be_reached_is_named(default_store, tmp_path):
+    from tests.distribution.netutil import serving
+
+    # It announces an HTTP address where nothing listens (127.0.0.3:1), as a misconfigured NAT would.
+    with serving(default_store, "--p2p", "--port", "0", "--listen", "/ip4/127.0.0.3/tcp/0",
+                 "--announce", "127.0.0.3:1", wait_for="p2p://") as s:
+        address = s.line("p2p://")
+        proc = run_cli("infer", address, "--prompt", "hi", timeout=120,
+                       env={"GGUF_FRAGMENTS_CACHE": str(tmp_path / "c")})
+    assert_one_line_error(proc, address.rsplit("/p2p/", 1)[1], "127.0.0.3:1")
+    assert proc.returncode == 3
