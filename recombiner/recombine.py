@@ -52,11 +52,14 @@ def recombine(loader: FragmentLoader, out_path: str | Path, progress: bool | Non
     tmp = out.with_name(f"{_temp_prefix(out)}{os.getpid()}")
     loader.prefetch(m.unique_fragments())
     try:
-        with naming(tmp), open(tmp, "wb", buffering=0) as dest, BackgroundSHA256() as whole, \
+        with naming(tmp, "create"):
+            dest = open(tmp, "wb", buffering=0)
+        with dest, BackgroundSHA256() as whole, \
                 byte_progress(m.source["size"], f"recombine {m.source['name']}", progress) as bar:
+            write = _writer(dest, tmp)
             for frag in m.fragments:
                 with loader.open_unverified(frag.id) as src:
-                    if _stream(src, frag.size, dest.write, whole, bar) != frag.size:
+                    if _stream(src, frag.size, write, whole, bar) != frag.size:
                         raise StoreError(f"{loader.where}: {loader.describe(frag.id)} shrank while being read")
             digest = whole.hexdigest()
         if digest != m.source["sha256"]:
@@ -66,6 +69,14 @@ def recombine(loader: FragmentLoader, out_path: str | Path, progress: bool | Non
         if tmp.exists():
             tmp.unlink()
     return RecombineResult(out, m.source["size"], digest, time.perf_counter() - started)
+
+
+def _writer(dest, path: Path):
+    """dest.write, with a failure (a full disk) reported naming the file being written."""
+    def write(data) -> None:
+        with naming(path):
+            dest.write(data)
+    return write
 
 
 def _temp_prefix(out: Path) -> str:

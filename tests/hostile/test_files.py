@@ -97,11 +97,9 @@ def test_fetch_removes_the_temporary_files_of_killed_runs(clean_store, tmp_path)
     assert not any(p.exists() for p in leftovers)
 
 
-def test_a_full_disk_names_the_file(factory_models, tmp_path, monkeypatch):
-    """ENOSPC from write() carries no file name; the error must add it."""
+def full_disk_open():
+    """An ``open`` whose files, opened for writing, fail every write as a full disk does."""
     import builtins
-
-    import fragmenter.fragment as fragment_module
 
     real_open = builtins.open
 
@@ -122,7 +120,19 @@ def test_a_full_disk_names_the_file(factory_models, tmp_path, monkeypatch):
         f = real_open(path, mode, *args, **kwargs)
         return FullDisk(f) if "w" in mode else f
 
-    monkeypatch.setattr(fragment_module, "open", fake_open, raising=False)
+    return fake_open
+
+
+def test_a_full_disk_names_the_file(factory_models, clean_store, tmp_path, monkeypatch):
+    """ENOSPC from write() carries no file name; the error must add it."""
+    import fragmenter.fragment as fragment_module
+    import recombiner.recombine as recombine_module
+
+    monkeypatch.setattr(fragment_module, "open", full_disk_open(), raising=False)
+    monkeypatch.setattr(recombine_module, "open", full_disk_open(), raising=False)
+    with pytest.raises(UserError, match=r"rebuilt\.gguf\.partial-\d+: cannot write \(No space left on device\)"):
+        recombine_module.recombine(LocalLoader(clean_store), tmp_path / "rebuilt.gguf", progress=False)
+    assert list(tmp_path.iterdir()) == []
     with pytest.raises(UserError, match=r"\.tmp-\d+-\d+: cannot write \(No space left on device\)"):
         fragment_file(str(factory_models[MODEL]), tmp_path / "s", 8192, progress=False)
     assert not [p for p in (tmp_path / "s" / "fragments").iterdir() if p.name.startswith(".tmp-")]

@@ -77,6 +77,15 @@ def reorder_tensors(doc):
     doc["tensors"][2], doc["tensors"][3] = doc["tensors"][3], doc["tensors"][2]
 
 
+def duplicate_fragment(doc):
+    """A fragment listed twice, the rest shifted to make room: the list adds up, the table does not."""
+    frags = doc["fragments"]
+    frags.insert(5, dict(frags[5]))
+    for k in range(6, len(frags)):
+        frags[k]["offset"] += frags[5]["size"]
+    doc["source"]["size"] += frags[5]["size"]
+
+
 def lie_about_model(doc):
     doc["model"]["block_count"] += 1
 
@@ -84,6 +93,7 @@ def lie_about_model(doc):
 @pytest.mark.parametrize("edit, needle", [
     (permute_shape, "gguf_shape"), (change_type, "ggml_type"), (duplicate_tensor, "twice"),
     (drop_tensor, "does not list"), (reorder_tensors, "another order"), (lie_about_model, "model.block_count"),
+    (duplicate_fragment, "does not sit where"),
 ])
 def test_every_table_lie_is_one_line_with_exit_2(store, edit, needle):
     edit_manifest(store, edit)
