@@ -175,3 +175,16 @@ def test_an_honest_store_loads_every_tensor(store):
 
 def test_user_error_types_keep_their_codes():
     assert UserError("x").exit_code == EXIT_USAGE and StoreError("x").exit_code == EXIT_DAMAGED_STORE
+
+
+def test_swapped_tensors_are_refused_over_http_and_by_serve(store, tmp_path):
+    from distribution.http import HTTPLoader
+    from tests.hostile.http_server import hostile_server
+
+    edit_manifest(store, lambda d: swap_tensors(d, A, B))
+    with hostile_server(store, "tarpit", target="none") as (server, url):  # serves the files as they are
+        with pytest.raises(StoreError, match=f"'{A}' has offset"):
+            HTTPLoader(url, cache_dir=tmp_path / "cache", timeout=5).load_tensor(A)
+    proc = run_cli("serve", store, "--port", "0", timeout=60)
+    assert_one_line_error(proc, A, "GGUF header")
+    assert proc.returncode == EXIT_DAMAGED_STORE
