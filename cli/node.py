@@ -34,7 +34,7 @@ def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positi
     bootstrap from. A store directory's fragments of the span are served to peers too. Clients
     connect with `infer p2p://... --distributed`. Ctrl-C stops it.
     """
-    import os
+    import tempfile
 
     from cli.common import open_store
     from common.errors import UserError
@@ -43,7 +43,7 @@ def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positi
     from engine.model import LlamaModel
     from swarm import manifest_sha
     from swarm.memory import Limits
-    from swarm.node import serve_node
+    from swarm.node import serve_node, store_of
     from swarm.server import NodeService
     from swarm.wire import load_key
 
@@ -59,5 +59,5 @@ def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positi
     limits = Limits(max_sessions=max_sessions, max_positions=max_positions, max_cache_bytes=max_cache_mb << 20,
                     idle_s=idle)
     service = NodeService(model, manifest_sha(loader), limits, key)
-    store = source if os.path.isdir(source) else None
-    serve_node(service, host, port, listen, boots, public, store, say)
+    with tempfile.TemporaryDirectory(prefix="node-store-") as scratch:
+        serve_node(service, host, port, listen, boots, public, store_of(loader, source, scratch), say)

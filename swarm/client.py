@@ -183,8 +183,8 @@ class RemoteSpanSession:
         self.closed = True
         try:
             self.link.request(wire.Frame(wire.CLOSE, self.sid), 5)
-        except NodeError:
-            pass  # a node that is gone has dropped the session already
+        except Exception:  # gone, or interrupted mid-call (Ctrl-C): closing the connection drops it too
+            pass
         self.link.abort()
 
 
@@ -221,3 +221,15 @@ def distributed_text_model(loader, nodes: list[str] | None = None, key: bytes | 
 def timings(text_model) -> dict:
     """route, failovers, node_ms, hop_overhead_ms of a distributed text model's sessions so far."""
     return text_model.open_session.__self__.timings()
+
+
+def format_timings(t: dict, prefill_tok_s: float, decode_tok_s: float) -> str:
+    """The short table `infer --timings` prints on stderr."""
+    lines = [f"{'blocks':<8} {'node':<40} {'ms/token':>9}"]
+    for hop in t.get("route", []):
+        ms = t.get("node_ms", {}).get(f"{hop['node']} ({hop['blocks']})")
+        lines.append(f"{hop['blocks']:<8} {hop['node']:<40} {ms if ms is not None else '-':>9}")
+    hop_ms = t.get("hop_overhead_ms")
+    lines.append(f"hop overhead {hop_ms if hop_ms is not None else '-'} ms/token per hop; failovers "
+                 f"{t.get('failovers', 0)}; prefill {prefill_tok_s:.1f} tok/s; decode {decode_tok_s:.1f} tok/s")
+    return "\n".join(lines)

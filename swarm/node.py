@@ -61,7 +61,7 @@ def serve_node(service: NodeService, host: str, port: int, listen: str, bootstra
 
 
 def _fragment_app(store, first: int, last: int):
-    """The fragment server for the span's fragments of a store directory (or none)."""
+    """The fragment server for the span's fragments held in ``store`` (or none)."""
     if store is None:
         return None, set()
     from pathlib import Path
@@ -72,7 +72,31 @@ def _fragment_app(store, first: int, last: int):
 
     store = Path(store)
     held = held_fragments(store, Manifest.load(store), [(first, last)])
-    return fragment_app(store, only=held), held
+    return (fragment_app(store, only=held), held) if held else (None, set())
+
+
+def store_of(loader, source: str, scratch) -> str | None:
+    """A store directory holding what ``loader`` has: SOURCE itself when it is one; for http:// and
+    p2p:// sources, a view in ``scratch`` of the fragment cache (manifest.json and links to the
+    cached fragments), so that a node fetched from peers serves its span to others in turn."""
+    import os
+    from pathlib import Path
+
+    if os.path.isdir(source):
+        return source
+    cache = getattr(getattr(loader, "fetcher", None), "cache", None)
+    raw = getattr(loader, "manifest_bytes", None)
+    if cache is None or raw is None:
+        return None  # a .gguf file: nothing to share as fragments
+    from fragmenter.manifest import FRAGMENTS_DIR, MANIFEST_NAME
+
+    view = Path(scratch)
+    (view / FRAGMENTS_DIR).mkdir(parents=True, exist_ok=True)
+    (view / MANIFEST_NAME).write_bytes(raw)
+    for fid, size in loader.manifest.unique_fragments().items():
+        if cache.has(fid, size):
+            (view / FRAGMENTS_DIR / fid).symlink_to(cache.path(fid))
+    return str(view)
 
 
 def _provide(p2p, manifest_sha: str, store, held: set, first: int, last: int) -> None:

@@ -1,11 +1,15 @@
 """`node` processes that find each other through the DHT; a client that knows one p2p:// address
 routes through them, and when a node is killed -9 mid-generation, finds (again in the DHT) a node
-that joined after the session began."""
+that joined after the session began. A node loaded from p2p:// serves its fragments in turn."""
+
+import hashlib
+import urllib.request
 
 import pytest
 
 from distribution.p2p_loader import P2PLoader
-from swarm.client import distributed_text_model, timings
+from distribution.local import LocalLoader
+from swarm.client import distributed_text_model, query_info, timings
 from tests.conftest import assert_one_line_error, run_cli
 from tests.swarm.conftest import greedy
 from tests.swarm.nodeutil import NodeProcess
@@ -62,3 +66,21 @@ def test_dht_route_and_failover_to_a_node_that_joined_later(default_store):
             loader.close()
         for n in nodes:
             n.stop()
+
+
+def test_node_from_p2p_source_serves_its_span_and_fragments(default_store):
+    full = NodeProcess(default_store, "0-29")
+    try:
+        peer = NodeProcess(full.address, "20-29")  # fetches its blocks from the swarm, then shares them
+        try:
+            info, _ = query_info(peer.url)
+            assert (info["first_block"], info["last_block"]) == (20, 29)
+            loader = LocalLoader(default_store)
+            fid = loader.manifest.fragments_for(["blk.25.ffn_down.weight"])[0]
+            url = peer.url.replace("ws://", "http://").replace("/swarm", f"/fragments/{fid}")
+            with urllib.request.urlopen(url, timeout=10) as reply:
+                assert hashlib.sha256(reply.read()).hexdigest() == fid
+        finally:
+            peer.stop()
+    finally:
+        full.stop()
