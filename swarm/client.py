@@ -136,9 +136,10 @@ class RemoteSpanSession:
     """A ``SpanSession`` for blocks first..last run by one node, over its own WebSocket."""
 
     def __init__(self, url: str, first_layer: int, last_layer: int, capacity: int, dim: int,
-                 key: bytes | None = None, dtype: str = "float32"):
+                 key: bytes | None = None, dtype: str = "float32", step_timeout: float = STEP_TIMEOUT):
         self.url, self.first_layer, self.last_layer = url, first_layer, last_layer
         self._capacity, self.dim, self.dtype = capacity, dim, wire.DTYPE_CODES[dtype]
+        self.step_timeout = step_timeout  # a decode step's bound; a prefill gets PER_POSITION_S more per row
         self.sid = secrets.token_bytes(16)
         self._position = 0
         self.link = NodeLink(url, key, dim, capacity).connect()
@@ -161,7 +162,7 @@ class RemoteSpanSession:
         frame = wire.Frame(wire.FORWARD, self.sid, self._position, hidden, first_block=self.first_layer,
                            last_block=self.last_layer, dtype=self.dtype)
         t0 = time.perf_counter()
-        reply = self.link.request(frame, STEP_TIMEOUT + PER_POSITION_S * T)
+        reply = self.link.request(frame, self.step_timeout + PER_POSITION_S * (T - 1))
         elapsed = time.perf_counter() - t0
         if reply.type != wire.RESULT or reply.array.shape != (T, self.dim) or reply.position != self._position:
             raise NodeError(self.url, "bad_reply", "the reply does not answer this step")
@@ -189,7 +190,8 @@ class RemoteSpanSession:
 
 
 def distributed_text_model(loader, nodes: list[str] | None = None, key: bytes | None = None, find=None,
-                           kernels: str = "numba", template: str | None = None, dtype: str = "float32"):
+                           kernels: str = "numba", template: str | None = None, dtype: str = "float32",
+                           step_timeout: float = STEP_TIMEOUT):
     """A ``generation.TextModel`` whose sessions run every block on the swarm's nodes.
 
     Only the edges (embedding, output norm and head) and the tokenizer are loaded here. Nodes come
@@ -209,7 +211,7 @@ def distributed_text_model(loader, nodes: list[str] | None = None, key: bytes | 
         from swarm.discovery import dht_finder
 
         find = dht_finder(loader.node, sha, edges.config.n_layers)
-    swarm = Swarm(edges, Directory(sha, nodes, find, key), key, dtype)
+    swarm = Swarm(edges, Directory(sha, nodes, find, key), key, dtype, step_timeout)
     model = {k: v for k, v in loader.manifest.model.items() if v is not None}
     info = {**model, "source": loader.where, "sha256": loader.manifest.source.get("sha256"),
             "manifest": sha, "distributed": True}

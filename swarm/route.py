@@ -200,8 +200,10 @@ class Segment:
 class Swarm:
     """Opens routed sessions over the nodes a ``Directory`` knows; keeps the timings and failovers."""
 
-    def __init__(self, edges, directory: Directory, key: bytes | None = None, dtype: str = "float32"):
+    def __init__(self, edges, directory: Directory, key: bytes | None = None, dtype: str = "float32",
+                 step_timeout: float = 30.0):
         self.edges, self.directory, self.key, self.dtype = edges, directory, key, dtype
+        self.step_timeout = step_timeout
         self.n_layers, self.dim = edges.config.n_layers, edges.config.dim
         self.failovers = 0
         self.excluded: set[str] = set()
@@ -233,7 +235,7 @@ class Swarm:
         try:
             for node, a, b in hops:
                 spans.append(RemoteSpanSession(node.url, a, b, min(capacity, node.max_positions), self.dim,
-                                               self.key, self.dtype))
+                                               self.key, self.dtype, self.step_timeout))
         except NodeError:
             for s in spans:
                 s.close()

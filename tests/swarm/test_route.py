@@ -143,3 +143,32 @@ def test_plan_prefers_fast_nodes_and_uses_sub_spans():
         plan(nodes, 10, 19, exclude={"b"})
     with pytest.raises(NoRoute, match="blocks 10-29"):
         plan([info("a", 0, 9), info("b", 10, 29, free=0)], 0, 29)
+
+
+def test_node_that_stops_answering_times_out_and_is_replaced(six_loader, local_greedy):
+    import time
+
+    a, b, spare = (start_node(six_loader, *s) for s in [(0, 2), (3, 5), (3, 5)])
+    hang = threading.Event()
+    compute = b.service._compute
+
+    def slow(*args):  # b goes on holding its connection but stops answering in time
+        if hang.is_set():
+            time.sleep(3)
+        return compute(*args)
+
+    b.service._compute = slow
+    try:
+        tm = distributed_text_model(six_loader, [a.url, b.url], step_timeout=1.0)
+        with tm.open_session(64) as s:
+            def stall(i):
+                if i == 3:
+                    hang.set()
+                    tm.open_session.__self__.directory.urls.append(spare.url)
+            assert greedy(s, PROMPT, N, stall) == local_greedy(PROMPT, N)
+        t = timings(tm)
+        assert t["failovers"] == 1
+        assert t["route"] == [{"blocks": "0-2", "node": a.url}, {"blocks": "3-5", "node": spare.url}]
+    finally:
+        for n in (a, b, spare):
+            n.stop()
