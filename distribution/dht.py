@@ -103,7 +103,8 @@ def _why(e: BaseException) -> str:
         return "something answers there, but not that peer: the security handshake failed"
     if "fail to open connection" in text:
         return "no connection could be opened: refused, or nothing listens there"
-    first = str(e) or type(e).__name__
+    leaves = [c for c in causes if not getattr(c, "exceptions", None)]  # not a group of others
+    first = str(leaves[0] if leaves else e) or type(e).__name__
     return first.splitlines()[0][:200]
 
 
@@ -211,6 +212,8 @@ class P2PNode:
             self.host = host
             self.peer_id = host.get_id().pretty()
             self._bound = [str(a) for a in host.get_transport_addrs()]
+            if not self._bound:  # py-libp2p logs a failed bind (port in use, not our address) and goes on
+                raise OSError("nothing bound: the port is in use or the address is not this host's")
             self.dht = KadDHT(host, DHTMode.SERVER if self.server else DHTMode.CLIENT)
             self.dht.register_validator(peer_records.NAMESPACE, peer_records.validator())
             async with background_trio_service(self.dht):

@@ -175,3 +175,19 @@ def test_a_provider_whose_http_cannot_be_reached_is_named(default_store, tmp_pat
                        env={"GGUF_FRAGMENTS_CACHE": str(tmp_path / "c")})
     assert_one_line_error(proc, address.rsplit("/p2p/", 1)[1], "127.0.0.3:1")
     assert proc.returncode == 3
+
+
+def test_a_listen_address_that_cannot_be_bound_is_named():
+    from common.errors import UserError
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        for listen, why in ((f"/ip4/127.0.0.1/tcp/{taken.getsockname()[1]}", "port is in use"),
+                            ("garbage", "Invalid MultiAddr")):
+            with pytest.raises(UserError, match="cannot listen on " + listen) as info:
+                P2PNode(listen).start()
+            assert why in str(info.value) and info.value.exit_code == 1
+    finally:
+        taken.close()
