@@ -12,7 +12,8 @@ from cli.common import user_errors
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
 @click.option("--p2p", is_flag=True, help="Also join the DHT and announce the fragments held (see --listen, --bootstrap).")
-@click.option("--listen", default="/ip4/127.0.0.1/tcp/0", show_default=True, help="--p2p: libp2p listen multiaddr.")
+@click.option("--listen", help="--p2p: libp2p listen multiaddr [default: --host's address, any port, e.g. "
+                                "/ip4/127.0.0.1/tcp/0].")
 @click.option("--bootstrap", multiple=True, help="--p2p: a peer to join through, as its p2p://<sha>@<multiaddr> address "
                                                  "or the bare multiaddr (repeatable).")
 @click.option("--announce", help="--p2p: HOST[:PORT] others reach this server at (NAT, proxy); default: the "
@@ -34,15 +35,15 @@ def serve(store, host, port, p2p, listen, bootstrap, announce, layers):
 
     say = lambda line: click.echo(line, err=True)  # noqa: E731
     if not p2p:
-        if bootstrap or layers or announce:
-            raise UserError("--bootstrap, --announce and --layers go with --p2p")
+        if bootstrap or layers or announce or listen:
+            raise UserError("--bootstrap, --announce, --listen and --layers go with --p2p")
         from distribution.server import serve_forever
 
         serve_forever(store, host, port, announce=say)
         return
-    from distribution.addresses import parse_announce, parse_bootstrap
+    from distribution.addresses import default_listen, parse_announce, parse_bootstrap
     from distribution.p2p_server import serve_p2p
     from distribution.spans import parse_spans
 
-    serve_p2p(store, host, port, listen, parse_bootstrap(bootstrap), parse_spans(layers) if layers else None,
-              announce=say, public=parse_announce(announce))
+    serve_p2p(store, host, port, listen or default_listen(host), parse_bootstrap(bootstrap),
+              parse_spans(layers) if layers else None, announce=say, public=parse_announce(announce))

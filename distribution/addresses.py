@@ -89,6 +89,26 @@ def parse_announce(text: str | None) -> Announce | None:
     return Announce(host, port)
 
 
+def default_listen(host: str) -> str:
+    """The libp2p listen multiaddr that goes with an HTTP ``--host``: the same address, any port
+    (``--host 0.0.0.0`` then listens for libp2p on every interface too, as one would expect)."""
+    if host in WILDCARDS:
+        return "/ip4/0.0.0.0/tcp/0"
+    if host == "localhost":
+        return "/ip4/127.0.0.1/tcp/0"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        try:  # a host name: the address it stands for here (a malformed address is no name)
+            if not host or set(host) <= set("0123456789.:"):
+                raise ValueError(host)
+            ip = ipaddress.ip_address(socket.gethostbyname(host))
+        except (OSError, UnicodeError, ValueError):
+            raise UserError(f"--host {host}: cannot listen there (not an address, nor a name this host resolves); "
+                            f"or give --listen /ip4/ADDRESS/tcp/PORT") from None
+    return f"/ip{ip.version}/{ip}/tcp/0"
+
+
 # -- what a peer announces ------------------------------------------------------------------------
 def is_loopback(host: str) -> bool:
     try:

@@ -73,3 +73,14 @@ def test_interface_addresses_of_this_host():
     found = addresses.interface_addresses()
     assert found and "0.0.0.0" not in found
     assert not any(addresses.is_loopback(a) for a in found[:-1]) or all(addresses.is_loopback(a) for a in found)
+
+
+def test_default_listen_follows_the_http_host():
+    from distribution.addresses import default_listen
+
+    assert default_listen("0.0.0.0") == "/ip4/0.0.0.0/tcp/0"
+    assert default_listen("127.0.0.1") == "/ip4/127.0.0.1/tcp/0"
+    assert default_listen("localhost") == "/ip4/127.0.0.1/tcp/0"
+    assert default_listen("::1") == "/ip6/::1/tcp/0"
+    with pytest.raises(UserError, match="999.1.1.1: cannot listen"):
+        default_listen("999.1.1.1")

@@ -36,7 +36,9 @@ def test_wildcard_peers_on_three_hosts_serve_a_fourth(store, tmp_path):
         first = net.start(0, [*serve, "--layers", "0-1"], wait_for="p2p://")
         address = first.line("p2p://")
         net.start(1, [*serve, "--layers", "2-2", "--bootstrap", address], wait_for="p2p://")  # the whole address
-        third = net.start(2, [*serve, "--layers", "3-3", "--bootstrap", address.split("@", 1)[1]],  # the multiaddr
+        # --host 0.0.0.0 alone: libp2p listens on the wildcard too (any port)
+        third = net.start(2, [BIN / "serve", store, "--p2p", "--host", "0.0.0.0", "--port", "8001", "--layers", "3-3",
+                              "--bootstrap", address.split("@", 1)[1]],  # the bare multiaddr
                           wait_for="p2p://")
         for i, p in enumerate(net.processes):
             mine = net.addrs[i]
