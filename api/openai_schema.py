@@ -51,6 +51,7 @@ class Request:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False            # stream_options.include_usage: a last chunk with usage
+    cache_prompt: bool = False             # llama-server's: reuse the slot's cache for a common prefix
     model: str | None = None
 
 
@@ -163,7 +164,7 @@ def _common(body, kind: str, context_length: int) -> Request:
         raise bad("stream_options", "must be an object", "invalid_type")
     return Request(kind=kind, max_tokens=max_tokens, sampling=_sampling(body), stop=_stops(body),
                    stream=_boolean(body, "stream"), include_usage=_boolean(options or {}, "include_usage"),
-                   model=model)
+                   cache_prompt=_boolean(body, "cache_prompt"), model=model)
 
 
 # -- the two endpoints ----------------------------------------------------------------------------

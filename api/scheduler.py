@@ -9,8 +9,11 @@ starts if the job is still waiting.
 At most ``parallel + queue_size`` jobs are admitted at once; beyond that ``submit`` raises
 ``QueueFull`` (the server answers 503), so a burst cannot pile up unbounded work.
 
-Each slot opens its session once and rewinds it to 0 for every request: the KV cache is allocated
-once per slot, and an answer never depends on which slot or which earlier request it follows.
+Each slot opens its session once (the KV cache is allocated once per slot) and rewinds it to 0 for
+every request, so an answer never depends on which slot or which earlier request it follows; unless
+the request asks for ``cache_prompt`` (as llama-server's field), when the slot keeps the prompt's
+common prefix with what its cache holds and feeds only the rest: a conversation's next turn then
+costs only its new tokens.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class Work:
     max_tokens: int
     sampling: SamplingParams
     stop: list[str]
+    cache_prompt: bool = False  # reuse the slot's cache for the prompt's common prefix
 
 
 class Job:
@@ -59,6 +63,7 @@ class Job:
         self.cancel = threading.Event()
         self.events: asyncio.Queue = asyncio.Queue()
         self.result: GenerationResult | None = None
+        self.reused = 0  # prompt tokens taken from the slot's cache instead of being fed
 
     # -- worker side ------------------------------------------------------------------------------
     def _send(self, kind: str, value) -> None:
@@ -159,7 +164,7 @@ class Scheduler:
 
     # -- worker threads ---------------------------------------------------------------------------
     def _work(self) -> None:
-        session = None
+        session, cached = None, []  # this slot's session, and the tokens its cache holds
         while (job := self.jobs.get()) is not None:
             with self.lock:
                 self.running += 1
@@ -168,29 +173,43 @@ class Scheduler:
                     session = self.text_model.open_session(self.context)
                     if self.compute_lock is not None:
                         session = _Serialized(session, self.compute_lock)
-                self._run(session, job)
+                cached = self._run(session, cached, job)
             except Exception as e:  # noqa: BLE001 - the reply says what failed; the slot keeps serving
                 job.fail(GenerationFailed(e))
-                session = _close_quietly(session)
+                session, cached = _close_quietly(session), []
             finally:
                 with self.lock:
                     self.running -= 1
                     self.admitted -= 1
         _close_quietly(session)
 
-    def _run(self, session, job: Job) -> None:
+    def _run(self, session, cached: list[int], job: Job) -> list[int]:
+        """Generate one answer; returns the tokens the session's cache holds afterwards."""
         if job.cancel.is_set():  # the client left while the job waited
             job.finish(None)
-            return
-        session.rewind(0)
+            return cached
         w = job.work
-        gen = Generation(session, self.text_model.tokenizer, w.prompt_tokens, w.max_tokens, Sampler(w.sampling),
-                         w.stop, job.cancel)
+        job.reused = keep = reusable(cached, w.prompt_tokens) if w.cache_prompt else 0
+        session.rewind(keep)
+        gen = Generation(session, self.text_model.tokenizer, w.prompt_tokens[keep:], w.max_tokens,
+                         Sampler(w.sampling), w.stop, job.cancel, history=w.prompt_tokens[:keep])
         for piece in gen:
             job.piece(piece)
         if self.on_result:
             self.on_result(gen.result)
         job.finish(gen.result)
+        return w.prompt_tokens[:keep] + gen.fed
+
+
+def reusable(cached: list[int], prompt: list[int]) -> int:
+    """How many of the prompt's first tokens the cache already holds; at least one token is always
+    fed again, since its logits are what the first answer token is drawn from."""
+    n = 0
+    for a, b in zip(cached, prompt):
+        if a != b:
+            break
+        n += 1
+    return min(n, len(prompt) - 1)
 
 
 def _close_quietly(session) -> None:

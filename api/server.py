@@ -263,7 +263,8 @@ async def _complete(request: web.Request, parse) -> web.StreamResponse:
         raise APIError(400, f"{where}: the prompt is {len(tokens)} tokens; the context window holds "
                             f"{scheduler.context}", param=where, code="context_length_exceeded")
     room = scheduler.context - len(tokens)
-    work = Work(tokens, min(req.max_tokens or room, room), req.sampling, req.stop + template_stops)
+    work = Work(tokens, min(req.max_tokens or room, room), req.sampling, req.stop + template_stops,
+                req.cache_prompt)
     job = Job(work, asyncio.get_running_loop())
     try:
         scheduler.submit(job)
@@ -276,7 +277,7 @@ async def _complete(request: web.Request, parse) -> web.StreamResponse:
         if req.stream:
             return await _stream(request, job, reply)
         pieces = [p async for p in job.pieces()]
-        return web.json_response(reply.whole("".join(pieces), job.result))
+        return web.json_response(reply.whole("".join(pieces), job))
     except GenerationFailed as e:
         raise _failed(e) from None
     finally:
@@ -297,9 +298,9 @@ async def _stream(request: web.Request, job: Job, reply: "_Reply") -> web.Stream
         except GenerationFailed as e:  # headers are sent: the error goes in the stream
             await _send(response, _failed(e).body())
         else:
-            await _send(response, reply.last_chunk(job.result))
+            await _send(response, reply.last_chunk(job))
             if reply.req.include_usage:
-                await _send(response, reply.usage_chunk(job.result))
+                await _send(response, reply.usage_chunk(job))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
     except (ConnectionResetError, ConnectionError):
@@ -342,24 +343,25 @@ class _Reply:
     def chunk(self, text: str) -> dict:
         return self._envelope(self._stream_object(), [self._choice(text, None)])
 
-    def last_chunk(self, result) -> dict:
-        out = self._envelope(self._stream_object(), [self._choice(None, _finish(result))])
-        out["timings"] = _timings(result)
+    def last_chunk(self, job: Job) -> dict:
+        out = self._envelope(self._stream_object(), [self._choice(None, _finish(job.result))])
+        out["timings"] = _timings(job)
         return out
 
-    def usage_chunk(self, result) -> dict:
+    def usage_chunk(self, job: Job) -> dict:
         out = self._envelope(self._stream_object(), [])
-        out["usage"] = _usage(result)
+        out["usage"] = _usage(job)
         return out
 
-    def whole(self, text: str, result) -> dict:
+    def whole(self, text: str, job: Job) -> dict:
+        finish = _finish(job.result)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": _finish(result)}
+                      "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(result)}
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         out = self._envelope("chat.completion" if self.chat else "text_completion", [choice])
-        out.update(usage=_usage(result), timings=_timings(result))
+        out.update(usage=_usage(job), timings=_timings(job))
         return out
 
 
@@ -367,17 +369,22 @@ def _finish(result) -> str:
     return FINISH.get(result.stop_reason, "stop") if result is not None else "stop"
 
 
-def _usage(result) -> dict:
-    prompt, generated = (len(result.prompt_tokens), len(result.tokens)) if result is not None else (0, 0)
-    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+def _usage(job: Job) -> dict:
+    """Counts as OpenAI reports them: the whole prompt, of which ``cached_tokens`` came from the cache."""
+    prompt = len(job.work.prompt_tokens)
+    generated = len(job.result.tokens) if job.result is not None else 0
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
+            "prompt_tokens_details": {"cached_tokens": job.reused}}
 
 
-def _timings(result) -> dict:
-    """llama-server's extension: speeds of this request."""
+def _timings(job: Job) -> dict:
+    """llama-server's extension: this request's speeds; prompt_n tokens fed, cache_n reused."""
+    result = job.result
     if result is None:
         return {}
-    return {"prompt_n": len(result.prompt_tokens), "prompt_per_second": round(result.prefill_tok_s, 2),
-            "predicted_n": len(result.tokens), "predicted_per_second": round(result.decode_tok_s, 2)}
+    return {"cache_n": job.reused, "prompt_n": len(result.prompt_tokens),
+            "prompt_per_second": round(result.prefill_tok_s, 2), "predicted_n": len(result.tokens),
+            "predicted_per_second": round(result.decode_tok_s, 2)}
 
 
 # -- running it -----------------------------------------------------------------------------------

@@ -167,7 +167,10 @@ function requestBody() {
   const system = $("system").value.trim();
   if (system) messages.push({ role: "system", content: system });
   messages.push(...conversation);
-  const body = { messages, stream: true, stream_options: { include_usage: true } };
+  // From the second turn on, the server's slot keeps the conversation so far in its cache and
+  // prefills only the new messages (llama-server's cache_prompt).
+  const body = { messages, stream: true, stream_options: { include_usage: true },
+                 cache_prompt: conversation.length > 1 };
   for (const k of ["temperature", "top_p", "min_p", "repeat_penalty"]) body[k] = number(k, parseFloat);
   for (const k of ["top_k", "max_tokens", "seed"]) body[k] = number(k, (s) => parseInt(s, 10));
   return body;
@@ -253,7 +256,8 @@ async function* events(body) {
 }
 
 function showStats(t) {
-  $("stats").textContent = `prompt ${t.prompt_n} tokens at ${t.prompt_per_second} tok/s · ` +
+  const reused = t.cache_n ? ` (+${t.cache_n} from the cache)` : "";
+  $("stats").textContent = `prompt ${t.prompt_n} tokens${reused} at ${t.prompt_per_second} tok/s · ` +
     `answer ${t.predicted_n} tokens at ${t.predicted_per_second} tok/s`;
 }
 

@@ -100,6 +100,11 @@ def test_page_streams_the_greedy_answer_and_stops(default_text_model, browser):
         assert answers(browser)[-1].text == expected.strip()
         assert "answer" in by_id(browser, "stats").text  # the last chunk's timings were shown
 
+        # The second turn sends the whole conversation; the slot's cache already holds the first.
+        send(browser, "And of Italy?")
+        wait(browser, lambda d: len(answers(d)) == 2 and answers(d)[-1].get_attribute("data-state") == "done")
+        assert "Rome" in answers(browser)[-1].text
+        assert "from the cache" in by_id(browser, "stats").text
         browser.execute_script("document.querySelector('aside').scrollTop = 0")  # the model panel in view
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "chat-page.png"))
@@ -107,7 +112,7 @@ def test_page_streams_the_greedy_answer_and_stops(default_text_model, browser):
         # A long answer, stopped from the page: the fetch is aborted and the server stops generating.
         set_field(browser, "max_tokens", 1000)
         send(browser, STORY)
-        wait(browser, lambda d: len(answers(d)) == 2 and len(answers(d)[-1].text) > 20)
+        wait(browser, lambda d: len(answers(d)) == 3 and len(answers(d)[-1].text) > 20)
         by_id(browser, "stop").click()
         wait(browser, lambda d: answers(d)[-1].get_attribute("data-state") == "done", 10)
         assert "(stopped)" in answers(browser)[-1].text

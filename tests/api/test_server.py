@@ -387,3 +387,24 @@ def test_a_route_that_fails_gives_503_and_the_server_keeps_serving(factory_text_
         assert len(events) >= 2  # some text came before the failure
         got, reply = raw(s, "/v1/completions", {"prompt": "The quick", "max_tokens": 2})  # a fresh session
         assert got == 200, reply
+
+
+def test_cache_prompt_feeds_only_the_new_turn(factory_text_model):
+    """llama-server's cache_prompt: the next turn reuses the slot's cache and answers as a fresh run."""
+    with running(factory_text_model) as s:  # one slot: every request meets the previous one's cache
+        got, first = raw(s, "/v1/chat/completions", {"messages": HELLO, "max_tokens": 8, **GREEDY})
+        conversation = HELLO + [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                                {"role": "user", "content": "And what did the lazy dog do?"}]
+        body = {"messages": conversation, "max_tokens": 12, **GREEDY}
+        got, cached = raw(s, "/v1/chat/completions", {**body, "cache_prompt": True})
+        assert got == 200, cached
+        got, fresh = raw(s, "/v1/chat/completions", body)
+        assert got == 200, fresh
+    assert cached["choices"][0]["message"]["content"] == fresh["choices"][0]["message"]["content"]
+    reused = cached["usage"]["prompt_tokens_details"]["cached_tokens"]
+    # At least the first turn's prompt: its answer, re-tokenized inside the template, may be split
+    # differently from how it was generated, and reuse stops at the first token that differs.
+    assert reused >= first["usage"]["prompt_tokens"]
+    assert cached["usage"]["prompt_tokens"] == fresh["usage"]["prompt_tokens"]
+    assert cached["timings"]["prompt_n"] == fresh["usage"]["prompt_tokens"] - reused
+    assert fresh["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
