@@ -3,7 +3,9 @@ cannot be reached named in one line."""
 
 import json
 import socket
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
@@ -85,6 +87,11 @@ def closed_port() -> int:
     return port
 
 
+class Quiet(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
 def test_unreachable_bootstrap_peers_are_named(pair, monkeypatch):
     a, _ = pair
     live = a.reachable_addrs()[0].rsplit("/p2p/", 1)[0]
@@ -92,8 +99,11 @@ def test_unreachable_bootstrap_peers_are_named(pair, monkeypatch):
     silent = socket.socket()  # accepts (the kernel does) and never says a word
     silent.bind(("127.0.0.1", 0))
     silent.listen()
+    web = HTTPServer(("127.0.0.1", 0), Quiet)  # speaks, but HTTP, not libp2p
+    threading.Thread(target=web.serve_forever, daemon=True).start()
     monkeypatch.setattr(dht, "CONNECT_TIMEOUT", 1.0)
     cases = {
+        f"/ip4/127.0.0.1/tcp/{web.server_port}/p2p/{stranger}": "not that peer",
         f"/ip4/127.0.0.1/tcp/{closed_port()}/p2p/{stranger}": "connection refused",
         f"{live}/p2p/{stranger}": "not that peer",
         f"/ip4/127.0.0.1/tcp/{silent.getsockname()[1]}/p2p/{stranger}": "no answer within 1 s",
@@ -108,6 +118,7 @@ def test_unreachable_bootstrap_peers_are_named(pair, monkeypatch):
             assert "\n" not in message and time.monotonic() - started < 10
     finally:
         silent.close()
+        web.shutdown()
 
 
 def test_one_reachable_bootstrap_peer_is_enough(pair):
