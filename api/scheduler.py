@@ -137,6 +137,7 @@ class Scheduler:
         self.lock = threading.Lock()
         # A distributed route's blocks run on nodes: its slots wait on the network, not on these cores.
         self.compute_lock = None if text_model.info.get("distributed") else threading.Lock()
+        self.open_lock = threading.Lock()
         self.admitted = 0  # waiting + running
         self.running = 0
         self.workers = [threading.Thread(target=self._work, name=f"api-slot-{i}", daemon=True)
@@ -170,7 +171,8 @@ class Scheduler:
                 self.running += 1
             try:
                 if session is None:
-                    session = self.text_model.open_session(self.context)
+                    with self.open_lock:  # one at a time: a swarm's route planner is shared by the slots
+                        session = self.text_model.open_session(self.context)
                     if self.compute_lock is not None:
                         session = _Serialized(session, self.compute_lock)
                 cached = self._run(session, cached, job)

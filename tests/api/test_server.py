@@ -408,3 +408,13 @@ def test_cache_prompt_feeds_only_the_new_turn(factory_text_model):
     assert cached["usage"]["prompt_tokens"] == fresh["usage"]["prompt_tokens"]
     assert cached["timings"]["prompt_n"] == fresh["usage"]["prompt_tokens"] - reused
     assert fresh["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+def test_an_answer_that_fills_the_context_ends_with_length(server, factory_text_model):
+    """No max_tokens: the answer runs to the end of the context (512 positions) and says so."""
+    prompt = "the quick brown fox " * 35
+    got, reply = raw(server, "/v1/completions", {"prompt": prompt, **GREEDY})
+    assert got == 200, reply
+    usage = reply["usage"]
+    assert usage["prompt_tokens"] > 400 and reply["choices"][0]["finish_reason"] == "length"
+    assert usage["prompt_tokens"] + usage["completion_tokens"] in (512, 513)  # the last token is never fed
