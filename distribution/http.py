@@ -26,11 +26,12 @@ from distribution.base import FragmentError, FragmentLoader, MissingFragment
 from distribution.cache import FragmentCache
 from fragmenter.manifest import FRAGMENT_ID, MAX_MANIFEST_BYTES, Manifest
 
-#: Seconds a server may keep us waiting in all (README, "Exit codes and time bounds"):
-#: every document and every fragment, all attempts together, within TIMEOUT plus the time its
-#: bytes take at MIN_RATE; one attempt is abandoned after TIMEOUT / attempts without a byte.
+#: Seconds a server may keep us waiting (README, "Exit codes and time bounds"): every document and
+#: every fragment, all attempts and the pauses between them together, within TIMEOUT plus the time
+#: its bytes take at MIN_RATE; one attempt is abandoned after TIMEOUT / attempts without a byte.
 DEFAULT_TIMEOUT = 30.0
-#: Bytes per second below which a transfer is a drip, not a slow link (after its first GRACE share).
+#: Bytes per second below which a transfer is a drip, not a slow link (checked once an attempt has
+#: run TIMEOUT / attempts).
 MIN_RATE = 64 * 1024
 TIMEOUT_ENV = "GGUF_FRAGMENTS_TIMEOUT"
 
