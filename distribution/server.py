@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import logging
 import signal
+import stat
 import sys
 from pathlib import Path
 
@@ -56,7 +57,8 @@ def make_app(store: str | Path, only: set[str] | None = None, max_concurrent: in
         local.close()
     manifest, manifest_bytes = local.manifest, local.manifest_bytes
     manifest_etag = f'"{hashlib.sha256(manifest_bytes).hexdigest()}"'
-    allowed = set(manifest.unique_fragments()) if only is None else set(only)
+    sizes = manifest.unique_fragments()
+    allowed = set(sizes) if only is None else set(only) & set(sizes)
     gate = asyncio.Semaphore(max_concurrent)
 
     async def get_manifest(request: web.Request) -> web.StreamResponse:
@@ -69,7 +71,7 @@ def make_app(store: str | Path, only: set[str] | None = None, max_concurrent: in
         if not FRAGMENT_ID.match(fid) or fid not in allowed:
             raise web.HTTPNotFound(text="no such fragment\n")
         path = store / FRAGMENTS_DIR / fid
-        if not path.is_file():
+        if not _intact_size(path, sizes[fid]):  # missing, not a regular file, or truncated/padded
             raise web.HTTPNotFound(text="fragment not held here\n")
         async with gate:
             return FragmentResponse(path, fid, headers={"Cache-Control": "public, max-age=31536000, immutable"})
@@ -79,6 +81,16 @@ def make_app(store: str | Path, only: set[str] | None = None, max_concurrent: in
     app.router.add_get("/fragments/{fid}", get_fragment)
     app["manifest"] = manifest
     return app
+
+
+def _intact_size(path: Path, size: int) -> bool:
+    """A regular file of the fragment's size: serving a FIFO would hang a worker, a device or a
+    grown file would stream without end (clients verify the bytes; this spares them the wait)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == size
 
 
 class OneLineLogs(logging.Filter):

@@ -162,3 +162,24 @@ def test_local_loader_never_reads_past_a_fragments_size(store):
         f.write(b"x" * (1 << 20))
     loader = LocalLoader(store)
     assert len(loader.fetch(fid)) == loader.manifest.unique_fragments()[fid] + 1
+
+
+def test_serve_answers_404_for_a_fragment_it_holds_damaged_and_serves_the_rest(store):
+    import urllib.error
+    import urllib.request
+
+    from tests.distribution.netutil import serving
+
+    frags = json.loads((store / "manifest.json").read_text())["fragments"]
+    fifo, grown, good = frags[2]["id"], frags[3]["id"], frags[4]["id"]
+    (store / "fragments" / fifo).unlink()
+    os.mkfifo(store / "fragments" / fifo)
+    with open(store / "fragments" / grown, "ab") as f:
+        f.truncate(64 << 30)
+    with serving(store, "--port", "0") as server:
+        for fid in (fifo, grown):
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(f"{server.url}fragments/{fid}", timeout=10)
+            assert info.value.code == 404
+        with urllib.request.urlopen(f"{server.url}fragments/{good}", timeout=10) as r:
+            assert len(r.read()) == frags[4]["size"]
