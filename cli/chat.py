@@ -1,0 +1,383 @@
+"""`chat`: talk to a model in the terminal, streaming, with the model's chat template.
+
+The conversation (generation.conversation) keeps the KV cache between turns, so each turn feeds
+only its new tokens. This module is only the terminal: reading lines (prompt_toolkit on a
+terminal, plain lines from a pipe), the /commands, and Ctrl-C, which stops the answer being
+generated through the generation's cancel event.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+from dataclasses import asdict, dataclass
+
+import click
+
+from cli.common import sampling_options, user_errors
+from common.errors import UserError
+
+HELP = """\
+/help                 this list
+/exit                 leave (also Ctrl-D, or Ctrl-C twice at an empty prompt)
+/clear                start a new conversation (keeps the system message and settings)
+/system TEXT          set the system message (no TEXT: remove it)
+/set NAME VALUE       temperature, top_k, top_p, min_p, repeat_penalty, seed (-1: random) or max_tokens;
+                      /set alone shows them
+/save FILE            save the conversation and settings as JSON
+/load FILE            continue a saved conversation
+/stats                tokens, speed, context used, prompt tokens processed for the last turn
+/route                where the model's blocks run
+Ctrl-C stops an answer being generated."""
+
+
+@dataclass
+class Settings:
+    """What /set changes. Defaults follow llama-server's sampling."""
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    seed: int = -1
+    max_tokens: int = 1024
+
+    def sampling(self):
+        from engine.sampling import SamplingParams
+
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                              repeat_penalty=self.repeat_penalty, seed=None if self.seed == -1 else self.seed)
+
+    def set(self, name: str, value: str) -> None:
+        """One setting from text, checked; a bad name or value is a UserError saying what is allowed."""
+        if name not in RULES:
+            raise UserError(f"unknown setting {name!r} (settings: {', '.join(RULES)})")
+        parse, ok, allowed = RULES[name]
+        try:
+            parsed = parse(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{name} must be {allowed}, got {value!r}") from None
+        if not ok(parsed):
+            raise UserError(f"{name} must be {allowed}, got {value!r}")
+        setattr(self, name, parsed)
+
+    def show(self) -> str:
+        return "  ".join(f"{k} {v}" for k, v in asdict(self).items())
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+RULES = {  # name: (parse, check, what is allowed)
+    "temperature": (float, lambda x: _finite(x) and x >= 0, "a number >= 0 (0: greedy)"),
+    "top_k": (int, lambda x: x >= 0, "an integer >= 0 (0: off)"),
+    "top_p": (float, lambda x: 0 < x <= 1, "a number in (0, 1]"),
+    "min_p": (float, lambda x: 0 <= x < 1, "a number in [0, 1)"),
+    "repeat_penalty": (float, lambda x: _finite(x) and x > 0, "a number > 0 (1: off)"),
+    "seed": (int, lambda x: x >= -1, "an integer >= 0, or -1 for random"),
+    "max_tokens": (int, lambda x: x >= 1, "an integer >= 1"),
+}
+
+
+# -- reading lines -------------------------------------------------------------------------------
+class PlainReader:
+    """Lines from a pipe or file: no prompt, no editing. Invalid UTF-8 is reported, not fatal."""
+
+    def read(self) -> str | None:
+        while True:
+            raw = sys.stdin.buffer.readline()
+            if not raw:
+                return None
+            try:
+                return raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                note(f"error: that line is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                     f"ignored")
+
+
+class TerminalReader:
+    """prompt_toolkit: line editing and history (up/down) for this session.
+
+    Ctrl-C on a line with text clears it, as in a shell; on an empty line it raises
+    KeyboardInterrupt, which the loop counts towards leaving.
+    """
+
+    def __init__(self):
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.history import InMemoryHistory
+        from prompt_toolkit.key_binding import KeyBindings
+
+        keys = KeyBindings()
+
+        @keys.add("c-c")
+        def _(event):
+            buffer = event.app.current_buffer
+            if buffer.text:
+                buffer.reset()
+            else:
+                event.app.exit(exception=KeyboardInterrupt())
+
+        self.session = PromptSession(history=InMemoryHistory(), key_bindings=keys)
+
+    def read(self) -> str | None:
+        try:
+            return self.session.prompt("> ")
+        except EOFError:
+            return None
+
+
+def note(text: str) -> None:
+    """Messages about the session (not answers) go to stderr, so stdout holds only what was asked for."""
+    click.echo(text, err=True)
+
+
+def say_out(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+# -- the loop ------------------------------------------------------------------------------------
+class Chat:
+    def __init__(self, conversation, settings: Settings, reader):
+        self.conv = conversation
+        self.settings = settings
+        self.reader = reader
+        self.interrupted = False  # the last thing that happened was a Ctrl-C
+        self.reading = False      # waiting in reader.read()
+        self.pending = False      # a Ctrl-C came between two prompts
+
+    def _sigint(self, signum, frame) -> None:
+        # Between prompts (printing, a command running) a Ctrl-C is remembered instead of raised
+        # anywhere; while reading it interrupts the read. (On a terminal, prompt_toolkit reads
+        # Ctrl-C as a key, see TerminalReader.)
+        if self.reading:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def run(self) -> None:
+        previous = signal.signal(signal.SIGINT, self._sigint)
+        try:
+            self._loop()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _read(self) -> str | None:
+        """The next line; raises KeyboardInterrupt for a Ctrl-C at an empty prompt (or between prompts)."""
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+        self.reading = True
+        try:
+            return self.reader.read()
+        finally:
+            self.reading = False
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                line = self._read()
+            except KeyboardInterrupt:
+                if self.interrupted:
+                    return
+                self.interrupted = True
+                note("(Ctrl-C again, Ctrl-D or /exit to leave)")
+                continue
+            if line is None:
+                return
+            self.interrupted = False
+            if not line.strip():
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    return
+            else:
+                self.answer(line)
+
+    def answer(self, text: str) -> None:
+        from generation.conversation import ContextFull
+
+        cancel = threading.Event()
+        try:
+            turn = self.conv.ask(text, self.settings.sampling(), self.settings.max_tokens, cancel=cancel)
+        except ContextFull as e:
+            note(f"context full: {e}. /clear starts a new conversation.")
+            return
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: cancel.set())
+        try:
+            for piece in turn:
+                say_out(piece)
+        except UserError as e:  # e.g. a remote part of the model went away: say so, stay in the chat
+            say_out("\n")
+            note(f"error: {e}")
+            return
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        say_out("\n")
+        reason = turn.result.stop_reason
+        if reason == "cancelled":
+            self.interrupted = True
+            note("[stopped]")
+        elif reason == "context":
+            note("[the context window is full: /clear starts a new conversation]")
+        elif reason == "length":
+            note(f"[stopped at max_tokens {self.settings.max_tokens}: /set max_tokens N for longer answers]")
+
+    # -- commands ---------------------------------------------------------------------------------
+    def command(self, line: str) -> bool:
+        """Run a /command; False means leave."""
+        name, _, arg = line[1:].partition(" ")
+        arg = arg.strip()
+        handler = getattr(self, f"cmd_{name}", None)
+        if name in ("exit", "quit"):
+            return False
+        if handler is None:
+            note(f"unknown command /{name} (/help lists them)")
+            return True
+        try:
+            handler(arg)
+        except UserError as e:
+            note(f"error: {e}")
+        return True
+
+    def cmd_help(self, arg: str) -> None:
+        click.echo(HELP)
+
+    def cmd_clear(self, arg: str) -> None:
+        self.conv.clear()
+        note("conversation cleared")
+
+    def cmd_system(self, arg: str) -> None:
+        self.conv.set_system(arg or None)
+        note("system message set" if arg else "system message removed")
+
+    def cmd_set(self, arg: str) -> None:
+        if not arg:
+            click.echo(self.settings.show())
+            return
+        name, _, value = arg.partition(" ")
+        if not value.strip():
+            raise UserError(f"/set {name} needs a value (/set alone shows the settings)")
+        self.settings.set(name, value.strip())
+        note(f"{name} = {getattr(self.settings, name)}")
+
+    def cmd_save(self, arg: str) -> None:
+        if not arg:
+            raise UserError("/save needs a file name")
+        try:
+            self.conv.save(arg, asdict(self.settings))
+        except OSError as e:
+            raise UserError(f"{arg}: {e.strerror or e}") from None
+        note(f"saved {len(self.conv.messages)} messages to {arg}")
+
+    def cmd_load(self, arg: str) -> None:
+        if not arg:
+            raise UserError("/load needs a file name")
+        self.load(arg)
+
+    def load(self, path: str) -> None:
+        from generation.conversation import read_saved
+
+        saved = read_saved(path)  # checked before anything is replaced
+        restored = Settings()
+        for name, value in saved["settings"].items():
+            if name in RULES:
+                try:
+                    restored.set(name, str(value))
+                except UserError as e:
+                    raise UserError(f"{path}: settings: {e}") from None
+        self.conv.load(path)
+        self.settings = restored
+        note(f"loaded {len(self.conv.messages)} messages from {path}; settings: {restored.show()}")
+
+    def cmd_stats(self, arg: str) -> None:
+        conv, last = self.conv, self.conv.last
+        click.echo(f"context: {conv.used} of {conv.capacity} positions used")
+        if last is None:
+            click.echo("last turn: none yet")
+        else:
+            click.echo(f"prompt tokens processed: {last.processed} of {last.prompt_tokens} "
+                       f"({last.reused} reused from the cache)")
+            click.echo(f"last turn: {last.generated} tokens generated ({last.stop_reason}), "
+                       f"prefill {last.prefill_tok_s:.1f} tok/s, decode {last.decode_tok_s:.1f} tok/s")
+        click.echo(f"conversation: {len(conv.messages) // 2} turns, {conv.generated_total} tokens generated")
+
+    def cmd_route(self, arg: str) -> None:
+        route = self.conv.model.info.get("route")
+        if not route:
+            layers = self.conv.model.info.get("block_count")
+            click.echo(f"local: every block{f' (0-{layers - 1})' if isinstance(layers, int) else ''} "
+                       f"runs in this process")
+            return
+        for hop in route if isinstance(route, list) else [route]:
+            click.echo(f"  {hop}" if not isinstance(hop, dict) else "  " + "  ".join(f"{k} {v}" for k, v in hop.items()))
+
+
+def banner(model, conv) -> str:
+    info = model.info
+    facts = [str(info[k]) for k in ("architecture",) if info.get(k)]
+    if info.get("quantization"):
+        facts.append(str(info["quantization"]).split(" x")[0])
+    return (f"{model.name} ({', '.join(facts)}), context {conv.capacity} tokens. "
+            f"/help lists commands; Ctrl-D leaves.")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("source", required=False)
+@sampling_options(temperature=0.8, max_tokens=1024)
+@click.option("--system", help="System message for the chat template.")
+@click.option("--template", help="Chat template: chatml, llama2, llama3, mistral, gemma, alpaca, zephyr "
+                                 "(default: the model's own, else detected).")
+@click.option("--ctx", default=4096, show_default=True, type=click.IntRange(16),
+              help="Context window (KV cache size): the whole conversation must fit.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all cores; at most the core count).")
+@click.option("--kernels", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True,
+              help="numba: the fast path (weights stay quantized); numpy: the plain reference.")
+@click.option("--load", "load_path", type=click.Path(dir_okay=False), help="Continue a conversation saved with /save.")
+@user_errors
+def chat(source, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, system, template, ctx, threads,
+         kernels, load_path):
+    """Talk to SOURCE (a store directory, a .gguf file, an http:// store address or a p2p://
+    address; default: the default model's store) in the terminal.
+
+    Answers stream as they are generated; earlier turns stay in the KV cache, so each turn
+    processes only its new tokens. Sampling follows llama-server's defaults; /set temperature 0
+    makes answers greedy (deterministic). Type /help inside for the commands. On a terminal,
+    lines can be edited and recalled (up/down); from a pipe, each line is one message.
+    """
+    from cli.common import check_utf8, load_text_model, set_threads
+
+    set_threads(threads)  # before numpy and numba are imported
+    from common.progress import Status
+    from generation.conversation import Conversation
+
+    settings = Settings()
+    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p),
+                        ("repeat_penalty", repeat_penalty), ("seed", -1 if seed is None else seed),
+                        ("max_tokens", max_tokens)):
+        try:
+            settings.set(name, str(value))
+        except UserError as e:
+            raise UserError(f"--{name.replace('_', '-')}: {e}") from None
+    system = check_utf8(system, "--system") if system is not None else None
+    if template:
+        from engine.chat import NAMED_TEMPLATES
+
+        if template not in NAMED_TEMPLATES:
+            raise UserError(f"unknown template {template!r} (choose from: {', '.join(sorted(NAMED_TEMPLATES))})")
+    sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a character gets '?', not a crash
+
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    model = load_text_model(source, kernels, template, say=Status(enabled=sys.stderr.isatty()))
+    conv = Conversation(model, ctx, system, template)
+    loop = Chat(conv, settings, TerminalReader() if interactive else PlainReader())
+    if load_path:
+        loop.load(load_path)
+    if interactive:
+        note(banner(model, conv))
+    try:
+        loop.run()
+    finally:
+        conv.close()
