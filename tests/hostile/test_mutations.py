@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from cli.infer import infer
@@ -197,8 +197,10 @@ def check_store_commands(baseline: Baseline, store: Path, tmp_path: Path, what: 
     try:
         got = tensors_of(LocalLoader(store))
     except UserError as e:
+        event(f"loader refused it ({type(e).__name__})")
         assert "\n" not in str(e), what
     else:
+        event("loader gave the undamaged tensors")
         assert got.keys() == baseline.tensors.keys(), what
         for name, value in got.items():
             np.testing.assert_array_equal(value, baseline.tensors[name], err_msg=f"{what}: tensor {name}")
@@ -310,8 +312,9 @@ def test_mutated_gguf_headers_fail_cleanly_or_agree_everywhere(baseline, tmp_pat
     if result.exit_code:
         assert_clean_failure(result, what)
         assert not (store / "manifest.json").exists(), what
-        direct = run_infer(gguf)  # the file's readers refuse it too, or run it
-        if not isinstance(direct, str) and direct.exit_code:
+        event("fragment refused the header")
+        direct = run(infer, gguf, *INFER)  # the file's readers refuse it too (the same parser), or run it
+        if direct.exit_code:
             assert_clean_failure(direct, what)
         return
     # A store was written, so every reader must accept it and agree with the file it came from.
@@ -331,8 +334,10 @@ def test_mutated_gguf_headers_fail_cleanly_or_agree_everywhere(baseline, tmp_pat
         np.testing.assert_array_equal(store_tensors[name], value, err_msg=f"{what}: {name}")
     direct, from_store = run_infer(gguf), run_infer(store)
     if isinstance(direct, str) or isinstance(from_store, str):
+        event(f"infer raised {direct} from the file, {from_store} from the store (the engine's to refuse)")
         assert direct == from_store, (what, direct, from_store)
         return
+    event(f"store written; infer exit {direct.exit_code}")
     assert from_store.exit_code == direct.exit_code, (what, from_store.stderr, direct.stderr)
     if direct.exit_code == 0:
         assert json.loads(from_store.stdout)["tokens"] == json.loads(direct.stdout)["tokens"], what
