@@ -24,6 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+# Before numba starts its OpenMP threads (here and, inherited, in the nodes): on a machine whose
+# cores are oversubscribed, OpenMP's default spin-waiting made the local engine's steps 10-100x
+# slower in the main thread (2-5 s instead of 12 ms per token, measured at load 12 on 2 cores),
+# which would flatter every distributed figure. Passive waiting measures both sides fairly.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
 import numpy as np  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -148,7 +154,7 @@ def main() -> None:
                 raise SystemExit(f"unknown model {name!r} (default, tinyllama)")
             for row in bench_model(name, source, loader, args.prompt, args.decode, args.repeat):
                 print(row, flush=True)
-    print(f"\n{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end; prompt {args.prompt} tokens, {args.decode} decoded; hop ms/t = client round "
+    print(f"\nOMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end; prompt {args.prompt} tokens, {args.decode} decoded; hop ms/t = client round "
           f"trip minus node compute per decode token, averaged over hops")
 
 
