@@ -163,3 +163,14 @@ def test_help():
     out = run_cli("chat", "--help").stdout
     for needle in ("p2p://", "/help", "--system", "--temperature", "0.8", "--min-p", "--load"):
         assert needle in out, needle
+
+
+def test_a_full_context_is_said_and_clear_starts_over(factory_models):
+    lines = [b"/set temperature 0", b"word " * 40, b"/clear", b"hi", b"/stats"]
+    proc = subprocess.run([str(BIN / "chat"), str(factory_models["q8_0-spm-gqa"]), "--ctx", "32", "--max-tokens", "4"],
+                          input=b"\n".join(lines) + b"\n", capture_output=True, timeout=300)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "context full: the conversation is" in err and "the context window holds 32" in err
+    assert "/clear starts a new conversation" in err and "conversation cleared" in err
+    assert "conversation: 1 turns" in proc.stdout.decode()
