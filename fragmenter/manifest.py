@@ -227,9 +227,12 @@ def read_manifest_bytes(store_dir: str | Path) -> bytes:
 
 
 # -- what the header implies ----------------------------------------------------------------------
-def pieces_of(start: int, length: int, fragments: list[Fragment]) -> tuple[Piece, ...]:
-    """The pieces of source bytes [start, start+length) as held by ``fragments`` (in file order)."""
-    starts = [f.offset for f in fragments]
+def pieces_of(start: int, length: int, fragments: list[Fragment], starts: list[int] | None = None
+              ) -> tuple[Piece, ...]:
+    """The pieces of source bytes [start, start+length) as held by ``fragments`` (in file order);
+    ``starts``, their offsets, may be passed in when asking for many ranges."""
+    if starts is None:
+        starts = [f.offset for f in fragments]
     end = start + length
     pieces = []
     i = max(bisect.bisect_right(starts, start) - 1, 0)
@@ -244,8 +247,9 @@ def pieces_of(start: int, length: int, fragments: list[Fragment]) -> tuple[Piece
 
 def tensor_entries(header: GGUFHeader, fragments: list[Fragment]) -> list[TensorEntry]:
     """The manifest's tensor table for a file with this header cut into these fragments."""
+    starts = [f.offset for f in fragments]
     return [TensorEntry(t.name, t.type_name, t.dims, t.numpy_shape, header.data_offset + t.offset, t.n_bytes,
-                        pieces_of(header.data_offset + t.offset, t.n_bytes, fragments))
+                        pieces_of(header.data_offset + t.offset, t.n_bytes, fragments, starts))
             for t in header.tensors]
 
 
