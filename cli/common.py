@@ -148,10 +148,15 @@ def kernels_need_compiling() -> bool:
     import sys as _sys
 
     try:
+        from pathlib import Path
+
         from numba.core.dispatcher import Dispatcher
 
-        for name in ("engine.kernels_numba", "engine.fast_decode"):
-            importlib.import_module(name)
+        import engine
+
+        for path in sorted(Path(engine.__file__).parent.glob("*.py")):  # every module with cached kernels
+            if "cache=True" in path.read_text(encoding="utf-8"):
+                importlib.import_module(f"engine.{path.stem}")
         indexes = [obj._cache._cache_file for name, module in list(_sys.modules.items())
                    if name.startswith("engine.") and module is not None
                    for obj in vars(module).values()

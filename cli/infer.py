@@ -130,6 +130,8 @@ def _run_engine(source, request: Request, kernels, as_json, say):
     started = time.perf_counter()
     model = open_model(source, request, kernels, say)
     load_s = time.perf_counter() - started
+    if not request.prompt_tokens:  # a loader that could not tokenize before loading the weights
+        request.tokenize(model.tokenizer, model.context_length)
     capacity = min(request.ctx, model.context_length, len(request.prompt_tokens) + request.max_tokens)
     session = model.open_session(capacity)
     try:

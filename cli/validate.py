@@ -88,6 +88,7 @@ def validate(source, gguf_path, prompts, positions, greedy_tokens, reference, no
             say(f"writing the F32 twin of {gguf_path} (the reference: same weight values, no activation rounding)...")
             twin = write_f32_twin(gguf_path, Path(tmp) / "twin-f32.gguf")
             say(f"loading the engine ({kernels} kernels) from {source}...")
+            _announce_compiling(kernels, say)
             model = LlamaModel(loader, backend=kernels)
             say("loading llama.cpp on the F32 twin...")
             llm = load_llama(twin, n_ctx=n_ctx, threads=threads, logits_all=True)
@@ -118,25 +119,29 @@ def validate(source, gguf_path, prompts, positions, greedy_tokens, reference, no
     sys.exit(0 if report.passed else 1)
 
 
+def _announce_compiling(kernels: str, say) -> None:
+    from cli.common import kernels_need_compiling
+
+    if kernels == "numba" and say.enabled and kernels_need_compiling():
+        say("compiling kernels (first run only; about 10 s)...")
+
+
 def _speed(source, gguf_path, kernels, tokens, prompt_tokens, rounds, threads, as_json, say) -> None:
     import time
 
     from cli.common import open_store
-    from common.errors import UserError
     from engine.model import LlamaModel
     from engine.tokenizer import Tokenizer
-    from models.factory import CORPUS
+    from validation.corpus import corpus_prompt
     from validation.reference import load_llama
     from validation.speed import measure
 
     loader = open_store(source, allow_file=True)
     tokenizer = Tokenizer(loader.metadata, loader.where)
-    text = CORPUS.read_text(encoding="utf-8")
-    prompt = tokenizer.encode(text[: prompt_tokens * 12])[:prompt_tokens]
-    if len(prompt) < prompt_tokens:
-        raise UserError(f"could only make a {len(prompt)}-token prompt")
+    prompt = corpus_prompt(tokenizer, prompt_tokens)
     n_ctx = len(prompt) + tokens + 8
     say(f"loading the engine ({kernels} kernels) from {source}...")
+    _announce_compiling(kernels, say)
     start = time.perf_counter()
     model = LlamaModel(loader, backend=kernels)
     load_s = time.perf_counter() - start
