@@ -305,14 +305,21 @@ class Chat:
         click.echo(f"conversation: {len(conv.messages) // 2} turns, {conv.generated_total} tokens generated")
 
     def cmd_route(self, arg: str) -> None:
-        route = self.conv.model.info.get("route")
-        if not route:
-            layers = self.conv.model.info.get("block_count")
+        info = self.conv.model.info
+        route = info.get("route")
+        route = route() if callable(route) else route  # a distributed model's route is live
+        if route is None:
+            layers = info.get("block_count")
             click.echo(f"local: every block{f' (0-{layers - 1})' if isinstance(layers, int) else ''} "
                        f"runs in this process")
             return
+        if not route:
+            click.echo("distributed: no route yet (it is chosen when the first answer starts)")
+            return
         for hop in route if isinstance(route, list) else [route]:
-            click.echo(f"  {hop}" if not isinstance(hop, dict) else "  " + "  ".join(f"{k} {v}" for k, v in hop.items()))
+            if isinstance(hop, dict):  # {"node", "blocks", "ms_per_token"}, as the API's /info has it
+                hop = "  ".join(f"{k.replace('_', ' ')} {v}" for k, v in hop.items() if v is not None)
+            click.echo(f"  {hop}")
 
 
 def banner(model, conv) -> str:

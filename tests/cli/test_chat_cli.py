@@ -174,3 +174,20 @@ def test_a_full_context_is_said_and_clear_starts_over(factory_models):
     assert "context full: the conversation is" in err and "the context window holds 32" in err
     assert "/clear starts a new conversation" in err and "conversation cleared" in err
     assert "conversation: 1 turns" in proc.stdout.decode()
+
+
+def test_route_shows_a_distributed_models_hops(capsys):
+    """/route prints TextModel.info's live route (a callable, as the swarm's models give it)."""
+    from types import SimpleNamespace
+
+    from cli.chat import Chat, Settings
+
+    rows = [{"node": "127.0.0.1:7001", "blocks": "0-14", "ms_per_token": 3.5},
+            {"node": "127.0.0.1:7002", "blocks": "15-29", "ms_per_token": None}]
+    conv = SimpleNamespace(model=SimpleNamespace(info={"route": lambda: rows}))
+    Chat(conv, Settings(), reader=None).cmd_route("")
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["  node 127.0.0.1:7001  blocks 0-14  ms per token 3.5", "  node 127.0.0.1:7002  blocks 15-29"]
+    conv.model.info = {"route": lambda: []}
+    Chat(conv, Settings(), reader=None).cmd_route("")
+    assert "no route yet" in capsys.readouterr().out
