@@ -193,7 +193,7 @@ def fragment_file(model_path: str, store_dir: str | Path | None = None,
     if fragment_size < 1:
         raise UserError(f"fragment size must be positive, got {fragment_size}")
     if not os.path.isfile(model_path):
-        raise UserError(f"{model_path}: no such file")
+        raise UserError(f"{model_path}: " + ("not a regular file" if os.path.exists(model_path) else "no such file"))
     stat_before = os.stat(model_path)
     stop = threading.Event()
     jobs = []
