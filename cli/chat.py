@@ -205,6 +205,9 @@ class Chat:
         except ContextFull as e:
             note(f"context full: {e}. /clear starts a new conversation.")
             return
+        except UserError as e:  # e.g. the chat template refuses the conversation
+            note(f"error: {e}")
+            return
         previous = signal.signal(signal.SIGINT, lambda signum, frame: cancel.set())
         try:
             for piece in turn:
