@@ -69,13 +69,15 @@ class P2PLoader(HTTPLoader):
         return self._urls[peer]
 
     def _lookup(self, fids: list[str], thorough: bool = False) -> dict[str, list[str]]:
-        """fragment id -> provider peer ids: the holders of its region, else its own providers."""
+        """fragment id -> provider peer ids: the holders of its region, else its own providers
+        (``thorough``, after failures: both, walking the DHT, since region holders may be gone
+        while a peer with a partial region still has the fragment)."""
         regions = sorted({r for f in fids for r in self._regions.get(f, [])})
         holders = self.node.find_region_providers(self.manifest_sha256, regions, thorough) if regions else {}
         found = {f: list(dict.fromkeys(p for r in self._regions.get(f, []) for p in holders[r])) for f in fids}
-        lone = [f for f in fids if not found[f]]
-        if lone:
-            found.update(self.node.find_providers(lone, thorough))
+        lone = [f for f in fids if thorough or not found[f]]
+        for f, peers in (self.node.find_providers(lone, thorough) if lone else {}).items():
+            found[f] += [p for p in peers if p not in found[f]]
         return found
 
     def fragment_urls(self, fid: str, attempt: int = 0) -> list[str]:

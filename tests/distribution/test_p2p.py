@@ -179,3 +179,23 @@ def test_providers_are_looked_up_per_block_not_per_fragment(store, tmp_path, mon
     assert sorted(asked) == sorted(block_key(loader.manifest_sha256, r) for r in regions)
     assert not set(asked) & {dht_key(f) for f in manifest.unique_fragments()}
     assert len(asked) < len(manifest.unique_fragments())
+
+
+def test_a_peer_with_part_of_a_block_is_found_when_the_block_holders_are_gone(store, tmp_path):
+    from distribution.spans import fragment_regions
+
+    block = fragment_regions(LocalLoader(store).manifest)["blk.3"]
+    assert len(block) >= 2
+    partial = copy_store(store, tmp_path, "partial")
+    (partial / "fragments" / block[0]).unlink()  # it announces blk.3's other fragments one by one
+    manifest = LocalLoader(store).manifest
+    name = next(t.name for t in manifest.layer_tensors(3, 3) if block[0] not in manifest.fragments_for([t.name]))
+    # The full peer joins second, so its provider records are stored at the partial one.
+    with peer(partial) as part, peer(store, bootstrap=boot_of(part)) as full:
+        full.kill()  # its region records linger in the DHT; its HTTP server is gone
+        loader = P2PLoader(part.line("p2p://"), cache_dir=tmp_path / "cache", attempts=3, warn=lambda w: None)
+        try:
+            got = loader.load_tensor(name)
+        finally:
+            loader.close()
+    np.testing.assert_array_equal(got, LocalLoader(store).load_tensor(name))
