@@ -128,6 +128,11 @@ def test_a_stopped_answer_stays_in_the_conversation(default_store):
     out = term.ask("/stats")
     generated = int(re.search(r"last turn: (\d+) tokens generated \(cancelled\)", out).group(1))
     assert 0 < generated < 2000 and "conversation: 1 turns" in out
+    term.child.send("\x1b[A")  # Up: history recalls /stats (prompt_toolkit's line editing)
+    term.until(r"/stats$")
+    term.child.send("\r")
+    term.until(r"^conversation: 1 turns")
+    term.prompt()
     term.child.sendintr()  # not right after a stop: the first Ctrl-C at the prompt only tells how to leave
     term.until(r"Ctrl-C again, Ctrl-D or /exit to leave")
     term.child.sendintr()
