@@ -145,7 +145,6 @@ def kernels_need_compiling() -> bool:
     them (no cache index at all), or after their source changed (an index that is stale). Reads
     Numba's cache index; if Numba's internals differ, says False (better quiet than wrong)."""
     import importlib
-    import sys as _sys
 
     try:
         from pathlib import Path
@@ -157,7 +156,7 @@ def kernels_need_compiling() -> bool:
         for path in sorted(Path(engine.__file__).parent.glob("*.py")):  # every module with cached kernels
             if "cache=True" in path.read_text(encoding="utf-8"):
                 importlib.import_module(f"engine.{path.stem}")
-        indexes = [obj._cache._cache_file for name, module in list(_sys.modules.items())
+        indexes = [obj._cache._cache_file for name, module in list(sys.modules.items())
                    if name.startswith("engine.") and module is not None
                    for obj in vars(module).values()
                    if isinstance(obj, Dispatcher) and not obj.signatures
