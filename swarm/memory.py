@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from engine.kv_cache import KVCache
 
 MIN_POSITIONS = 64  # a new cache's size: a short prompt and some tokens without regrowing
@@ -54,10 +56,11 @@ class NodeSession:
 class SessionCache:
     """The sessions of one node, for a model with these KV heads and head size."""
 
-    def __init__(self, limits: Limits, n_kv_heads: int, head_dim: int):
+    def __init__(self, limits: Limits, n_kv_heads: int, head_dim: int, dtype=np.float32):
         self.limits = limits
         self.kv_shape = (n_kv_heads, head_dim)
-        self.position_bytes = 2 * n_kv_heads * head_dim * 4  # K and V, float32
+        self.dtype = dtype  # the engine's KV element type (its kernels expect it)
+        self.position_bytes = 2 * n_kv_heads * head_dim * np.dtype(dtype).itemsize  # K and V
         self.sessions: dict[bytes, NodeSession] = {}
 
     # -- accounting -------------------------------------------------------------------------------
@@ -87,7 +90,8 @@ class SessionCache:
         if self._bytes(n_blocks, size) > self.free_bytes:
             size = positions  # without the head room, if the exact need fits
         self._check_budget(self._bytes(n_blocks, size))
-        session = NodeSession(sid, owner, first_block, last_block, KVCache(n_blocks, size, *self.kv_shape))
+        session = NodeSession(sid, owner, first_block, last_block,
+                              KVCache(n_blocks, size, *self.kv_shape, dtype=self.dtype))
         self.sessions[sid] = session
         return session
 

@@ -40,12 +40,22 @@ def span_view(model, first: int, last: int):
     view = copy.copy(model)
     view.blocks = model.blocks[i:j]
     view.first_layer, view.last_layer = first, last
-    if model.decoder is not None:  # the stacked weights sliced by layer: views, not copies
-        d = view.decoder = copy.copy(model.decoder)
-        for name in ("qkv", "o", "gu", "down"):
-            setattr(d, name, tuple(a[i:j] for a in getattr(model.decoder, name)))
-        d.attn_norm, d.ffn_norm = model.decoder.attn_norm[i:j], model.decoder.ffn_norm[i:j]
+    if model.decoder is not None:  # the decoder's per-block stacks sliced: views, not copies
+        n = len(model.blocks)
+        view.decoder = copy.copy(model.decoder)
+        for name, value in vars(model.decoder).items():
+            setattr(view.decoder, name, _layers(value, i, j, n))
     return view
+
+
+def _layers(value, i: int, j: int, n: int):
+    """Arrays stacked by block (leading axis n), alone or in tuples, cut to blocks i..j-1."""
+    stacked = lambda a: isinstance(a, np.ndarray) and a.ndim > 0 and a.shape[0] == n  # noqa: E731
+    if stacked(value):
+        return value[i:j]
+    if isinstance(value, tuple) and value and all(stacked(a) for a in value):
+        return tuple(a[i:j] for a in value)
+    return value
 
 
 class NodeService:
@@ -57,7 +67,7 @@ class NodeService:
         self.limits = limits or Limits()
         self.limits.max_positions = min(self.limits.max_positions, cfg.context_length)
         self.dim = cfg.dim
-        self.cache = SessionCache(self.limits, cfg.n_kv_heads, cfg.head_dim)
+        self.cache = SessionCache(self.limits, cfg.n_kv_heads, cfg.head_dim, model.new_cache(1).k.dtype)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="node-compute")
         self.views: dict[tuple[int, int], object] = {}
         self.ms_per_token = self.measure()

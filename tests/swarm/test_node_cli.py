@@ -35,7 +35,7 @@ def test_short_swarm_key_is_refused(default_store, tmp_path):
                           str(key), "at least 16 bytes")
 
 
-def test_dht_route_and_failover_to_a_node_that_joined_later(default_store):
+def test_dht_route_and_failover_to_a_node_that_joined_later(default_store, tmp_path):
     from cli.common import load_text_model
 
     local = load_text_model(str(default_store))
@@ -47,8 +47,13 @@ def test_dht_route_and_failover_to_a_node_that_joined_later(default_store):
     nodes = [a] + [NodeProcess(default_store, span, "--bootstrap", a.address) for span in ("10-19", "20-29")]
     loader = None
     try:
-        loader = P2PLoader(a.address)  # fetches only the manifest, header, embedding and head
+        loader = P2PLoader(a.address, cache_dir=tmp_path / "cache")
         tm = distributed_text_model(loader)
+        # the client holds the edges only: no fragment of any block was fetched
+        cached = {f.name for f in (tmp_path / "cache").iterdir()}
+        blocks = set(loader.manifest.fragments_for([t for t in loader.manifest.tensor_names() if t.startswith("blk.")]))
+        edges = set(loader.manifest.fragments_for(["token_embd.weight", "output_norm.weight"]))
+        assert edges <= cached and not (blocks - edges) & cached
 
         def kill(i):
             if i == 3:
