@@ -131,7 +131,7 @@ def announce_loading(say, info: dict, kernels: str) -> None:
     what = f"{size / 1e6:.0f} MB in {info.get('fragments')} fragments" if size else f"{info.get('fragments')} fragments"
     say(f"loading {info.get('name') or info.get('file') or 'the model'} from {info.get('source')} ({what})...")
     if kernels == "numba" and kernels_need_compiling():
-        say("compiling kernels (first run only; about 10 s)...")
+        say("compiling kernels (first run only)...")
 
 
 def loaded_message(model) -> str:

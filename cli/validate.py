@@ -123,7 +123,7 @@ def _announce_compiling(kernels: str, say) -> None:
     from cli.common import kernels_need_compiling
 
     if kernels == "numba" and say.enabled and kernels_need_compiling():
-        say("compiling kernels (first run only; about 10 s)...")
+        say("compiling kernels (first run only)...")
 
 
 def _speed(source, gguf_path, kernels, tokens, prompt_tokens, rounds, threads, as_json, say) -> None:
