@@ -43,13 +43,25 @@ class NodeLink:
 
     def run(self, coro, timeout: float):
         """Run ``coro`` on this link's loop, here; from inside a running loop, on a helper thread."""
-        bounded = asyncio.wait_for(coro, timeout)
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return self.loop.run_until_complete(bounded)
+            return self._run_here(coro, timeout)
         with ThreadPoolExecutor(1) as helper:
-            return helper.submit(self.loop.run_until_complete, bounded).result()
+            return helper.submit(self._run_here, coro, timeout).result()
+
+    def _run_here(self, coro, timeout: float):
+        task = self.loop.create_task(asyncio.wait_for(coro, timeout))
+        try:
+            return self.loop.run_until_complete(task)
+        except BaseException:  # Ctrl-C: leave no call pending on the connection, so it can be closed
+            if not task.done():
+                task.cancel()
+                try:
+                    self.loop.run_until_complete(task)
+                except BaseException:
+                    pass
+            raise
 
     def connect(self) -> "NodeLink":
         async def go():

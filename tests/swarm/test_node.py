@@ -188,3 +188,27 @@ def test_private_swarm(six_loader, local_greedy):
             distributed_text_model(six_loader, [open_node.url], key=KEY).open_session(64)
     finally:
         open_node.stop()
+
+
+def test_ctrl_c_mid_step_then_close_frees_the_session(six_loader):
+    import os
+    import signal
+    import threading
+    import time
+
+    node = start_node(six_loader, 0, 2)
+    compute = node.service._compute
+    node.service._compute = lambda *a: (time.sleep(1.5), compute(*a))[1]  # a step slow enough to interrupt
+    try:
+        s = RemoteSpanSession(node.url, 0, 2, 32, 96)
+        s.forward(hidden(3))
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            s.forward(hidden(1))
+        s.close()  # what infer does on Ctrl-C: must not raise, and the node must drop the session
+        deadline = time.monotonic() + 10
+        while node.service.cache.sessions and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not node.service.cache.sessions
+    finally:
+        node.stop()
