@@ -8,8 +8,9 @@ sub-span of a node's span), replays the history in the same chunks as the origin
 the new caches are bit for bit the old ones, and retries the step. Retries are bounded.
 
 Planning is a shortest path over block boundaries: a hop running blocks a..e on node n costs
-n's round trip plus its measured ms per block times the blocks; nodes with no free session,
-excluded after failing, or serving another model, are skipped.
+n's round trip plus its measured ms per block times the blocks, up to doubled as n's session
+slots fill (its compute is shared); nodes with no free session or cache memory, excluded after
+failing, or serving another model, are skipped.
 """
 
 from __future__ import annotations
@@ -34,11 +35,17 @@ class NodeInfo:
     free_sessions: int
     max_positions: int
     rtt_ms: float
-    peer: str = ""
+    max_sessions: int = 1
+    free_cache_mb: float = float("inf")
 
     @property
     def per_block_ms(self) -> float:
         return self.ms_per_token / (self.last - self.first + 1)
+
+    @property
+    def load(self) -> float:
+        """0 idle .. 1 every session slot taken: a busy node's blocks are shared with others."""
+        return 1 - self.free_sessions / max(self.max_sessions, 1)
 
 
 class NoRoute(UserError):
@@ -82,13 +89,14 @@ class Directory:
                 continue
             nodes.append(NodeInfo(url, int(info["first_block"]), int(info["last_block"]),
                                   float(info["ms_per_token"]), int(info["free_sessions"]),
-                                  int(info["max_positions"]), rtt))
+                                  int(info["max_positions"]), rtt, int(info["max_sessions"]),
+                                  float(info["free_cache_mb"])))
         return nodes
 
 
 def plan(nodes: list[NodeInfo], first: int, last: int, exclude=frozenset(), positions: int = 1) -> list[tuple]:
     """The cheapest chain of (node, a, b) hops running blocks first..last in order."""
-    usable = [n for n in nodes if n.url not in exclude and n.free_sessions > 0]
+    usable = [n for n in nodes if n.url not in exclude and n.free_sessions > 0 and n.free_cache_mb > 0]
     roomy = [n for n in usable if n.max_positions >= positions]
     for pool in (roomy, usable):  # prefer nodes that can hold the whole session
         best = _shortest(pool, first, last)
@@ -108,8 +116,8 @@ def _shortest(nodes: list[NodeInfo], first: int, last: int) -> list[tuple] | Non
             for e in range(a, min(n.last, last) + 1):
                 if e + 1 in best:
                     cost, rest = best[e + 1]
-                    options.append((n.rtt_ms + n.per_block_ms * (e - a + 1) + cost, len(rest), n.url,
-                                    [(n, a, e)] + rest))
+                    hop = (n.rtt_ms + n.per_block_ms * (e - a + 1)) * (1 + n.load)
+                    options.append((hop + cost, len(rest), n.url, [(n, a, e)] + rest))
         if options:
             cost, _, _, hops = min(options, key=lambda o: o[:3])
             best[a] = (cost, hops)

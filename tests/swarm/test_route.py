@@ -132,7 +132,7 @@ def test_wrong_model_is_skipped(six_loader, factory_models):
 
 
 def info(url, first, last, ms=1.0, rtt=0.1, free=4, positions=100):
-    return NodeInfo(url, first, last, ms, free, positions, rtt)
+    return NodeInfo(url, first, last, ms, free, positions, rtt, max_sessions=4)
 
 
 def test_plan_prefers_fast_nodes_and_uses_sub_spans():
@@ -172,3 +172,11 @@ def test_node_that_stops_answering_times_out_and_is_replaced(six_loader, local_g
     finally:
         for n in (a, b, spare):
             n.stop()
+
+
+def test_plan_prefers_idle_nodes_and_those_that_hold_the_session():
+    busy, idle = info("busy", 0, 9, ms=10, free=1), info("idle", 0, 9, ms=12, free=4)
+    assert [n.url for n, _, _ in plan([busy, idle], 0, 9)] == ["idle"]
+    short, roomy = info("short", 0, 9, ms=1, positions=10), info("roomy", 0, 9, ms=5, positions=100)
+    assert [n.url for n, _, _ in plan([short, roomy], 0, 9, positions=50)] == ["roomy"]
+    assert [n.url for n, _, _ in plan([short], 0, 9, positions=50)] == ["short"]  # better than nothing
