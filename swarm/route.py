@@ -15,6 +15,7 @@ failing, or serving another model, are skipped.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ from common.errors import UserError
 from swarm.client import NodeError, RemoteSpanSession, query_info
 
 MAX_FAILOVERS = 4      # per step: then the error is the user's to see
+EXCLUDE_S = 60.0       # a node that failed is not chosen again for this long
 RETRYABLE_SAME_NODE = {"unknown_session"}  # the node is fine, it only lost (expired) our session
 
 
@@ -77,7 +79,7 @@ class Directory:
         return list(dict.fromkeys(self.urls + found))
 
     def nodes(self) -> list[NodeInfo]:
-        nodes = []
+        nodes, self.problems = [], {}
         for url in self.candidates():
             try:
                 info, rtt = query_info(url, self.key)
@@ -214,27 +216,35 @@ class Swarm:
         self.step_timeout = step_timeout
         self.n_layers, self.dim = edges.config.n_layers, edges.config.dim
         self.failovers = 0
-        self.excluded: set[str] = set()
+        self.excluded: dict[str, float] = {}     # url -> when it failed
         self.opened: list[RemoteSpanSession] = []
+        self.closed_stats: dict[tuple, list] = {}  # (url, first, last) -> [node_s, round_s, steps]
         self.last_segments: list[Segment] = []
 
     def failed(self, error: NodeError) -> None:
         self.failovers += 1
         if error.code not in RETRYABLE_SAME_NODE:
-            self.excluded.add(error.url)
+            self.exclude(error.url)
+
+    def exclude(self, url: str) -> None:
+        self.excluded[url] = time.monotonic()
+
+    def _excluded(self) -> set[str]:
+        now = time.monotonic()
+        return {u for u, t in self.excluded.items() if now - t < EXCLUDE_S}
 
     def open_chain(self, first: int, last: int, capacity: int) -> list[RemoteSpanSession]:
         """Remote span sessions covering first..last, chosen from a fresh look at the directory."""
         for _ in range(MAX_FAILOVERS + 1):
             nodes = self.directory.nodes()
             try:
-                hops = plan(nodes, first, last, self.excluded, capacity)
+                hops = plan(nodes, first, last, self._excluded(), capacity)
             except NoRoute as e:
                 raise NoRoute(str(e) + self._problems()) from None
             try:
                 return self._connect(hops, capacity)
             except NodeError as e:
-                self.excluded.add(e.url)
+                self.exclude(e.url)
                 self.directory.problems[e.url] = e.message
         raise NoRoute(f"no reachable nodes for blocks {first}-{last}" + self._problems())
 
@@ -248,12 +258,21 @@ class Swarm:
             for s in spans:
                 s.close()
             raise
+        self._fold_closed()
         self.opened += spans
         return spans
 
+    def _fold_closed(self) -> None:
+        """Keep closed spans' timings as sums, so a long-lived client does not keep every span."""
+        for s in [s for s in self.opened if s.closed]:
+            sums = self.closed_stats.setdefault((s.url, s.first_layer, s.last_layer), [0.0, 0.0, 0])
+            sums[0] += s.node_s
+            sums[1] += s.round_s
+            sums[2] += s.steps
+        self.opened = [s for s in self.opened if not s.closed]
+
     def _problems(self) -> str:
-        seen = {u: m for u, m in self.directory.problems.items()}
-        return "".join(f"; {u}: {m}" for u, m in seen.items())
+        return "".join(f"; {u}: {m}" for u, m in self.directory.problems.items())
 
     def open_session(self, max_positions: int | None = None):
         from engine.session import RoutedSession
@@ -265,11 +284,17 @@ class Swarm:
 
     def timings(self) -> dict:
         """route, failovers, node_ms (per node, ms per decode token) and hop_overhead_ms."""
-        node_ms, overhead = {}, []
+        sums = {k: list(v) for k, v in self.closed_stats.items()}
         for s in self.opened:
-            if s.steps:
-                node_ms[f"{s.url} ({s.first_layer}-{s.last_layer})"] = round(s.node_s * 1000 / s.steps, 3)
-                overhead.append((s.round_s - s.node_s) * 1000 / s.steps)
+            total = sums.setdefault((s.url, s.first_layer, s.last_layer), [0.0, 0.0, 0])
+            total[0] += s.node_s
+            total[1] += s.round_s
+            total[2] += s.steps
+        node_ms, overhead = {}, []
+        for (url, first, last), (node_s, round_s, steps) in sums.items():
+            if steps:
+                node_ms[f"{url} ({first}-{last})"] = round(node_s * 1000 / steps, 3)
+                overhead.append((round_s - node_s) * 1000 / steps)
         route = [hop for seg in self.last_segments for hop in seg.taken]
         return {"route": route, "failovers": self.failovers, "node_ms": node_ms,
                 "hop_overhead_ms": round(sum(overhead) / len(overhead), 3) if overhead else None}
