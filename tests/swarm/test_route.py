@@ -180,3 +180,21 @@ def test_plan_prefers_idle_nodes_and_those_that_hold_the_session():
     short, roomy = info("short", 0, 9, ms=1, positions=10), info("roomy", 0, 9, ms=5, positions=100)
     assert [n.url for n, _, _ in plan([short, roomy], 0, 9, positions=50)] == ["roomy"]
     assert [n.url for n, _, _ in plan([short], 0, 9, positions=50)] == ["short"]  # better than nothing
+
+
+def test_float16_wire_is_an_option(six_loader):
+    import numpy as np
+
+    a, b = start_node(six_loader, 0, 2), start_node(six_loader, 3, 5)
+    try:
+        logits = {}
+        for dtype in ("float32", "float16"):
+            tm = distributed_text_model(six_loader, [a.url, b.url], dtype=dtype)
+            with tm.open_session(64) as s:
+                logits[dtype] = s.feed(PROMPT)
+        # half the bytes on the wire, the same answer up to float16 rounding of the hidden states
+        np.testing.assert_allclose(logits["float16"], logits["float32"], rtol=0.05, atol=0.05)
+        assert not np.array_equal(logits["float16"], logits["float32"])
+    finally:
+        a.stop()
+        b.stop()
