@@ -44,9 +44,10 @@ def test_dht_route_and_failover_to_a_node_that_joined_later(default_store, tmp_p
         expected = greedy(s, tokens, N)
 
     a = NodeProcess(default_store, "0-9")
-    nodes = [a] + [NodeProcess(default_store, span, "--bootstrap", a.address) for span in ("10-19", "20-29")]
-    loader = None
+    nodes, loader = [a], None
     try:
+        for span in ("10-19", "20-29"):
+            nodes.append(NodeProcess(default_store, span, "--bootstrap", a.address))
         loader = P2PLoader(a.address, cache_dir=tmp_path / "cache")
         tm = distributed_text_model(loader)
         # the client holds the edges only: no fragment of any block was fetched
