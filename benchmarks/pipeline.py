@@ -121,8 +121,8 @@ def bench_model(label: str, source: str, loader, prompt_len: int, decode: int, r
     _, *last_local = best(model.open_session)  # again: the machine's load may have changed meanwhile
     # Ratios against the better local figure of the two, so that noise never flatters the swarm.
     local_pre, local_dec = max(first_local[0], last_local[0]), max(first_local[1], last_local[1])
-    rows = [f"{label:<10} {'local':<8} {first_local[0]:>9.1f} {first_local[1]:>9.1f} {'':>7} {'':>7} {'-':>9}  - (first)",
-            f"{label:<10} {'local':<8} {last_local[0]:>9.1f} {last_local[1]:>9.1f} {'':>7} {'':>7} {'-':>9}  - (last)"]
+    rows = [f"{label:<10} {'local':<8} {pre:>9.1f} {dec:>9.1f} {'':>7} {'':>7} {'-':>9}  - ({when})"
+            for when, (pre, dec) in (("first", first_local), ("last", last_local))]
     for name, pre, dec, hop, rss in measured:
         rows.append(f"{label:<10} {name:<8} {pre:>9.1f} {dec:>9.1f} {pre / local_pre:>6.2f}x {dec / local_dec:>6.2f}x "
                     f"{hop:>9.3f}  {rss}")
@@ -158,8 +158,9 @@ def main() -> None:
             for row in bench_model(name, source, loader, args.prompt, args.decode, args.repeat):
                 print(row, flush=True)
     print("ratios: against the better of the two local runs (first and last)")
-    print(f"\nOMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end; prompt {args.prompt} tokens, {args.decode} decoded; hop ms/t = client round "
-          f"trip minus node compute per decode token, averaged over hops")
+    print(f"\nOMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f} at the end; prompt {args.prompt} tokens, {args.decode} decoded; hop ms/t = "
+          f"client round trip minus node compute per decode token, averaged over hops")
 
 
 if __name__ == "__main__":

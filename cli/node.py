@@ -20,7 +20,8 @@ from cli.common import user_errors
               help="Positions (prompt + generated tokens) per session.")
 @click.option("--max-cache-mb", default=1024, show_default=True, type=click.IntRange(1),
               help="Memory for all sessions' KV caches together.")
-@click.option("--idle", default=600, show_default=True, type=click.IntRange(1), help="Seconds before an idle session is dropped.")
+@click.option("--idle", default=600, show_default=True, type=click.IntRange(1),
+              help="Seconds before an idle session is dropped.")
 @click.option("--swarm-key", type=click.Path(dir_okay=False), help="Private swarm: the shared secret's file.")
 @click.option("--announce", help="HOST[:PORT] others reach this node at (behind NAT or a proxy).")
 @click.option("--kernels", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True)

@@ -2,9 +2,9 @@
 
 Generation is synchronous (engine/session.py). Each WebSocket has its own asyncio loop, run in the
 calling thread only while a call waits for its reply (with a timeout): no hand-over to another
-thread on the way out or back, which on a busy machine costs more than the network hop itself. ``RemoteSpanSession`` is a
-``SpanSession`` whose blocks run on a node; ``distributed_text_model`` builds the ``TextModel``
-that `infer --distributed` (and chat, the API) use.
+thread on the way out or back, which on a busy machine costs more than the network hop itself.
+``RemoteSpanSession`` is a ``SpanSession`` whose blocks run on a node; ``distributed_text_model``
+builds the ``TextModel`` that `infer --distributed` (and chat, the API) use.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.conftest import BIN
 from tests.netns import netns_hosts
-from tests.swarm.conftest import PROMPT, greedy
+from tests.swarm.conftest import PROMPT
 
 WILDCARD = ["--host", "0.0.0.0", "--port", "8001", "--listen", "/ip4/0.0.0.0/tcp/4001"]
 PROBE = Path(__file__).with_name("probe.py")

@@ -18,8 +18,9 @@ def array_frames(draw):
     values = draw(st.lists(st.floats(-1e3, 1e3, width=16), min_size=rows * cols, max_size=rows * cols))
     array = np.array(values, np.float32).reshape(rows, cols)
     first = draw(st.integers(0, 100))
+    last = first + draw(st.integers(0, 50))
     return wire.Frame(draw(st.sampled_from([wire.FORWARD, wire.RESULT])), draw(sessions),
-                      draw(st.integers(0, 2**32 - 1)), array, first_block=first, last_block=first + draw(st.integers(0, 50)),
+                      draw(st.integers(0, 2**32 - 1)), array, first_block=first, last_block=last,
                       elapsed_us=draw(st.integers(0, 2**32 - 1)), dtype=dtype)
 
 
