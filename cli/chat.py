@@ -294,6 +294,8 @@ class Chat:
         self.conv.load(path)
         self.settings = restored
         note(f"loaded {len(self.conv.messages)} messages from {path}; settings: {restored.show()}")
+        if saved["model"] and saved["model"] != self.conv.model.name:
+            note(f"note: it was saved with {saved['model']!r}; continuing with {self.conv.model.name!r}")
 
     def cmd_stats(self, arg: str) -> None:
         conv, last = self.conv, self.conv.last

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from common.errors import UserError
+from engine.chat import NAMED_TEMPLATES
 from engine.sampling import Sampler, SamplingParams
 from generation.stream import Generation, GenerationResult
 
@@ -224,8 +225,9 @@ def read_saved(path: str) -> dict:
     messages = data.get("messages")
     if system is not None and not isinstance(system, str):
         raise UserError(f"{path}: \"system\" must be a string or null")
-    if template is not None and not isinstance(template, str):
-        raise UserError(f"{path}: \"template\" must be a string or null")
+    if template is not None and template not in NAMED_TEMPLATES:
+        raise UserError(f"{path}: \"template\" must be null (the model's own) or one of "
+                        f"{', '.join(sorted(NAMED_TEMPLATES))}")
     if not isinstance(settings, dict):
         raise UserError(f"{path}: \"settings\" must be an object")
     if not isinstance(messages, list):
@@ -235,5 +237,7 @@ def read_saved(path: str) -> dict:
                 or not isinstance(m.get("content"), str)):
             raise UserError(f"{path}: messages[{i}] must be {{\"role\": \"user\" or \"assistant\", "
                             f"\"content\": string}}")
+    model = data.get("model")
     return {"system": system, "template": template, "settings": settings,
+            "model": model if isinstance(model, str) else None,
             "messages": [{"role": m["role"], "content": m["content"]} for m in messages]}

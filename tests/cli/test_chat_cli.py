@@ -141,8 +141,13 @@ def test_a_stopped_answer_stays_in_the_conversation(default_store):
 
 def test_piped_lines_commands_and_mistakes(factory_models, tmp_path):
     """From a pipe: no prompt, one message per line; mistakes are one line each and the chat goes on."""
+    other = tmp_path / "other.json"
+    other.write_text('{"format": "gguf-fragments-conversation", "version": 1, "model": "another model", '
+                     '"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], '
+                     '"settings": {"max_tokens": 3}}')
     lines = [b"/set temperature 0", b"/set top_p 7", b"/set top_k x", b"/frobnicate", b"hello \xff there",
-             b"The quick brown", b"/system Be brief.", b"/stats", b"/route", b"/help", b"/save", b"/load /nonexistent.json"]
+             b"The quick brown", b"/system Be brief.", b"/stats", b"/route", b"/help", b"/save", b"/load /nonexistent.json",
+             b"/load " + str(other).encode()]
     proc = subprocess.run([str(BIN / "chat"), str(factory_models["q8_0-spm-gqa"]), "--max-tokens", "5"],
                           input=b"\n".join(lines) + b"\n", capture_output=True, timeout=300)
     out, err = proc.stdout.decode(), proc.stderr.decode()
@@ -150,7 +155,8 @@ def test_piped_lines_commands_and_mistakes(factory_models, tmp_path):
     assert "Traceback" not in err
     for needle in ("temperature = 0.0", "top_p must be a number in (0, 1], got '7'", "top_k must be an integer",
                    "unknown command /frobnicate", "not valid UTF-8 (byte 0xff at offset 6); ignored",
-                   "system message set", "/save needs a file name", "/nonexistent.json"):
+                   "system message set", "/save needs a file name", "/nonexistent.json", "loaded 2 messages",
+                   "max_tokens 3", "saved with 'another model'; continuing with"):
         assert needle in err, needle
     assert "prompt tokens processed: " in out and "local: every block (0-" in out and "/clear" in out
 

@@ -78,6 +78,8 @@ def test_save_writes_through_a_temporary_name(text_model, tmp_path):
     (b'{"format": "gguf-fragments-conversation", "version": 1, "messages": [{"role": "system", "content": "x"}]}',
      "messages[0]"),
     (b'{"format": "gguf-fragments-conversation", "version": 1, "messages": [], "system": 5}', '"system"'),
+    (b'{"format": "gguf-fragments-conversation", "version": 1, "messages": [], "template": "klingon"}',
+     '"template" must be null'),
     (b"[" * 100000 + b"]" * 100000, "invalid JSON"),
 ])
 def test_bad_saved_files_are_one_clear_error(tmp_path, content, needle):
