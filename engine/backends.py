@@ -117,15 +117,19 @@ class NumbaBackend(NumpyBackend):
         self.k = kernels_numba
         self.qw = quant_weights
         self.quant = quant_weights.QuantMatmul()  # the other stored types (engine/quant_weights.py)
-        self.compile_s = kernels_numba.warm_up() + self.quant.compile_s
+        self._compile_s = kernels_numba.warm_up()
         self._scratch = np.empty(0, np.float32)
+
+    @property
+    def compile_s(self) -> float:
+        return self._compile_s + self.quant.compile_s  # the other types compile as their weights load
 
     def prepare(self, loader, name: str):
         entry = loader.tensor_entry(name)
         if entry.ggml_type == "Q8_0":
             blocks, _ = loader.load_quantized(name)
             return Q8Weight(*self.k.split_q8_0(blocks))
-        held = self.qw.prepare(loader, name)
+        held = self.quant.prepare(loader, name)
         if held is not None:
             return held
         self.qw.note_expanded(entry.ggml_type)

@@ -86,8 +86,17 @@ class QuantMatmul:
     """Products with QuantWeights; owns the reused float32 buffer of the prompt path."""
 
     def __init__(self):
-        self.compile_s = kq.warm_up()
+        self.compile_s = 0.0
+        self._warm: set[str] = set()
         self._scratch = np.empty(0, np.float32)
+
+    def prepare(self, loader, name: str) -> QuantWeight | None:
+        """``prepare``, and the first weight of each type compiles (or loads) that type's kernels."""
+        w = prepare(loader, name)
+        if w is not None and w.ggml_type not in self._warm:
+            self._warm.add(w.ggml_type)
+            self.compile_s += kq.warm_up(w.kind)
+        return w
 
     def matmul(self, x: np.ndarray, w: QuantWeight) -> np.ndarray:
         # x: (T, in) -> (T, out)

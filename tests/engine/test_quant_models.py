@@ -1,0 +1,52 @@
+"""SmolLM2 quantized by llama.cpp's own quantizer (Q4_K_M, Q4_0, F16): weights stay at the file's size
+and the Numba kernels pass `validate` against llama.cpp on the F32 twin."""
+
+import json
+
+import pytest
+
+from distribution.gguf_file import GGUFFileLoader
+from engine import quant_weights as qw
+from engine.backends import Q8Weight
+from engine.model import LlamaModel
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="session")
+def requantized():
+    """kind -> models/smollm2-135m-instruct-<kind>.gguf, made on first use (seconds) and kept."""
+    from models.default import SOURCE_GGUF
+    from models.requant import smollm2
+
+    if not SOURCE_GGUF.exists():
+        pytest.fail(f"{SOURCE_GGUF} is missing: run scripts/setup.sh first (README command 2 does)")
+    return smollm2
+
+
+def test_q4_k_m_weights_stay_quantized(requantized):
+    path = requantized("Q4_K_M")
+    loader = GGUFFileLoader(path)
+    model = LlamaModel(loader, backend="numba")
+    held = stored = 0
+    types = set()
+    for b in model.blocks:
+        for fused in (b.qkv, b.attn_output, b.gate_up, b.ffn_down):
+            for w in getattr(fused, "parts", [fused]):
+                assert isinstance(w, (qw.QuantWeight, Q8Weight)), type(w).__name__
+                types.add(w.ggml_type)
+                held += w.blocks.nbytes if isinstance(w, qw.QuantWeight) else w.qs.nbytes + w.d.nbytes
+    assert {"Q4_K", "Q6_K", "Q5_0"} <= types  # SmolLM2's 576 columns make llama.cpp fall back to Q5_0/Q8_0
+    stored = sum(t.length for t in loader.manifest.tensors if t.layer is not None and len(t.shape) == 2)
+    assert stored < held <= stored * 1.01  # as stored (Q8_0 fallbacks: + 2 bytes per 34), not 7x as float32
+
+
+@pytest.mark.parametrize("kind", ["Q4_K_M", "Q4_0", "F16"])
+def test_validate_passes_with_the_quantized_kernels(requantized, kind):
+    path = requantized(kind)
+    proc = run_cli("validate", path, "--gguf", path, "--kernels", "numba", "--reference", "twin",
+                   "--positions", "64", "--greedy-tokens", "8", "--prompt", "What is the capital of France?",
+                   "--json", timeout=900)
+    report = json.loads(proc.stdout)
+    assert report["reference"] == "f32-twin" and report["activations"] == "float"
+    assert proc.returncode == 0 and report["pass"], {k: report.get(k) for k in ("mean_kl", "min_cosine", "greedy")}
+    assert report["mean_kl"] <= 1e-4 and report["greedy_match"]
