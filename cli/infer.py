@@ -137,6 +137,11 @@ def _run_engine(source, request: Request, kernels, as_json, say):
     try:
         result = generate(session, model.tokenizer, request.prompt_tokens, request.max_tokens,
                           Sampler(request.params), request.stops, _stream(as_json))
+    except KeyboardInterrupt:
+        if not as_json:
+            sys.stdout.write("\n")  # end the streamed line before "interrupted" on stderr
+            sys.stdout.flush()
+        raise
     finally:
         session.close()
     return {"prompt_tokens": len(result.prompt_tokens), "tokens": result.tokens, "text": result.text,
