@@ -24,7 +24,8 @@ from cli.common import user_errors
               help="Seconds before an idle session is dropped.")
 @click.option("--swarm-key", type=click.Path(dir_okay=False), help="Private swarm: the shared secret's file.")
 @click.option("--announce", help="HOST[:PORT] others reach this node at (behind NAT or a proxy).")
-@click.option("--kernels", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True)
+@click.option("--kernels", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True,
+              help="numba: the fast path; numpy: the plain reference (the same on every node of a route).")
 @user_errors
 def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positions, max_cache_mb, idle, swarm_key,
          announce, kernels):
@@ -32,8 +33,9 @@ def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positi
 
     Loads only those blocks, joins the DHT, announces its span under the model's per-block keys
     and prints its address, p2p://<manifest sha256>@<multiaddr>, for clients and other nodes to
-    bootstrap from. A store directory's fragments of the span are served to peers too. Clients
-    connect with `infer p2p://... --distributed`. Ctrl-C stops it.
+    bootstrap from. The span's fragments are served to other peers too (from a store directory, or
+    from the fragment cache for http:// and p2p:// sources). Clients connect with
+    `infer p2p://... --distributed`. Ctrl-C stops it.
     """
     import tempfile
 
