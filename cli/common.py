@@ -17,6 +17,16 @@ from common.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
 click.exceptions.UsageError.exit_code = EXIT_USAGE
 
 
+def _show_usage_error(self, file=None) -> None:
+    """A usage error as one line, like every other error, pointing at --help instead of
+    printing click's usage block."""
+    where = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
+    click.echo(f"error: {self.format_message()}{where}", err=True)
+
+
+click.exceptions.UsageError.show = _show_usage_error
+
+
 def user_errors(func):
     """Turn UserError (and the usual OS errors) into one line on stderr and the documented exit code."""
 
@@ -61,6 +71,8 @@ def open_store(source: str, allow_file: bool = False):
         return HTTPLoader(source)
     if os.path.isdir(source):
         return LocalLoader(source)
+    if os.path.exists(source) and not os.path.isfile(source):
+        raise UserError(f"{source}: not a regular file or directory")
     if os.path.isfile(source):
         if allow_file:
             from distribution.gguf_file import GGUFFileLoader

@@ -35,8 +35,9 @@ def serve_p2p(store, host: str, port: int, listen: str, bootstrap: list[str], la
     ``public`` (--announce) is the host (and HTTP port) others reach us at; without it a wildcard
     ``host`` is announced as this machine's interface addresses. ``announce`` hears the lines
     the user sees, ending with the peer's address(es) ``p2p://<manifest sha256>@<multiaddr>``."""
-    from distribution.server import make_app, start
+    from distribution.server import make_app, quiet_logs, start
 
+    quiet_logs()  # a malformed request is one log line, as with plain `serve`
     store = Path(store)
     manifest = Manifest.load(store)
     manifest_sha = hashlib.sha256((store / MANIFEST_NAME).read_bytes()).hexdigest()

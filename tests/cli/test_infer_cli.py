@@ -94,6 +94,26 @@ def test_missing_source(tmp_path):
     assert_one_line_error(run_cli("infer", tmp_path / "nope", "--prompt", "hi"), "no such store")
 
 
+def test_a_fifo_as_source_is_named_not_waited_on(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "model.gguf")
+    proc = run_cli("infer", tmp_path / "model.gguf", "--prompt", "hi", timeout=60)
+    assert_one_line_error(proc, "model.gguf", "not a regular file")
+
+
+@pytest.mark.parametrize("command, args, needle", [
+    ("infer", ["--no-such-option"], "--no-such-option"),
+    ("infer", ["--prompt", "hi", "--top-k", "many"], "--top-k"),
+    ("fragment", [], "MODEL"),
+    ("recombine", ["--bogus"], "--bogus"),
+])
+def test_usage_errors_are_one_line_with_exit_1(command, args, needle):
+    proc = run_cli(command, *args)
+    assert proc.returncode == 1
+    assert_one_line_error(proc, needle, f"{command} --help")
+
+
 # -- issue 10: prompts and options that used to end in a traceback ----------------------------------
 def run_bytes(*args, stdin: bytes | None = None, env: dict | None = None, timeout: float = 300):
     """run_cli with raw bytes as arguments (invalid UTF-8 included) and optional standard input."""
