@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from engine.sampling import SamplingParams
+from generation.sampling import SamplingParams
 
 MAX_STOPS = 16
 

@@ -23,7 +23,7 @@ import queue
 import threading
 from dataclasses import dataclass
 
-from engine.sampling import Sampler, SamplingParams
+from generation.sampling import Sampler, SamplingParams
 from generation.stream import Generation, GenerationResult
 
 

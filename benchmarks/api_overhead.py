@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from api.server import ServerThread, make_app  # noqa: E402
 from cli.common import load_text_model  # noqa: E402
-from engine.sampling import Sampler, SamplingParams  # noqa: E402
+from generation.sampling import Sampler, SamplingParams  # noqa: E402
 from generation.stream import Generation  # noqa: E402
 
 QUESTION = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]

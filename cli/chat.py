@@ -45,7 +45,7 @@ class Settings:
     max_tokens: int = 1024
 
     def sampling(self):
-        from engine.sampling import SamplingParams
+        from generation.sampling import SamplingParams
 
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
                               repeat_penalty=self.repeat_penalty, seed=None if self.seed == -1 else self.seed)

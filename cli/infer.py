@@ -47,7 +47,7 @@ def infer(source, prompt, prompt_file, max_tokens, temperature, top_k, top_p, mi
 
     threads = set_threads(threads)  # before numpy and numba are imported
     from common.progress import Status
-    from engine.sampling import SamplingParams
+    from generation.sampling import SamplingParams
 
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             repeat_penalty=repeat_penalty, seed=seed_option(seed)).validate()
@@ -84,7 +84,7 @@ class Request:
     template: str | None
     no_chat: bool
     max_tokens: int
-    params: object  # engine.sampling.SamplingParams
+    params: object  # generation.sampling.SamplingParams
     stops: list[str]
     ctx: int
     prompt_tokens: list[int] = field(default_factory=list)
@@ -124,7 +124,7 @@ def open_model(source, request: Request, kernels: str, say):
 
 
 def _run_engine(source, request: Request, kernels, as_json, say):
-    from engine.sampling import Sampler
+    from generation.sampling import Sampler
     from generation.stream import generate
 
     started = time.perf_counter()

@@ -25,7 +25,7 @@ from typing import Iterator
 
 from common.errors import UserError
 from engine.chat import NAMED_TEMPLATES
-from engine.sampling import Sampler, SamplingParams
+from generation.sampling import Sampler, SamplingParams
 from generation.stream import Generation, GenerationResult
 
 FORMAT = "gguf-fragments-conversation"

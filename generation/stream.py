@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from common.errors import UserError
-from engine.sampling import Sampler
+from generation.sampling import Sampler
 
 
 @dataclass

@@ -7,7 +7,7 @@ from common.errors import UserError
 from distribution.gguf_file import GGUFFileLoader
 from engine.chat import NAMED_TEMPLATES, chat_prompt, detect_template, render
 from generation.stream import StopMatcher
-from engine.sampling import Sampler, SamplingParams
+from generation.sampling import Sampler, SamplingParams
 from engine.tokenizer import Tokenizer
 
 LOGITS = np.array([1.0, 3.0, 2.5, -1.0, 0.0, 2.9])

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from common.errors import UserError
-from engine.sampling import SamplingParams
+from generation.sampling import SamplingParams
 from generation.conversation import ContextFull, Conversation, common_prefix, read_saved
 
 GREEDY = SamplingParams(temperature=0)

@@ -7,7 +7,7 @@ import pytest
 from common.errors import UserError
 from distribution.gguf_file import GGUFFileLoader
 from engine.model import LlamaModel
-from engine.sampling import Sampler, SamplingParams
+from generation.sampling import Sampler, SamplingParams
 from engine.tokenizer import Tokenizer
 from generation.stream import Generation, generate
 
