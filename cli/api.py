@@ -59,6 +59,14 @@ def api(source, host, port, parallel, queue_size, api_key, ctx, template, kernel
     if (nodes or swarm_key) and not distributed:
         raise UserError("--node and --swarm-key go with --distributed")
     swarm = {"nodes": list(nodes), "key_file": swarm_key} if distributed else None
+    if source is None or "://" not in source:  # a local source is checked before listening
+        import os
+
+        from cli.common import resolve_source
+
+        source = resolve_source(source)
+        if not os.path.exists(source):
+            raise UserError(f"{source}: no such store directory or GGUF file")
     try:
         asyncio.run(_serve(source, host, port, parallel, queue_size, api_key, ctx, template, kernels, swarm))
     except KeyboardInterrupt:

@@ -44,7 +44,8 @@ def test_api_serves_and_stops_on_ctrl_c(factory_models):
 
 def test_missing_source_is_one_line(tmp_path):
     proc = run_cli("api", str(tmp_path / "nowhere"), "--port", "0", timeout=60)
-    assert_one_line_error(proc, "nowhere")
+    assert_one_line_error(proc, "nowhere", "no such store")
+    assert "listening" not in proc.stdout  # refused before the server starts
 
 
 def test_bad_options_are_one_line(factory_models):
