@@ -129,6 +129,26 @@ def bench_model(label: str, source: str, loader, prompt_len: int, decode: int, r
     return rows
 
 
+def transport_overhead(loader, steps: int = 300) -> float:
+    """ms per decode step beyond compute for one hop to a one-block node in this process: the
+    WebSocket, framing and both event loops, without another process to wake up."""
+    from engine.model import LlamaModel
+    from swarm import manifest_sha
+    from swarm.client import RemoteSpanSession
+    from swarm.server import NodeService, NodeThread
+
+    node = NodeThread(NodeService(LlamaModel(loader, backend="numba", layers=(0, 0)), manifest_sha(loader)))
+    try:
+        span = RemoteSpanSession(node.url, 0, 0, steps + 1, node.service.dim)
+        x = np.zeros((1, node.service.dim), np.float32)
+        for _ in range(steps):
+            span.forward(x)
+        span.close()
+        return (span.round_s - span.node_s) * 1000 / span.steps
+    finally:
+        node.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="default,tinyllama")
@@ -157,6 +177,8 @@ def main() -> None:
                 raise SystemExit(f"unknown model {name!r} (default, tinyllama)")
             for row in bench_model(name, source, loader, args.prompt, args.decode, args.repeat):
                 print(row, flush=True)
+            print(f"{name:<10} transport alone (a one-block node in this process): "
+                  f"{transport_overhead(loader):.3f} ms per decode step beyond compute", flush=True)
     print("ratios: against the better of the two local runs (first and last)")
     print(f"\nOMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f} at the end; prompt {args.prompt} tokens, {args.decode} decoded; hop ms/t = "
