@@ -15,6 +15,7 @@ Types without a kernel (Q2_K, Q3_K, the IQ types, ...) are expanded to float32 a
 
 from __future__ import annotations
 
+import mmap
 import sys
 from dataclasses import dataclass
 
@@ -61,13 +62,22 @@ def prepare(loader, name: str) -> QuantWeight | None:
 
 def stack(parts: list) -> QuantWeight | None:
     """Matrices sharing an input (Q, K, V; gate, up) as one, rows one after another, when they are
-    all QuantWeights of one type: one kernel launch instead of several. None otherwise."""
+    all QuantWeights of one type: one kernel launch instead of several. None otherwise, and None
+    for weights viewing a memory-mapped file (a plain .gguf): copying them would keep both the
+    copy and the file's pages it read resident, twice the memory."""
     if not parts or not all(isinstance(p, QuantWeight) for p in parts):
         return None
     first = parts[0]
-    if any(p.ggml_type != first.ggml_type or p.cols != first.cols for p in parts):
+    if any(p.ggml_type != first.ggml_type or p.cols != first.cols or _mapped(p.blocks) for p in parts):
         return None
     return QuantWeight(np.concatenate([p.blocks for p in parts]), first.ggml_type, first.cols)
+
+
+def _mapped(a: np.ndarray) -> bool:
+    """Whether the array's memory belongs to an mmap (through the memoryview numpy was given)."""
+    while isinstance(a, np.ndarray):
+        a = a.base
+    return isinstance(a, memoryview) and isinstance(a.obj, mmap.mmap)
 
 
 _noted: set[str] = set()

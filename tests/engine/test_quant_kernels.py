@@ -151,3 +151,5 @@ def test_factory_weights_stay_as_stored(factory_models, name):
     stored = sum(t.length for t in loader.manifest.tensors
                  if t.name == head or (t.layer is not None and len(t.shape) == 2))
     assert sum(held_bytes(w) for w in weights) == stored  # the file's bytes, nothing expanded
+    # Views of the mapped file are used in place: stacking Q, K, V would copy them.
+    assert not any(fw.stacked for b in model.blocks for fw in (b.qkv, b.gate_up))
