@@ -73,6 +73,7 @@ class FusedWeight:
 
 class NumpyBackend:
     name = "numpy"
+    kv_dtype = np.float32  # the KV cache's element type
 
     def __init__(self, emulate_llama_cpp: bool = False):
         self.emulate = emulate_llama_cpp
@@ -98,6 +99,17 @@ class NumpyBackend:
             return np.split(y, np.cumsum(fw.sizes)[:-1], axis=1)
         return [self.matmul(x, p) for p in fw.parts]
 
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, first_pos: int) -> np.ndarray:
+        """ops.attention; emulating llama.cpp, the probabilities are rounded to F16 before P.V."""
+        from engine import ops
+
+        return ops.attention(q, k, v, first_pos, round_to_f16 if self.emulate else None)
+
+    def make_decoder(self, blocks: list, config):
+        """A one-call single-token step through ``blocks`` (``step(x, pos, cache, cos, sin)``), or
+        None when this backend has none for these weights: the model then runs the batched pass."""
+        return None
+
 
 class NumbaBackend(NumpyBackend):
     """Weights stay quantized in memory (Q8_0 here; F16, BF16, Q4_0-Q5_1 and Q4_K-Q6_K as stored, in
@@ -105,6 +117,9 @@ class NumbaBackend(NumpyBackend):
     dequantized into a reused buffer. Other types are held as float32."""
 
     name = "numba"
+    # K and V cached in F16, as llama.cpp caches them: half the bytes that decode attention reads
+    # at long contexts (at 3000 positions SmolLM2's cache is as large as its weights).
+    kv_dtype = np.float16
     SMALL_BATCH = 8  # up to this many tokens: the matvec kernel reading each row once for all
     SCRATCH_FLOATS = 16 * 1024 * 1024  # prompt path: dequantize at most 64 MB of a matrix at a time
 
@@ -136,12 +151,31 @@ class NumbaBackend(NumpyBackend):
         return DenseWeight(loader.load_tensor(name), entry.ggml_type)
 
     def prepare_fused(self, loader, names: list[str]) -> FusedWeight:
+        if all(loader.tensor_entry(n).ggml_type == "Q8_0" for n in names):
+            return self._prepare_fused_q8_0(loader, names)
         fw = super().prepare_fused(loader, names)
-        if all(isinstance(p, Q8Weight) for p in fw.parts):
-            stacked = Q8Weight(np.concatenate([p.qs for p in fw.parts]), np.concatenate([p.d for p in fw.parts]))
-            return FusedWeight([stacked], fw.sizes, stacked=True)
         stacked = self.qw.stack(fw.parts)
         return FusedWeight([stacked], fw.sizes, stacked=True) if stacked is not None else fw
+
+    def _prepare_fused_q8_0(self, loader, names: list[str]) -> FusedWeight:
+        """Q8_0 matrices split straight into the rows of one stacked weight (no concatenation)."""
+        blocks = [loader.load_quantized(n)[0] for n in names]
+        sizes = [b.shape[0] for b in blocks]
+        cols = blocks[0].shape[1] // 34 * 32
+        qs, d = np.empty((sum(sizes), cols), np.int8), np.empty((sum(sizes), cols // 32), np.float32)
+        for b, r0 in zip(blocks, np.cumsum([0] + sizes[:-1])):
+            self.k.split_q8_0(b, qs[r0:r0 + len(b)], d[r0:r0 + len(b)])
+        return FusedWeight([Q8Weight(qs, d)], sizes, stacked=True)
+
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, first_pos: int) -> np.ndarray:
+        from engine import attention_numba
+
+        return attention_numba.attention(q, k.astype(np.float32), v.astype(np.float32), first_pos)
+
+    def make_decoder(self, blocks: list, config):
+        from engine.fast_decode import StackedDecoder
+
+        return StackedDecoder(blocks, config) if blocks and StackedDecoder.supports(blocks) else None
 
     def matmul(self, x: np.ndarray, w) -> np.ndarray:
         if isinstance(w, self.qw.QuantWeight):

@@ -25,11 +25,6 @@ class LlamaConfig:
     rope_dim: int          # how many leading dimensions of each head are rotated
     rope_scale: float      # positions are multiplied by this (1 / linear scaling factor)
 
-    @property
-    def group_size(self) -> int:
-        """Query heads per KV head: 1 for MHA, n_heads for MQA."""
-        return self.n_heads // self.n_kv_heads
-
     @classmethod
     def from_metadata(cls, md: dict[str, Any], where: str) -> "LlamaConfig":
         arch = md.get("general.architecture")

@@ -5,10 +5,11 @@ Calling a kernel per matrix from Python costs twice over at decode time: the glu
 as fast when threads idle between them (18.8 ms in the model against 9.8 ms back to back). So, as
 llama2.c's run.c does, the whole pass for one token is one function here: the blocks' Q8_0
 weights are stacked (layer, rows, cols) and every step of every block runs inside one call, as
-parallel regions over output rows or attention heads.
+parallel regions over output rows or (KV head, chunk of cached positions).
 
 The arithmetic is the reference's (engine/ops.py) in float32: RMSNorm as ggml rounds it, RoPE on
-adjacent pairs with the same precomputed angles, softmax attention over the KV cache, SwiGLU.
+adjacent pairs with the same precomputed angles, softmax attention over the KV cache, SwiGLU;
+K and V are cached in F16, as llama.cpp caches them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from engine.attention_numba import f16_bits_to_f32, f32_to_f16_bits, fast_exp
 from engine.kernels_numba import _CHUNKS
 from engine.kernels_numba import q8_0_rows as _rows
 
@@ -46,6 +48,70 @@ def _rope(v, n_heads, head_dim, cos, sin):
             v[base + 2 * i + 1] = x0 * sin[i] + x1 * cos[i]
 
 
+ATT_CHUNK = 256  # cached positions per attention work item
+
+
+@njit(inline="always", fastmath=True)
+def _attend_chunk(q, kc, vc, kvh, c, n_pos, group, scale, part_m, part_l, part_o):
+    """One attention work item: the ``group`` query heads of KV head ``kvh`` over chunk ``c`` of
+    the positions 0..n_pos-1 (q: (H hd,) float32; kc, vc: (positions, KV, hd), the bits of F16
+    values as uint16, since Numba has no float16). Leaves a partial softmax
+    per head: its max score, its sum of exponentials and its exponential-weighted sum of V rows."""
+    hd = kc.shape[2]
+    s0, s1 = c * ATT_CHUNK, min(n_pos, (c + 1) * ATT_CHUNK)
+    scores = np.empty((group, s1 - s0), np.float32)
+    for s in range(s0, s1):  # each K row read once for the group's heads
+        krow = kc[s, kvh]
+        for g in range(group):
+            h = kvh * group + g
+            qh = q[h * hd:(h + 1) * hd]
+            acc = np.float32(0.0)
+            for i in range(hd):
+                acc += qh[i] * f16_bits_to_f32(krow[i])
+            scores[g, s - s0] = acc * scale
+    for g in range(group):
+        h = kvh * group + g
+        best = np.float32(-np.inf)
+        for s in range(s1 - s0):
+            best = max(best, scores[g, s])
+        total = np.float32(0.0)
+        for s in range(s1 - s0):
+            e = fast_exp(scores[g, s] - best)
+            scores[g, s] = e
+            total += e
+        part_m[h, c], part_l[h, c] = best, total
+        part_o[h, c, :] = 0.0
+    for s in range(s0, s1):  # each V row read once
+        vrow = vc[s, kvh]
+        for g in range(group):
+            o = part_o[kvh * group + g, c]
+            p = scores[g, s - s0]
+            for i in range(hd):
+                o[i] += p * f16_bits_to_f32(vrow[i])
+
+
+@njit(inline="always", fastmath=True)
+def _combine_chunks(part_m, part_l, part_o, att):
+    """att[h] = sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c: the chunks' partial softmaxes
+    rescaled to the overall max M, which is exactly the softmax over all positions."""
+    hd = part_o.shape[2]
+    for h in range(part_m.shape[0]):
+        best = np.float32(-np.inf)
+        for c in range(part_m.shape[1]):
+            best = max(best, part_m[h, c])
+        total = np.float32(0.0)
+        out = att[h * hd:(h + 1) * hd]
+        out[:] = 0.0
+        for c in range(part_m.shape[1]):
+            w = fast_exp(part_m[h, c] - best)
+            total += w * part_l[h, c]
+            for i in range(hd):
+                out[i] += w * part_o[h, c, i]
+        inv = np.float32(1.0) / total
+        for i in range(hd):
+            out[i] *= inv
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def decode_blocks(x, pos, attn_norm, ffn_norm, qkv_qs, qkv_d, o_qs, o_d, gu_qs, gu_d, down_qs, down_d,
                   k_cache, v_cache, cos, sin, n_heads, n_kv, head_dim, eps):
@@ -53,7 +119,7 @@ def decode_blocks(x, pos, attn_norm, ffn_norm, qkv_qs, qkv_d, o_qs, o_d, gu_qs, 
 
     Weights are stacked per block: qkv_qs (L, (H + 2 KV) hd, dim), o_qs (L, dim, H hd),
     gu_qs (L, 2 ffn, dim), down_qs (L, dim, ffn) and their scales; k_cache, v_cache are
-    (L, positions, KV, hd) and receive this token's K and V at ``pos``.
+    (L, positions, KV, hd), F16 bits as uint16, and receive this token's K and V at ``pos``.
     """
     L = qkv_qs.shape[0]
     dim = x.shape[0]
@@ -68,6 +134,10 @@ def decode_blocks(x, pos, attn_norm, ffn_norm, qkv_qs, qkv_d, o_qs, o_d, gu_qs, 
     tmp = np.empty(dim, np.float32)
     gu = np.empty(2 * ffn, np.float32)
     act = np.empty(ffn, np.float32)
+    n_chunks = (pos + ATT_CHUNK) // ATT_CHUNK  # chunks of the pos + 1 cached positions
+    part_m = np.empty((n_heads, n_chunks), np.float32)  # per head and chunk: max score,
+    part_l = np.empty((n_heads, n_chunks), np.float32)  # sum of exp(score - max),
+    part_o = np.empty((n_heads, n_chunks, head_dim), np.float32)  # and those weights times V
     for layer in range(L):
         # attention
         _rms_norm(x, attn_norm[layer], eps, h)
@@ -86,32 +156,15 @@ def decode_blocks(x, pos, attn_norm, ffn_norm, qkv_qs, qkv_d, o_qs, o_d, gu_qs, 
         _rope(k, n_kv, head_dim, cos, sin)
         for j in range(n_kv):
             for i in range(head_dim):
-                k_cache[layer, pos, j, i] = k[j * head_dim + i]
-                v_cache[layer, pos, j, i] = v[j * head_dim + i]
-        for hh in prange(n_heads):
-            kvh = hh // group
-            qh = q[hh * head_dim:(hh + 1) * head_dim]
-            scores = np.empty(pos + 1, np.float32)
-            best = np.float32(-np.inf)
-            for s in range(pos + 1):
-                acc = np.float32(0.0)
-                for i in range(head_dim):
-                    acc += qh[i] * k_cache[layer, s, kvh, i]
-                acc *= scale
-                scores[s] = acc
-                if acc > best:
-                    best = acc
-            total = np.float32(0.0)
-            for s in range(pos + 1):
-                e = np.exp(scores[s] - best)
-                scores[s] = e
-                total += e
-            for i in range(head_dim):
-                att[hh * head_dim + i] = 0.0
-            for s in range(pos + 1):
-                p = scores[s] / total
-                for i in range(head_dim):
-                    att[hh * head_dim + i] += p * v_cache[layer, s, kvh, i]
+                k_cache[layer, pos, j, i] = f32_to_f16_bits(k[j * head_dim + i])
+                v_cache[layer, pos, j, i] = f32_to_f16_bits(v[j * head_dim + i])
+        # Attention, split over (KV head, chunk of positions) so that both threads stay busy at
+        # any context length ("flash decoding"); no (heads x positions) array beyond one chunk.
+        kc, vc = k_cache[layer], v_cache[layer]
+        for item in prange(n_kv * n_chunks):
+            _attend_chunk(q, kc, vc, item // n_chunks, item % n_chunks, pos + 1, group, scale,
+                          part_m, part_l, part_o)
+        _combine_chunks(part_m, part_l, part_o, att)
         rows = o_qs.shape[1]
         step = (rows + _CHUNKS - 1) // _CHUNKS
         for c in prange(_CHUNKS):  # one parallel region over output rows
@@ -128,7 +181,7 @@ def decode_blocks(x, pos, attn_norm, ffn_norm, qkv_qs, qkv_d, o_qs, o_d, gu_qs, 
             _rows(gu_qs[layer], gu_d[layer], h, gu, c * step, min(rows, (c + 1) * step), acc)
         for i in range(ffn):
             g = gu[i]
-            act[i] = g / (np.float32(1.0) + np.exp(-g)) * gu[ffn + i]
+            act[i] = g / (np.float32(1.0) + fast_exp(-g)) * gu[ffn + i]
         rows = down_qs.shape[1]
         step = (rows + _CHUNKS - 1) // _CHUNKS
         for c in prange(_CHUNKS):  # one parallel region over output rows
@@ -136,11 +189,6 @@ def decode_blocks(x, pos, attn_norm, ffn_norm, qkv_qs, qkv_d, o_qs, o_d, gu_qs, 
             _rows(down_qs[layer], down_d[layer], act, tmp, c * step, min(rows, (c + 1) * step), acc)
         for i in range(dim):
             x[i] += tmp[i]
-
-
-@njit(fastmath=True, cache=True)
-def final_norm(x, w, eps, out):
-    _rms_norm(x, w, eps, out)
 
 
 def warm_up() -> float:
@@ -151,7 +199,7 @@ def warm_up() -> float:
     i8, f32 = np.int8, np.float32
     q = lambda r, c: (np.zeros((1, r, c), i8), np.ones((1, r, c // 32), f32))  # noqa: E731
     decode_blocks(np.ones(32, f32), 0, np.ones((1, 32), f32), np.ones((1, 32), f32), *q(96, 32), *q(32, 32),
-                  *q(64, 32), *q(32, 32), np.zeros((1, 2, 1, 32), f32), np.zeros((1, 2, 1, 32), f32),
+                  *q(64, 32), *q(32, 32), np.zeros((1, 2, 1, 32), np.uint16), np.zeros((1, 2, 1, 32), np.uint16),
                   np.ones(16, f32), np.zeros(16, f32), 1, 1, 32, f32(1e-5))
     return time.perf_counter() - start
 
@@ -197,5 +245,5 @@ class StackedDecoder:
         cfg = self.config
         h = np.array(x[0], dtype=np.float32)
         decode_blocks(h, pos, self.attn_norm, self.ffn_norm, *self.qkv, *self.o, *self.gu, *self.down,
-                      cache.k, cache.v, cos, sin, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, np.float32(cfg.rms_eps))
+                      cache.k.view(np.uint16), cache.v.view(np.uint16), cos, sin, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, np.float32(cfg.rms_eps))
         return h[None, :]

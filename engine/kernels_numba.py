@@ -25,6 +25,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from engine import attention_numba
+
 _CHUNKS = 64  # work items per parallel region: enough to balance 2-16 threads, few allocations
 
 
@@ -88,12 +90,31 @@ def q8_0_dequantize(qs, d, out):
                 out[r, base + i] = db * np.float32(qs[r, base + i])
 
 
-def split_q8_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Stored Q8_0 rows (R, NB * 34 bytes: f16 scale + 32 int8 per block) -> (qs (R, C) int8, d (R, NB) f32)."""
-    rows = blocks.shape[0]
-    b = blocks.reshape(rows, -1, 34)
-    d = np.ascontiguousarray(b[:, :, :2]).view(np.float16).reshape(rows, -1).astype(np.float32)
-    qs = np.ascontiguousarray(b[:, :, 2:]).view(np.int8).reshape(rows, -1)
+# Every IEEE half as float32, indexed by its 16 bits: an exact conversion by table lookup.
+_F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+@njit(parallel=True, cache=True)
+def split_q8_0_into(blocks, f16_table, qs, d):
+    """Stored Q8_0 rows (R, NB * 34) uint8 (f16 scale + 32 int8 per block) -> qs (R, NB * 32) int8
+    and d (R, NB) float32, written in place (so fused weights are split straight into their rows)."""
+    R = blocks.shape[0]
+    NB = blocks.shape[1] // 34
+    for r in prange(R):
+        row = blocks[r]
+        values = row.view(np.int8)
+        for b in range(NB):
+            d[r, b] = f16_table[np.int64(row[b * 34]) | (np.int64(row[b * 34 + 1]) << 8)]
+            qs[r, b * 32:(b + 1) * 32] = values[b * 34 + 2:(b + 1) * 34]
+
+
+def split_q8_0(blocks: np.ndarray, qs: np.ndarray | None = None,
+               d: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Stored Q8_0 rows (R, NB * 34 bytes) -> (qs (R, C) int8, d (R, NB) f32), into qs and d if given."""
+    rows, nb = blocks.shape[0], blocks.shape[1] // 34
+    qs = np.empty((rows, nb * 32), np.int8) if qs is None else qs
+    d = np.empty((rows, nb), np.float32) if d is None else d
+    split_q8_0_into(np.ascontiguousarray(blocks), _F16_TO_F32, qs, d)
     return qs, d
 
 
@@ -107,4 +128,6 @@ def warm_up() -> float:
     q8_0_matvec(qs, d, np.ones(32, np.float32), np.empty(2, np.float32))
     q8_0_matvecs(qs, d, np.ones((2, 32), np.float32), np.empty((2, 2), np.float32))
     q8_0_dequantize(qs, d, np.empty((2, 32), np.float32))
+    split_q8_0(np.zeros((2, 34), np.uint8))
+    attention_numba.warm_up()
     return time.perf_counter() - start

@@ -1,5 +1,8 @@
 """The KV cache: one preallocated block per session, laid out (layer, position, KV head, head dim).
 
+Its element type is the backend's: float32 for the reference, float16 for the fast path (as
+llama.cpp keeps K and V), which halves what attention reads per token at long contexts.
+
 Like llama2.c's run.c: the prompt is written in one batched pass, then one position per step.
 Positions are contiguous from 0, so "truncate" just moves the length back (used to rewind).
 """

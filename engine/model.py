@@ -31,6 +31,7 @@ from engine.kv_cache import KVCache
 BLOCK_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 BLOCK_NORMS = ("attn_norm", "ffn_norm")
 _PLAIN_TYPES = {"F32", "F16"}
+PROMPT_CHUNK = 512  # positions per batched pass (llama.cpp's default batch)
 
 
 def _computable(type_name: str) -> bool:
@@ -97,12 +98,8 @@ class LlamaModel:
             self.output_norm = loader.load_tensor("output_norm.weight")
             head_name = "output.weight" if "output.weight" in names else "token_embd.weight"  # tied
             self.output = self.backend.prepare(loader, head_name)
-        self.decoder = None  # the fast path's one-call decode step, when every block is Q8_0
-        if self.backend.name == "numba":
-            from engine.fast_decode import StackedDecoder
-
-            if self.blocks and StackedDecoder.supports(self.blocks):
-                self.decoder = StackedDecoder(self.blocks, cfg)
+        # The backend's one-call single-token step, if it has one for these weights (else None).
+        self.decoder = self.backend.make_decoder(self.blocks, cfg)
         _return_freed_memory()
 
     # -- loading ----------------------------------------------------------------------------------
@@ -147,10 +144,11 @@ class LlamaModel:
             raise RuntimeError("only a model holding every block can open a local session")
         return RoutedSession(self, [LocalSpanSession(self, max_positions)])
 
-    def new_cache(self, max_positions: int | None = None) -> KVCache:
+    def new_cache(self, max_positions: int | None = None, dtype=None) -> KVCache:
+        """A KV cache for this model's blocks, of the backend's element type unless ``dtype`` is given."""
         cfg = self.config
         n = min(max_positions or cfg.context_length, cfg.context_length)
-        return KVCache(len(self.blocks), n, cfg.n_kv_heads, cfg.head_dim)
+        return KVCache(len(self.blocks), n, cfg.n_kv_heads, cfg.head_dim, dtype=dtype or self.backend.kv_dtype)
 
     # -- the pass ---------------------------------------------------------------------------------
     def embed(self, tokens: np.ndarray) -> np.ndarray:
@@ -166,11 +164,22 @@ class LlamaModel:
         return quants.dequantize(rows, self.embedding_type).astype(np.float32).reshape(len(tokens), -1)
 
     def forward_layers(self, x: np.ndarray, cache: KVCache, first_pos: int) -> np.ndarray:
-        """Hidden states (T, dim) at positions first_pos.. through this model's blocks."""
-        cfg = self.config
+        """Hidden states (T, dim) at positions first_pos.. through this model's blocks.
+
+        Long prompts go through PROMPT_CHUNK positions at a time (as llama.cpp's batches do), so
+        memory stays bounded: attention scores are (heads, chunk, positions), never
+        (positions x positions)."""
         T = x.shape[0]
         if first_pos + T > cache.capacity:
             raise UserError(f"context full: {first_pos + T} positions exceed the cache's {cache.capacity}")
+        if T <= PROMPT_CHUNK:
+            return self._forward_chunk(x, cache, first_pos)
+        return np.concatenate([self._forward_chunk(x[i:i + PROMPT_CHUNK], cache, first_pos + i)
+                               for i in range(0, T, PROMPT_CHUNK)])
+
+    def _forward_chunk(self, x: np.ndarray, cache: KVCache, first_pos: int) -> np.ndarray:
+        cfg = self.config
+        T = x.shape[0]
         cos, sin = ops.rope_angles(np.arange(first_pos, first_pos + T), cfg.rope_dim, cfg.rope_base,
                                    cfg.rope_scale, self.rope_freq_factors)
         if T == 1 and self.decoder is not None:
@@ -188,7 +197,7 @@ class LlamaModel:
             if self.emulate:  # llama.cpp keeps K/V in F16 and converts Q to F16 for Q.K
                 q, k, v = round_to_f16(q), round_to_f16(k), round_to_f16(v)
             keys, values = cache.store(li, first_pos, k, v)
-            att = ops.attention(q, keys, values, first_pos, round_to_f16 if self.emulate else None)
+            att = self.backend.attention(q, keys, values, first_pos)
             x = x + mm(att.reshape(T, -1), b.attn_output)
             h = ops.rms_norm(x, b.ffn_norm, cfg.rms_eps)
             gate, up = mm_fused(h, b.gate_up)

@@ -153,3 +153,15 @@ def test_every_hyperparameter_comes_from_metadata(tmp_path):
     assert (c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.n_layers) == (128, 4, 1, 32, 224, 3)
     assert (c.rope_base, c.context_length, c.rope_dim) == (50000.0, 256, 32)
     assert abs(c.rms_eps - 1e-6) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_long_prompts_go_through_in_chunks(factory_models, monkeypatch, backend):
+    """A prompt longer than PROMPT_CHUNK gives the logits of one pass (attention across chunks)."""
+    import engine.model as model_module
+
+    model = LlamaModel(GGUFFileLoader(factory_models["q8_0-spm-gqa"]), backend=backend)
+    whole = model.forward(np.array(TOKENS), model.new_cache(32), all_logits=True)
+    monkeypatch.setattr(model_module, "PROMPT_CHUNK", 5)
+    chunked = model.forward(np.array(TOKENS), model.new_cache(32), all_logits=True)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-4)

@@ -58,17 +58,19 @@ def test_weights_stay_quantized(default_store):
 
 @pytest.mark.parametrize("name", ["q8_0-spm-gqa", "q8_0-bpe-mha-tied", "f16-bpe-mqa", "q4_1-spm-gqa"])
 def test_fast_path_equals_reference(factory_models, name):
+    """Same logits as the reference given the same (F16) KV cache, on every path: prompt, few, one."""
     loader = GGUFFileLoader(factory_models[name])
     ref, fast = LlamaModel(loader, backend="numpy"), LlamaModel(loader, backend="numba")
     tokens = [1, 17, 99, 23, 250, 7, 311, 42, 5, 128, 64, 300, 3, 77]
 
     def run(model):
-        cache = model.new_cache(32)
+        cache = model.new_cache(32, dtype=np.float16)  # the fast path's cache type, for both
         rows = [model.forward(np.array(tokens[:10]), cache, all_logits=True)]  # prompt path (BLAS)
         rows += [model.forward(np.array(tokens[i:i + 3]), cache, all_logits=True) for i in (10,)]  # few tokens
         rows += [model.forward(np.array([t]), cache) for t in tokens[13:]]  # decode path
         return np.concatenate(rows)
 
+    assert fast.new_cache(4).k.dtype == np.float16 and ref.new_cache(4).k.dtype == np.float32
     a, b = run(ref), run(fast)
     np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3)
     assert (a.argmax(1) == b.argmax(1)).all()
