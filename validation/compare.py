@@ -12,11 +12,11 @@ and greedy_match: both engines' greedy continuations of each prompt are identica
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.factory import CORPUS
+from validation.corpus import corpus_text
 
 THRESHOLDS = {"top1_agreement": 0.99, "mean_kl": 1e-3, "min_cosine": 0.999}
 DEFAULT_PROMPTS = [
@@ -89,7 +89,7 @@ class ValidationReport:
 
 def corpus_sequences(tokenizer, n_positions: int, seq_len: int) -> list[list[int]]:
     """Varied text cut into sequences of seq_len tokens, the last one shorter, n_positions positions in all."""
-    text = CORPUS.read_text(encoding="utf-8")
+    text = corpus_text()
     n_seqs = -(-n_positions // seq_len)
     stride = max(len(text) // n_seqs, 1)
     seqs = []
@@ -165,7 +165,3 @@ def validate(model, tokenizer, llm, prompts: list[str], n_positions: int = 512, 
                               "llama_cpp": tokenizer.decode(b)})
     report.seconds = time.perf_counter() - started
     return report
-
-
-def as_dict(report: ValidationReport) -> dict:
-    return asdict(report)
