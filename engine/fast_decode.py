@@ -211,6 +211,8 @@ class StackedDecoder:
     the prompt path (which works per matrix) keeps using the same bytes.
     """
 
+    kv_dtype = np.float16  # the caches it steps with (another cache type takes the batched pass)
+
     def __init__(self, blocks, config):
         from engine.backends import Q8Weight
 

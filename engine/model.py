@@ -182,7 +182,7 @@ class LlamaModel:
         T = x.shape[0]
         cos, sin = ops.rope_angles(np.arange(first_pos, first_pos + T), cfg.rope_dim, cfg.rope_base,
                                    cfg.rope_scale, self.rope_freq_factors)
-        if T == 1 and self.decoder is not None:
+        if T == 1 and self.decoder is not None and cache.k.dtype == self.decoder.kv_dtype:
             x = self.decoder.step(x, first_pos, cache, cos[0], sin[0])
             cache.length = first_pos + 1
             return x

@@ -100,3 +100,18 @@ def test_emulation_needs_the_reference_kernels():
 
     with pytest.raises(UserError, match="numpy"):
         NumbaBackend(emulate_llama_cpp=True)
+
+
+def test_a_float32_cache_still_decodes_right(factory_models):
+    """A cache of another type than the decode step's (a caller's own float32 cache) takes the
+    batched pass instead of being misread."""
+    loader = GGUFFileLoader(factory_models["q8_0-spm-gqa"])
+    ref, fast = LlamaModel(loader, backend="numpy"), LlamaModel(loader, backend="numba")
+    tokens = [1, 17, 99, 23, 250, 7]
+
+    def run(model):
+        cache = model.new_cache(16, dtype=np.float32)
+        model.forward(np.array(tokens[:4]), cache)
+        return np.concatenate([model.forward(np.array([t]), cache) for t in tokens[4:]])
+
+    np.testing.assert_allclose(run(fast), run(ref), rtol=1e-3, atol=1e-3)
