@@ -6,6 +6,8 @@ field, so a client never silently gets something other than what it asked for. F
 are ignored, as OpenAI's own API and llama-server do (clients send ``user``, ``metadata``, ``store``...).
 
 Sampling defaults follow llama-server's: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05.
+Ranges: temperature 0 (greedy) or in [0.01, 2]; repeat_penalty in [0.01, 100]; top_p in (0, 1];
+min_p in [0, 1). Text must be valid Unicode (no lone surrogates, which JSON's \ud800 escapes allow).
 """
 
 from __future__ import annotations
@@ -89,12 +91,21 @@ def _integer(body: dict, name: str, default, lo=None, hi=None):
     return value
 
 
-def _boolean(body: dict, name: str, default: bool = False) -> bool:
+def _boolean(body: dict, name: str, default: bool = False, where: str = "") -> bool:
     value = body.get(name)
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise bad(name, f"must be true or false, got {_show(value)}", "invalid_type")
+        raise bad(where + name, f"must be true or false, got {_show(value)}", "invalid_type")
+    return value
+
+
+def _text(value: str, where: str) -> str:
+    """A string the tokenizer can take: JSON can carry lone surrogates ("\ud800"), UTF-8 cannot."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad(where, f"is not valid Unicode text (a lone surrogate at character {e.start})") from None
     return value
 
 
@@ -113,7 +124,7 @@ def _stops(body: dict) -> list[str]:
         raise bad("stop", "must be a string or a list of strings", "invalid_type")
     if len(value) > MAX_STOPS:
         raise bad("stop", f"at most {MAX_STOPS} stop strings, got {len(value)}")
-    return [s for s in value if s]
+    return [_text(s, f"stop[{i}]") for i, s in enumerate(value) if s]
 
 
 def _refuse_unsupported(body: dict) -> None:
@@ -136,13 +147,24 @@ def _refuse_unsupported(body: dict) -> None:
 def _sampling(body: dict) -> SamplingParams:
     seed = _integer(body, "seed", None)
     return SamplingParams(
-        temperature=_number(body, "temperature", 0.8, lo=0, hi=2),
+        temperature=_temperature(body),
         top_k=_integer(body, "top_k", 40, lo=0),
         top_p=_number(body, "top_p", 0.95, lo=0, hi=1, lo_open=True),
         min_p=_number(body, "min_p", 0.05, lo=0, hi=0.999999),
-        repeat_penalty=_number(body, "repeat_penalty", 1.0, lo=0, lo_open=True),
+        repeat_penalty=_number(body, "repeat_penalty", 1.0, lo=MIN_REPEAT_PENALTY, hi=MAX_REPEAT_PENALTY),
         seed=None if seed in (None, -1) else seed % (1 << 64),  # -1: random, as in llama-server
     )
+
+
+MIN_TEMPERATURE = 0.01  # below it (but not 0) logits / temperature only overflows: use 0 for greedy
+MIN_REPEAT_PENALTY, MAX_REPEAT_PENALTY = 0.01, 100.0  # beyond either, a penalised logit is +-inf
+
+
+def _temperature(body: dict) -> float:
+    value = _number(body, "temperature", 0.8, lo=0, hi=2)
+    if 0 < value < MIN_TEMPERATURE:
+        raise bad("temperature", f"must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {value}")
+    return value
 
 
 def _common(body, kind: str, context_length: int) -> Request:
@@ -152,18 +174,17 @@ def _common(body, kind: str, context_length: int) -> Request:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("model", f"must be a string, got {_show(model)}", "invalid_type")
-    max_tokens = _integer(body, "max_tokens", None, lo=1)
-    if kind == "chat":
-        max_tokens = _integer(body, "max_completion_tokens", max_tokens, lo=1)
+    which = "max_completion_tokens" if kind == "chat" and body.get("max_completion_tokens") is not None \
+        else "max_tokens"  # the newer name wins when a chat request sends both, as OpenAI's
+    max_tokens = _integer(body, which, None, lo=1)
     if max_tokens is not None and max_tokens > context_length:
-        which = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
         raise bad(which, f"{max_tokens} is more than the context window holds ({context_length} tokens)",
                   "context_length_exceeded")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad("stream_options", "must be an object", "invalid_type")
     return Request(kind=kind, max_tokens=max_tokens, sampling=_sampling(body), stop=_stops(body),
-                   stream=_boolean(body, "stream"), include_usage=_boolean(options or {}, "include_usage"),
+                   stream=_boolean(body, "stream"), include_usage=_boolean(options or {}, "include_usage", where="stream_options."),
                    cache_prompt=_boolean(body, "cache_prompt"), model=model)
 
 
@@ -174,7 +195,7 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 def _content(message: dict, where: str) -> str:
     content = message.get("content")
     if isinstance(content, str):
-        return content
+        return _text(content, f"{where}.content")
     if content is None and message.get("role") == "assistant":
         return ""
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
@@ -182,7 +203,7 @@ def _content(message: dict, where: str) -> str:
         for j, part in enumerate(content):
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 raise bad(f"{where}.content[{j}]", "only text parts are supported", "unsupported_value")
-            texts.append(part["text"])
+            texts.append(_text(part["text"], f"{where}.content[{j}].text"))
         return "".join(texts)
     raise bad(f"{where}.content", f"must be a string or a list of text parts, got {_show(content)}", "invalid_type")
 
@@ -213,9 +234,11 @@ def parse_completion(body, context_length: int) -> Request:
         prompt = prompt[0]  # a batch of one
     if prompt is None:
         raise bad("prompt", "is required", "missing_required_parameter")
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise bad("prompt", "token-id prompts are not supported: send the prompt as text", "unsupported_value")
     if isinstance(prompt, list):
         raise bad("prompt", "must be one string (batches of prompts are not supported)", "unsupported_value")
     if not isinstance(prompt, str):
         raise bad("prompt", f"must be a string, got {_show(prompt)}", "invalid_type")
-    req.prompt = prompt
+    req.prompt = _text(prompt, "prompt")
     return req

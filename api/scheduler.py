@@ -7,7 +7,8 @@ Setting ``job.cancel`` (a client went away) stops the generation at the next tok
 starts if the job is still waiting.
 
 At most ``parallel + queue_size`` jobs are admitted at once; beyond that ``submit`` raises
-``QueueFull`` (the server answers 503), so a burst cannot pile up unbounded work.
+``QueueFull`` (the server answers 503), so a burst cannot pile up unbounded work. A job whose client
+leaves while it waits is ``withdraw``n: its place is free at once, and no worker runs it.
 
 Each slot opens its session once (the KV cache is allocated once per slot) and rewinds it to 0 for
 every request, so an answer never depends on which slot or which earlier request it follows; unless
@@ -64,6 +65,8 @@ class Job:
         self.events: asyncio.Queue = asyncio.Queue()
         self.result: GenerationResult | None = None
         self.reused = 0  # prompt tokens taken from the slot's cache instead of being fed
+        self.taken = False  # a worker has it (guarded by the scheduler's lock)
+        self.withdrawn = False  # its client left while it waited: it no longer counts, no worker runs it
 
     # -- worker side ------------------------------------------------------------------------------
     def _send(self, kind: str, value) -> None:
@@ -157,6 +160,13 @@ class Scheduler:
             self.admitted += 1
         self.jobs.put(job)
 
+    def withdraw(self, job: Job) -> None:
+        """The job's client is gone: if no worker has taken it yet, it stops counting now."""
+        with self.lock:
+            if not job.taken and not job.withdrawn:
+                job.withdrawn = True
+                self.admitted -= 1
+
     def close(self) -> None:
         for _ in self.workers:
             self.jobs.put(None)
@@ -168,6 +178,9 @@ class Scheduler:
         session, cached = None, []  # this slot's session, and the tokens its cache holds
         while (job := self.jobs.get()) is not None:
             with self.lock:
+                if job.withdrawn:
+                    continue
+                job.taken = True
                 self.running += 1
             try:
                 if session is None:

@@ -9,7 +9,13 @@
     POST /v1/completions        prompt -> continuation, likewise
 
 Every error is OpenAI's {"error": {"message", "type", "param", "code"}} with a 4xx/5xx status, and no
-bad request can stop the server. With an API key, /v1/*, /info and /metrics need
+bad request can stop the server. POST bodies must be ``Content-Type: application/json`` (415 otherwise:
+a web page elsewhere cannot make a browser send one without the browser asking first, CORS) and at
+most ``max_body`` bytes (413, at once when ``Expect: 100-continue`` announces more); a body must arrive
+within ``BODY_TIMEOUT`` s (408), and bodies being received at once hold at most ``body_budget`` bytes
+(503 beyond). A prompt longer than the context could hold is refused before it is tokenized, and
+one prompt is tokenized at a time, so a huge prompt cannot starve /health. Connections: see
+common/aio_server.py (idle and silent ones closed after ``Limits.keepalive`` s, a cap on their number). With an API key, /v1/*, /info and /metrics need
 ``Authorization: Bearer KEY``; the page, its files and /health do not (the page asks for the key).
 """
 
@@ -24,16 +30,20 @@ import uuid
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.web_urldispatcher import _default_expect_handler as _default_expect
 
 from api.loading import LoadingModel
 from api.metrics import Metrics
 from api.openai_schema import APIError, Request, parse_chat, parse_completion
 from api.scheduler import GenerationFailed, Job, QueueFull, Scheduler, Work
+from common.aio_server import Limits, start_site
 from common.errors import UserError
 
 STATIC = Path(__file__).parent / "static"
 PAGES = {"/": "index.html", "/app.js": "app.js", "/style.css": "style.css"}
 MAX_BODY = 4 * 1024 * 1024  # bytes; a prompt that fills any context we run is far smaller
+BODY_TIMEOUT = 30.0  # s for a request body to arrive once its headers have
+BODY_BUDGET = 8 * MAX_BODY  # bytes of request bodies being received at once, all clients together
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "stop"}
 SERVICE = web.AppKey("service", object)
 
@@ -42,12 +52,14 @@ class Service:
     """The server's state: the (maybe still loading) model, the slots, the counters."""
 
     def __init__(self, model: LoadingModel, parallel: int, queue_size: int, context: int | None,
-                 api_key: str | None, max_body: int):
+                 api_key: str | None, max_body: int, body_budget: int = BODY_BUDGET):
         self.model = model
         self.parallel, self.queue_size, self.context = parallel, queue_size, context
-        self.api_key, self.max_body = api_key, max_body
+        self.api_key, self.max_body, self.body_budget = api_key, max_body, body_budget
         self.metrics = Metrics()
         self.jobs: set[Job] = set()
+        self.receiving = 0  # bytes of request bodies being read now (declared or at most max_body)
+        self.tokenizing: asyncio.Semaphore | None = None  # one prompt at a time (made on the loop)
         self._scheduler: Scheduler | None = None
         self._lock = threading.Lock()
 
@@ -78,12 +90,12 @@ class Service:
 
 
 def make_app(model, parallel: int = 1, queue_size: int = 16, api_key: str | None = None,
-             context: int | None = None, max_body: int = MAX_BODY) -> web.Application:
+             context: int | None = None, max_body: int = MAX_BODY, body_budget: int = BODY_BUDGET) -> web.Application:
     """An aiohttp application serving ``model``: a ``TextModel``, or a ``LoadingModel`` still loading."""
     if not isinstance(model, LoadingModel):
         model = LoadingModel(text_model=model)
     app = web.Application(client_max_size=max_body, middlewares=[_errors, _auth])
-    app[SERVICE] = Service(model, parallel, queue_size, context, api_key, max_body)
+    app[SERVICE] = Service(model, parallel, queue_size, context, api_key, max_body, body_budget)
     app.router.add_get("/", _page)
     app.router.add_get("/app.js", _page)
     app.router.add_get("/style.css", _page)
@@ -92,8 +104,8 @@ def make_app(model, parallel: int = 1, queue_size: int = 16, api_key: str | None
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/v1/models/{model_id:.+}", _model)
-    app.router.add_post("/v1/chat/completions", _chat)
-    app.router.add_post("/v1/completions", _completions)
+    app.router.add_post("/v1/chat/completions", _chat, expect_handler=_expect)
+    app.router.add_post("/v1/completions", _completions, expect_handler=_expect)
     app.on_shutdown.append(_shutdown)
     return app
 
@@ -132,7 +144,8 @@ async def _auth(request: web.Request, handler):
     key = request.app[SERVICE].api_key
     if key and (request.path.startswith("/v1/") or request.path in ("/info", "/metrics")):
         given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        # surrogatepass: a header may hold any bytes (undecodable ones arrive as surrogates)
+        if not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), f"Bearer {key}".encode()):
             what = "wrong API key" if given else "no API key"
             raise APIError(401, f"{what}: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
     return await handler(request)
@@ -224,12 +237,57 @@ def _unknown_model(asked: str, served: str) -> APIError:
 
 
 # -- completions ----------------------------------------------------------------------------------
+async def _expect(request: web.Request):
+    """``Expect: 100-continue``: refuse a body we would refuse anyway before the client sends it."""
+    try:
+        _check_headers(request)
+        if request.app[SERVICE].api_key:
+            await _auth(request, _nothing)
+    except APIError as e:
+        return _error_response(e)
+    return await _default_expect(request)
+
+
+async def _nothing(request: web.Request) -> None:
+    return None
+
+
+def _check_headers(request: web.Request) -> None:
+    """A POST body is JSON and fits: 415 / 413 from the headers alone."""
+    service = request.app[SERVICE]
+    if request.content_type != "application/json":
+        raise APIError(415, f"Content-Type must be application/json, got {request.content_type!r}",
+                       code="unsupported_media_type")
+    if request.content_length is not None and request.content_length > service.max_body:
+        raise APIError(413, f"the request body is larger than {service.max_body} bytes", code="request_too_large")
+
+
 async def _read_json(request: web.Request):
-    raw = await request.read()  # HTTPRequestEntityTooLarge past client_max_size -> 413
+    service = request.app[SERVICE]
+    _check_headers(request)
+    size = request.content_length if request.content_length is not None else service.max_body
+    if service.receiving + size > service.body_budget:
+        raise APIError(503, "server busy: too many request bodies are being received; retry later",
+                       code="server_busy")
+    service.receiving += size
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            raw = await request.read()  # HTTPRequestEntityTooLarge past client_max_size -> 413
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {BODY_TIMEOUT:g}s",
+                       code="request_timeout") from None
+    except (web.HTTPException, asyncio.CancelledError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a broken gzip body, a truncated chunk: the client's fault
+        raise APIError(400, f"the request body could not be read ({type(e).__name__}: {e})",
+                       code="invalid_body") from None
+    finally:
+        service.receiving -= size
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        what = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise APIError(400, f"the request body is not valid JSON ({what})", code="invalid_json") from None
 
 
 async def _chat(request: web.Request) -> web.StreamResponse:
@@ -238,6 +296,50 @@ async def _chat(request: web.Request) -> web.StreamResponse:
 
 async def _completions(request: web.Request) -> web.StreamResponse:
     return await _complete(request, parse_completion)
+
+
+def _prompt_chars(req: Request) -> int:
+    if req.kind == "chat":
+        return sum(len(m["content"]) for m in req.messages)
+    return len(req.prompt)
+
+
+def _max_token_chars(text_model) -> int:
+    """The most characters one token can stand for: its vocabulary entry's length (byte-level
+    BPE entries are one character per byte, and a character is at least one byte; SentencePiece
+    entries are the text with spaces as one character each). Cached on the tokenizer."""
+    tok = text_model.tokenizer
+    cached = getattr(tok, "_api_max_token_chars", None)
+    if cached is None:
+        cached = max((len(t) for t in tok.tokens), default=1)
+        try:
+            tok._api_max_token_chars = cached
+        except AttributeError:
+            pass
+    return cached
+
+
+def _too_long(text_model, req: Request, context: int) -> None:
+    """Refuse, without tokenizing, a prompt that cannot fit: n tokens cover at most
+    n * (longest vocabulary entry) characters, so more characters than context * that (twice,
+    for safety) can only be more tokens than the context holds. Tokenizing megabytes would hold
+    the interpreter for seconds."""
+    limit = 2 * context * _max_token_chars(text_model)
+    chars = _prompt_chars(req)
+    if chars > limit:
+        where = "messages" if req.kind == "chat" else "prompt"
+        raise APIError(400, f"{where}: the prompt is {chars} characters; the context window holds "
+                            f"{context} tokens, which cover at most {limit} characters",
+                       param=where, code="context_length_exceeded")
+
+
+async def _tokenize(service: Service, text_model, req: Request) -> tuple[list[int], list[str]]:
+    """The prompt's tokens, one request at a time: tokenizing holds the interpreter's lock, so
+    two at once would only take twice as long to let anything else (/health) run."""
+    if service.tokenizing is None:
+        service.tokenizing = asyncio.Semaphore(1)
+    async with service.tokenizing:
+        return await asyncio.to_thread(_prompt, text_model, req)
 
 
 def _prompt(text_model, req: Request) -> tuple[list[int], list[str]]:
@@ -255,7 +357,8 @@ async def _complete(request: web.Request, parse) -> web.StreamResponse:
     if req.model is not None and req.model != text_model.name:
         raise _unknown_model(req.model, text_model.name)
     req.sampling.validate()  # the parser checked every range already; a UserError here is a 400
-    tokens, template_stops = await asyncio.to_thread(_prompt, text_model, req)
+    _too_long(text_model, req, scheduler.context)
+    tokens, template_stops = await _tokenize(service, text_model, req)
     where = "messages" if req.kind == "chat" else "prompt"
     if not tokens:
         raise APIError(400, f"{where}: the prompt is empty", param=where, code="invalid_value")
@@ -282,6 +385,7 @@ async def _complete(request: web.Request, parse) -> web.StreamResponse:
         raise _failed(e) from None
     finally:
         job.cancel.set()  # the client left (handler cancelled) or we are done: the worker stops either way
+        scheduler.withdraw(job)  # still queued: its place is free now, not when a slot reaches it
         service.jobs.discard(job)
 
 
@@ -388,24 +492,25 @@ def _timings(job: Job) -> dict:
 
 
 # -- running it -----------------------------------------------------------------------------------
-async def start(app: web.Application, host: str = "127.0.0.1", port: int = 8080) -> tuple[web.AppRunner, int]:
-    """Listen on host:port (0: any free port); returns the runner and the port bound.
+async def start(app: web.Application, host: str = "127.0.0.1", port: int = 8080,
+                limits: Limits = Limits()) -> tuple[web.AppRunner, int]:
+    """Listen on host:port (0: any free port); returns the runner and the port bound. An address
+    that cannot be listened on is a UserError naming --host/--port.
 
     ``handler_cancellation``: a client that disconnects cancels its handler, whose ``finally`` sets
     the job's cancel event, so a request waiting in the queue or generating stops at once.
+    ``limits``: idle and silent connections, stalled bodies and the connection count are bounded.
     """
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound = site._server.sockets[0].getsockname()[1]
-    return runner, bound
+    try:
+        return await start_site(app, host, port, limits, handler_cancellation=True, access_log=None)
+    except OSError as e:  # unresolvable host, address in use, no permission for the port
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
 
 
 class ServerThread:
     """The server on its own thread and event loop (tests, and anything embedding it)."""
 
-    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0, limits: Limits = Limits()):
         self.app, self.host = app, host
         self.loop = asyncio.new_event_loop()
         started = threading.Event()
@@ -414,7 +519,7 @@ class ServerThread:
         def run() -> None:
             asyncio.set_event_loop(self.loop)
             try:
-                self.runner, self.port = self.loop.run_until_complete(start(app, host, port))
+                self.runner, self.port = self.loop.run_until_complete(start(app, host, port, limits))
             except BaseException as e:  # noqa: BLE001 - re-raised in the constructor
                 self.error = e
                 started.set()

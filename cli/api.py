@@ -76,7 +76,10 @@ def api(source, host, port, parallel, queue_size, api_key, ctx, template, kernel
 async def _serve(source, host, port, parallel, queue_size, api_key, ctx, template, kernels, swarm) -> None:
     from api.loading import LoadingModel
     from api.server import make_app, start
+    from common.aio_server import quiet_logs
     from common.progress import Status
+
+    quiet_logs(prefix="api")  # a malformed request or a failed accept: one line, rate-limited
 
     model = LoadingModel(model_loader(source, kernels, template, Status(enabled=sys.stderr.isatty()), swarm))
     app = make_app(model, parallel=parallel, queue_size=queue_size, api_key=api_key, context=ctx)

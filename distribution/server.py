@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import signal
 import stat
-import sys
 from pathlib import Path
 
 from aiohttp import web
 
+from common.aio_server import Limits, OneLineLogs, quiet_logs, start_site  # noqa: F401 - re-exported
 from common.errors import UserError
 from distribution.base import MissingFragment
 from distribution.local import LocalLoader
@@ -93,44 +92,13 @@ def _intact_size(path: Path, size: int) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_size == size
 
 
-class OneLineLogs(logging.Filter):
-    """aiohttp logs a malformed request (a bad request line, a reset connection) with its traceback;
-    a server facing the internet meets those all day, so each becomes one line naming the problem."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None:
-            exc = record.exc_info[1]
-            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc}"
-            record.args, record.exc_info, record.exc_text, record.stack_info = (), None, None, None
-        if record.args:
-            record.msg, record.args = record.getMessage(), ()
-        record.msg = " ".join(str(record.msg).split())  # aiohttp's messages carry newlines and a caret line
-        return True
-
-
-def quiet_logs(stream=None) -> None:
-    """Route aiohttp's and asyncio's log records to one line each on stderr."""
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(logging.Formatter("serve: %(levelname)s %(message)s"))
-    handler.addFilter(OneLineLogs())
-    for name in ("aiohttp", "asyncio"):
-        logger = logging.getLogger(name)
-        logger.handlers[:] = [handler]
-        logger.propagate = False
-
-
-async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Start serving; returns the runner and the bound port (port 0 picks a free one)."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+async def start(app: web.Application, host: str, port: int, limits: Limits = Limits()) -> tuple[web.AppRunner, int]:
+    """Start serving; returns the runner and the bound port (port 0 picks a free one). ``limits``:
+    idle/silent connections, stalled bodies and the connection count are bounded (common/aio_server.py)."""
     try:
-        await site.start()
+        return await start_site(app, host, port, limits, access_log=None, handle_signals=False)
     except OSError as e:  # unresolvable host, address in use, no permission for the port
-        await runner.cleanup()
         raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
-    bound = site._server.sockets[0].getsockname()[1]  # aiohttp keeps the listening socket here
-    return runner, bound
 
 
 def serve_forever(store: str | Path, host: str, port: int, announce=print, extra=None) -> None:

@@ -1,5 +1,9 @@
 """Choosing the next token from logits, in llama.cpp's default order:
 repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw (or argmax at temperature 0).
+
+Any positive temperature and penalty give a valid draw: logits are kept finite after the penalty,
+and the max is subtracted before dividing by the temperature, so a tiny temperature sends the others
+to -inf (probability 0) instead of making inf - inf = NaN; those overflows are intended, not warned.
 """
 
 from __future__ import annotations
@@ -41,11 +45,16 @@ class Sampler:
         self.rng = np.random.default_rng(params.seed)
 
     def __call__(self, logits: np.ndarray, history: list[int]) -> int:
+        with np.errstate(over="ignore", under="ignore"):  # see the module's docstring
+            return self._choose(logits, history)
+
+    def _choose(self, logits: np.ndarray, history: list[int]) -> int:
         logits = np.array(logits, dtype=np.float64)  # (vocab,)
         if self.p.repeat_penalty != 1.0 and history:
             recent = np.unique(np.asarray(history[-self.p.repeat_last_n:]))
             vals = logits[recent]
             logits[recent] = np.where(vals > 0, vals / self.p.repeat_penalty, vals * self.p.repeat_penalty)
+        np.clip(logits, -_BIG, _BIG, out=logits)  # a huge or tiny penalty overflows to +-inf
         if self.p.temperature == 0:
             return int(np.argmax(logits))
         ids = np.argsort(-logits, kind="stable")  # candidates, best first
@@ -58,10 +67,14 @@ class Sampler:
         if self.p.min_p > 0:
             keep = probs >= self.p.min_p * probs[0]
             ids = ids[keep]
-        probs = _softmax(logits[ids] / self.p.temperature)
+        probs = _softmax(logits[ids], self.p.temperature)
         return int(ids[self.rng.choice(len(ids), p=probs)])
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max())
+_BIG = 1e300  # finite, and two of them still subtract without overflow
+
+
+def _softmax(x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """softmax(x / temperature), shifted first: the best entry gets exp(0) = 1, never NaN."""
+    e = np.exp((x - x.max()) / temperature)
     return e / e.sum()

@@ -23,9 +23,11 @@ def default_text_model(default_store):
 
 
 @contextlib.contextmanager
-def running(model, **options):
-    """A server for ``model`` (a TextModel or LoadingModel) for the duration of a with block."""
-    server = ServerThread(make_app(model, **options))
+def running(model, limits=None, **options):
+    """A server for ``model`` (a TextModel or LoadingModel) for the duration of a with block;
+    ``limits``: a common.aio_server.Limits (connections, timeouts), else the defaults."""
+    extra = {} if limits is None else {"limits": limits}
+    server = ServerThread(make_app(model, **options), **extra)
     try:
         yield server
     finally:

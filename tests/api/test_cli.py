@@ -31,7 +31,8 @@ def test_api_serves_and_stops_on_ctrl_c(factory_models):
         with urllib.request.urlopen(url + "v1/models", timeout=10) as r:
             assert json.load(r)["data"][0]["id"] == "factory-llama"
         body = json.dumps({"prompt": "The quick", "max_tokens": 3}).encode()
-        with urllib.request.urlopen(urllib.request.Request(url + "v1/completions", data=body), timeout=60) as r:
+        with urllib.request.urlopen(urllib.request.Request(url + "v1/completions", data=body,
+                                                           headers={"Content-Type": "application/json"}), timeout=60) as r:
             assert json.load(r)["usage"]["completion_tokens"] == 3
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)

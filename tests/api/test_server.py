@@ -18,6 +18,7 @@ from tests.api.conftest import running, slowed
 
 HELLO = [{"role": "user", "content": "Tell me about the quick brown fox."}]
 GREEDY = {"temperature": 0}
+JSON = {"Content-Type": "application/json"}  # the server refuses POSTs of anything else (415)
 
 
 def client(server, key: str = "unused") -> openai.OpenAI:
@@ -28,7 +29,7 @@ def raw(server, path: str, body=None, method: str | None = None, headers: dict |
         timeout: float = 30) -> tuple[int, dict | str]:
     """One HTTP request with urllib: (status, parsed JSON or text)."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(server.url + path, data=data, method=method, headers=headers or {})
+    req = urllib.request.Request(server.url + path, data=data, method=method, headers={**JSON, **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             status, text = r.status, r.read().decode()
@@ -88,7 +89,7 @@ def test_chat_streamed_equals_not_streamed(server, greedy_answer):
 
 def test_sse_ends_with_done(server):
     req = urllib.request.Request(server.url + "/v1/completions", method="POST",
-                                 data=json.dumps({"prompt": "The quick", "max_tokens": 5, "stream": True}).encode())
+                                 data=json.dumps({"prompt": "The quick", "max_tokens": 5, "stream": True}).encode(), headers=JSON)
     with urllib.request.urlopen(req, timeout=30) as r:
         assert r.headers["Content-Type"].startswith("text/event-stream")
         events = [e for e in r.read().decode().split("\n\n") if e]
@@ -272,7 +273,7 @@ def test_full_queue_gets_503_and_a_disconnect_stops_generation(factory_text_mode
         for _ in range(2):
             conn = http.client.HTTPConnection(host, port, timeout=30)
             conn.request("POST", "/v1/completions", json.dumps({"prompt": "The quick", "max_tokens": 400,
-                                                                "stream": True, **GREEDY}))
+                                                                "stream": True, **GREEDY}), JSON)
             conns.append(conn)
         first = conns[0].getresponse()
         assert first.status == 200
@@ -380,7 +381,7 @@ def test_a_route_that_fails_gives_503_and_the_server_keeps_serving(factory_text_
     flaky = replace(factory_text_model, open_session=lambda n: BrokenAfter(factory_text_model.open_session(n), 4))
     with running(flaky) as s:
         req = urllib.request.Request(s.url + "/v1/completions", method="POST",
-                                     data=json.dumps({"prompt": "The quick", "max_tokens": 20, "stream": True}).encode())
+                                     data=json.dumps({"prompt": "The quick", "max_tokens": 20, "stream": True}).encode(), headers=JSON)
         with urllib.request.urlopen(req, timeout=30) as r:
             events = [json.loads(e[6:]) for e in r.read().decode().split("\n\n") if e and e != "data: [DONE]"]
         assert events[-1]["error"]["code"] == "generation_failed" and "went away" in events[-1]["error"]["message"]

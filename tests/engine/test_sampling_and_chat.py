@@ -1,5 +1,7 @@
 """Sampling rules, stop strings across token boundaries, and chat templates."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -47,6 +49,26 @@ def test_repetition_penalty_steers_away():
 def test_nonsense_values_are_refused(kwargs, message):
     with pytest.raises(UserError, match=message):
         SamplingParams(**kwargs).validate()
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=5e-324, seed=0),
+    SamplingParams(temperature=1e-300, top_k=0, top_p=1.0, min_p=0, seed=0),
+    SamplingParams(temperature=0.8, repeat_penalty=5e-324, seed=0),
+    SamplingParams(temperature=0.8, repeat_penalty=1e300, top_k=0, top_p=1.0, min_p=0, seed=0),
+    SamplingParams(temperature=1e-300, repeat_penalty=1e300, seed=0),
+])
+def test_extreme_positive_values_still_draw_a_token_without_warnings(params):
+    """A tiny temperature or an extreme penalty: still a valid draw (no NaN probabilities, no
+    RuntimeWarning), the best candidate when the temperature is tiny."""
+    history = [1, 2, 5]
+    logits = np.array([1.0, 3.0, 2.5, -1.0, 0.0, 2.9, -np.inf])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        token = Sampler(params)(logits, history)
+    assert 0 <= token < 6
+    if params.temperature < 1e-3 and params.repeat_penalty == 1.0:
+        assert token == 1
 
 
 def test_stop_string_across_token_boundaries():
