@@ -61,3 +61,8 @@ def test_bad_options_are_one_line(factory_models):
         proc = run_cli("api", str(factory_models["q8_0-spm-gqa"]), "--port", str(port), timeout=60)
     assert_one_line_error(proc, str(port))
     assert time.monotonic() - started < 60
+
+
+def test_an_address_it_cannot_listen_on_names_host(factory_models):
+    proc = run_cli("api", str(factory_models["q8_0-spm-gqa"]), "--host", "999.1.1.1", "--port", "0", timeout=60)
+    assert_one_line_error(proc, "--host 999.1.1.1", "cannot listen")
