@@ -1,7 +1,9 @@
 """The HTTP server: OpenAI-compatible endpoints, health, metrics, model info and the web chat page.
 
     GET  /                      the chat page (api/static/: no build step, nothing from a CDN)
-    GET  /health                {"status": "ok" | "loading" | "failed", ...}; 503 until the model is ready
+    GET  /health                {"status": "ok" | "loading" | "failed" | "degraded", ...}; 503 unless "ok"
+                                ("degraded": the last generation failed for want of a node or route,
+                                 with the "reason"; "ok" again after the next one succeeds)
     GET  /info                  the model's description (TextModel.info), slots, sampling defaults
     GET  /metrics               Prometheus text
     GET  /v1/models             the one model this server serves
@@ -60,6 +62,7 @@ class Service:
         self.jobs: set[Job] = set()
         self.receiving = 0  # bytes of request bodies being read now (declared or at most max_body)
         self.tokenizing: asyncio.Semaphore | None = None  # one prompt at a time (made on the loop)
+        self.failure: str | None = None  # why the last generation failed (a lost node, no route); None: it did not
         self._scheduler: Scheduler | None = None
         self._lock = threading.Lock()
 
@@ -81,6 +84,14 @@ class Service:
         """(requests being generated, requests waiting for a slot)."""
         sched = self._scheduler
         return (sched.running, sched.queue_length) if sched is not None else (0, 0)
+
+    def note(self, failure: "GenerationFailed | None") -> None:
+        """A generation ended: a failure named in one line (503: a node lost, no route) makes
+        /health "degraded" until a generation succeeds; a bug (500) says nothing about health."""
+        if failure is None:
+            self.failure = None
+        elif failure.status == 503:
+            self.failure = str(failure)
 
     def close(self) -> None:
         for job in list(self.jobs):
@@ -171,9 +182,11 @@ async def _health(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     state = service.model.snapshot()
     if state["status"] == "ready":
-        state["status"] = "ok"
+        state["status"] = "ok" if service.failure is None else "degraded"
         running, waiting = service.load()
         state.update(slots=service.parallel, running=running, queue=waiting)
+        if service.failure is not None:
+            state["reason"] = f"the last generation failed: {service.failure}"
     return web.json_response(state, status=200 if state["status"] == "ok" else 503)
 
 
@@ -186,6 +199,8 @@ async def _info(request: web.Request) -> web.Response:
     if tm is not None:
         out.update(model=tm.name, info=_described(tm.info),
                    context=min(service.context or tm.context_length, tm.context_length))
+        if service.failure is not None:  # the route shown is the one that failed, until one works again
+            out["info"]["route_status"] = f"failed: {service.failure}"
     return web.Response(text=json.dumps(out, default=str), content_type="application/json")
 
 
@@ -378,10 +393,12 @@ async def _complete(request: web.Request, parse) -> web.StreamResponse:
     try:
         reply = _Reply(req, text_model.name)
         if req.stream:
-            return await _stream(request, job, reply)
+            return await _stream(request, job, reply, service)
         pieces = [p async for p in job.pieces()]
+        service.note(None)
         return web.json_response(reply.whole("".join(pieces), job))
     except GenerationFailed as e:
+        service.note(e)
         raise _failed(e) from None
     finally:
         job.cancel.set()  # the client left (handler cancelled) or we are done: the worker stops either way
@@ -389,7 +406,7 @@ async def _complete(request: web.Request, parse) -> web.StreamResponse:
         service.jobs.discard(job)
 
 
-async def _stream(request: web.Request, job: Job, reply: "_Reply") -> web.StreamResponse:
+async def _stream(request: web.Request, job: Job, reply: "_Reply", service: "Service") -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
@@ -400,8 +417,10 @@ async def _stream(request: web.Request, job: Job, reply: "_Reply") -> web.Stream
             async for piece in job.pieces():
                 await _send(response, reply.chunk(piece))
         except GenerationFailed as e:  # headers are sent: the error goes in the stream
+            service.note(e)
             await _send(response, _failed(e).body())
         else:
+            service.note(None)
             await _send(response, reply.last_chunk(job))
             if reply.req.include_usage:
                 await _send(response, reply.usage_chunk(job))

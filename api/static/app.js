@@ -31,9 +31,10 @@ async function pollHealth() {
     setTimeout(pollHealth, 2000);
     return;
   }
-  if (state.status === "ok") {
+  if (state.status === "ok" || state.status === "degraded") {  // degraded: the last answer lost its route
     $("loading").hidden = true;
-    setStatus("ready", "ok");
+    if (state.status === "ok") setStatus("ready", "ok");
+    else setStatus("degraded", "loading"), $("status").title = state.reason || "";
     ready = true;
     loadInfo();
     return;

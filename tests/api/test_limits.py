@@ -289,3 +289,31 @@ def test_one_line_logs_are_rate_limited():
     again = logging.LogRecord("asyncio", logging.ERROR, "x", 1, "socket.accept() out of system resource", (),
                               exc_info)
     assert filt.filter(again) and "999 more like it" in again.getMessage()
+
+
+# -- health after a failed route ------------------------------------------------------------------------
+def test_health_is_degraded_after_a_generation_fails_for_want_of_a_node(factory_text_model):
+    """A route with no node (a UserError from the session) makes /health 503 "degraded" naming the
+    reason, and /info marks the route; the next generation that works makes it "ok" again."""
+    from dataclasses import replace
+
+    from common.errors import UserError
+
+    broken = {"now": True}
+
+    def open_session(n):
+        if broken["now"]:
+            raise UserError("no node serves blocks 0-1 (ws://127.0.0.1:9/swarm stopped answering)")
+        return factory_text_model.open_session(n)
+
+    with running(replace(factory_text_model, open_session=open_session)) as s:
+        assert raw(s, "/health")[0] == 200
+        status, reply = raw(s, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        assert status == 503 and reply["error"]["code"] == "generation_failed"
+        status, health = raw(s, "/health")
+        assert status == 503 and health["status"] == "degraded" and "no node serves blocks 0-1" in health["reason"]
+        assert "no node serves" in raw(s, "/info")[1]["info"]["route_status"]
+        broken["now"] = False
+        assert raw(s, "/v1/completions", {"prompt": "hi", "max_tokens": 2, **GREEDY})[0] == 200
+        status, health = raw(s, "/health")
+        assert status == 200 and health["status"] == "ok" and "reason" not in health

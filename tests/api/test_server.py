@@ -376,7 +376,8 @@ def test_a_route_that_fails_gives_503_and_the_server_keeps_serving(factory_text_
     with running(replace(factory_text_model, open_session=no_route)) as s:
         got, reply = raw(s, "/v1/completions", {"prompt": "The quick", "max_tokens": 3})
         assert got == 503 and reply["error"]["code"] == "generation_failed" and "blocks 1-1" in reply["error"]["message"]
-        assert raw(s, "/health")[0] == 200
+        got, health = raw(s, "/health")  # it answers, and says the route is the problem
+        assert got == 503 and health["status"] == "degraded" and "blocks 1-1" in health["reason"]
 
     flaky = replace(factory_text_model, open_session=lambda n: BrokenAfter(factory_text_model.open_session(n), 4))
     with running(flaky) as s:
