@@ -32,16 +32,21 @@ from common.errors import UserError
 @click.option("--kernels", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True,
               help="numba: the fast path (weights stay quantized); numpy: the plain reference.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object at the end instead of streaming.")
+@click.option("--distributed", is_flag=True, help="Run the blocks on the swarm's nodes (SOURCE: a node's p2p:// "
+                                                   "address); only the embedding and head load here.")
+@click.option("--swarm-key", type=click.Path(dir_okay=False), help="--distributed: the private swarm's key file.")
+@click.option("--timings", is_flag=True, help="A short timing table on stderr (per node with --distributed).")
 @user_errors
 def infer(source, prompt, prompt_file, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop,
-          system, template, no_chat, ctx, threads, backend, kernels, as_json):
+          system, template, no_chat, ctx, threads, backend, kernels, as_json, distributed, swarm_key, timings):
     """Generate text from SOURCE: a store directory, a .gguf file, an http:// store address or a
     p2p:// address.
 
     With no SOURCE, the default model's store (made by scripts/setup.sh) is used. Text streams to
     stdout as it is generated; loading and first-time kernel compilation are reported on stderr
     when it is a terminal. --json prints prompt_tokens, tokens, text, load_s, prefill_tok_s,
-    decode_tok_s and stop_reason at the end instead (and nothing on stderr).
+    decode_tok_s and stop_reason at the end instead (and nothing on stderr); with --distributed also
+    route, failovers, node_ms and hop_overhead_ms.
     """
     from cli.common import check_utf8, read_prompt, seed_option, set_threads
 
@@ -64,12 +69,18 @@ def infer(source, prompt, prompt_file, max_tokens, temperature, top_k, top_p, mi
         if template not in NAMED_TEMPLATES:
             raise UserError(f"unknown template {template!r} (choose from: {', '.join(sorted(NAMED_TEMPLATES))})")
     request = Request(text, system, template, no_chat, max_tokens, params, stops, ctx)
+    if (swarm_key and not distributed) or (distributed and backend != "engine"):
+        raise UserError("--swarm-key goes with --distributed, which runs on this project's engine")
+    if distributed and not (source or "").startswith("p2p://"):
+        raise UserError("--distributed runs the blocks on a swarm's nodes: SOURCE must be a p2p:// address "
+                        "(each `node` prints one)")
+    request.swarm = (swarm_key,) if distributed else None
     say = Status(enabled=not as_json and sys.stderr.isatty())
 
     if backend == "llama.cpp":
         result = _run_llama_cpp(source, request, threads, as_json, say)
     else:
-        result = _run_engine(source, request, kernels, as_json, say)
+        result = _run_engine(source, request, kernels, as_json, say, timings)
     if as_json:
         click.echo(json.dumps(result))
     else:
@@ -88,6 +99,7 @@ class Request:
     stops: list[str]
     ctx: int
     prompt_tokens: list[int] = field(default_factory=list)
+    swarm: tuple | None = None  # (swarm key file or None,) with --distributed
 
     def tokenize(self, tokenizer, context_length: int) -> None:
         """Prompt tokens and the template's stop strings; refuses a prompt the context cannot hold."""
@@ -120,10 +132,17 @@ def open_model(source, request: Request, kernels: str, say):
     """SOURCE -> a generation.TextModel (the one place infer turns a source into a model)."""
     from cli.common import load_text_model
 
+    if request.swarm is not None:  # the blocks run on the swarm's nodes (swarm/)
+        from cli.common import open_store
+        from swarm.client import distributed_text_model
+        from swarm.wire import load_key
+
+        key = load_key(request.swarm[0]) if request.swarm[0] else None
+        return distributed_text_model(open_store(source), key=key, kernels=kernels, template=request.template)
     return load_text_model(source, kernels, request.template, say=say, before_weights=request.tokenize)
 
 
-def _run_engine(source, request: Request, kernels, as_json, say):
+def _run_engine(source, request: Request, kernels, as_json, say, timings=False):
     from generation.sampling import Sampler
     from generation.stream import generate
 
@@ -144,9 +163,19 @@ def _run_engine(source, request: Request, kernels, as_json, say):
         raise
     finally:
         session.close()
-    return {"prompt_tokens": len(result.prompt_tokens), "tokens": result.tokens, "text": result.text,
-            "stop_reason": result.stop_reason, "load_s": round(load_s, 3),
-            "prefill_tok_s": round(result.prefill_tok_s, 2), "decode_tok_s": round(result.decode_tok_s, 2)}
+    out = {"prompt_tokens": len(result.prompt_tokens), "tokens": result.tokens, "text": result.text,
+           "stop_reason": result.stop_reason, "load_s": round(load_s, 3),
+           "prefill_tok_s": round(result.prefill_tok_s, 2), "decode_tok_s": round(result.decode_tok_s, 2)}
+    if request.swarm is not None:
+        from swarm.client import timings as swarm_timings
+
+        out.update(swarm_timings(model))  # route, failovers, node_ms, hop_overhead_ms
+    if timings:
+        from swarm.client import format_timings
+
+        click.echo(("\n" if not as_json else "") + format_timings(out, result.prefill_tok_s, result.decode_tok_s),
+                   err=True)
+    return out
 
 
 def _run_llama_cpp(source, request: Request, threads, as_json, say):

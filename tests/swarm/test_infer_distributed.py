@@ -1,0 +1,66 @@
+"""`infer p2p://... --distributed`: the same greedy tokens as a local `infer`, the route and timings in
+--json and --timings, one-line errors, and a private swarm's key."""
+
+import json
+
+import pytest
+
+from tests.conftest import assert_one_line_error, run_cli
+from tests.swarm.nodeutil import NodeProcess
+
+PROMPT = ["--prompt", "What is the capital of France?", "--max-tokens", "8"]
+
+
+@pytest.fixture(scope="module")
+def local_tokens(default_store):
+    proc = run_cli("infer", default_store, *PROMPT, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["tokens"]
+
+
+@pytest.fixture(scope="module")
+def swarm(default_store):
+    a = NodeProcess(default_store, "0-14")
+    nodes = [a]
+    try:
+        nodes.append(NodeProcess(default_store, "15-29", "--bootstrap", a.address))
+        yield nodes
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def test_json_has_tokens_route_and_timings(swarm, local_tokens):
+    proc = run_cli("infer", swarm[0].address, "--distributed", *PROMPT, "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["tokens"] == local_tokens
+    assert out["route"] == [{"blocks": "0-14", "node": swarm[0].url}, {"blocks": "15-29", "node": swarm[1].url}]
+    assert out["failovers"] == 0
+    assert set(out["node_ms"]) == {f"{swarm[0].url} (0-14)", f"{swarm[1].url} (15-29)"}
+    assert out["hop_overhead_ms"] > 0
+
+
+def test_timings_table_on_stderr(swarm):
+    proc = run_cli("infer", swarm[0].address, "--distributed", *PROMPT, "--timings")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+    assert "0-14" in proc.stderr and "15-29" in proc.stderr and "hop overhead" in proc.stderr
+
+
+def test_distributed_needs_a_p2p_address(default_store):
+    assert_one_line_error(run_cli("infer", default_store, "--distributed", *PROMPT), "--distributed", "p2p://")
+
+
+def test_private_swarm_key(default_store, tmp_path, local_tokens):
+    key = tmp_path / "swarm.key"
+    key.write_text("correct horse battery staple 42")
+    node = NodeProcess(default_store, "0-29", "--swarm-key", key)
+    try:
+        refused = run_cli("infer", node.address, "--distributed", *PROMPT)
+        assert_one_line_error(refused, "refused", "--swarm-key")
+        proc = run_cli("infer", node.address, "--distributed", "--swarm-key", key, *PROMPT, "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["tokens"] == local_tokens
+    finally:
+        node.stop()
