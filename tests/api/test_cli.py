@@ -34,9 +34,15 @@ def test_api_serves_and_stops_on_ctrl_c(factory_models):
         with urllib.request.urlopen(urllib.request.Request(url + "v1/completions", data=body,
                                                            headers={"Content-Type": "application/json"}), timeout=60) as r:
             assert json.load(r)["usage"]["completion_tokens"] == 3
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
+        for garbage in (b"GET / HTTP/9.9\r\n\r\n", b"POST /v1/completions HTTP/1.1\r\nContent-Length: -5\r\n\r\n"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:  # malformed: 400, one log line
+                sock.sendall(garbage)
+                assert sock.recv(100)[9:12] == b"400"
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0 and "Traceback" not in err, err
+        assert "api: " in err and "Bad status line" in err  # the malformed request, as one line
     finally:
         if proc.poll() is None:
             proc.kill()
