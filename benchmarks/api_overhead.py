@@ -42,13 +42,16 @@ def direct(model, tokens: int, ctx: int) -> float:
         return len(gen.result.tokens) / (time.perf_counter() - start)
 
 
+JSON = {"Content-Type": "application/json"}  # the server answers 415 to anything else
+
+
 def body(tokens: int) -> bytes:
     return json.dumps({"messages": QUESTION, "max_tokens": tokens, "temperature": 0}).encode()
 
 
 def not_streamed(url: str, tokens: int) -> float:
     start = time.perf_counter()
-    with urllib.request.urlopen(urllib.request.Request(url + "/v1/chat/completions", data=body(tokens)),
+    with urllib.request.urlopen(urllib.request.Request(url + "/v1/chat/completions", data=body(tokens), headers=JSON),
                                 timeout=600) as r:
         n = json.load(r)["usage"]["completion_tokens"]
     return n / (time.perf_counter() - start)
@@ -69,7 +72,7 @@ def two_at_once(url: str, tokens: int) -> float:
     start = time.perf_counter()
     with ThreadPoolExecutor(2) as pool:
         counts = list(pool.map(lambda _: json.load(urllib.request.urlopen(
-            urllib.request.Request(url + "/v1/chat/completions", data=body(tokens)), timeout=600))
+            urllib.request.Request(url + "/v1/chat/completions", data=body(tokens), headers=JSON), timeout=600))
             ["usage"]["completion_tokens"], range(2)))
     return sum(counts) / (time.perf_counter() - start)
 
