@@ -184,7 +184,8 @@ def _common(body, kind: str, context_length: int) -> Request:
     if options is not None and not isinstance(options, dict):
         raise bad("stream_options", "must be an object", "invalid_type")
     return Request(kind=kind, max_tokens=max_tokens, sampling=_sampling(body), stop=_stops(body),
-                   stream=_boolean(body, "stream"), include_usage=_boolean(options or {}, "include_usage", where="stream_options."),
+                   stream=_boolean(body, "stream"),
+                   include_usage=_boolean(options or {}, "include_usage", where="stream_options."),
                    cache_prompt=_boolean(body, "cache_prompt"), model=model)
 
 

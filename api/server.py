@@ -17,8 +17,9 @@ most ``max_body`` bytes (413, at once when ``Expect: 100-continue`` announces mo
 within ``BODY_TIMEOUT`` s (408), and bodies being received at once hold at most ``body_budget`` bytes
 (503 beyond). A prompt longer than the context could hold is refused before it is tokenized, and
 one prompt is tokenized at a time, so a huge prompt cannot starve /health. Connections: see
-common/aio_server.py (idle and silent ones closed after ``Limits.keepalive`` s, a cap on their number). With an API key, /v1/*, /info and /metrics need
-``Authorization: Bearer KEY``; the page, its files and /health do not (the page asks for the key).
+common/aio_server.py (idle and silent ones closed after ``Limits.keepalive`` s, a cap on their number).
+With an API key, /v1/*, /info and /metrics need ``Authorization: Bearer KEY``; the page, its files
+and /health do not (the page asks for the key).
 """
 
 from __future__ import annotations
