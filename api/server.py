@@ -320,14 +320,19 @@ def _prompt_chars(req: Request) -> int:
     return len(req.prompt)
 
 
-def _max_token_chars(text_model) -> int:
+def _max_token_chars(text_model) -> int | None:
     """The most characters one token can stand for: its vocabulary entry's length (byte-level
     BPE entries are one character per byte, and a character is at least one byte; SentencePiece
-    entries are the text with spaces as one character each). Cached on the tokenizer."""
+    entries are the text with spaces as one character each). None when there is no such bound: a
+    SentencePiece vocabulary without byte tokens maps unknown text to <unk>, of any length.
+    Cached on the tokenizer."""
     tok = text_model.tokenizer
-    cached = getattr(tok, "_api_max_token_chars", None)
-    if cached is None:
-        cached = max((len(t) for t in tok.tokens), default=1)
+    cached = getattr(tok, "_api_max_token_chars", 0)
+    if cached == 0:
+        from gguf.constants import TokenType
+
+        unbounded = tok.kind == "llama" and int(TokenType.BYTE) not in set(tok.types)
+        cached = None if unbounded else max((len(t) for t in tok.tokens), default=1)
         try:
             tok._api_max_token_chars = cached
         except AttributeError:
@@ -340,7 +345,10 @@ def _too_long(text_model, req: Request, context: int) -> None:
     n * (longest vocabulary entry) characters, so more characters than context * that (twice,
     for safety) can only be more tokens than the context holds. Tokenizing megabytes would hold
     the interpreter for seconds."""
-    limit = 2 * context * _max_token_chars(text_model)
+    longest = _max_token_chars(text_model)
+    if longest is None:
+        return
+    limit = 2 * context * longest
     chars = _prompt_chars(req)
     if chars > limit:
         where = "messages" if req.kind == "chat" else "prompt"

@@ -317,3 +317,20 @@ def test_health_is_degraded_after_a_generation_fails_for_want_of_a_node(factory_
         assert raw(s, "/v1/completions", {"prompt": "hi", "max_tokens": 2, **GREEDY})[0] == 200
         status, health = raw(s, "/health")
         assert status == 200 and health["status"] == "ok" and "reason" not in health
+
+
+def test_no_character_bound_when_unknown_text_has_no_bound():
+    """A SentencePiece vocabulary without byte tokens maps unknown text to one <unk> of any length:
+    no character count proves such a prompt too long, so it goes to the tokenizer."""
+    from types import SimpleNamespace
+
+    from api.openai_schema import Request
+    from api.server import _too_long
+
+    def model(types):
+        return SimpleNamespace(tokenizer=SimpleNamespace(kind="llama", tokens=["<unk>", "a", "\u2581b"], types=types))
+
+    req = Request(kind="completion", prompt="\u4e00" * 1000)
+    _too_long(model([2, 1, 1]), req, context=4)  # no BYTE (6) token: not refused here
+    with pytest.raises(Exception, match="characters"):
+        _too_long(model([2, 1, 1, 6]), req, context=4)  # with byte fallback: 4 tokens cover <= 2 * 4 * 5 chars
