@@ -227,6 +227,7 @@ def distributed_text_model(loader, nodes: list[str] | None = None, key: bytes | 
     model = {k: v for k, v in loader.manifest.model.items() if v is not None}
     info = {**model, "source": loader.where, "sha256": loader.manifest.source.get("sha256"),
             "manifest": sha, "distributed": True}
+    swarm.info = info
     return TextModel(name=model.get("name") or loader.manifest.source.get("name") or "model",
                      tokenizer=Tokenizer(loader.metadata, loader.where), context_length=edges.config.context_length,
                      open_session=swarm.open_session, info=info, template=template)

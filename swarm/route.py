@@ -220,6 +220,7 @@ class Swarm:
         self.opened: list[RemoteSpanSession] = []
         self.closed_stats: dict[tuple, list] = {}  # (url, first, last) -> [node_s, round_s, steps]
         self.last_segments: list[Segment] = []
+        self.info: dict = {}  # the TextModel's info: "route" is kept up to date there
 
     def failed(self, error: NodeError) -> None:
         self.failovers += 1
@@ -280,6 +281,7 @@ class Swarm:
         capacity = min(max_positions or self.edges.config.context_length, self.edges.config.context_length)
         chain = self.open_chain(0, self.n_layers - 1, capacity)
         self.last_segments = [Segment(self, s.first_layer, s.last_layer, s.capacity, [s]) for s in chain]
+        self.info["route"] = [hop for seg in self.last_segments for hop in seg.taken]  # the latest session's
         return RoutedSession(self.edges, self.last_segments)
 
     def timings(self) -> dict:
