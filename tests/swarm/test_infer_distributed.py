@@ -64,3 +64,31 @@ def test_private_swarm_key(default_store, tmp_path, local_tokens):
         assert json.loads(proc.stdout)["tokens"] == local_tokens
     finally:
         node.stop()
+
+
+def test_ctrl_c_closes_the_sessions_on_the_nodes(swarm):
+    import signal
+    import subprocess
+    import time
+
+    from swarm.client import query_info
+    from tests.conftest import BIN
+
+    proc = subprocess.Popen([str(BIN / "infer"), swarm[0].address, "--distributed", "--prompt", "Tell me a long story.",
+                             "--max-tokens", "500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.read(1)  # the answer has begun: the sessions are open on both nodes
+        assert first, proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        infos = [query_info(n.url)[0] for n in swarm]
+        if all(i["free_sessions"] == i["max_sessions"] for i in infos):
+            break
+        time.sleep(0.2)
+    assert all(i["free_sessions"] == i["max_sessions"] for i in infos), infos
