@@ -103,7 +103,7 @@ def model_loader(source, kernels, template, status, swarm: dict | None = None):
     ({"nodes", "key_file"}): the blocks run on swarm nodes."""
 
     def load(progress):
-        from cli.common import load_text_model
+        from cli.common import load_distributed_text_model, load_text_model
         from common.progress import watch_progress
 
         def say(message: str) -> None:
@@ -113,7 +113,7 @@ def model_loader(source, kernels, template, status, swarm: dict | None = None):
         stop = watch_progress(lambda desc, done, total: progress(desc, done, total, "B"))
         try:
             if swarm is not None:
-                return distributed_model(source, kernels, template, say, **swarm)
+                return load_distributed_text_model(source, kernels, template, say=say, **swarm)
             return load_text_model(source, kernels, template, say=say)
         finally:
             stop()
@@ -121,26 +121,3 @@ def model_loader(source, kernels, template, status, swarm: dict | None = None):
     return load
 
 
-def distributed_model(source, kernels, template, say, nodes: list[str], key_file: str | None):
-    """A TextModel whose blocks run on swarm nodes, with a live ``info["route"]`` for /info and the page."""
-    from cli.common import open_store, resolve_source
-    from swarm.client import distributed_text_model
-    from swarm.wire import load_key
-
-    key = load_key(key_file) if key_file else None
-    loader = open_store(resolve_source(source), allow_file=True)
-    say(f"loading the embedding and head of {loader.where}; the blocks run on "
-        f"{', '.join(nodes) if nodes else 'nodes found through the DHT'}...")
-    text_model = distributed_text_model(loader, nodes=nodes or None, key=key, kernels=kernels, template=template)
-    text_model.info["route"] = lambda: route_rows(text_model)
-    say("ready (the route is chosen when a session opens)")
-    return text_model
-
-
-def route_rows(text_model) -> list[dict]:
-    """One row per hop of the route in use: node, blocks, ms per token (measured so far)."""
-    from swarm.client import timings
-
-    t = timings(text_model)
-    return [{"node": hop["node"], "blocks": hop["blocks"],
-             "ms_per_token": t["node_ms"].get(f"{hop['node']} ({hop['blocks']})")} for hop in t["route"]]

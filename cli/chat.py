@@ -348,9 +348,14 @@ def banner(model, conv) -> str:
 @click.option("--kernels", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True,
               help="numba: the fast path (weights stay quantized); numpy: the plain reference.")
 @click.option("--load", "load_path", type=click.Path(dir_okay=False), help="Continue a conversation saved with /save.")
+@click.option("--distributed", is_flag=True,
+              help="Run the blocks on swarm nodes (`node`): found through SOURCE's DHT for p2p://, or given "
+                   "with --node; only the embedding, head and tokenizer load here. /route shows the route.")
+@click.option("--node", "nodes", multiple=True, help="--distributed: a node's ws:// URL (repeatable).")
+@click.option("--swarm-key", type=click.Path(dir_okay=False), help="--distributed: a private swarm's key file.")
 @user_errors
 def chat(source, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, system, template, ctx, threads,
-         kernels, load_path):
+         kernels, load_path, distributed, nodes, swarm_key):
     """Talk to SOURCE (a store directory, a .gguf file, an http:// store address or a p2p://
     address; default: the default model's store) in the terminal.
 
@@ -359,7 +364,7 @@ def chat(source, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, s
     makes answers greedy (deterministic). Type /help inside for the commands. On a terminal,
     lines can be edited and recalled (up/down); from a pipe, each line is one message.
     """
-    from cli.common import check_utf8, load_text_model, set_threads
+    from cli.common import check_utf8, load_distributed_text_model, load_text_model, set_threads
 
     set_threads(threads)  # before numpy and numba are imported
     from common.progress import Status
@@ -381,8 +386,14 @@ def chat(source, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, s
             raise UserError(f"unknown template {template!r} (choose from: {', '.join(sorted(NAMED_TEMPLATES))})")
     sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a character gets '?', not a crash
 
+    if (nodes or swarm_key) and not distributed:
+        raise UserError("--node and --swarm-key go with --distributed")
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    model = load_text_model(source, kernels, template, say=Status(enabled=sys.stderr.isatty()))
+    say = Status(enabled=sys.stderr.isatty())
+    if distributed:
+        model = load_distributed_text_model(source, kernels, template, list(nodes), swarm_key, say=say)
+    else:
+        model = load_text_model(source, kernels, template, say=say)
     conv = Conversation(model, ctx, system, template)
     loop = Chat(conv, settings, TerminalReader() if interactive else PlainReader())
     if load_path:

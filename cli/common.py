@@ -137,6 +137,25 @@ def load_text_model(source: str | None, kernels: str = "numba", template: str | 
                      info=info, template=template)
 
 
+def load_distributed_text_model(source: str | None, kernels: str = "numba", template: str | None = None,
+                                nodes: list[str] | None = None, key_file: str | None = None, say=None):
+    """A ``generation.TextModel`` whose blocks run on swarm nodes; only the embedding, the head and the
+    tokenizer are loaded here. Nodes are found through SOURCE's DHT (a p2p:// address a node printed)
+    and/or given as WebSocket URLs (``nodes``). ``info["route"]`` is live: node, blocks, ms per token."""
+    from swarm.client import distributed_text_model
+    from swarm.wire import load_key
+
+    say = say or (lambda message: None)
+    key = load_key(key_file) if key_file else None
+    loader = open_store(resolve_source(source), allow_file=True)
+    say(f"loading the embedding and head of {loader.where}; the blocks run on "
+        f"{', '.join(nodes) if nodes else 'nodes found through the DHT'}...")
+    text_model = distributed_text_model(loader, nodes=list(nodes) if nodes else None, key=key, kernels=kernels,
+                                        template=template)
+    say("ready (the route is chosen when a session opens)")
+    return text_model
+
+
 def announce_loading(say, info: dict, kernels: str) -> None:
     """Tell a waiting person what is about to take time: the weights, and kernels compiled on first use."""
     size = info.get("file_size")

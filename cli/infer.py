@@ -133,12 +133,9 @@ def open_model(source, request: Request, kernels: str, say):
     from cli.common import load_text_model
 
     if request.swarm is not None:  # the blocks run on the swarm's nodes (swarm/)
-        from cli.common import open_store
-        from swarm.client import distributed_text_model
-        from swarm.wire import load_key
+        from cli.common import load_distributed_text_model
 
-        key = load_key(request.swarm[0]) if request.swarm[0] else None
-        return distributed_text_model(open_store(source), key=key, kernels=kernels, template=request.template)
+        return load_distributed_text_model(source, kernels, request.template, key_file=request.swarm[0], say=say)
     return load_text_model(source, kernels, request.template, say=say, before_weights=request.tokenize)
 
 

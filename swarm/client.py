@@ -228,14 +228,23 @@ def distributed_text_model(loader, nodes: list[str] | None = None, key: bytes | 
     info = {**model, "source": loader.where, "sha256": loader.manifest.source.get("sha256"),
             "manifest": sha, "distributed": True}
     swarm.info = info
-    return TextModel(name=model.get("name") or loader.manifest.source.get("name") or "model",
-                     tokenizer=Tokenizer(loader.metadata, loader.where), context_length=edges.config.context_length,
-                     open_session=swarm.open_session, info=info, template=template)
+    text_model = TextModel(name=model.get("name") or loader.manifest.source.get("name") or "model",
+                           tokenizer=Tokenizer(loader.metadata, loader.where),
+                           context_length=edges.config.context_length, open_session=swarm.open_session, info=info, template=template)
+    info["route"] = lambda: route_rows(text_model)  # live: /info, the web page and chat's /route call it
+    return text_model
 
 
 def timings(text_model) -> dict:
     """route, failovers, node_ms, hop_overhead_ms of a distributed text model's sessions so far."""
     return text_model.open_session.__self__.timings()
+
+
+def route_rows(text_model) -> list[dict]:
+    """One row per hop of the latest session's route: node, blocks, ms per token measured so far."""
+    t = timings(text_model)
+    return [{"node": hop["node"], "blocks": hop["blocks"],
+             "ms_per_token": t["node_ms"].get(f"{hop['node']} ({hop['blocks']})")} for hop in t["route"]]
 
 
 def format_timings(t: dict, prefill_tok_s: float, decode_tok_s: float) -> str:

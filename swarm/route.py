@@ -281,7 +281,6 @@ class Swarm:
         capacity = min(max_positions or self.edges.config.context_length, self.edges.config.context_length)
         chain = self.open_chain(0, self.n_layers - 1, capacity)
         self.last_segments = [Segment(self, s.first_layer, s.last_layer, s.capacity, [s]) for s in chain]
-        self.info["route"] = [hop for seg in self.last_segments for hop in seg.taken]  # the latest session's
         return RoutedSession(self.edges, self.last_segments)
 
     def timings(self) -> dict:

@@ -11,6 +11,7 @@ import time
 import pexpect
 
 from tests.conftest import BIN, assert_one_line_error, run_cli
+from tests.swarm.conftest import six_loader, six_store  # noqa: F401  (fixtures)
 
 # Terminal control sequences prompt_toolkit draws with, and carriage returns: stripped before matching.
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Za-z0-9]|\x1b[=>]|[\x08\r]")
@@ -202,3 +203,33 @@ def test_route_shows_a_distributed_models_hops(capsys):
     conv.model.info = {"route": lambda: []}
     Chat(conv, Settings(), reader=None).cmd_route("")
     assert "no route yet" in capsys.readouterr().out
+
+
+def test_distributed_chat_answers_like_the_local_one_and_shows_its_route(six_store, six_loader):
+    """chat --distributed: the blocks run on two nodes, the answer equals the local chat's, /route names them."""
+    from tests.swarm.conftest import start_node
+
+    script = "/set temperature 0\n/set max_tokens 8\nhello there\n/route\n"
+
+    def chat(*args):
+        proc = subprocess.run([str(BIN / "chat"), str(six_store), *args], input=script.encode(),
+                              capture_output=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr.decode()
+        return proc.stdout.decode()
+
+    local = chat()
+    nodes = [start_node(six_loader, 0, 2), start_node(six_loader, 3, 5)]
+    try:
+        remote = chat("--distributed", "--node", nodes[0].url, "--node", nodes[1].url)
+    finally:
+        for n in nodes:
+            n.stop()
+    local_lines, remote_lines = local.splitlines(), remote.splitlines()
+    assert remote_lines[0].strip() and remote_lines[0] == local_lines[0]  # the answer
+    assert [line.split("  ms per token")[0] for line in remote_lines[1:]] == [
+        f"  node {nodes[0].url}  blocks 0-2", f"  node {nodes[1].url}  blocks 3-5"]
+    assert "local" in local_lines[-1]
+
+
+def test_distributed_options_need_distributed(six_store):
+    assert_one_line_error(run_cli("chat", six_store, "--node", "ws://127.0.0.1:1/swarm"), "--distributed")

@@ -27,7 +27,9 @@ def test_three_nodes_equal_local(six_loader, local_greedy):
                 assert greedy(s, prompt, N) == local_greedy(prompt, N)
         t = timings(tm)
         assert [r["blocks"] for r in t["route"]] == ["0-1", "2-3", "4-5"]
-        assert tm.info["route"] == t["route"] and tm.info["distributed"]
+        rows = tm.info["route"]()  # live, with each hop's measured ms per token
+        assert [(r["node"], r["blocks"]) for r in rows] == [(r["node"], r["blocks"]) for r in t["route"]]
+        assert all(r["ms_per_token"] > 0 for r in rows) and tm.info["distributed"]
         assert t["failovers"] == 0 and len(t["node_ms"]) == 3 and t["hop_overhead_ms"] > 0
         # closed sessions are gone from the nodes
         assert all(not n.service.cache.sessions for n in nodes)
