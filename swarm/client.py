@@ -230,7 +230,8 @@ def distributed_text_model(loader, nodes: list[str] | None = None, key: bytes | 
     swarm.info = info
     text_model = TextModel(name=model.get("name") or loader.manifest.source.get("name") or "model",
                            tokenizer=Tokenizer(loader.metadata, loader.where),
-                           context_length=edges.config.context_length, open_session=swarm.open_session, info=info, template=template)
+                           context_length=edges.config.context_length, open_session=swarm.open_session,
+                           info=info, template=template)
     info["route"] = lambda: route_rows(text_model)  # live: /info, the web page and chat's /route call it
     return text_model
 
