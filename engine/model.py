@@ -114,14 +114,28 @@ class LlamaModel:
                 needed.append("output.weight")
         return needed
 
+    def _expected_shape(self, name: str) -> tuple[int, ...]:
+        """The numpy (out, in) shape the metadata implies for a tensor, as llama.cpp requires it."""
+        c = self.config
+        q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        kind = name.split(".")[-2]
+        return {"attn_q": (q, c.dim), "attn_k": (kv, c.dim), "attn_v": (kv, c.dim), "attn_output": (c.dim, q),
+                "ffn_gate": (c.ffn_dim, c.dim), "ffn_up": (c.ffn_dim, c.dim), "ffn_down": (c.dim, c.ffn_dim),
+                "attn_norm": (c.dim,), "ffn_norm": (c.dim,), "output_norm": (c.dim,),
+                "token_embd": (c.vocab_size, c.dim), "output": (c.vocab_size, c.dim)}[kind]
+
     def _check_tensors(self, names: set[str]) -> None:
         for name in self._needed_tensors(names):
             if name not in names:
                 raise UserError(f"{self.loader.where}: tensor {name!r} is missing from the model")
-            type_name = self.loader.tensor_entry(name).ggml_type
-            if not _computable(type_name):
-                raise UserError(f"{self.loader.where}: tensor {name!r} has type {type_name}, which this "
+            entry = self.loader.tensor_entry(name)
+            if not _computable(entry.ggml_type):
+                raise UserError(f"{self.loader.where}: tensor {name!r} has type {entry.ggml_type}, which this "
                                 f"engine cannot compute with")
+            expected = self._expected_shape(name)
+            if tuple(entry.shape) != expected:  # a wrong shape would crash or silently misread later
+                raise UserError(f"{self.loader.where}: tensor {name!r} has shape {tuple(entry.shape)}, but the "
+                                f"model's metadata implies {expected}")
         self.loader.prefetch(self.loader.manifest.fragments_for(self._needed_tensors(names)))
 
     def _load_block(self, i: int) -> Block:

@@ -98,13 +98,14 @@ def test_store_and_file_give_the_same_logits(factory_models, tmp_path):
                                   b.forward(np.array(TOKENS), b.new_cache(16)))
 
 
-def write_gguf(path, arch="llama", weight_qtype=None):
-    """A minimal model; arch or one weight's type can be made unsupported."""
+def write_gguf(path, arch="llama", weight_qtype=None, halve_rows_of=None):
+    """A minimal model; arch or one weight's type can be made unsupported, or one weight (named by
+    ``halve_rows_of``) given half its rows, a shape the metadata does not allow."""
     from gguf.constants import GGMLQuantizationType
 
     spec = ModelSpec(n_layers=1)
     write_model(spec, path)
-    if arch == "llama" and weight_qtype is None:
+    if arch == "llama" and weight_qtype is None and halve_rows_of is None:
         return path
     from gguf import GGUFReader
 
@@ -124,6 +125,9 @@ def write_gguf(path, arch="llama", weight_qtype=None):
             block, size = GGML_QUANT_SIZES[qt]
             rows, cols = int(t.shape[1]), int(t.shape[0])
             w.add_tensor(t.name, np.zeros((rows, cols // block * size), np.uint8), raw_dtype=qt)
+        elif t.name == halve_rows_of:
+            rows = t.data.shape[0]
+            w.add_tensor(t.name, t.data[: rows // 2], raw_dtype=t.tensor_type)
         else:
             w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
     w.write_header_to_file()
@@ -142,6 +146,15 @@ def test_unsupported_architecture(tmp_path):
 def test_unsupported_tensor_type(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", weight_qtype="Q8_1")
     with pytest.raises(UserError, match="blk.0.attn_q.weight.*Q8_1"):
+        LlamaModel(GGUFFileLoader(path))
+
+
+@pytest.mark.parametrize("name", ["blk.0.attn_v.weight", "blk.0.ffn_down.weight", "token_embd.weight"])
+def test_a_shape_the_metadata_does_not_allow_is_named(tmp_path, name):
+    """A header whose tensor shape disagrees with the hyperparameters is refused before any weight
+    is used (it ended in a reshape traceback, or would be read wrongly)."""
+    path = write_gguf(tmp_path / "m.gguf", halve_rows_of=name)
+    with pytest.raises(UserError, match=f"{name}.*shape .*metadata implies"):
         LlamaModel(GGUFFileLoader(path))
 
 
