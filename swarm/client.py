@@ -174,7 +174,10 @@ class RemoteSpanSession:
         frame = wire.Frame(wire.FORWARD, self.sid, self._position, hidden, first_block=self.first_layer,
                            last_block=self.last_layer, dtype=self.dtype)
         t0 = time.perf_counter()
-        reply = self.link.request(frame, self.step_timeout + PER_POSITION_S * (T - 1))
+        try:
+            reply = self.link.request(frame, self.step_timeout + PER_POSITION_S * (T - 1))
+        except ValueError as e:  # wire.encode: the hidden states overflow the wire dtype (float16)
+            raise NodeError(self.url, "overflow", f"{e}: this route needs float32 on the wire") from None
         elapsed = time.perf_counter() - t0
         if reply.type != wire.RESULT or reply.array.shape != (T, self.dim) or reply.position != self._position:
             raise NodeError(self.url, "bad_reply", "the reply does not answer this step")

@@ -25,6 +25,14 @@ class Limits:
     max_positions: int = 4096          # per session
     max_cache_bytes: int = 1 << 30     # all sessions' KV caches together
     idle_s: float = 600.0              # a session unused this long is closed
+    frame_s: float = 30.0              # a frame begun must arrive within this (else the connection closes)
+    per_connection: int = 0            # sessions one connection may hold; 0: max(1, max_sessions // 2)
+
+    @property
+    def sessions_per_connection(self) -> int:
+        """So that one client cannot take every slot for the idle period (a route's client holds
+        one session per node, so half the slots still serve several clients at once)."""
+        return self.per_connection or max(1, self.max_sessions // 2)
 
 
 class LimitError(Exception):
@@ -84,6 +92,10 @@ class SessionCache:
         """A new session able to hold ``positions`` (checked against every limit)."""
         if len(self.sessions) >= self.limits.max_sessions:
             raise NodeFull(f"node full: {len(self.sessions)} sessions open, the maximum (--max-sessions)")
+        mine = sum(1 for s in self.sessions.values() if s.owner is owner)
+        if mine >= self.limits.sessions_per_connection:
+            raise NodeFull(f"node full for this connection: it holds {mine} sessions, the most one connection "
+                           f"may (--max-sessions-per-connection)")
         self._check_length(positions)
         n_blocks = last_block - first_block + 1
         size = self._initial(positions)

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import statistics
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -27,9 +29,11 @@ from swarm import wire
 from swarm.memory import LimitError, Limits, SessionCache
 
 WS_PATH = "/swarm"
+log = logging.getLogger("aiohttp.server")  # common/aio_server.quiet_logs makes its records one line
 # One forward pass at a time per process: the numba kernels use every core already, and their
 # thread pool must not be entered from two threads at once (several in-process nodes in tests).
 COMPUTE_LOCK = threading.Lock()
+RECENT_STEPS = 16  # decode steps whose median is the advertised ms_per_token
 
 
 def span_view(model, first: int, last: int):
@@ -70,6 +74,7 @@ class NodeService:
         self.cache = SessionCache(self.limits, cfg.n_kv_heads, cfg.head_dim, model.new_cache(1).k.dtype)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="node-compute")
         self.views: dict[tuple[int, int], object] = {}
+        self.recent: deque[float] = deque(maxlen=RECENT_STEPS)  # ms per token of real decode steps
         self.ms_per_token = self.measure()
         self.served = 0
 
@@ -87,8 +92,10 @@ class NodeService:
                 "ms_per_token": round(self.ms_per_token, 3), "private": self.key is not None,
                 "version": wire.VERSION}
 
-    def measure(self, steps: int = 5, warm_up: int = 2) -> float:
-        """ms per decode token over the whole span (the first steps compile and warm the kernels)."""
+    def measure(self, steps: int = 8, warm_up: int = 8) -> float:
+        """ms per decode token over the whole span, before any real step has been timed. The first
+        steps compile and warm the kernels (on SmolLM2 the first 6 take ~600x a warm one), so only
+        the median of the steps after ``warm_up`` counts; real decode steps replace it (_observe)."""
         cache = self.model.new_cache(steps + warm_up)
         x = np.zeros((1, self.dim), np.float32) + 0.01
         times = []
@@ -139,19 +146,25 @@ class NodeService:
         self.cache.reserve(session, frame.position + T)
         session.cache.truncate(frame.position)  # a FORWARD at an earlier position rewinds
         x = frame.array.astype(np.float32)      # (T, dim), a copy we own
-        if T == 1:  # a decode step: a few ms, cheaper here than handed to another thread and back
-            y, seconds = self._compute(session, x, frame.position)
-        else:       # a prefill may take seconds: keep answering the other connections meanwhile
-            y, seconds = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self._compute, session, x, frame.position)
+        # Every step, prefill or decode, runs on the one compute thread: the event loop never waits
+        # for COMPUTE_LOCK, so INFO, other connections and the fragment server answer meanwhile.
+        y, seconds = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self._compute, session, x, frame.position)
         session.last_used = time.monotonic()
         if T == 1:
-            per_block = seconds * 1000 / (last - first + 1)
-            n = self.model.last_layer - self.model.first_layer + 1
-            self.ms_per_token = 0.9 * self.ms_per_token + 0.1 * per_block * n
+            self._observe(seconds * 1000 / (last - first + 1))
         self.served += T
+        if frame.dtype == wire.F16 and not np.all(np.abs(y) <= wire.F16_MAX):
+            raise wire.WireError("overflow", f"blocks {first}-{last} computed values beyond float16's range "
+                                             f"(+-{wire.F16_MAX:g}); send this session as float32")
         return wire.Frame(wire.RESULT, frame.session, frame.position, y, first_block=first, last_block=last,
                           elapsed_us=min(int(seconds * 1e6), 2**32 - 1), dtype=frame.dtype)
+
+    def _observe(self, ms_per_block: float) -> None:
+        """A real decode step's time: the advertised speed is the median of the recent ones, scaled
+        to the whole span (a running average would carry the start-up measurement for long)."""
+        self.recent.append(ms_per_block * (self.model.last_layer - self.model.first_layer + 1))
+        self.ms_per_token = statistics.median(self.recent)
 
     def _session(self, frame: wire.Frame, conn):
         sid = frame.session
@@ -190,12 +203,12 @@ def make_app(service: NodeService, app: web.Application | None = None) -> web.Ap
     connections: set[web.WebSocketResponse] = set()
 
     async def swarm(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=service.max_message + 4096, compress=False)
+        ws = web.WebSocketResponse(max_msg_size=service.max_message + 4096, compress=False, timeout=5.0)
         await ws.prepare(request)
         connections.add(ws)
         conn = object()  # the owner of the sessions this connection opens
         try:
-            async for msg in ws:
+            while (msg := await _receive(ws, request, service.limits)) is not None:
                 if msg.type == WSMsgType.BINARY:
                     await ws.send_bytes(await service.handle(msg.data, conn))
                 elif msg.type == WSMsgType.TEXT:
@@ -206,6 +219,8 @@ def make_app(service: NodeService, app: web.Application | None = None) -> web.Ap
         finally:
             connections.discard(ws)
             service.cache.close_owned_by(conn)
+            if not ws.closed:
+                await ws.close(code=1001, message=b"timed out")
         return ws
 
     async def expire_idle(app):
@@ -227,6 +242,34 @@ def make_app(service: NodeService, app: web.Application | None = None) -> web.Ap
     app.cleanup_ctx.append(expire_idle)
     app.on_shutdown.append(close_connections)
     return app
+
+
+async def _receive(ws: web.WebSocketResponse, request: web.Request, limits):
+    """The next message, or None when the connection has timed out: silent for ``idle_s`` (its
+    sessions would have expired anyway), or a frame begun and not finished within ``frame_s`` (a
+    client that stalls mid-frame would hold the part received, up to the largest frame, forever)."""
+    began = [None]  # when bytes of the frame in progress first arrived
+
+    def arrived():
+        if began[0] is None:
+            began[0] = time.monotonic()
+
+    protocol = request.protocol
+    if getattr(protocol, "_data_received_cb", False) is None:  # aiohttp's hook, unused without heartbeat
+        protocol._data_received_cb = arrived
+    quiet_since = time.monotonic()
+    while True:
+        try:
+            msg = await ws.receive(timeout=min(limits.frame_s, limits.idle_s))
+            began[0] = None
+            return msg
+        except asyncio.TimeoutError:
+            now = time.monotonic()
+            if began[0] is not None and now - began[0] > limits.frame_s:
+                log.warning("closing a connection: a frame took over %gs to arrive", limits.frame_s)
+                return None
+            if now - quiet_since > limits.idle_s:
+                return None
 
 
 class NodeThread:

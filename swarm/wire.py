@@ -35,6 +35,7 @@ VERSION = 1
 HEADER = struct.Struct("<4sBBBB16sIIIHHII")
 MAC_LEN = 32
 MAX_JSON = 64 * 1024  # a JSON body (info, error) is never larger
+F16_MAX = 65504.0     # float16's largest finite value: beyond it a cast gives infinity
 
 INFO_REQ, INFO, FORWARD, RESULT, CLOSE, CLOSED, ERROR = range(1, 8)
 TYPE_NAMES = {INFO_REQ: "INFO_REQ", INFO: "INFO", FORWARD: "FORWARD", RESULT: "RESULT", CLOSE: "CLOSE",
@@ -78,7 +79,11 @@ def encode(frame: Frame, key: bytes | None = None) -> bytes:
     if frame.type in ARRAY_TYPES:
         if frame.dtype not in DTYPES:
             raise ValueError(f"unknown wire dtype {frame.dtype}")
-        array = np.ascontiguousarray(frame.array, dtype=DTYPES[frame.dtype])
+        with np.errstate(over="ignore"):  # an overflow is caught just below, as a clear error
+            array = np.ascontiguousarray(frame.array, dtype=DTYPES[frame.dtype])
+        if not np.isfinite(array).all():  # docs/wire.md: finite values only, after the cast too
+            raise ValueError(f"activations hold NaN or infinity in {DTYPES[frame.dtype].name} "
+                             f"(float16 holds at most +-{F16_MAX:g})")
         if array.ndim != 2:
             raise ValueError(f"an activation array is (T, dim), not {array.shape}")
         body, dtype, (rows, cols) = array.tobytes(), frame.dtype, array.shape
@@ -161,6 +166,8 @@ def _json(body: bytes) -> dict | None:
         value = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise WireError("bad_frame", "the body is not UTF-8 JSON") from None
+    except RecursionError:  # "[[[[..." nested past the parser's depth
+        raise WireError("bad_frame", "the JSON body is nested too deeply") from None
     if not isinstance(value, dict):
         raise WireError("bad_frame", "a JSON body must be an object")
     return value

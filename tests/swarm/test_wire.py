@@ -113,7 +113,10 @@ def test_key_required_and_checked():
 
 def test_nan_and_text_refused():
     x = np.full((1, 4), np.nan, np.float32)
-    with pytest.raises(wire.WireError, match="NaN"):
-        wire.decode(wire.encode(wire.Frame(wire.FORWARD, b"s" * 16, 0, x)))
+    with pytest.raises(ValueError, match="NaN"):  # encode keeps the rule too
+        wire.encode(wire.Frame(wire.FORWARD, b"s" * 16, 0, x))
+    finite = wire.encode(wire.Frame(wire.FORWARD, b"s" * 16, 0, np.zeros((1, 4), np.float32)))
+    with pytest.raises(wire.WireError, match="NaN"):  # a peer that does not
+        wire.decode(finite[:wire.HEADER.size] + x.tobytes())
     with pytest.raises(wire.WireError, match="binary"):
         wire.decode("hello")
