@@ -22,13 +22,15 @@ from cli.common import user_errors
               help="Memory for all sessions' KV caches together.")
 @click.option("--idle", default=600, show_default=True, type=click.IntRange(1),
               help="Seconds before an idle session is dropped.")
+@click.option("--max-sessions-per-connection", "per_connection", default=0, show_default=True,
+              type=click.IntRange(0), help="Sessions one connection may hold; 0: half of --max-sessions (at least 1).")
 @click.option("--swarm-key", type=click.Path(dir_okay=False), help="Private swarm: the shared secret's file.")
 @click.option("--announce", help="HOST[:PORT] others reach this node at (behind NAT or a proxy).")
 @click.option("--kernels", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True,
               help="numba: the fast path; numpy: the plain reference (the same on every node of a route).")
 @user_errors
-def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positions, max_cache_mb, idle, swarm_key,
-         announce, kernels):
+def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positions, max_cache_mb, idle, per_connection,
+         swarm_key, announce, kernels):
     """Serve blocks A-B of SOURCE (a store directory, http://, p2p:// or .gguf) to the swarm.
 
     Loads only those blocks, joins the DHT, announces its span under the model's per-block keys
@@ -46,10 +48,11 @@ def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positi
     from engine.model import LlamaModel
     from swarm import manifest_sha
     from swarm.memory import Limits
-    from swarm.node import serve_node, store_of
+    from swarm.node import check_port, serve_node, store_of
     from swarm.server import NodeService
     from swarm.wire import load_key
 
+    check_port(host, port)  # before the model loads
     spans = parse_spans(layers)
     if len(spans) != 1:
         raise UserError(f"--layers {layers!r}: a node runs one contiguous span, like 0-9")
@@ -60,7 +63,7 @@ def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positi
     loader = open_store(source, allow_file=True)
     model = LlamaModel(loader, backend=kernels, layers=spans[0])
     limits = Limits(max_sessions=max_sessions, max_positions=max_positions, max_cache_bytes=max_cache_mb << 20,
-                    idle_s=idle)
+                    idle_s=idle, per_connection=per_connection)
     service = NodeService(model, manifest_sha(loader), limits, key)
     with tempfile.TemporaryDirectory(prefix="node-store-") as scratch:
         serve_node(service, host, port, listen, boots, public, store_of(loader, source, scratch), say)

@@ -22,6 +22,7 @@ from swarm import wire
 CONNECT_TIMEOUT = 10.0
 STEP_TIMEOUT = 30.0        # one step's reply, beyond the allowance per position below
 PER_POSITION_S = 0.5       # a prefill of T positions may take this much longer
+QUIET_S = 1.0              # a link unused this long may have been closed by the node as idle
 
 
 class NodeError(Exception):
@@ -159,6 +160,7 @@ class RemoteSpanSession:
         self.round_s = 0.0      # round trips seen by this client, decode steps only
         self.steps = 0          # decode steps
         self.closed = False
+        self.last_used = time.perf_counter()  # the last exchange on the link
 
     @property
     def position(self) -> int:
@@ -174,10 +176,19 @@ class RemoteSpanSession:
         frame = wire.Frame(wire.FORWARD, self.sid, self._position, hidden, first_block=self.first_layer,
                            last_block=self.last_layer, dtype=self.dtype)
         t0 = time.perf_counter()
+        quiet = t0 - self.last_used
         try:
             reply = self.link.request(frame, self.step_timeout + PER_POSITION_S * (T - 1))
         except ValueError as e:  # wire.encode: the hidden states overflow the wire dtype (float16)
             raise NodeError(self.url, "overflow", f"{e}: this route needs float32 on the wire") from None
+        except NodeError as e:
+            if e.code == "died" and quiet >= QUIET_S:
+                # a node closes a connection silent for its idle time (its sessions expired with it):
+                # replay on the same node; a node truly gone fails the new connection and is avoided
+                raise NodeError(self.url, "unknown_session", f"{e.message} after {quiet:.0f} s without a "
+                                                             f"step; replaying") from None
+            raise
+        self.last_used = time.perf_counter()
         elapsed = time.perf_counter() - t0
         if reply.type != wire.RESULT or reply.array.shape != (T, self.dim) or reply.position != self._position:
             raise NodeError(self.url, "bad_reply", "the reply does not answer this step")

@@ -15,19 +15,29 @@ def serve_node(service: NodeService, host: str, port: int, listen: str, bootstra
                store=None, say=print) -> None:
     """Run the node until SIGINT/SIGTERM. With ``store`` (a store directory) the fragments of the
     span are served over HTTP on the same port, as `serve --p2p --layers` does."""
+    from common.aio_server import quiet_logs
     from distribution.addresses import http_url, multiaddr_host
     from distribution.dht import P2PNode
     from distribution.server import start
 
+    quiet_logs(prefix="node")  # malformed requests and failed accepts: one rate-limited line each
     model = service.model
     first, last = model.first_layer, model.last_layer
-    p2p = P2PNode(listen, bootstrap, announce=public).start()
     toward = [h for h in map(multiaddr_host, bootstrap) if h]
+    app, held = _fragment_app(store, first, last)
+    p2p = None
 
     async def main():
+        nonlocal p2p
         loop = asyncio.get_running_loop()
-        app, held = _fragment_app(store, first, last)
-        runner, bound = await start(make_app(service, app), host, port)
+        runner, bound = await start(make_app(service, app), host, port, node_limits(service))  # bind first
+        try:
+            p2p = P2PNode(listen, bootstrap, announce=public).start()
+            await announce_and_wait(loop, runner, bound)
+        finally:
+            await runner.cleanup()
+
+    async def announce_and_wait(loop, runner, bound):
         url = ws_url(host, bound, public, toward)
         record = {"swarm": node_record(service, url)}
         if held:
@@ -42,22 +52,45 @@ def serve_node(service: NodeService, host: str, port: int, listen: str, bootstra
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        try:
-            while not stop.is_set():
-                try:
-                    await asyncio.wait_for(stop.wait(), REPUBLISH_S)
-                except asyncio.TimeoutError:
-                    record["swarm"] = node_record(service, url)
-                    await loop.run_in_executor(None, p2p.put_peer_record, record)
-        finally:
-            await runner.cleanup()
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), REPUBLISH_S)
+            except asyncio.TimeoutError:
+                record["swarm"] = node_record(service, url)
+                await loop.run_in_executor(None, p2p.put_peer_record, record)
 
     try:
         asyncio.run(main())
     finally:
-        p2p.stop()
         service.executor.shutdown(wait=False)
-        say("stopped")
+        if p2p is not None:  # a node that never listened never started: no "stopped" line
+            p2p.stop()
+            say("stopped")
+
+
+def node_limits(service: NodeService):
+    """The HTTP server's limits for a node: aiohttp's defaults (keep-alive, body and connection cap
+    from common/aio_server.py), the connections capped at a few per session slot: each may be
+    receiving a frame of up to ``service.max_message`` bytes at once."""
+    from common.aio_server import Limits
+
+    return Limits(max_connections=max(64, 8 * service.limits.max_sessions))
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail before the model loads when --port is taken (one line, naming --port)."""
+    import socket
+
+    from common.errors import UserError
+
+    if port == 0:
+        return
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
 
 
 def _fragment_app(store, first: int, last: int):

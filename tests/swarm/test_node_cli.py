@@ -35,6 +35,21 @@ def test_short_swarm_key_is_refused(default_store, tmp_path):
                           str(key), "at least 16 bytes")
 
 
+def test_port_in_use_fails_before_loading_with_one_line(default_store):
+    import socket
+    import time
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        t0 = time.monotonic()
+        proc = run_cli("node", default_store, "--layers", "0-9", "--port", port, timeout=120)
+    line = assert_one_line_error(proc, "--port", str(port))
+    assert "stopped" not in proc.stderr and "ms/token" not in proc.stderr, line
+    assert time.monotonic() - t0 < 60  # no model load, no libp2p start
+
+
 def test_dht_route_and_failover_to_a_node_that_joined_later(default_store, tmp_path):
     from cli.common import load_text_model
 

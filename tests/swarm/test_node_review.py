@@ -172,3 +172,24 @@ def test_a_frame_stalled_midway_and_a_silent_connection_are_closed(six_loader):
         link.abort()
     finally:
         node.stop()
+
+
+def test_a_session_idle_past_the_nodes_idle_time_replays_on_the_same_node(six_loader, local_greedy):
+    from swarm.client import distributed_text_model
+    from tests.swarm.conftest import PROMPT, greedy
+
+    node = start_node(six_loader, 0, 5, idle_s=1.0)
+    try:
+        tm = distributed_text_model(six_loader, [node.url])
+        waited = []
+
+        def pause(i):  # a user reading the answer: the node closes the silent connection meanwhile
+            if i == 2:
+                time.sleep(3.5)
+                waited.append(True)
+
+        with tm.open_session(64) as s:
+            assert greedy(s, PROMPT, 6, after_step=pause) == local_greedy(PROMPT, 6)
+        assert waited
+    finally:
+        node.stop()
