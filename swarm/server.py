@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from aiohttp import WSMsgType, web
 
+from engine import model as engine_model
 from swarm import wire
 from swarm.memory import LimitError, Limits, SessionCache
 
@@ -147,9 +148,19 @@ class NodeService:
         session.cache.truncate(frame.position)  # a FORWARD at an earlier position rewinds
         x = frame.array.astype(np.float32)      # (T, dim), a copy we own
         # Every step, prefill or decode, runs on the one compute thread: the event loop never waits
-        # for COMPUTE_LOCK, so INFO, other connections and the fragment server answer meanwhile.
-        y, seconds = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self._compute, session, x, frame.position)
+        # for COMPUTE_LOCK, so INFO, other connections and the fragment server answer meanwhile. A long
+        # prefill goes in pieces of the engine's own prompt chunk, each queued on its own, so other
+        # sessions' decode steps run between them; forward_layers splits at the same rows, so the
+        # result is bit for bit that of one call (and a replay in the same frames rebuilds the cache).
+        loop, piece = asyncio.get_running_loop(), engine_model.PROMPT_CHUNK
+        session.last_used = time.monotonic()
+        ys, seconds = [], 0.0
+        for i in range(0, T, piece):
+            y, s = await loop.run_in_executor(self.executor, self._compute, session, x[i:i + piece],
+                                              frame.position + i, frame.position)
+            ys.append(y)
+            seconds += s
+        y = ys[0] if len(ys) == 1 else np.concatenate(ys)
         session.last_used = time.monotonic()
         if T == 1:
             self._observe(seconds * 1000 / (last - first + 1))
@@ -186,14 +197,14 @@ class NodeService:
                                              f"{session.position} positions")
         return session
 
-    def _compute(self, session, x: np.ndarray, position: int):
+    def _compute(self, session, x: np.ndarray, position: int, frame_position: int):
         view = self.view(session.first_block, session.last_block)
         with COMPUTE_LOCK:
             t0 = time.perf_counter()
             try:
                 y = view.forward_layers(x, session.cache, position)
             except BaseException:
-                session.cache.length = position  # nothing of this step is kept
+                session.cache.length = frame_position  # nothing of this frame is kept
                 raise
             return y, time.perf_counter() - t0
 

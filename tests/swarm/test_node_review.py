@@ -77,14 +77,13 @@ def test_info_and_steps_answer_while_a_prefill_runs(six_loader):
 def test_ms_per_token_follows_real_decode_steps(six_loader):
     node, slow = slow_node(six_loader, 0.0)
     try:
-        assert node.service.ms_per_token < 20  # the tiny factory model, warm
-        slow.seconds = 0.1
+        slow.seconds = 0.1  # every real step takes 100 ms, whatever the start-up measurement said
         link = NodeLink(node.url).connect()
         sid = secrets.token_bytes(16)
         for pos in range(3):
             assert link.request(forward(1, sid, pos), 10).type == wire.RESULT
         info = link.request(wire.Frame(wire.INFO_REQ), 5).body
-        assert 90 <= info["ms_per_token"] < 1000, info  # a running average would still say ~30
+        assert 95 <= info["ms_per_token"] < 300, info  # a running average would still be far off
         link.abort()
     finally:
         node.stop()
@@ -191,5 +190,41 @@ def test_a_session_idle_past_the_nodes_idle_time_replays_on_the_same_node(six_lo
         with tm.open_session(64) as s:
             assert greedy(s, PROMPT, 6, after_step=pause) == local_greedy(PROMPT, 6)
         assert waited
+    finally:
+        node.stop()
+
+
+def test_a_long_prefill_goes_in_pieces_exactly_and_steps_run_between(six_loader, monkeypatch):
+    from engine import model as engine_model
+    from engine.model import LlamaModel
+    from engine.session import LocalSpanSession
+    from swarm.client import RemoteSpanSession
+
+    monkeypatch.setattr(engine_model, "PROMPT_CHUNK", 8)  # the engine's prompt chunk: 8 rows, for a small test
+    node = start_node(six_loader, 0, 2, max_sessions=4, max_positions=64)
+    try:
+        remote, local = RemoteSpanSession(node.url, 0, 2, 64, 96), LocalSpanSession(
+            LlamaModel(six_loader, backend="numba", layers=(0, 2)), 64)
+        for rows, seed in [(21, 1), (1, 2), (16, 3)]:  # 3 pieces, a step, 2 pieces: bit for bit
+            np.testing.assert_array_equal(remote.forward(hidden(rows, seed)), local.forward(hidden(rows, seed)))
+        remote.close()
+        # a 1-row step of another session finishes while a 4-piece prefill is still running
+        slow = Slow(node.service.model, 0.5)
+        node.service.views[(0, 2)] = slow
+        a, b = NodeLink(node.url).connect(), NodeLink(node.url).connect()
+        done = {}
+
+        def run(name, link, frame):
+            assert ask(link, frame, 30).type == wire.RESULT
+            done[name] = time.monotonic()
+
+        prefill = threading.Thread(target=run, args=("prefill", a, forward(32)))
+        prefill.start()
+        assert slow.entered.wait(10)
+        run("step", b, forward(1))
+        prefill.join(30)
+        assert done["step"] < done["prefill"] - 0.5, done
+        a.abort()
+        b.abort()
     finally:
         node.stop()
