@@ -94,9 +94,10 @@ class NodeService:
                 "version": wire.VERSION}
 
     def measure(self, steps: int = 8, warm_up: int = 8) -> float:
-        """ms per decode token over the whole span, before any real step has been timed. The first
-        steps compile and warm the kernels (on SmolLM2 the first 6 take ~600x a warm one), so only
-        the median of the steps after ``warm_up`` counts; real decode steps replace it (_observe)."""
+        """ms per decode token over the whole span, before any real step has been timed: the fastest
+        step after ``warm_up`` (the first steps compile and warm the kernels, and on a loaded
+        machine single steps stall for whole scheduler slices: the fastest says what this node can
+        do). Real decode steps replace it as they come (_observe)."""
         cache = self.model.new_cache(steps + warm_up)
         x = np.zeros((1, self.dim), np.float32) + 0.01
         times = []
@@ -105,7 +106,7 @@ class NodeService:
                 t0 = time.perf_counter()
                 self.model.forward_layers(x, cache, pos)
                 times.append(time.perf_counter() - t0)
-        return statistics.median(times[warm_up:]) * 1000
+        return min(times[warm_up:]) * 1000
 
     def view(self, first: int, last: int):
         if (first, last) not in self.views:
