@@ -3,55 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
 import threading
-import time
 from contextlib import contextmanager
 
 from aiohttp import web
 
-from tests.conftest import BIN
+from benchmarks.serve_process import ServeProcess
 
 
-class Process:
-    """A `serve` subprocess; waits (bounded) for its announcement lines on stderr."""
-
-    def __init__(self, *args, wait_for: str, timeout: float = 60):
-        self.proc = subprocess.Popen([str(BIN / "serve"), *map(str, args)], stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        deadline = time.monotonic() + timeout
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        while not any(wait_for in line for line in self.lines):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
-                raise TimeoutError(f"serve did not announce {wait_for!r}: {self.lines}")
-            time.sleep(0.05)
-
-    def _read(self):
-        for line in self.proc.stderr:
-            self.lines.append(line.strip())
-
-    def line(self, prefix: str) -> str:
-        return next(line for line in self.lines if line.startswith(prefix))
-
-    @property
-    def url(self) -> str:
-        line = next(line for line in self.lines if " on http://" in line or " over http://" in line)
-        return "http://" + line.split("http://", 1)[1].split()[0]
+class Process(ServeProcess):
+    """A `serve` subprocess; waits (bounded) for its announcement lines on stderr. The benchmarks'
+    helper (they must not import tests/), plus an abrupt kill for failover tests."""
 
     def kill(self):
         self.proc.kill()
         self.proc.wait(timeout=10)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 @contextmanager
