@@ -24,11 +24,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# Before numba starts its OpenMP threads (here and, inherited, in the nodes): on a machine whose
-# cores are oversubscribed, OpenMP's default spin-waiting made the local engine's steps 10-100x
-# slower in the main thread (2-5 s instead of 12 ms per token, measured at load 12 on 2 cores),
-# which would flatter every distributed figure. Passive waiting measures both sides fairly.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+# Before numba starts its OpenMP threads (here and, inherited, in the nodes): the same brief
+# spinning the commands use (cli.common.GOMP_SPINCOUNT). libgomp's default long spin made the local
+# engine's steps 10-100x slower on an oversubscribed machine, which would flatter every distributed
+# figure; passive waiting (OMP_WAIT_POLICY=passive) cost the local decode 3x on a quiet one, which
+# flattered them too. Set either variable to compare.
+from cli.common import GOMP_SPINCOUNT  # noqa: E402
+
+os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
 
 import numpy as np  # noqa: E402
 
@@ -180,7 +183,8 @@ def main() -> None:
             print(f"{name:<10} transport alone (a one-block node in this process): "
                   f"{transport_overhead(loader):.3f} ms per decode step beyond compute", flush=True)
     print("ratios: against the better of the two local runs (first and last)")
-    print(f"\nOMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; {os.cpu_count()} cores, load average "
+    print(f"\nOMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')}; {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f} at the end; prompt {args.prompt} tokens, {args.decode} decoded; hop ms/t = "
           f"client round trip minus node compute per decode token, averaged over hops")
 

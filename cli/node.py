@@ -41,7 +41,9 @@ def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positi
     """
     import tempfile
 
-    from cli.common import open_store
+    from cli.common import open_store, set_threads
+
+    set_threads(None)  # before numba starts its threads: brief OpenMP spinning (see cli.common)
     from common.errors import UserError
     from distribution.addresses import parse_announce, parse_bootstrap
     from distribution.spans import parse_spans

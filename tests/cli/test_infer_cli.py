@@ -212,3 +212,25 @@ def test_cold_kernel_cache_is_detected(tmp_path):
     cold = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=REPO, timeout=120,
                           env={**__import__("os").environ, "NUMBA_CACHE_DIR": str(tmp_path)})
     assert cold.stdout.strip() == "True", cold.stderr
+
+
+def test_openmp_spins_briefly_unless_the_environment_says_otherwise():
+    """Idle Numba threads spin GOMP_SPINCOUNT iterations before sleeping (cli.common explains the
+    measurement); a value the user set is kept, and validate leaves its llama.cpp reference alone."""
+    import os
+
+    from cli.common import GOMP_SPINCOUNT, set_threads
+
+    saved = os.environ.pop("GOMP_SPINCOUNT", None)
+    try:
+        set_threads(None, tune_openmp=False)
+        assert "GOMP_SPINCOUNT" not in os.environ
+        set_threads(None)
+        assert os.environ["GOMP_SPINCOUNT"] == GOMP_SPINCOUNT
+        os.environ["GOMP_SPINCOUNT"] = "123"
+        set_threads(None)
+        assert os.environ["GOMP_SPINCOUNT"] == "123"
+    finally:
+        os.environ.pop("GOMP_SPINCOUNT", None)
+        if saved is not None:
+            os.environ["GOMP_SPINCOUNT"] = saved
