@@ -57,7 +57,7 @@ def validate(source, gguf_path, prompts, positions, greedy_tokens, reference, no
     from cli.common import set_threads
     from common.progress import Status
 
-    threads = set_threads(threads, tune_openmp=False)  # before numpy and numba are imported
+    threads = set_threads(threads)  # before numpy and numba are imported
     say = Status(enabled=not as_json and sys.stderr.isatty(), prefix="validate ")
     if speed:
         return _speed(source, gguf_path, kernels or "numba", tokens, prompt_tokens, rounds, threads, as_json, say)
