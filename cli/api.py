@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from cli.common import user_errors
+from cli.common import check_distributed_options, distributed_options, user_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,11 +26,7 @@ from cli.common import user_errors
 @click.option("--kernels", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True,
               help="numba: the fast path (weights stay quantized); numpy: the plain reference.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all cores; at most the core count).")
-@click.option("--distributed", is_flag=True,
-              help="Run the blocks on swarm nodes (`node`): found through SOURCE's DHT for p2p://, or given "
-                   "with --node. Only the embedding and the head are loaded here.")
-@click.option("--node", "nodes", multiple=True, help="--distributed: a node's ws:// URL (repeatable).")
-@click.option("--swarm-key", type=click.Path(dir_okay=False), help="--distributed: a private swarm's key file.")
+@distributed_options
 @user_errors
 def api(source, host, port, parallel, queue_size, api_key, ctx, template, kernels, threads, distributed, nodes,
         swarm_key):
@@ -56,8 +52,7 @@ def api(source, host, port, parallel, queue_size, api_key, ctx, template, kernel
             raise UserError(f"unknown template {template!r} (choose from: {', '.join(sorted(NAMED_TEMPLATES))})")
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key is empty")
-    if (nodes or swarm_key) and not distributed:
-        raise UserError("--node and --swarm-key go with --distributed")
+    check_distributed_options(distributed, nodes, swarm_key)
     swarm = {"nodes": list(nodes), "key_file": swarm_key} if distributed else None
     if source is None or "://" not in source:  # a local source is checked before listening
         import os

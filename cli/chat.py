@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import click
 
-from cli.common import sampling_options, user_errors
+from cli.common import check_distributed_options, distributed_options, sampling_options, user_errors
 from common.errors import UserError
 
 HELP = """\
@@ -348,11 +348,7 @@ def banner(model, conv) -> str:
 @click.option("--kernels", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True,
               help="numba: the fast path (weights stay quantized); numpy: the plain reference.")
 @click.option("--load", "load_path", type=click.Path(dir_okay=False), help="Continue a conversation saved with /save.")
-@click.option("--distributed", is_flag=True,
-              help="Run the blocks on swarm nodes (`node`): found through SOURCE's DHT for p2p://, or given "
-                   "with --node; only the embedding, head and tokenizer load here. /route shows the route.")
-@click.option("--node", "nodes", multiple=True, help="--distributed: a node's ws:// URL (repeatable).")
-@click.option("--swarm-key", type=click.Path(dir_okay=False), help="--distributed: a private swarm's key file.")
+@distributed_options
 @user_errors
 def chat(source, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, system, template, ctx, threads,
          kernels, load_path, distributed, nodes, swarm_key):
@@ -386,8 +382,7 @@ def chat(source, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, s
             raise UserError(f"unknown template {template!r} (choose from: {', '.join(sorted(NAMED_TEMPLATES))})")
     sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a character gets '?', not a crash
 
-    if (nodes or swarm_key) and not distributed:
-        raise UserError("--node and --swarm-key go with --distributed")
+    check_distributed_options(distributed, nodes, swarm_key)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     say = Status(enabled=sys.stderr.isatty())
     if distributed:

@@ -277,6 +277,26 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     return check_utf8(prompt, "--prompt")
 
 
+def distributed_options(command):
+    """--distributed, --node and --swarm-key, which `chat` and `api` share (`infer` takes a p2p://
+    address only, so it has its own)."""
+    options = [
+        click.option("--distributed", is_flag=True,
+                     help="Run the blocks on swarm nodes (`node`): found through SOURCE's DHT for p2p://, or "
+                          "given with --node. Only the embedding, the head and the tokenizer load here."),
+        click.option("--node", "nodes", multiple=True, help="--distributed: a node's ws:// URL (repeatable)."),
+        click.option("--swarm-key", type=click.Path(dir_okay=False), help="--distributed: a private swarm's key file."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def check_distributed_options(distributed: bool, nodes, swarm_key) -> None:
+    if (nodes or swarm_key) and not distributed:
+        raise UserError("--node and --swarm-key go with --distributed")
+
+
 def sampling_options(temperature: float, max_tokens: int):
     """The sampling options `infer` and `chat` share (their defaults differ: greedy vs llama-server's)."""
 
