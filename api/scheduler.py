@@ -24,6 +24,7 @@ import queue
 import threading
 from dataclasses import dataclass
 
+from common import compute
 from generation.sampling import Sampler, SamplingParams
 from generation.stream import Generation, GenerationResult
 
@@ -98,37 +99,6 @@ class Job:
                 raise value
 
 
-class _Serialized:
-    """A session whose ``feed`` holds a lock shared by all slots.
-
-    The engine's Numba kernels already use every core, so two forward passes at once would only
-    fight over them (and Numba's fallback threading layer, workqueue, must not be entered by two
-    threads at once). Slots therefore take turns per feed, one token per turn while decoding, which
-    interleaves N answers fairly. A distributed route's sessions are not wrapped.
-    """
-
-    def __init__(self, session, lock: threading.Lock):
-        self.session, self.lock = session, lock
-
-    @property
-    def position(self) -> int:
-        return self.session.position
-
-    @property
-    def capacity(self) -> int:
-        return self.session.capacity
-
-    def feed(self, tokens, all_logits: bool = False):
-        with self.lock:
-            return self.session.feed(tokens, all_logits)
-
-    def rewind(self, position: int) -> None:
-        self.session.rewind(position)
-
-    def close(self) -> None:
-        self.session.close()
-
-
 class Scheduler:
     def __init__(self, text_model, parallel: int = 1, queue_size: int = 16, context: int | None = None,
                  on_result=None):
@@ -138,8 +108,11 @@ class Scheduler:
         self.on_result = on_result  # called with each finished GenerationResult (metrics)
         self.jobs: queue.Queue = queue.Queue()
         self.lock = threading.Lock()
-        # A distributed route's blocks run on nodes: its slots wait on the network, not on these cores.
-        self.compute_lock = None if text_model.info.get("distributed") else threading.Lock()
+        # Every slot's kernels run on the one compute thread, a feed at a time in arrival order: the
+        # kernels use every core already, so N answers interleave fairly, one token per turn while
+        # decoding, and OpenMP is entered from one thread only (common.compute says why that matters).
+        # A distributed route's slots wait on the network meanwhile, and only its edges hop.
+        compute.start()
         self.open_lock = threading.Lock()
         self.admitted = 0  # waiting + running
         self.running = 0
@@ -186,8 +159,6 @@ class Scheduler:
                 if session is None:
                     with self.open_lock:  # one at a time: a swarm's route planner is shared by the slots
                         session = self.text_model.open_session(self.context)
-                    if self.compute_lock is not None:
-                        session = _Serialized(session, self.compute_lock)
                 cached = self._run(session, cached, job)
             except Exception as e:  # noqa: BLE001 - the reply says what failed; the slot keeps serving
                 job.fail(GenerationFailed(e))

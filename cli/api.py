@@ -99,6 +99,7 @@ def model_loader(source, kernels, template, status, swarm: dict | None = None):
 
     def load(progress):
         from cli.common import load_distributed_text_model, load_text_model
+        from common import compute
         from common.progress import watch_progress
 
         def say(message: str) -> None:
@@ -107,9 +108,11 @@ def model_loader(source, kernels, template, status, swarm: dict | None = None):
 
         stop = watch_progress(lambda desc, done, total: progress(desc, done, total, "B"))
         try:
+            # On the compute thread that will run the model (common.compute: OpenMP is slow once two
+            # threads have used it); progress reaches the page meanwhile.
             if swarm is not None:
-                return load_distributed_text_model(source, kernels, template, say=say, **swarm)
-            return load_text_model(source, kernels, template, say=say)
+                return compute.run(load_distributed_text_model, source, kernels, template, say=say, **swarm)
+            return compute.run(load_text_model, source, kernels, template, say=say)
         finally:
             stop()
 

@@ -44,6 +44,7 @@ def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positi
     from cli.common import open_store, set_threads
 
     set_threads(None)  # before numba starts its threads: brief OpenMP spinning (see cli.common)
+    from common import compute
     from common.errors import UserError
     from distribution.addresses import parse_announce, parse_bootstrap
     from distribution.spans import parse_spans
@@ -55,6 +56,7 @@ def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positi
     from swarm.wire import load_key
 
     check_port(host, port)  # before the model loads
+    compute.start()
     spans = parse_spans(layers)
     if len(spans) != 1:
         raise UserError(f"--layers {layers!r}: a node runs one contiguous span, like 0-9")
@@ -63,7 +65,8 @@ def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positi
     boots = parse_bootstrap(bootstrap)
     say = lambda line: click.echo(line, err=True)  # noqa: E731
     loader = open_store(source, allow_file=True)
-    model = LlamaModel(loader, backend=kernels, layers=spans[0])
+    # Loaded on the compute thread that will run it: OpenMP is slow once two threads have used it.
+    model = compute.run(LlamaModel, loader, backend=kernels, layers=spans[0])
     limits = Limits(max_sessions=max_sessions, max_positions=max_positions, max_cache_bytes=max_cache_mb << 20,
                     idle_s=idle, per_connection=per_connection)
     service = NodeService(model, manifest_sha(loader), limits, key)

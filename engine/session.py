@@ -19,6 +19,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from common import compute
 from engine.kv_cache import KVCache
 
 
@@ -66,7 +67,12 @@ class Session(Protocol):
 
 
 class LocalSpanSession:
-    """A span of a ``LlamaModel`` held in this process, with its own KV cache."""
+    """A span of a ``LlamaModel`` held in this process, with its own KV cache.
+
+    Its kernels run on the process's compute thread when a server has started one (common.compute).
+    """
+
+    local = True  # computes here (a RoutedSession of local spans hops to the compute thread once per feed)
 
     def __init__(self, model, max_positions: int | None = None):
         self.model = model
@@ -86,8 +92,8 @@ class LocalSpanSession:
         # hidden: (T, dim) -> (T, dim)
         if self.closed:
             raise RuntimeError("session is closed")
-        return self.model.forward_layers(np.ascontiguousarray(hidden, dtype=np.float32), self.cache,
-                                         self.cache.length)
+        return compute.run(self.model.forward_layers, np.ascontiguousarray(hidden, dtype=np.float32), self.cache,
+                           self.cache.length)
 
     def rewind(self, position: int) -> None:
         self.cache.truncate(position)
@@ -128,7 +134,7 @@ class RoutedSession:
 
     def hidden(self, tokens: Sequence[int]) -> np.ndarray:
         """Hidden states after the last block, (T, dim), for tokens appended at ``position``."""
-        x = self.edges.embed(np.asarray(tokens, dtype=np.int64))
+        x = compute.run(self.edges.embed, np.asarray(tokens, dtype=np.int64))
         for span in self.route:
             x = span.forward(x)
         return x
@@ -142,8 +148,13 @@ class RoutedSession:
 
             raise UserError(f"context full: {self.position + len(tokens)} positions exceed the "
                             f"session's {self.capacity}")
+        if all(getattr(span, "local", False) for span in self.route):
+            return compute.run(self._feed, tokens, all_logits)  # one hop to the compute thread, if any
+        return self._feed(tokens, all_logits)  # remote spans: only the edges' kernels hop
+
+    def _feed(self, tokens: Sequence[int], all_logits: bool) -> np.ndarray:
         x = self.hidden(tokens)
-        logits = self.edges.head(x if all_logits else x[-1:])
+        logits = compute.run(self.edges.head, x if all_logits else x[-1:])
         return logits if all_logits else logits[-1]
 
     def rewind(self, position: int) -> None:

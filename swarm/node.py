@@ -62,7 +62,6 @@ def serve_node(service: NodeService, host: str, port: int, listen: str, bootstra
     try:
         asyncio.run(main())
     finally:
-        service.executor.shutdown(wait=False)
         if p2p is not None:  # a node that never listened never started: no "stopped" line
             p2p.stop()
             say("stopped")

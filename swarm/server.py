@@ -20,20 +20,17 @@ import statistics
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from aiohttp import WSMsgType, web
 
+from common import compute
 from engine import model as engine_model
 from swarm import wire
 from swarm.memory import LimitError, Limits, SessionCache
 
 WS_PATH = "/swarm"
 log = logging.getLogger("aiohttp.server")  # common/aio_server.quiet_logs makes its records one line
-# One forward pass at a time per process: the numba kernels use every core already, and their
-# thread pool must not be entered from two threads at once (several in-process nodes in tests).
-COMPUTE_LOCK = threading.Lock()
 RECENT_STEPS = 16  # decode steps whose median is the advertised ms_per_token
 
 
@@ -73,7 +70,9 @@ class NodeService:
         self.limits.max_positions = min(self.limits.max_positions, cfg.context_length)
         self.dim = cfg.dim
         self.cache = SessionCache(self.limits, cfg.n_kv_heads, cfg.head_dim, model.new_cache(1).k.dtype)
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="node-compute")
+        # Every forward pass runs on the process's one compute thread (common.compute): one at a
+        # time, as the kernels use every core already, and from one thread, as OpenMP needs to be fast.
+        self.executor = compute.executor()
         self.views: dict[tuple[int, int], object] = {}
         self.recent: deque[float] = deque(maxlen=RECENT_STEPS)  # ms per token of real decode steps
         self.ms_per_token = self.measure()
@@ -101,11 +100,14 @@ class NodeService:
         cache = self.model.new_cache(steps + warm_up)
         x = np.zeros((1, self.dim), np.float32) + 0.01
         times = []
-        with COMPUTE_LOCK:
-            for pos in range(steps + warm_up):
-                t0 = time.perf_counter()
-                self.model.forward_layers(x, cache, pos)
-                times.append(time.perf_counter() - t0)
+
+        def step(pos: int) -> None:
+            t0 = time.perf_counter()
+            self.model.forward_layers(x, cache, pos)
+            times.append(time.perf_counter() - t0)
+
+        for pos in range(steps + warm_up):
+            compute.run(step, pos)
         return min(times[warm_up:]) * 1000
 
     def view(self, first: int, last: int):
@@ -149,7 +151,7 @@ class NodeService:
         session.cache.truncate(frame.position)  # a FORWARD at an earlier position rewinds
         x = frame.array.astype(np.float32)      # (T, dim), a copy we own
         # Every step, prefill or decode, runs on the one compute thread: the event loop never waits
-        # for COMPUTE_LOCK, so INFO, other connections and the fragment server answer meanwhile. A long
+        # for the compute thread, so INFO, other connections and the fragment server answer meanwhile. A long
         # prefill goes in pieces of the engine's own prompt chunk, each queued on its own, so other
         # sessions' decode steps run between them; forward_layers splits at the same rows, so the
         # result is bit for bit that of one call (and a replay in the same frames rebuilds the cache).
@@ -200,14 +202,13 @@ class NodeService:
 
     def _compute(self, session, x: np.ndarray, position: int, frame_position: int):
         view = self.view(session.first_block, session.last_block)
-        with COMPUTE_LOCK:
-            t0 = time.perf_counter()
-            try:
-                y = view.forward_layers(x, session.cache, position)
-            except BaseException:
-                session.cache.length = frame_position  # nothing of this frame is kept
-                raise
-            return y, time.perf_counter() - t0
+        t0 = time.perf_counter()
+        try:
+            y = view.forward_layers(x, session.cache, position)
+        except BaseException:
+            session.cache.length = frame_position  # nothing of this frame is kept
+            raise
+        return y, time.perf_counter() - t0
 
 
 def make_app(service: NodeService, app: web.Application | None = None) -> web.Application:
@@ -316,7 +317,6 @@ class NodeThread:
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(30)
-        self.service.executor.shutdown(wait=False)
 
     def __enter__(self):
         return self

@@ -1,0 +1,62 @@
+"""One thread for the parallel kernels of a server process.
+
+libgomp (Numba's OpenMP threading layer) keeps a pool of worker threads for every thread that
+starts a parallel region. As soon as two threads have done so (a server's loading thread and its
+compute thread, or two API slots), the process manages more OpenMP threads than there are cores,
+and libgomp then throttles its spin-wait to about 100 iterations: every parallel region wakes its
+workers through the kernel. A decode step is hundreds of regions; on SmolLM2 it went from 5 ms to
+21 ms (2 cores, measured with one Numba call made on a second thread, then steps on the first).
+
+So a process whose engine work may come from several threads (a node, the API server) starts the
+compute thread once, and everything that runs kernels, loading included, goes through ``run``
+(or the ``executor``, for asyncio's ``run_in_executor``). Commands that compute on their main
+thread only (``infer``, ``chat``, ``validate``) never start it: ``run`` then calls directly, at no
+cost. The compute thread also serializes the work, so two sessions never share the cores at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_executor: ThreadPoolExecutor | None = None
+_thread_ident: int | None = None
+
+
+def _remember_ident() -> None:
+    global _thread_ident
+    _thread_ident = threading.get_ident()
+
+
+def start() -> ThreadPoolExecutor:
+    """Start the process's compute thread (once; later calls return the same executor)."""
+    global _executor
+    with _lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(1, thread_name_prefix="compute", initializer=_remember_ident)
+            _executor.submit(lambda: None).result()  # the thread exists and its ident is known
+        return _executor
+
+
+def executor() -> ThreadPoolExecutor:
+    """The compute thread's executor (starting it), for ``loop.run_in_executor``."""
+    return start()
+
+
+def started() -> bool:
+    return _executor is not None
+
+
+def on_compute_thread() -> bool:
+    return _thread_ident is not None and threading.get_ident() == _thread_ident
+
+
+def run(fn: Callable[..., T], *args, **kwargs) -> T:
+    """``fn(*args, **kwargs)`` on the compute thread if one is started, else right here."""
+    if _executor is None or on_compute_thread():
+        return fn(*args, **kwargs)
+    return _executor.submit(fn, *args, **kwargs).result()
