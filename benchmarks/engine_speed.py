@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cli.common import THREAD_ENV  # noqa: E402  (the commands' thread waits, for each model's subprocess)
+
 # (name, store directory, GGUF file) under models/; the TinyLlama-shaped one is made by
 #   .venv/bin/python -m models.factory tinyllama models/tinyllama-shaped-q8_0.gguf
 #   .venv/bin/fragment models/tinyllama-shaped-q8_0.gguf
@@ -164,7 +166,7 @@ def main() -> None:
             continue
         proc = subprocess.run([sys.executable, __file__, "--one", str(store), str(gguf), "--tokens", str(args.tokens),
                                "--rounds", str(args.rounds), "--prompts", *map(str, args.prompts)],
-                              capture_output=True, text=True, env={**os.environ, "NUMBA_NUM_THREADS": "2"})
+                              capture_output=True, text=True, env={**THREAD_ENV, **os.environ, "NUMBA_NUM_THREADS": "2"})
         if proc.returncode != 0:
             print(f"| {name} | failed: {proc.stderr.strip().splitlines()[-1:]} |")
             continue

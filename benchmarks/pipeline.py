@@ -24,14 +24,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# Before numba starts its OpenMP threads (here and, inherited, in the nodes): the same brief
-# spinning the commands use (cli.common.GOMP_SPINCOUNT). libgomp's default long spin made the local
+# Before numpy and numba start their threads (here and, inherited, in the nodes): the same brief
+# waiting the commands use (cli.common.THREAD_ENV). libgomp's default long spin made the local
 # engine's steps 10-100x slower on an oversubscribed machine, which would flatter every distributed
 # figure; passive waiting (OMP_WAIT_POLICY=passive) cost the local decode 3x on a quiet one, which
-# flattered them too. Set either variable to compare.
-from cli.common import GOMP_SPINCOUNT  # noqa: E402
+# flattered them too. Set the variables to compare.
+from cli.common import THREAD_ENV  # noqa: E402
 
-os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
+for _var, _value in THREAD_ENV.items():
+    os.environ.setdefault(_var, _value)
 
 import numpy as np  # noqa: E402
 
@@ -183,10 +184,9 @@ def main() -> None:
             print(f"{name:<10} transport alone (a one-block node in this process): "
                   f"{transport_overhead(loader):.3f} ms per decode step beyond compute", flush=True)
     print("ratios: against the better of the two local runs (first and last)")
-    print(f"\nOMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
-          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')}; {os.cpu_count()} cores, load average "
-          f"{os.getloadavg()[0]:.1f} at the end; prompt {args.prompt} tokens, {args.decode} decoded; hop ms/t = "
-          f"client round trip minus node compute per decode token, averaged over hops")
+    waits = ", ".join(f"{var}={os.environ.get(var, '(unset)')}" for var in ("OMP_WAIT_POLICY", *THREAD_ENV))
+    print(f"\n{waits}; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end; "
+          f"prompt {args.prompt} tokens, {args.decode} decoded; hop ms/t = client round trip minus node compute per decode token, averaged over hops")
 
 
 if __name__ == "__main__":

@@ -206,24 +206,33 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-#: How long an idle OpenMP (Numba) thread spins before it sleeps. libgomp's default spins long
-#: enough that Numba's threads, idle between its kernels, fight OpenBLAS's threads in every prompt
-#: matrix product; sleeping at once (OMP_WAIT_POLICY=passive) makes each decode step wait for
-#: threads to wake. Measured on the default model, quiet 2-core machine, 517-token prompt, 48 tokens
-#: decoded (infer --json, two runs each): default prefill 225-243 tok/s, decode 80-99; passive 472
-#: and 36; GOMP_SPINCOUNT=5000 440-454 and 95-100. llama.cpp in the same process (validate --speed)
-#: is unaffected: prefill 616 vs 627 tok/s, decode 112.5 both, at 512 prompt tokens.
-GOMP_SPINCOUNT = "5000"
+#: How long idle worker threads wait busily before they sleep, for the two pools a step uses.
+#:
+#: GOMP_SPINCOUNT (Numba's OpenMP threads): libgomp's default spins long enough that Numba's
+#: threads, idle between its kernels, fight OpenBLAS's threads in every prompt matrix product;
+#: sleeping at once (OMP_WAIT_POLICY=passive) makes each decode step wait for threads to wake.
+#: Measured on the default model, quiet 2-core machine, 517-token prompt, 48 tokens decoded
+#: (infer --json, two runs each): default prefill 225-243 tok/s, decode 80-99; passive 472 and 36;
+#: GOMP_SPINCOUNT=5000 440-454 and 95-100.
+#:
+#: OPENBLAS_THREAD_TIMEOUT (OpenBLAS's threads, which run the prompt's matrix products): by default
+#: they spin 2^28 cycles (about 0.1 s) after each product, so the first decode steps after a
+#: prompt took 40-113 ms instead of 6.7 (their threads and Numba's on the same 2 cores). 2^4 cycles
+#: lets them sleep at once: `validate --speed` on SmolLM2 Q8_0, 512 prompt tokens, same quiet
+#: machine, one run each: prefill 516 -> 558 tok/s, decode 103 -> 124 (llama.cpp: 616 and 107-109,
+#: unaffected: it uses neither pool).
+THREAD_ENV = {"GOMP_SPINCOUNT": "5000", "OPENBLAS_THREAD_TIMEOUT": "4"}
 
 
 def set_threads(threads: int | None) -> int | None:
     """Thread count for numpy/numba; must run before they are imported (their pools read it once).
 
     More threads than cores only slows every step down (and 100000 crashed OpenBLAS), so a larger
-    request is capped at the core count with a note on stderr. Returns the count used. Idle OpenMP
-    threads spin briefly (``GOMP_SPINCOUNT`` above; a value in the environment wins).
+    request is capped at the core count with a note on stderr. Returns the count used. Idle worker
+    threads wait briefly (``THREAD_ENV`` above; a value in the environment wins).
     """
-    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
+    for var, value in THREAD_ENV.items():
+        os.environ.setdefault(var, value)
     if not threads:
         return None
     cores = usable_cores()

@@ -214,21 +214,22 @@ def test_cold_kernel_cache_is_detected(tmp_path):
     assert cold.stdout.strip() == "True", cold.stderr
 
 
-def test_openmp_spins_briefly_unless_the_environment_says_otherwise():
-    """Idle Numba threads spin GOMP_SPINCOUNT iterations before sleeping (cli.common explains the
-    measurement); a value the user set is kept."""
+def test_worker_threads_wait_briefly_unless_the_environment_says_otherwise():
+    """Idle Numba and OpenBLAS threads wait only briefly (cli.common.THREAD_ENV explains the
+    measurements); a value the user set is kept."""
     import os
 
-    from cli.common import GOMP_SPINCOUNT, set_threads
+    from cli.common import THREAD_ENV, set_threads
 
-    saved = os.environ.pop("GOMP_SPINCOUNT", None)
+    saved = {var: os.environ.pop(var, None) for var in THREAD_ENV}
     try:
         set_threads(None)
-        assert os.environ["GOMP_SPINCOUNT"] == GOMP_SPINCOUNT
+        assert {var: os.environ[var] for var in THREAD_ENV} == THREAD_ENV
         os.environ["GOMP_SPINCOUNT"] = "123"
         set_threads(None)
         assert os.environ["GOMP_SPINCOUNT"] == "123"
     finally:
-        os.environ.pop("GOMP_SPINCOUNT", None)
-        if saved is not None:
-            os.environ["GOMP_SPINCOUNT"] = saved
+        for var, value in saved.items():
+            os.environ.pop(var, None)
+            if value is not None:
+                os.environ[var] = value
