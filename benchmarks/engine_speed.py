@@ -10,9 +10,9 @@ after loading (beside the file's size) is that model's alone. Beside it:
 
 * load_s: seconds to load the store into the engine (page cache warm), and the bound the issue sets
   for it: SHA-256 of every fragment's bytes once, hashlib on two threads (both cores);
-* the decode kernel's GB/s: every block's stacked Q8_0 matrices multiplied by one vector (as in a
-  decode step, without attention and glue), beside a parallel int8 sum over the same bytes: how fast
-  Numba-compiled code reads memory here.
+* the decode kernel's GB/s: every block matrix multiplied by one vector with the decode step's own
+  kernels (as in a decode step, without attention and glue), beside a parallel byte sum over the
+  same bytes: how fast Numba-compiled code reads memory here.
 
 The machine is shared, so absolute numbers move from run to run; the ratios come from the same run.
 """
@@ -74,11 +74,9 @@ def hash_fragments_s(store: Path) -> float:
 
 
 def kernel_gbs(model) -> tuple[float, float]:
-    """(decode kernel GB/s over the stacked block matrices, parallel int8 sum GB/s over the same bytes)."""
+    """(decode kernel GB/s over every block matrix, parallel byte sum GB/s over the same bytes)."""
     import numpy as np
     from numba import njit, prange
-
-    from engine.kernels_numba import q8_0_matvec
 
     @njit(parallel=True)
     def read_all(a):
@@ -87,21 +85,37 @@ def kernel_gbs(model) -> tuple[float, float]:
             s += a[i]
         return s
 
-    dec = model.decoder
-    mats = [(qs3[i], d3[i]) for qs3, d3 in (dec.qkv, dec.o, dec.gu, dec.down) for i in range(qs3.shape[0])]
-    nbytes = sum(q.nbytes + d.nbytes for q, d in mats)
-    xs = {q.shape[1]: np.ones(q.shape[1], np.float32) for q, _ in mats}
-    out = np.empty(max(q.shape[0] for q, _ in mats), np.float32)
-
-    def products():
-        for q, d in mats:
-            q8_0_matvec(q, d, xs[q.shape[1]], out[:q.shape[0]])
-
-    flats = [qs3.reshape(-1) for qs3, _ in (dec.qkv, dec.o, dec.gu, dec.down)]
-    q_bytes = sum(f.nbytes for f in flats)
+    products, flats = _decode_products(model.decoder)
+    nbytes = sum(f.nbytes for f in flats)
     best = lambda fn: min(_timed(fn) for _ in range(5))  # noqa: E731
-    products(), [read_all(f) for f in flats]
-    return nbytes / best(products) / 1e9, q_bytes / best(lambda: [read_all(f) for f in flats]) / 1e9
+    run_all = lambda: [p() for p in products]  # noqa: E731
+    run_all(), [read_all(f) for f in flats]
+    return nbytes / best(run_all) / 1e9, nbytes / best(lambda: [read_all(f) for f in flats]) / 1e9
+
+
+def _decode_products(dec):
+    """The decode step's matrix products, each as a call with one token's activations, and the
+    weights' bytes as flat arrays (what a product must read)."""
+    import numpy as np
+
+    from engine.fast_decode import StackedDecoder
+    from engine.kernels_numba import q8_0_matvec
+
+    calls, flats = [], []
+    if isinstance(dec, StackedDecoder):  # Q8_0, stacked by layer
+        for qs3, d3 in (dec.qkv, dec.o, dec.gu, dec.down):
+            flats += [qs3.reshape(-1).view(np.uint8), d3.reshape(-1).view(np.uint8)]
+            for i in range(qs3.shape[0]):
+                x, out = np.ones(qs3.shape[2], np.float32), np.empty(qs3.shape[1], np.float32)
+                calls.append(lambda q=qs3[i], d=d3[i], x=x, out=out: q8_0_matvec(q, d, x, out))
+        return calls, flats
+    from engine.fast_decode_quant import Q8_0, _product, values_per_row  # any mix of stored types
+
+    for values, d, kind in zip(dec.mats, dec.scales, dec.kinds):
+        x, out = np.ones((1, values_per_row(values, kind)), np.float32), np.empty((1, values.shape[0]), np.float32)
+        calls.append(lambda w=values, d=d, k=kind, x=x, out=out: _product(k, w, d, x, out))
+        flats += [values.reshape(-1)] + ([d.reshape(-1).view(np.uint8)] if kind == Q8_0 else [])
+    return calls, flats
 
 
 def _timed(fn) -> float:

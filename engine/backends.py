@@ -173,9 +173,16 @@ class NumbaBackend(NumpyBackend):
         return attention_numba.attention(q, k.astype(np.float32), v.astype(np.float32), first_pos)
 
     def make_decoder(self, blocks: list, config):
+        """Q8_0 blocks: stacked (fast_decode); blocks of the other stored types, in any mix:
+        fast_decode_quant; anything else (float32-expanded types) takes the batched pass."""
         from engine.fast_decode import StackedDecoder
+        from engine.fast_decode_quant import QuantDecoder
 
-        return StackedDecoder(blocks, config) if blocks and StackedDecoder.supports(blocks) else None
+        if blocks and StackedDecoder.supports(blocks):
+            return StackedDecoder(blocks, config)
+        if blocks and QuantDecoder.supports(blocks):
+            return QuantDecoder(blocks, config)
+        return None
 
     def matmul(self, x: np.ndarray, w) -> np.ndarray:
         if isinstance(w, self.qw.QuantWeight):

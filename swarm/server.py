@@ -42,7 +42,9 @@ def span_view(model, first: int, last: int):
     view = copy.copy(model)
     view.blocks = model.blocks[i:j]
     view.first_layer, view.last_layer = first, last
-    if model.decoder is not None:  # the decoder's per-block stacks sliced: views, not copies
+    if hasattr(model.decoder, "span"):  # a decoder that cuts itself (fast_decode_quant)
+        view.decoder = model.decoder.span(i, j)
+    elif model.decoder is not None:  # the decoder's per-block stacks sliced: views, not copies
         n = len(model.blocks)
         view.decoder = copy.copy(model.decoder)
         for name, value in vars(model.decoder).items():

@@ -56,11 +56,14 @@ def test_weights_stay_quantized(default_store):
     assert model.decoder is not None  # every block is Q8_0: the one-call decode step is used
 
 
-@pytest.mark.parametrize("name", ["q8_0-spm-gqa", "q8_0-bpe-mha-tied", "f16-bpe-mqa", "q4_1-spm-gqa"])
+@pytest.mark.parametrize("name", ["q8_0-spm-gqa", "q8_0-bpe-mha-tied", "f16-bpe-mqa", "q4_1-spm-gqa", "bf16-spm-gqa",
+                                  "q4_0-spm-mha-tied"])
 def test_fast_path_equals_reference(factory_models, name):
-    """Same logits as the reference given the same (F16) KV cache, on every path: prompt, few, one."""
+    """Same logits as the reference given the same (F16) KV cache, on every path: prompt, few, one
+    (the one-call decode step: stacked Q8_0, or the stored types' in fast_decode_quant)."""
     loader = GGUFFileLoader(factory_models[name])
     ref, fast = LlamaModel(loader, backend="numpy"), LlamaModel(loader, backend="numba")
+    assert fast.decoder is not None
     tokens = [1, 17, 99, 23, 250, 7, 311, 42, 5, 128, 64, 300, 3, 77]
 
     def run(model):

@@ -2,12 +2,15 @@
 and the Numba kernels pass `validate` against llama.cpp on the F32 twin."""
 
 import json
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from distribution.gguf_file import GGUFFileLoader
 from engine import quant_weights as qw
 from engine.backends import Q8Weight
+from engine.fast_decode_quant import QuantDecoder
 from engine.model import LlamaModel
 from tests.conftest import run_cli
 
@@ -50,3 +53,37 @@ def test_validate_passes_with_the_quantized_kernels(requantized, kind):
     assert report["reference"] == "f32-twin" and report["activations"] == "float"
     assert proc.returncode == 0 and report["pass"], {k: report.get(k) for k in ("mean_kl", "min_cosine", "greedy")}
     assert report["mean_kl"] <= 1e-4 and report["greedy_match"]
+
+
+def test_q4_k_m_decode_step_equals_the_batched_pass(requantized):
+    """Q4_K_M mixes Q5_0, Q8_0, Q4_K and Q6_K blocks: the one-call step (fast_decode_quant) computes
+    what the batched pass computes, token by token, and a sub-span's step (a node serving blocks
+    a..b of its span) is exactly the full step's blocks a..b."""
+    model = LlamaModel(GGUFFileLoader(requantized("Q4_K_M")), backend="numba")
+    assert isinstance(model.decoder, QuantDecoder)
+    assert {"Q4_K", "Q6_K", "Q5_0", "Q8_0"} <= {w.ggml_type for b in model.blocks for fused in (b.qkv, b.ffn_down)
+                                                for w in getattr(fused, "parts", [fused])}
+    tokens = [1, 504, 3437, 314, 260, 3575, 282, 4649, 47, 198, 1204, 30, 55]
+
+    def run(decoder):
+        model.decoder = decoder
+        cache = model.new_cache(32)
+        rows = [model.forward(np.array(tokens[:8]), cache)[None]]
+        rows += [model.forward(np.array([t]), cache)[None] for t in tokens[8:]]
+        return np.concatenate(rows)
+
+    step = model.decoder
+    fast, batched = run(step), run(None)
+    np.testing.assert_allclose(fast, batched, rtol=1e-3, atol=2e-3)
+    assert (fast.argmax(1) == batched.argmax(1)).all()
+
+    cache = model.new_cache(4)
+    x = np.random.default_rng(0).standard_normal((1, model.config.dim)).astype(np.float32)
+    angles = np.ones(model.config.rope_dim // 2, np.float32), np.zeros(model.config.rope_dim // 2, np.float32)
+    whole = step.step(x, 0, cache, *angles)
+    halves = model.new_cache(4)
+    first = SimpleNamespace(k=halves.k[:12], v=halves.v[:12])
+    second = SimpleNamespace(k=halves.k[12:], v=halves.v[12:])
+    y = step.span(12, 30).step(step.span(0, 12).step(x, 0, first, *angles), 0, second, *angles)
+    np.testing.assert_array_equal(y, whole)
+    np.testing.assert_array_equal(halves.k, cache.k)
