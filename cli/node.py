@@ -15,22 +15,28 @@ from cli.common import user_errors
 @click.option("--listen", default="/ip4/127.0.0.1/tcp/0", show_default=True, help="libp2p listen multiaddr.")
 @click.option("--bootstrap", multiple=True, help="A peer to join through: p2p://<manifest>@<multiaddr> or the "
                                                  "bare multiaddr (repeatable).")
-@click.option("--max-sessions", default=16, show_default=True, type=click.IntRange(1), help="Sessions held at once.")
+@click.option("--max-sessions", default=16, show_default=True, type=click.IntRange(1),
+              help="Sessions held at once; one more is refused with a `full` error (its client routes elsewhere).")
 @click.option("--max-positions", default=4096, show_default=True, type=click.IntRange(1),
-              help="Positions (prompt + generated tokens) per session.")
+              help="Positions (prompt + generated tokens) per session; beyond them, a `too_long` error.")
 @click.option("--max-cache-mb", default=1024, show_default=True, type=click.IntRange(1),
-              help="Memory for all sessions' KV caches together.")
+              help="Memory for all sessions' KV caches together; a session that does not fit gets `full`.")
+@click.option("--max-inflight-mb", default=256, show_default=True, type=click.IntRange(1),
+              help="Memory for frames being received, computed and answered, all connections together; a "
+                   "frame that does not fit is not read until it does, for up to 10 s, then gets `full` "
+                   "(one larger than all of it: `too_long`).")
 @click.option("--idle", default=600, show_default=True, type=click.IntRange(1),
-              help="Seconds before an idle session is dropped.")
+              help="Seconds before an idle session is dropped and its connection closed (the client replays it).")
 @click.option("--max-sessions-per-connection", "per_connection", default=0, show_default=True,
-              type=click.IntRange(0), help="Sessions one connection may hold; 0: half of --max-sessions (at least 1).")
+              type=click.IntRange(0), help="Sessions one connection may hold, one more gets `full`; 0: half of "
+                                           "--max-sessions (at least 1).")
 @click.option("--swarm-key", type=click.Path(dir_okay=False), help="Private swarm: the shared secret's file.")
 @click.option("--announce", help="HOST[:PORT] others reach this node at (behind NAT or a proxy).")
 @click.option("--kernels", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True,
               help="numba: the fast path; numpy: the plain reference (the same on every node of a route).")
 @user_errors
-def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positions, max_cache_mb, idle, per_connection,
-         swarm_key, announce, kernels):
+def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positions, max_cache_mb, max_inflight_mb,
+         idle, per_connection, swarm_key, announce, kernels):
     """Serve blocks A-B of SOURCE (a store directory, http://, p2p:// or .gguf) to the swarm.
 
     Loads only those blocks, joins the DHT, announces its span under the model's per-block keys
@@ -68,7 +74,7 @@ def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positi
     # Loaded on the compute thread that will run it: OpenMP is slow once two threads have used it.
     model = compute.run(LlamaModel, loader, backend=kernels, layers=spans[0])
     limits = Limits(max_sessions=max_sessions, max_positions=max_positions, max_cache_bytes=max_cache_mb << 20,
-                    idle_s=idle, per_connection=per_connection)
+                    idle_s=idle, per_connection=per_connection, max_inflight_bytes=max_inflight_mb << 20)
     service = NodeService(model, manifest_sha(loader), limits, key)
     with tempfile.TemporaryDirectory(prefix="node-store-") as scratch:
         serve_node(service, host, port, listen, boots, public, store_of(loader, source, scratch), say)

@@ -1,5 +1,5 @@
 """A node's session caches, within limits: how many sessions, how many positions each, how many
-bytes in all, how long idle.
+bytes in all, how long idle; and the bytes of frames it holds at once (``Inflight``).
 
 Each session's KV cache starts small and doubles as the session grows (never past the
 per-session limit), so a node's memory follows what its sessions hold rather than what they
@@ -27,6 +27,8 @@ class Limits:
     idle_s: float = 600.0              # a session unused this long is closed
     frame_s: float = 30.0              # a frame begun must arrive within this (else the connection closes)
     per_connection: int = 0            # sessions one connection may hold; 0: max(1, max_sessions // 2)
+    max_inflight_bytes: int = 256 << 20  # frames being received, queued, computed or answered, all connections
+    inflight_wait_s: float = 10.0      # a frame waits this long for room in that budget, then gets ``full``
 
     @property
     def sessions_per_connection(self) -> int:
@@ -149,6 +151,46 @@ class SessionCache:
         if extra > self.free_bytes:
             raise NodeFull(f"node full: the KV cache budget has {self.free_bytes / 2**20:.1f} MiB free, "
                            f"{extra / 2**20:.1f} MiB needed (--max-cache-mb)")
+
+
+class Inflight:
+    """The bytes of frames a node holds at once, across all its connections: a frame's bytes are
+    taken when its header announces its size (before any of its payload is buffered) and given back
+    once its reply has been sent. A frame that does not fit waits, in arrival order, for room; one
+    that fits goes at once even when bigger ones wait (a decode step is a few KiB and must not queue
+    behind a prefill of megabytes; a waiting prefill is refused after ``inflight_wait_s``)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.waiting: list[tuple[int, object]] = []  # (bytes, granted callback), in arrival order
+
+    @property
+    def free(self) -> int:
+        return self.limit - self.used
+
+    def take(self, n: int) -> bool:
+        if n > self.free:
+            return False
+        self.used += n
+        return True
+
+    def wait(self, n: int, granted) -> None:
+        """Call ``granted()`` once ``n`` bytes have been taken for the caller (see ``release``)."""
+        self.waiting.append((n, granted))
+
+    def cancel(self, granted) -> None:
+        self.waiting = [(n, g) for n, g in self.waiting if g != granted]  # (==: bound methods are new each time)
+
+    def release(self, n: int) -> None:
+        """Give back ``n`` bytes and hand them on to the waiters that now fit, oldest first."""
+        self.used -= n
+        for entry in list(self.waiting):
+            size, granted = entry
+            if size <= self.free:
+                self.waiting.remove(entry)
+                self.used += size
+                granted()
 
 
 def grown(cache: KVCache, positions: int) -> KVCache:

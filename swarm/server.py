@@ -27,7 +27,8 @@ from aiohttp import WSMsgType, web
 from common import compute
 from engine import model as engine_model
 from swarm import wire
-from swarm.memory import LimitError, Limits, SessionCache
+from swarm.inflight import GatedWebSocket
+from swarm.memory import Inflight, LimitError, Limits, SessionCache
 
 WS_PATH = "/swarm"
 log = logging.getLogger("aiohttp.server")  # common/aio_server.quiet_logs makes its records one line
@@ -72,6 +73,7 @@ class NodeService:
         self.limits.max_positions = min(self.limits.max_positions, cfg.context_length)
         self.dim = cfg.dim
         self.cache = SessionCache(self.limits, cfg.n_kv_heads, cfg.head_dim, model.new_cache(1).k.dtype)
+        self.inflight = Inflight(self.limits.max_inflight_bytes)  # bytes of frames held, all connections
         # Every forward pass runs on the process's one compute thread (common.compute): one at a
         # time, as the kernels use every core already, and from one thread, as OpenMP needs to be fast.
         self.executor = compute.executor()
@@ -151,7 +153,7 @@ class NodeService:
         session = self._session(frame, conn)
         self.cache.reserve(session, frame.position + T)
         session.cache.truncate(frame.position)  # a FORWARD at an earlier position rewinds
-        x = frame.array.astype(np.float32)      # (T, dim), a copy we own
+        x = frame.array                         # (T, dim), a read-only view of the frame
         # Every step, prefill or decode, runs on the one compute thread: the event loop never waits
         # for the compute thread, so INFO, other connections and the fragment server answer meanwhile. A long
         # prefill goes in pieces of the engine's own prompt chunk, each queued on its own, so other
@@ -159,13 +161,12 @@ class NodeService:
         # result is bit for bit that of one call (and a replay in the same frames rebuilds the cache).
         loop, piece = asyncio.get_running_loop(), engine_model.PROMPT_CHUNK
         session.last_used = time.monotonic()
-        ys, seconds = [], 0.0
+        y, seconds = np.empty((T, self.dim), np.float32), 0.0  # pieces in, pieces out: no whole-frame copies
         for i in range(0, T, piece):
-            y, s = await loop.run_in_executor(self.executor, self._compute, session, x[i:i + piece],
-                                              frame.position + i, frame.position)
-            ys.append(y)
+            y[i:i + piece], s = await loop.run_in_executor(self.executor, self._compute, session,
+                                                           x[i:i + piece].astype(np.float32),  # a copy we own
+                                                           frame.position + i, frame.position)
             seconds += s
-        y = ys[0] if len(ys) == 1 else np.concatenate(ys)
         session.last_used = time.monotonic()
         if T == 1:
             self._observe(seconds * 1000 / (last - first + 1))
@@ -218,20 +219,27 @@ def make_app(service: NodeService, app: web.Application | None = None) -> web.Ap
     connections: set[web.WebSocketResponse] = set()
 
     async def swarm(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=service.max_message + 4096, compress=False, timeout=5.0)
+        # Each frame's bytes are taken from the node's in-flight budget before they are read
+        # (swarm/inflight.py), and given back once its reply has been sent.
+        ws = GatedWebSocket(service.inflight, service.limits.inflight_wait_s,
+                            max_msg_size=service.max_message + 4096, compress=False, timeout=5.0)
         await ws.prepare(request)
+        gate = ws.gate
         connections.add(ws)
         conn = object()  # the owner of the sessions this connection opens
         try:
-            while (msg := await _receive(ws, request, service.limits)) is not None:
-                if msg.type == WSMsgType.BINARY:
-                    await ws.send_bytes(await service.handle(msg.data, conn))
-                elif msg.type == WSMsgType.TEXT:
-                    await ws.send_bytes(wire.encode(wire.error_frame(bytes(16), "bad_frame",
-                                                                     "a frame is binary, not text"), service.key))
-                else:  # ERROR, CLOSE: the connection is over
+            while (msg := await _receive(ws, gate, service.limits)) is not None:
+                if msg.type not in (WSMsgType.BINARY, WSMsgType.TEXT):  # ERROR, CLOSE: the connection is over
                     break
+                entry = gate.next()
+                try:
+                    reply = await _answer(service, msg, entry, conn)
+                    msg = None
+                    await ws.send_bytes(reply)
+                finally:
+                    gate.done(entry)
         finally:
+            gate.close()
             connections.discard(ws)
             service.cache.close_owned_by(conn)
             if not ws.closed:
@@ -259,31 +267,29 @@ def make_app(service: NodeService, app: web.Application | None = None) -> web.Ap
     return app
 
 
-async def _receive(ws: web.WebSocketResponse, request: web.Request, limits):
+async def _answer(service: NodeService, msg, entry, conn) -> bytes:
+    if entry.refusal is not None:  # over the in-flight budget: its bytes were never kept
+        code, message = entry.refusal
+        return wire.encode(wire.error_frame(entry.session, code, message), service.key)
+    if msg.type == WSMsgType.TEXT:
+        return wire.encode(wire.error_frame(bytes(16), "bad_frame", "a frame is binary, not text"), service.key)
+    return await service.handle(msg.data, conn)
+
+
+async def _receive(ws: web.WebSocketResponse, gate, limits):
     """The next message, or None when the connection has timed out: silent for ``idle_s`` (its
-    sessions would have expired anyway), or a frame begun and not finished within ``frame_s`` (a
-    client that stalls mid-frame would hold the part received, up to the largest frame, forever)."""
-    began = [None]  # when bytes of the frame in progress first arrived
-
-    def arrived():
-        if began[0] is None:
-            began[0] = time.monotonic()
-
-    protocol = request.protocol
-    if getattr(protocol, "_data_received_cb", False) is None:  # aiohttp's hook, unused without heartbeat
-        protocol._data_received_cb = arrived
+    sessions would have expired anyway), or a message begun and not finished within ``frame_s`` (a
+    client that stalls mid-frame would hold its share of the in-flight budget forever)."""
     quiet_since = time.monotonic()
     while True:
         try:
-            msg = await ws.receive(timeout=min(limits.frame_s, limits.idle_s))
-            began[0] = None
-            return msg
+            return await ws.receive(timeout=min(limits.frame_s, limits.idle_s))
         except asyncio.TimeoutError:
             now = time.monotonic()
-            if began[0] is not None and now - began[0] > limits.frame_s:
+            if gate.began is not None and now - gate.began > limits.frame_s:
                 log.warning("closing a connection: a frame took over %gs to arrive", limits.frame_s)
                 return None
-            if now - quiet_since > limits.idle_s:
+            if now - quiet_since > limits.idle_s and gate.held is None:  # (not while waiting for the budget)
                 return None
 
 
