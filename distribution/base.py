@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import mmap
 from abc import ABC, abstractmethod
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO, Iterable
 
 import numpy as np
@@ -24,6 +26,14 @@ from fragmenter.manifest import Manifest, TensorEntry
 
 # Non-quantized element types gguf.quants does not cover: read them as plain numpy values.
 _PLAIN_TYPES = {"F64": np.float64, "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64}
+
+
+def _new_buffer(size: int) -> np.ndarray:
+    """``size`` bytes of memory of its own, about to be written whole: an anonymous mapping the
+    kernel fills with pages at once (MAP_POPULATE). np.empty's memory is faulted in 4 KB (or, as
+    numpy asks, a compacted huge page) at a time as it is written, 2-8x slower here."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    return np.frombuffer(mmap.mmap(-1, max(size, 1), flags=flags), np.uint8, count=size)
 
 
 class FragmentError(StoreError):
@@ -42,7 +52,13 @@ class FragmentLoader(ABC):
     """Reads a store's fragments, verified, and turns them into tensors."""
 
     #: How many bytes of verified fragments to keep, so tensors sharing a fragment read it once.
+    #: Only while loading: ``release`` empties it once a model is built.
     cache_bytes = 64 * 1024 * 1024
+    #: Read-ahead (backends that call ``_read_ahead``): at most this many bytes of fragments read
+    #: and verified ahead of their use, on ``read_threads`` threads (file reads and hashlib's
+    #: SHA-256 release the GIL, so both cores hash while the engine converts what came before).
+    read_ahead_bytes = 64 * 1024 * 1024
+    read_threads = 2
     #: True when ``fetch`` itself only returns bytes it has just checked against the id.
     fetch_verifies = False
 
@@ -53,6 +69,10 @@ class FragmentLoader(ABC):
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._cached_bytes = 0
         self._header: GGUFHeader | None = None
+        self._queue: deque[str] = deque()           # fragments asked for, not yet being read
+        self._queued: set[str] = set()
+        self._pending: dict[str, Future] = {}       # being read and verified (or done, not yet used)
+        self._pool: ThreadPoolExecutor | None = None
 
     # -- what a backend provides ------------------------------------------------------------------
     @abstractmethod
@@ -93,11 +113,60 @@ class FragmentLoader(ABC):
         if data is not None:
             self._cache.move_to_end(fragment_id)
             return data
+        job = self._pending.pop(fragment_id, None)
+        data = job.result() if job is not None else self._fetch_verified(fragment_id)
+        self._remember(fragment_id, data)
+        self._fill()
+        return data
+
+    def _fetch_verified(self, fragment_id: str) -> bytes:
         data = self.fetch(fragment_id)
         if not self.fetch_verifies:
             self.check(fragment_id, data)
-        self._remember(fragment_id, data)
         return data
+
+    # -- read-ahead -------------------------------------------------------------------------------
+    def _read_ahead(self, fragment_ids: Iterable[str]) -> None:
+        """Read and verify these fragments in the background, in this order, a bounded amount ahead
+        of their use. Each still reaches a caller only through ``load_raw``, after its SHA-256 check
+        (done by the worker); a failed fetch or check is raised there, naming the fragment, when the
+        fragment is used, as without read-ahead. Call only from the thread that calls ``load_raw``."""
+        for fid in fragment_ids:
+            if fid in self._sizes and fid not in self._queued and fid not in self._pending and fid not in self._cache:
+                self._queue.append(fid)
+                self._queued.add(fid)
+        self._fill()
+
+    def _fill(self) -> None:
+        """Start reading queued fragments while fewer than ``read_threads`` are under way or they fit
+        in ``read_ahead_bytes`` (so at most that much, or ``read_threads`` fragments, waits unused)."""
+        ahead = sum(self._sizes[f] for f in self._pending)
+        while self._queue:
+            fid = self._queue[0]
+            if fid in self._cache or fid in self._pending:
+                self._queued.discard(self._queue.popleft())
+                continue
+            if len(self._pending) >= self.read_threads and ahead + self._sizes[fid] > self.read_ahead_bytes:
+                return
+            self._queued.discard(self._queue.popleft())
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="fragment-read")
+            self._pending[fid] = self._pool.submit(self._fetch_verified, fid)
+            ahead += self._sizes[fid]
+
+    def release(self) -> None:
+        """Forget the fragments kept for loading (cache, read-ahead) once a model is built: the
+        engine holds its own copies of what it needs, so keeping them would double that memory."""
+        self._queue.clear()
+        self._queued.clear()
+        for job in self._pending.values():
+            job.cancel()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)  # at most read_threads reads to finish
+            self._pool = None
+        self._cache.clear()
+        self._cached_bytes = 0
 
     def open_unverified(self, fragment_id: str) -> BinaryIO:
         """A readable file of the fragment's bytes for a caller that checks a hash covering them.
@@ -118,12 +187,24 @@ class FragmentLoader(ABC):
             _, old = self._cache.popitem(last=False)
             self._cached_bytes -= len(old)
 
-    def _assemble(self, pieces) -> bytes:
+    def _assemble(self, pieces) -> bytes | memoryview:
+        """The bytes of ``pieces`` (in order) as one buffer of their own: a whole fragment as it
+        came, else a copy (a view would keep the whole fragment, other tensors' bytes too, alive
+        as long as the tensor). Pieces are copied straight into one preallocated buffer."""
         if len(pieces) == 1:
             p = pieces[0]
             raw = self.load_raw(p.fragment)
-            return raw if (p.offset == 0 and p.length == len(raw)) else raw[p.offset:p.offset + p.length]
-        return b"".join(self.load_raw(p.fragment)[p.offset:p.offset + p.length] for p in pieces)
+            return raw if (p.offset == 0 and p.length == len(raw)) else bytes(raw[p.offset:p.offset + p.length])
+        out = _new_buffer(sum(p.length for p in pieces))
+        at = 0
+        for piece in self._views(pieces):
+            out[at:at + len(piece)] = np.frombuffer(piece, np.uint8)
+            at += len(piece)
+        return memoryview(out).toreadonly()
+
+    def _views(self, pieces) -> list[memoryview]:
+        """Read-only views of the pieces' bytes inside their verified fragments (no copy)."""
+        return [memoryview(self.load_raw(p.fragment)).toreadonly()[p.offset:p.offset + p.length] for p in pieces]
 
     # -- header and metadata ----------------------------------------------------------------------
     def header(self) -> GGUFHeader:
@@ -157,6 +238,14 @@ class FragmentLoader(ABC):
         entry = self.tensor_entry(name)
         self.prefetch(self.manifest.fragments_for([name]))
         return self._assemble(entry.pieces)
+
+    def tensor_pieces(self, name: str) -> list[memoryview]:
+        """A tensor's bytes as stored, as views of its pieces in order (one per fragment it spans),
+        without assembling them: for a caller that converts them into memory of its own at once
+        (each view keeps its whole fragment alive while it exists)."""
+        entry = self.tensor_entry(name)
+        self.prefetch(self.manifest.fragments_for([name]))
+        return self._views(entry.pieces)
 
     def load_quantized(self, name: str) -> tuple[np.ndarray, GGMLQuantizationType]:
         """The stored blocks as uint8 rows: shape (rows, bytes per row), plus the GGML type.
@@ -197,8 +286,7 @@ class FragmentLoader(ABC):
         return {n: self.load_tensor(n) for n in names}
 
     def close(self) -> None:
-        self._cache.clear()
-        self._cached_bytes = 0
+        self.release()
 
     def __enter__(self):
         return self

@@ -37,6 +37,9 @@ class GGUFFileLoader(FragmentLoader):
         entry = self.manifest.tensor(name)
         return memoryview(self._map)[entry.offset:entry.offset + entry.length]
 
+    def tensor_pieces(self, name: str) -> list[memoryview]:
+        return [self.tensor_bytes(name)]  # one piece: the file is one pseudo-fragment
+
     def close(self) -> None:
         """Unmap the file. Arrays still viewing it (the engine keeps quantized weights as views) would
         turn into dangling pointers, so while any exist mmap refuses, and the mapping then ends when
