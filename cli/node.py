@@ -22,9 +22,9 @@ from cli.common import user_errors
 @click.option("--max-cache-mb", default=1024, show_default=True, type=click.IntRange(1),
               help="Memory for all sessions' KV caches together; a session that does not fit gets `full`.")
 @click.option("--max-inflight-mb", default=256, show_default=True, type=click.IntRange(1),
-              help="Memory for frames being received, computed and answered, all connections together; a "
-                   "frame that does not fit is not read until it does, for up to 10 s, then gets `full` "
-                   "(one larger than all of it: `too_long`).")
+              help="Memory for frames being received, computed and answered, all connections together (at "
+                   "least one frame of --max-positions rows); a frame that does not fit is not read until it "
+                   "does, for up to 10 s, then gets `full`.")
 @click.option("--idle", default=600, show_default=True, type=click.IntRange(1),
               help="Seconds before an idle session is dropped and its connection closed (the client replays it).")
 @click.option("--max-sessions-per-connection", "per_connection", default=0, show_default=True,

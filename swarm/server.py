@@ -74,6 +74,7 @@ class NodeService:
         self.dim = cfg.dim
         self.cache = SessionCache(self.limits, cfg.n_kv_heads, cfg.head_dim, model.new_cache(1).k.dtype)
         self.inflight = Inflight(self.limits.max_inflight_bytes)  # bytes of frames held, all connections
+        self._check_inflight()
         # Every forward pass runs on the process's one compute thread (common.compute): one at a
         # time, as the kernels use every core already, and from one thread, as OpenMP needs to be fast.
         self.executor = compute.executor()
@@ -85,6 +86,16 @@ class NodeService:
     @property
     def max_message(self) -> int:
         return wire.HEADER.size + self.limits.max_positions * self.dim * 4 + wire.MAC_LEN
+
+    def _check_inflight(self) -> None:
+        """The in-flight budget must hold the largest frame the node takes, or a long prompt could
+        never be served here: refused at start rather than at the first long prompt."""
+        from common.errors import UserError
+
+        if self.limits.max_inflight_bytes < self.max_message:
+            raise UserError(f"--max-inflight-mb {self.limits.max_inflight_bytes / 2**20:g} is less than one "
+                            f"frame of --max-positions {self.limits.max_positions} rows ({self.max_message / 2**20:.1f}"
+                            f" MiB at width {self.dim}): raise it, or lower --max-positions")
 
     def info(self) -> dict:
         cfg = self.model.config

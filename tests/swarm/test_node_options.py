@@ -40,3 +40,8 @@ def test_bad_layers_and_limits_are_one_line(default_store, args, needles):
 
 def test_layers_beyond_the_model_name_the_span_and_the_model(default_store):
     assert_one_line_error(run_cli("node", default_store, "--layers", "0-99", timeout=120), "0-99", "0-29")
+
+
+def test_an_inflight_budget_below_the_largest_frame_is_one_line(default_store):
+    proc = run_cli("node", default_store, "--layers", "0-0", "--max-inflight-mb", "4", timeout=120)
+    assert_one_line_error(proc, "--max-inflight-mb 4", "--max-positions 4096")
