@@ -141,7 +141,8 @@ def transport_overhead(loader, steps: int = 300) -> float:
     from swarm.client import RemoteSpanSession
     from swarm.server import NodeService, NodeThread
 
-    node = NodeThread(NodeService(LlamaModel(loader, backend="numba", layers=(0, 0)), manifest_sha(loader)))
+    node = NodeThread(NodeService(LlamaModel(loader, backend="numba", layers=(0, 0), edges=False),
+                                  manifest_sha(loader)))
     try:
         span = RemoteSpanSession(node.url, 0, 0, steps + 1, node.service.dim)
         x = np.zeros((1, node.service.dim), np.float32)

@@ -204,6 +204,19 @@ def warm_up() -> float:
     return time.perf_counter() - start
 
 
+def _slots_of(arrays: list) -> np.ndarray | None:
+    """The (L, ...) array whose slots 0..L-1 the arrays are, in order, if they are; else None."""
+    base = arrays[0].base
+    if not (isinstance(base, np.ndarray) and base.ndim == arrays[0].ndim + 1 and base.shape[0] == len(arrays)):
+        return None
+    start = base.__array_interface__["data"][0]
+    for i, a in enumerate(arrays):
+        if a.base is not base or a.shape != base.shape[1:] or a.strides != base.strides[1:] \
+                or a.__array_interface__["data"][0] != start + i * base.strides[0]:
+            return None
+    return base
+
+
 class StackedDecoder:
     """Stacks a model's Q8_0 block weights and runs single-token steps through decode_blocks.
 
@@ -218,6 +231,9 @@ class StackedDecoder:
 
         def stack(get):
             parts = [get(b) for b in blocks]
+            qs, d = _slots_of([p.qs for p in parts]), _slots_of([p.d for p in parts])
+            if qs is not None and d is not None:  # loaded straight into a stack (engine/q8_0_stacks.py)
+                return qs, d
             qs = np.stack([p.qs for p in parts])
             d = np.stack([p.d for p in parts])
             for i, p in enumerate(parts):  # free the originals: point them at the stack

@@ -23,7 +23,10 @@ up stacked) mean one launch per group instead of one per matrix.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from engine import attention_numba
 
@@ -94,28 +97,79 @@ def q8_0_dequantize(qs, d, out):
 _F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
-@njit(parallel=True, cache=True)
-def split_q8_0_into(blocks, f16_table, qs, d):
-    """Stored Q8_0 rows (R, NB * 34) uint8 (f16 scale + 32 int8 per block) -> qs (R, NB * 32) int8
-    and d (R, NB) float32, written in place (so fused weights are split straight into their rows)."""
-    R = blocks.shape[0]
-    NB = blocks.shape[1] // 34
-    for r in prange(R):
-        row = blocks[r]
-        values = row.view(np.int8)
-        for b in range(NB):
-            d[r, b] = f16_table[np.int64(row[b * 34]) | (np.int64(row[b * 34 + 1]) << 8)]
-            qs[r, b * 32:(b + 1) * 32] = values[b * 34 + 2:(b + 1) * 34]
+@intrinsic
+def _copy32(typingctx, dst, src):
+    """Copy 32 bytes from address ``src`` to address ``dst`` (integers): one unaligned move. Numba
+    cannot tell the int8 output from the uint8 input apart (they may alias), so a loop of 32
+    byte copies stays byte by byte; a fixed-size memcpy is two 16-byte (or one 32-byte) moves."""
+    def codegen(context, builder, signature, args):
+        to_ptr = lambda a: builder.inttoptr(a, ir.IntType(8).as_pointer())  # noqa: E731
+        cgutils.raw_memcpy(builder, to_ptr(args[0]), to_ptr(args[1]), ir.Constant(ir.IntType(64), 32), 1)
+        return context.get_dummy_value()
+
+    return types.void(dst, src), codegen
+
+
+@njit(nogil=True, cache=True)
+def split_q8_0_blocks(src, f16_table, qs, d):
+    """Stored Q8_0 blocks, flat: src (n * 34,) uint8 (f16 scale + 32 int8 each) -> qs (n * 32,) int8
+    and d (n,) float32, written in place (all C-contiguous). Flat, so that a fragment's piece of a
+    tensor and a row range of a stacked weight are both just a range of blocks. 3x faster than a
+    loop copying the 32 values, 7x faster than slice assignment.
+
+    One thread, without the GIL: while a model loads, the loader's read-ahead threads hash the
+    next fragments on the other core, and a parallel region here stalled at its barrier whenever
+    one of its threads waited for a core (0.5 GB/s instead of 3)."""
+    n = d.shape[0]
+    if src.shape[0] != n * 34 or qs.shape[0] != n * 32:
+        raise ValueError("split_q8_0_blocks: sizes disagree")
+    src_at, qs_at = src.ctypes.data, qs.ctypes.data
+    for b in range(n):
+        d[b] = f16_table[np.int64(src[b * 34]) | (np.int64(src[b * 34 + 1]) << 8)]
+        _copy32(qs_at + b * 32, src_at + b * 34 + 2)
 
 
 def split_q8_0(blocks: np.ndarray, qs: np.ndarray | None = None,
                d: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Stored Q8_0 rows (R, NB * 34 bytes) -> (qs (R, C) int8, d (R, NB) f32), into qs and d if given."""
+    """Stored Q8_0 rows (R, NB * 34 bytes) -> (qs (R, C) int8, d (R, NB) f32), into qs and d if given
+    (C-contiguous: fused weights are split straight into their rows)."""
     rows, nb = blocks.shape[0], blocks.shape[1] // 34
     qs = np.empty((rows, nb * 32), np.int8) if qs is None else qs
     d = np.empty((rows, nb), np.float32) if d is None else d
-    split_q8_0_into(np.ascontiguousarray(blocks), _F16_TO_F32, qs, d)
+    split_q8_0_blocks(np.ascontiguousarray(blocks).reshape(-1), _F16_TO_F32, _flat(qs), _flat(d))
     return qs, d
+
+
+def split_q8_0_pieces(pieces, qs: np.ndarray, d: np.ndarray) -> None:
+    """A stored Q8_0 tensor given as consecutive pieces of bytes (one per fragment it spans, cut
+    anywhere, even inside a block) -> qs, d (C-contiguous, n * 32 values and n scales) in place,
+    without first joining the pieces: a block cut by a boundary is the only thing copied."""
+    qs, d = _flat(qs), _flat(d)
+    n, b, carry = d.shape[0], 0, b""
+    for piece in pieces:
+        buf = np.frombuffer(piece, np.uint8)
+        if carry:  # complete the cut block with this piece's first bytes
+            take = min(34 - len(carry), len(buf))
+            carry += bytes(buf[:take])
+            buf = buf[take:]
+            if len(carry) < 34:
+                continue
+            split_q8_0_blocks(np.frombuffer(carry, np.uint8), _F16_TO_F32, qs[b * 32:(b + 1) * 32], d[b:b + 1])
+            b, carry = b + 1, b""
+        whole = min(len(buf) // 34, n - b)
+        if whole:
+            split_q8_0_blocks(buf[:whole * 34], _F16_TO_F32, qs[b * 32:(b + whole) * 32], d[b:b + whole])
+        b += whole
+        carry = bytes(buf[whole * 34:])
+    if b != n or carry:
+        raise ValueError(f"Q8_0 pieces hold {b * 34 + len(carry)} bytes, expected {n * 34}")
+
+
+def _flat(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous array as 1-D, as a view (writes reach ``a``)."""
+    if not a.flags.c_contiguous:
+        raise ValueError("split_q8_0 writes into C-contiguous arrays only")
+    return a.reshape(-1)
 
 
 def warm_up() -> float:
@@ -129,5 +183,6 @@ def warm_up() -> float:
     q8_0_matvecs(qs, d, np.ones((2, 32), np.float32), np.empty((2, 2), np.float32))
     q8_0_dequantize(qs, d, np.empty((2, 32), np.float32))
     split_q8_0(np.zeros((2, 34), np.uint8))
+    split_q8_0_pieces([bytes(40), bytes(28)], np.empty((2, 32), np.int8), d)  # read-only source bytes
     attention_numba.warm_up()
     return time.perf_counter() - start

@@ -23,7 +23,7 @@ from gguf import quants
 from gguf.constants import GGMLQuantizationType
 
 from common.errors import UserError
-from engine import ops
+from engine import ops, q8_0_stacks
 from engine.backends import make_backend, round_to_f16
 from engine.config import LlamaConfig
 from engine.kv_cache import KVCache
@@ -58,6 +58,23 @@ def _return_freed_memory() -> None:
         pass
 
 
+def _row_reader(weight):
+    """For a head weight, a function tokens (T,) -> its rows (T, in) as float32, exactly what
+    dequantizing the stored rows gives (so a tied embedding can read the head's copy), or None."""
+    from engine.backends import DenseWeight, Q8Weight
+
+    if isinstance(weight, Q8Weight):  # value = q * d in float32, as gguf-py's Q8_0 dequantize computes it
+        return lambda t: weight.qs[t].astype(np.float32) * np.repeat(weight.d[t], 32, axis=1)
+    if isinstance(weight, DenseWeight):
+        return lambda t: weight.values[t].astype(np.float32, copy=False)
+    from engine.quant_weights import QuantWeight
+
+    if isinstance(weight, QuantWeight):  # the stored blocks
+        qtype = GGMLQuantizationType[weight.ggml_type]
+        return lambda t: quants.dequantize(weight.blocks[t], qtype).astype(np.float32).reshape(len(t), -1)
+    return None
+
+
 @dataclass
 class Block:
     attn_norm: np.ndarray
@@ -70,9 +87,13 @@ class Block:
 
 class LlamaModel:
     def __init__(self, loader, backend: str = "numpy", layers: tuple[int, int] | None = None,
-                 emulate_llama_cpp: bool = False, edges_only: bool = False):
+                 emulate_llama_cpp: bool = False, edges_only: bool = False, edges: bool = True):
         """Load all blocks, a span ``layers=(first, last)``, or with ``edges_only`` no block at all:
-        just the embedding and the head, for a client whose blocks run on other nodes."""
+        just the embedding and the head, for a client whose blocks run on other nodes. With
+        ``edges=False`` a span holding block 0 or the last block loads neither the embedding nor
+        the head (a swarm node: its clients hold the edges)."""
+        if edges_only and not edges:
+            raise ValueError("edges_only=True holds nothing but the edges: edges=False contradicts it")
         self.loader = loader
         self.config = cfg = LlamaConfig.from_metadata(loader.metadata, loader.where)
         first, last = layers if layers is not None else (0, cfg.n_layers - 1)
@@ -81,38 +102,49 @@ class LlamaModel:
         if edges_only:
             first, last = 0, -1  # an empty span: no block, both edges
         self.first_layer, self.last_layer = first, last
-        self.has_embedding = first == 0
-        self.has_head = edges_only or last == cfg.n_layers - 1
+        self.has_embedding = edges and first == 0
+        self.has_head = edges_only or (edges and last == cfg.n_layers - 1)
         self.emulate = emulate_llama_cpp
         self.backend = make_backend(backend, emulate_llama_cpp=emulate_llama_cpp)
         names = set(loader.manifest.tensor_names())
         self._check_tensors(names)
 
-        self.blocks = [self._load_block(i) for i in range(first, last + 1)]
+        layers = range(first, last + 1)
+        # All Q8_0 (numba): straight into the decode step's stacked arrays, one write per weight.
+        self._stacks = q8_0_stacks.Q8Stacks(loader, layers) if q8_0_stacks.applies(loader, self.backend, layers) else None
+        self.blocks = [self._load_block(i) for i in layers]
+        self._stacks = None
         self.rope_freq_factors = (loader.load_tensor("rope_freqs.weight").astype(np.float64)
                                   if "rope_freqs.weight" in names else None)
-        if self.has_embedding:
-            # Kept as stored (quantized rows): a token looks up and dequantizes one row only.
-            self.embedding_rows, self.embedding_type = loader.load_quantized("token_embd.weight")
+        self._tied_rows = None  # tokens -> rows of the head's weight, when the embedding is tied to it
         if self.has_head:
             self.output_norm = loader.load_tensor("output_norm.weight")
-            head_name = "output.weight" if "output.weight" in names else "token_embd.weight"  # tied
-            self.output = self.backend.prepare(loader, head_name)
+            tied = "output.weight" not in names  # no head of its own: the head is the token embedding
+            head = "output.weight" if not tied else "token_embd.weight"
+            self.output = (q8_0_stacks.load_q8_0(loader, head)  # what prepare makes, without joining pieces
+                           if self.backend.name == "numba" and loader.tensor_entry(head).ggml_type == "Q8_0"
+                           else self.backend.prepare(loader, head))
+            if tied and self.has_embedding:  # one copy for both: the embedding reads the head's rows
+                self._tied_rows = _row_reader(self.output)
+        if self.has_embedding and self._tied_rows is None:
+            # Kept as stored (quantized rows): a token looks up and dequantizes one row only.
+            self.embedding_rows, self.embedding_type = loader.load_quantized("token_embd.weight")
         # The backend's one-call single-token step, if it has one for these weights (else None).
         self.decoder = self.backend.make_decoder(self.blocks, cfg)
+        loader.release()  # the loader's fragment cache: what we need is in our own arrays now
         _return_freed_memory()
 
     # -- loading ----------------------------------------------------------------------------------
     def _needed_tensors(self, names: set[str]) -> list[str]:
         needed = [f"blk.{i}.{t}.weight" for i in range(self.first_layer, self.last_layer + 1)
                   for t in BLOCK_MATRICES + BLOCK_NORMS]
-        if self.has_embedding or (self.has_head and "output.weight" not in names):
-            needed.append("token_embd.weight")
         if self.has_head:
             needed.append("output_norm.weight")
             if "output.weight" in names:
                 needed.append("output.weight")
-        return needed
+        if self.has_embedding or (self.has_head and "output.weight" not in names):
+            needed.append("token_embd.weight")
+        return needed  # in the order they load
 
     def _expected_shape(self, name: str) -> tuple[int, ...]:
         """The numpy (out, in) shape the metadata implies for a tensor, as llama.cpp requires it."""
@@ -136,12 +168,18 @@ class LlamaModel:
             if tuple(entry.shape) != expected:  # a wrong shape would crash or silently misread later
                 raise UserError(f"{self.loader.where}: tensor {name!r} has shape {tuple(entry.shape)}, but the "
                                 f"model's metadata implies {expected}")
-        self.loader.prefetch(self.loader.manifest.fragments_for(self._needed_tensors(names)))
+        # Fragments in the order the tensors load (blocks, then the edges), for the read-ahead.
+        order = {f: None for name in self._needed_tensors(names) for f in self.loader.manifest.fragments_for([name])}
+        self.loader.prefetch(list(order))
 
     def _load_block(self, i: int) -> Block:
         get = self.loader.load_tensor
         prefix = f"blk.{i}."
         name = lambda m: f"{prefix}{m}.weight"  # noqa: E731
+        if self._stacks is not None:
+            w = self._stacks.load(self.loader, i)
+            return Block(attn_norm=get(name("attn_norm")), ffn_norm=get(name("ffn_norm")),
+                         qkv=w["qkv"], attn_output=w["o"], gate_up=w["gu"], ffn_down=w["down"])
         be = self.backend
         return Block(attn_norm=get(name("attn_norm")), ffn_norm=get(name("ffn_norm")),
                      qkv=be.prepare_fused(self.loader, [name("attn_q"), name("attn_k"), name("attn_v")]),
@@ -170,8 +208,11 @@ class LlamaModel:
         if not self.has_embedding:
             raise RuntimeError("this span does not hold the token embedding")
         tokens = np.asarray(tokens, dtype=np.int64)
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.embedding_rows.shape[0]):
-            raise UserError(f"token id out of range 0-{self.embedding_rows.shape[0] - 1}")
+        vocab = self.config.vocab_size  # token_embd's rows (checked at load)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+            raise UserError(f"token id out of range 0-{vocab - 1}")
+        if self._tied_rows is not None:
+            return self._tied_rows(tokens)
         rows = self.embedding_rows[tokens]
         if self.embedding_type == GGMLQuantizationType.F32:
             return rows.view(np.float32).reshape(len(tokens), -1).copy()
