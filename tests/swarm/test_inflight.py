@@ -256,3 +256,25 @@ def test_a_budget_below_the_largest_frame_is_refused_at_start(six_loader):
 
     with pytest.raises(UserError, match=r"--max-inflight-mb .* less than one frame of --max-positions 512 rows"):
         start_node(six_loader, 0, 2, max_positions=512, max_inflight_bytes=BUDGET)
+
+
+def test_senders_that_leave_mid_frame_or_while_waiting_give_their_bytes_back(six_loader):
+    node = start_node(six_loader, 0, 2, max_positions=300, max_inflight_bytes=BUDGET, inflight_wait_s=20)
+    try:
+        a, b, c = raw_websocket(node.port), raw_websocket(node.port), raw_websocket(node.port)
+        sa, sb, sc = (secrets.token_bytes(16) for _ in range(3))
+        a.sendall(ws_frame(forward(BIG, sa, 1), mask=os.urandom(4))[:-100])  # admitted, never finished
+        until(lambda: node.service.inflight.used > 0)
+        b.sendall(ws_frame(forward(BIG, sb, 2), mask=os.urandom(4))[:5000])  # waits for a's bytes
+        until(lambda: len(node.service.inflight.waiting) == 1)
+        send(c, forward(BIG, sc, 3))                                         # waits behind b
+        until(lambda: len(node.service.inflight.waiting) == 2)
+        b.close()  # gone while waiting (the node sees it when it reads b's socket again: once granted)
+        a.close()  # gone mid-frame: its bytes go to b, whose end is then seen, and so to c
+        result = receive(c, 30)
+        assert result.type == wire.RESULT and result.session == sc
+        np.testing.assert_array_equal(result.array, local_span(six_loader).forward(hidden(BIG, 3)))
+        until(lambda: node.service.inflight.used == 0 and not node.service.inflight.waiting)
+        c.close()
+    finally:
+        node.stop()
