@@ -105,9 +105,9 @@ class LlamaModel:
         self.has_embedding = edges and first == 0
         self.has_head = edges_only or (edges and last == cfg.n_layers - 1)
         self.emulate = emulate_llama_cpp
-        self.backend = make_backend(backend, emulate_llama_cpp=emulate_llama_cpp)
         names = set(loader.manifest.tensor_names())
-        self._check_tensors(names)
+        self._check_tensors(names)  # and starts reading (and hashing) ahead, while the kernels load
+        self.backend = make_backend(backend, emulate_llama_cpp=emulate_llama_cpp)
 
         layers = range(first, last + 1)
         # All Q8_0 (numba): straight into the decode step's stacked arrays, one write per weight.
