@@ -69,8 +69,8 @@ def serve_node(service: NodeService, host: str, port: int, listen: str, bootstra
 
 def node_limits(service: NodeService):
     """The HTTP server's limits for a node: aiohttp's defaults (keep-alive, body and connection cap
-    from common/aio_server.py), the connections capped at a few per session slot: each may be
-    receiving a frame of up to ``service.max_message`` bytes at once."""
+    from common/aio_server.py), the connections capped at a few per session slot. The bytes of
+    frames being received are bounded separately, node-wide (--max-inflight-mb, swarm/inflight.py)."""
     from common.aio_server import Limits
 
     return Limits(max_connections=max(64, 8 * service.limits.max_sessions))
