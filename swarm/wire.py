@@ -101,11 +101,11 @@ def decode(data: bytes, key: bytes | None = None, dim: int | None = None, max_ro
 
     ``dim`` and ``max_rows`` are the receiver's limits: an array frame must be (T, dim) with
     T <= max_rows. All sizes are checked before the body is looked at; the array is a read-only
-    view of ``data`` (no copy).
+    view of ``data`` (no copy: a node holding a 9 MiB prefill frame holds it once).
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError("bad_frame", "a frame is binary, not text")
-    data = bytes(data)
+    data = memoryview(data).cast("B")
     if len(data) < HEADER.size:
         raise WireError("bad_frame", f"truncated frame: {len(data)} bytes, the header alone is {HEADER.size}")
     (magic, version, ftype, dtype, flags, session, position, rows, cols, first, last, elapsed,
@@ -126,7 +126,7 @@ def decode(data: bytes, key: bytes | None = None, dim: int | None = None, max_ro
     if key is not None:
         if not has_mac:
             raise WireError("auth", "this swarm is private: frames must carry the swarm key's HMAC")
-        if not hmac.compare_digest(data[-MAC_LEN:], mac(key, data[:-MAC_LEN])):
+        if not hmac.compare_digest(bytes(data[-MAC_LEN:]), mac(key, data[:-MAC_LEN])):
             raise WireError("auth", "HMAC mismatch: the frame was not made with this swarm's key")
     body = data[HEADER.size:HEADER.size + body_len]
     frame = Frame(ftype, session, position, first_block=first, last_block=last, elapsed_us=elapsed, dtype=dtype)
@@ -139,7 +139,7 @@ def decode(data: bytes, key: bytes | None = None, dim: int | None = None, max_ro
     return frame
 
 
-def _array(dtype: int, rows: int, cols: int, body: bytes, dim: int | None, max_rows: int | None) -> np.ndarray:
+def _array(dtype: int, rows: int, cols: int, body: memoryview, dim: int | None, max_rows: int | None) -> np.ndarray:
     if dtype not in DTYPES:
         raise WireError("bad_frame", f"unknown dtype code {dtype} (1 float32, 2 float16)")
     if rows == 0:
@@ -152,18 +152,19 @@ def _array(dtype: int, rows: int, cols: int, body: bytes, dim: int | None, max_r
         raise WireError("bad_frame", f"body is {len(body)} bytes, shape ({rows}, {cols}) needs "
                                      f"{rows * cols * DTYPES[dtype].itemsize}")
     array = np.frombuffer(body, dtype=DTYPES[dtype]).reshape(rows, cols)
+    array.flags.writeable = False  # a view of the received message (a bytearray would allow writes)
     if not np.isfinite(array).all():
         raise WireError("bad_frame", "activations hold NaN or infinity")
     return array
 
 
-def _json(body: bytes) -> dict | None:
+def _json(body: memoryview) -> dict | None:
     if not body:
         return None
     if len(body) > MAX_JSON:
         raise WireError("bad_frame", f"JSON body of {len(body)} bytes, at most {MAX_JSON}")
     try:
-        value = json.loads(body.decode("utf-8"))
+        value = json.loads(bytes(body).decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise WireError("bad_frame", "the body is not UTF-8 JSON") from None
     except RecursionError:  # "[[[[..." nested past the parser's depth
