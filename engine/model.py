@@ -106,10 +106,18 @@ class LlamaModel:
         self.has_head = edges_only or (edges and last == cfg.n_layers - 1)
         self.emulate = emulate_llama_cpp
         names = set(loader.manifest.tensor_names())
-        self._check_tensors(names)  # and starts reading (and hashing) ahead, while the kernels load
-        self.backend = make_backend(backend, emulate_llama_cpp=emulate_llama_cpp)
+        try:
+            self._check_tensors(names)  # and starts reading (and hashing) ahead, while the kernels load
+            self.backend = make_backend(backend, emulate_llama_cpp=emulate_llama_cpp)
+            self._load_weights(names)
+        finally:
+            loader.release()  # the loader's fragments: what we need is in our own arrays now (or it failed)
+        _return_freed_memory()
 
-        layers = range(first, last + 1)
+    # -- loading ----------------------------------------------------------------------------------
+    def _load_weights(self, names: set[str]) -> None:
+        loader, cfg = self.loader, self.config
+        layers = range(self.first_layer, self.last_layer + 1)
         # All Q8_0 (numba): straight into the decode step's stacked arrays, one write per weight.
         self._stacks = q8_0_stacks.Q8Stacks(loader, layers) if q8_0_stacks.applies(loader, self.backend, layers) else None
         self.blocks = [self._load_block(i) for i in layers]
@@ -131,8 +139,6 @@ class LlamaModel:
             self.embedding_rows, self.embedding_type = loader.load_quantized("token_embd.weight")
         # The backend's one-call single-token step, if it has one for these weights (else None).
         self.decoder = self.backend.make_decoder(self.blocks, cfg)
-        loader.release()  # the loader's fragment cache: what we need is in our own arrays now
-        _return_freed_memory()
 
     # -- loading ----------------------------------------------------------------------------------
     def _needed_tensors(self, names: set[str]) -> list[str]:

@@ -142,3 +142,20 @@ def test_q8_0_blocks_load_straight_into_the_decoders_stacks(tmp_path, monkeypatc
     head_qs, head_d = kernels_numba.split_q8_0(loader.load_quantized("output.weight")[0])
     np.testing.assert_array_equal(model.output.qs, head_qs)
     np.testing.assert_array_equal(model.output.d, head_d)
+
+
+def test_a_failed_load_leaves_no_read_ahead_behind(tmp_path):
+    """A corrupt fragment met mid-load is named, and the fragments read ahead are let go."""
+    from distribution.base import CorruptFragment
+
+    path = write_model(replace(ModelSpec(), n_layers=3), tmp_path / "m.gguf")
+    m = fragment_file(str(path), tmp_path / "s", 2048, progress=False).manifest
+    fid = m.tensor("blk.1.ffn_gate.weight").pieces[0].fragment
+    target = tmp_path / "s" / "fragments" / fid
+    raw = bytearray(target.read_bytes())
+    raw[100] ^= 1
+    target.write_bytes(bytes(raw))
+    loader = LocalLoader(tmp_path / "s")
+    with pytest.raises(CorruptFragment, match=fid[:16]):
+        LlamaModel(loader, backend="numba")
+    assert loader._pool is None and not loader._pending and not loader._cache
