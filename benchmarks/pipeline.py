@@ -37,6 +37,8 @@ for _var, _value in THREAD_ENV.items():
 import numpy as np  # noqa: E402
 
 BIN = Path(sys.executable).parent
+# Made by `python -m models.factory tinyllama models/tinyllama-shaped-q8_0.gguf` and `fragment` (see README).
+TINYLLAMA_STORE = Path(__file__).resolve().parent.parent / "models" / "tinyllama-shaped-q8_0"
 
 
 class Node:
@@ -175,7 +177,9 @@ def main() -> None:
         for name in args.models.split(","):
             if name == "default":
                 loader, source = LocalLoader(DEFAULT_STORE), str(DEFAULT_STORE)
-            elif name == "tinyllama":
+            elif name == "tinyllama" and TINYLLAMA_STORE.is_dir():  # a store: nodes hold only their span
+                loader, source = LocalLoader(TINYLLAMA_STORE), str(TINYLLAMA_STORE)
+            elif name == "tinyllama":  # a .gguf: node RSS counts the mapped file's pages it read too
                 path = write_model(TINYLLAMA_SHAPE, Path(tmp) / "tinyllama-shaped.gguf")
                 loader, source = GGUFFileLoader(path), str(path)
             else:
