@@ -71,11 +71,13 @@ def api(source, host, port, parallel, queue_size, api_key, ctx, template, kernel
 async def _serve(source, host, port, parallel, queue_size, api_key, ctx, template, kernels, swarm) -> None:
     from api.loading import LoadingModel
     from api.server import make_app, start
+    from common import compute
     from common.aio_server import quiet_logs
     from common.progress import Status
 
     quiet_logs(prefix="api")  # a malformed request or a failed accept: one line, rate-limited
 
+    compute.start()  # before loading begins: every kernel, loading's included, runs on this one thread
     model = LoadingModel(model_loader(source, kernels, template, Status(enabled=sys.stderr.isatty()), swarm))
     app = make_app(model, parallel=parallel, queue_size=queue_size, api_key=api_key, context=ctx)
     runner, bound = await start(app, host, port)
@@ -99,7 +101,6 @@ def model_loader(source, kernels, template, status, swarm: dict | None = None):
 
     def load(progress):
         from cli.common import load_distributed_text_model, load_text_model
-        from common import compute
         from common.progress import watch_progress
 
         def say(message: str) -> None:
@@ -108,11 +109,10 @@ def model_loader(source, kernels, template, status, swarm: dict | None = None):
 
         stop = watch_progress(lambda desc, done, total: progress(desc, done, total, "B"))
         try:
-            # On the compute thread that will run the model (common.compute: OpenMP is slow once two
-            # threads have used it); progress reaches the page meanwhile.
+            # The engine loads its kernels' weights on the server's compute thread (common.compute).
             if swarm is not None:
-                return compute.run(load_distributed_text_model, source, kernels, template, say=say, **swarm)
-            return compute.run(load_text_model, source, kernels, template, say=say)
+                return load_distributed_text_model(source, kernels, template, say=say, **swarm)
+            return load_text_model(source, kernels, template, say=say)
         finally:
             stop()
 

@@ -71,9 +71,9 @@ def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positi
     boots = parse_bootstrap(bootstrap)
     say = lambda line: click.echo(line, err=True)  # noqa: E731
     loader = open_store(source, allow_file=True)
-    # Loaded on the compute thread that will run it: OpenMP is slow once two threads have used it.
-    # Blocks only: clients hold the embedding and the head (engine/session.py RoutedSession).
-    model = compute.run(LlamaModel, loader, backend=kernels, layers=spans[0], edges=False)
+    # Blocks only: clients hold the embedding and the head (engine/session.py RoutedSession). The
+    # engine loads on the compute thread started above, the one that will step the model.
+    model = LlamaModel(loader, backend=kernels, layers=spans[0], edges=False)
     limits = Limits(max_sessions=max_sessions, max_positions=max_positions, max_cache_bytes=max_cache_mb << 20,
                     idle_s=idle, per_connection=per_connection, max_inflight_bytes=max_inflight_mb << 20)
     service = NodeService(model, manifest_sha(loader), limits, key)

@@ -74,6 +74,7 @@ class FusedWeight:
 class NumpyBackend:
     name = "numpy"
     kv_dtype = np.float32  # the KV cache's element type
+    splits_q8_0 = False  # Q8_0 held as Q8Weight (int8 values, float32 scales): engine/q8_0_stacks.py
 
     def __init__(self, emulate_llama_cpp: bool = False):
         self.emulate = emulate_llama_cpp
@@ -120,6 +121,7 @@ class NumbaBackend(NumpyBackend):
     # K and V cached in F16, as llama.cpp caches them: half the bytes that decode attention reads
     # at long contexts (at 3000 positions SmolLM2's cache is as large as its weights).
     kv_dtype = np.float16
+    splits_q8_0 = True
     SMALL_BATCH = 8  # up to this many tokens: the matvec kernel reading each row once for all
     SCRATCH_FLOATS = 16 * 1024 * 1024  # prompt path: dequantize at most 64 MB of a matrix at a time
 
@@ -141,9 +143,10 @@ class NumbaBackend(NumpyBackend):
 
     def prepare(self, loader, name: str):
         entry = loader.tensor_entry(name)
-        if entry.ggml_type == "Q8_0":
-            blocks, _ = loader.load_quantized(name)
-            return Q8Weight(*self.k.split_q8_0(blocks))
+        if entry.ggml_type == "Q8_0":  # split straight from the fragments' pieces, never joined
+            from engine.q8_0_stacks import load_q8_0
+
+            return load_q8_0(loader, name)
         held = self.quant.prepare(loader, name)
         if held is not None:
             return held

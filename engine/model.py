@@ -22,6 +22,7 @@ import numpy as np
 from gguf import quants
 from gguf.constants import GGMLQuantizationType
 
+from common import compute
 from common.errors import UserError
 from engine import ops, q8_0_stacks
 from engine.backends import make_backend, round_to_f16
@@ -94,6 +95,11 @@ class LlamaModel:
         the head (a swarm node: its clients hold the edges)."""
         if edges_only and not edges:
             raise ValueError("edges_only=True holds nothing but the edges: edges=False contradicts it")
+        # On the process's compute thread when a server has started one (common.compute): the
+        # kernels that loading runs must enter OpenMP from the thread that will step the model.
+        compute.run(self._load, loader, backend, layers, emulate_llama_cpp, edges_only, edges)
+
+    def _load(self, loader, backend: str, layers, emulate_llama_cpp: bool, edges_only: bool, edges: bool) -> None:
         self.loader = loader
         self.config = cfg = LlamaConfig.from_metadata(loader.metadata, loader.where)
         first, last = layers if layers is not None else (0, cfg.n_layers - 1)
@@ -129,9 +135,7 @@ class LlamaModel:
             self.output_norm = loader.load_tensor("output_norm.weight")
             tied = "output.weight" not in names  # no head of its own: the head is the token embedding
             head = "output.weight" if not tied else "token_embd.weight"
-            self.output = (q8_0_stacks.load_q8_0(loader, head)  # what prepare makes, without joining pieces
-                           if self.backend.name == "numba" and loader.tensor_entry(head).ggml_type == "Q8_0"
-                           else self.backend.prepare(loader, head))
+            self.output = self.backend.prepare(loader, head)
             if tied and self.has_embedding:  # one copy for both: the embedding reads the head's rows
                 self._tied_rows = _row_reader(self.output)
         if self.has_embedding and self._tied_rows is None:

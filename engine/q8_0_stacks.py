@@ -28,7 +28,7 @@ KINDS = {"qkv": ("attn_q", "attn_k", "attn_v"), "o": ("attn_output",), "gu": ("f
 
 def applies(loader, backend, layers: range) -> bool:
     """Whether every block matrix of ``layers`` is Q8_0 and the backend keeps Q8_0 split (numba)."""
-    return (backend.name == "numba" and len(layers) > 0
+    return (backend.splits_q8_0 and len(layers) > 0
             and all(loader.tensor_entry(f"blk.{i}.{m}.weight").ggml_type == "Q8_0"
                     for i in layers for names in KINDS.values() for m in names))
 
