@@ -169,6 +169,12 @@ def main() -> None:
     from models.default import DEFAULT_STORE
     from models.factory import TINYLLAMA_SHAPE, write_model
 
+    # Every kernel of this process (local runs, the client's edges, the in-process node of the
+    # transport figure) on one thread from the start, as in a server: OpenMP entered from two
+    # threads throttles its waits and slowed the local TinyLlama decode from 21 to 12 tok/s here.
+    from common import compute
+
+    compute.start()
     print(f"load average {os.getloadavg()[0]:.1f} at the start")
     print(f"{'model':<10} {'route':<8} {'prefill':>9} {'decode':>9} {'pre/loc':>7} {'dec/loc':>7} "
           f"{'hop ms/t':>9}  node RSS MB")
