@@ -28,6 +28,7 @@ from engine import ops, q8_0_stacks
 from engine.backends import make_backend, round_to_f16
 from engine.config import LlamaConfig
 from engine.kv_cache import KVCache
+from engine.weights_source import WeightSource
 
 BLOCK_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 BLOCK_NORMS = ("attn_norm", "ffn_norm")
@@ -87,7 +88,7 @@ class Block:
 
 
 class LlamaModel:
-    def __init__(self, loader, backend: str = "numpy", layers: tuple[int, int] | None = None,
+    def __init__(self, loader: WeightSource, backend: str = "numpy", layers: tuple[int, int] | None = None,
                  emulate_llama_cpp: bool = False, edges_only: bool = False, edges: bool = True):
         """Load all blocks, a span ``layers=(first, last)``, or with ``edges_only`` no block at all:
         just the embedding and the head, for a client whose blocks run on other nodes. With

@@ -159,3 +159,13 @@ def test_a_failed_load_leaves_no_read_ahead_behind(tmp_path):
     with pytest.raises(CorruptFragment, match=fid[:16]):
         LlamaModel(loader, backend="numba")
     assert loader._pool is None and not loader._pending and not loader._cache
+
+
+def test_every_loader_is_a_weight_source(factory_models, default_store):
+    """The engine's declared protocol (engine/weights_source.py) holds for the loaders it is given."""
+    from distribution.gguf_file import GGUFFileLoader
+    from distribution.local import LocalLoader
+    from engine.weights_source import WeightSource
+
+    for loader in (GGUFFileLoader(factory_models["q8_0-spm-gqa"]), LocalLoader(default_store)):
+        assert isinstance(loader, WeightSource), type(loader).__name__
