@@ -71,11 +71,15 @@ def one_model(store: Path) -> dict:
 
     import engine.backends as backends
     from distribution.local import LocalLoader
-    from engine import fast_decode, kernels_numba
+    from engine import fast_decode, fast_decode_quant, kernels_numba, kernels_quant
     from engine.model import LlamaModel
 
     set_num_threads(2)
-    kernels_numba.warm_up(), fast_decode.warm_up()  # as a second run would find them: loaded, not compiled
+    # Every kernel loaded first, as a second model in the process would find them (their code is
+    # the same for every model, tens of MB): what loading adds is then the model's own memory.
+    kernels_numba.warm_up(), fast_decode.warm_up(), fast_decode_quant.warm_up()
+    for kind in range(len(kernels_quant.BLOCKS)):
+        kernels_quant.warm_up(kind)
     decoder_mb = []
     make = backends.NumbaBackend.make_decoder
 

@@ -185,7 +185,7 @@ class QuantDecoder:
         self.attn_norm = np.stack([b.attn_norm for b in blocks]).astype(np.float32)
         self.ffn_norm = np.stack([b.ffn_norm for b in blocks]).astype(np.float32)
         self.config = config
-        self.compile_s = warm_up(self)
+        self.compile_s = warm_up()
 
     @staticmethod
     def supports(blocks) -> bool:
@@ -217,16 +217,23 @@ class QuantDecoder:
         return h[None, :]
 
 
-def warm_up(decoder: QuantDecoder) -> float:
-    """Compile (or load from Numba's cache) the step for these weights' array types."""
+def warm_up() -> float:
+    """Compile (or load from Numba's cache) the step: its argument types are the same for every
+    model (a typed list of read-only uint8 matrices, ...), so one tiny call serves them all, and
+    every type's kernel is compiled into it."""
     import time
 
-    cfg = decoder.config
     start = time.perf_counter()
-    cache_k = np.zeros((decoder.attn_norm.shape[0], 1, cfg.n_kv_heads, cfg.head_dim), np.uint16)
-    half = np.zeros(cfg.rope_dim // 2, np.float32)
-    x = np.zeros(cfg.dim, np.float32)
-    decode_blocks(x, 0, decoder.attn_norm, decoder.ffn_norm, decoder.mats, decoder.scales, decoder.kinds, decoder.groups,
-                  cache_k, cache_k.copy(), half + 1, half, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
-                  cfg.ffn_dim, np.float32(cfg.rms_eps))
+    f32 = np.float32
+    w = lambda rows: np.zeros((rows, 18), np.uint8)  # noqa: E731  (Q4_0 rows of 32 values)
+    mats = List()
+    for rows in (96, 32, 64, 32):  # QKV, output, gate-up, down of one 32-wide block
+        m = w(rows)
+        m.flags.writeable = False
+        mats.append(m)
+    scales = List([NO_SCALES] * 4)
+    cache = np.zeros((1, 1, 1, 32), np.uint16)
+    decode_blocks(np.ones(32, f32), 0, np.ones((1, 32), f32), np.ones((1, 32), f32), mats, scales,
+                  np.full(4, Q4_0, np.int64), np.arange(5, dtype=np.int64), cache, cache.copy(),
+                  np.ones(16, f32), np.zeros(16, f32), 1, 1, 32, 32, f32(1e-5))
     return time.perf_counter() - start
