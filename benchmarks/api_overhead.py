@@ -83,6 +83,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--ctx", type=int, default=4096, help="positions per session (api's --ctx default)")
     args = parser.parse_args()
+    # As `api` does: every kernel on one compute thread from the start (common.compute), loading
+    # included; a model loaded on this thread first would leave a second OpenMP pool behind.
+    from common import compute
+
+    compute.start()
     model = load_text_model(None)
     one = ServerThread(make_app(model, parallel=1, context=args.ctx))
     two = ServerThread(make_app(model, parallel=2, context=args.ctx))
