@@ -48,6 +48,36 @@ def _rope(v, n_heads, head_dim, cos, sin):
             v[base + 2 * i + 1] = x0 * sin[i] + x1 * cos[i]
 
 
+@njit(inline="always", fastmath=True)
+def _rope_and_store(qkv, q_dim, kv_dim, n_heads, n_kv, head_dim, cos, sin, k_cache, v_cache, layer, pos):
+    """Rotate this token's Q and K (both in qkv: Q, K, V end to end) and write its K and V to the
+    layer's F16 cache (bits as uint16) at ``pos``; returns Q."""
+    q = qkv[:q_dim]
+    k = qkv[q_dim:q_dim + kv_dim]
+    v = qkv[q_dim + kv_dim:]
+    _rope(q, n_heads, head_dim, cos, sin)
+    _rope(k, n_kv, head_dim, cos, sin)
+    for j in range(n_kv):
+        for i in range(head_dim):
+            k_cache[layer, pos, j, i] = f32_to_f16_bits(k[j * head_dim + i])
+            v_cache[layer, pos, j, i] = f32_to_f16_bits(v[j * head_dim + i])
+    return q
+
+
+@njit(inline="always", fastmath=True)
+def _swiglu(gu, ffn, act):
+    """act = silu(gate) * up, from gu = gate and up end to end."""
+    for i in range(ffn):
+        g = gu[i]
+        act[i] = g / (np.float32(1.0) + fast_exp(-g)) * gu[ffn + i]
+
+
+@njit(inline="always")
+def _add(x, y):
+    for i in range(x.shape[0]):
+        x[i] += y[i]
+
+
 ATT_CHUNK = 256  # cached positions per attention work item
 
 
@@ -149,15 +179,7 @@ def decode_blocks(x, pos, attn_norm, ffn_norm, qkv_qs, qkv_d, o_qs, o_d, gu_qs, 
         for c in prange(_CHUNKS):  # one parallel region over output rows
             acc = np.empty(32, np.float32)
             _rows(qkv_qs[layer], qkv_d[layer], h, qkv, c * step, min(rows, (c + 1) * step), acc)
-        q = qkv[:q_dim]
-        k = qkv[q_dim:q_dim + kv_dim]
-        v = qkv[q_dim + kv_dim:]
-        _rope(q, n_heads, head_dim, cos, sin)
-        _rope(k, n_kv, head_dim, cos, sin)
-        for j in range(n_kv):
-            for i in range(head_dim):
-                k_cache[layer, pos, j, i] = f32_to_f16_bits(k[j * head_dim + i])
-                v_cache[layer, pos, j, i] = f32_to_f16_bits(v[j * head_dim + i])
+        q = _rope_and_store(qkv, q_dim, kv_dim, n_heads, n_kv, head_dim, cos, sin, k_cache, v_cache, layer, pos)
         # Attention, split over (KV head, chunk of positions) so that both threads stay busy at
         # any context length ("flash decoding"); no (heads x positions) array beyond one chunk.
         kc, vc = k_cache[layer], v_cache[layer]
@@ -170,8 +192,7 @@ def decode_blocks(x, pos, attn_norm, ffn_norm, qkv_qs, qkv_d, o_qs, o_d, gu_qs, 
         for c in prange(_CHUNKS):  # one parallel region over output rows
             acc = np.empty(32, np.float32)
             _rows(o_qs[layer], o_d[layer], att, tmp, c * step, min(rows, (c + 1) * step), acc)
-        for i in range(dim):
-            x[i] += tmp[i]
+        _add(x, tmp)
         # feed-forward
         _rms_norm(x, ffn_norm[layer], eps, h)
         rows = gu_qs.shape[1]
@@ -179,16 +200,13 @@ def decode_blocks(x, pos, attn_norm, ffn_norm, qkv_qs, qkv_d, o_qs, o_d, gu_qs, 
         for c in prange(_CHUNKS):  # one parallel region over output rows
             acc = np.empty(32, np.float32)
             _rows(gu_qs[layer], gu_d[layer], h, gu, c * step, min(rows, (c + 1) * step), acc)
-        for i in range(ffn):
-            g = gu[i]
-            act[i] = g / (np.float32(1.0) + fast_exp(-g)) * gu[ffn + i]
+        _swiglu(gu, ffn, act)
         rows = down_qs.shape[1]
         step = (rows + _CHUNKS - 1) // _CHUNKS
         for c in prange(_CHUNKS):  # one parallel region over output rows
             acc = np.empty(32, np.float32)
             _rows(down_qs[layer], down_d[layer], act, tmp, c * step, min(rows, (c + 1) * step), acc)
-        for i in range(dim):
-            x[i] += tmp[i]
+        _add(x, tmp)
 
 
 def warm_up() -> float:

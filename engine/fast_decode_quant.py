@@ -34,8 +34,7 @@ from numba.typed import List
 
 from engine import kernels_numba as kn
 from engine import kernels_quant as kq
-from engine.attention_numba import f32_to_f16_bits, fast_exp
-from engine.fast_decode import ATT_CHUNK, _attend_chunk, _combine_chunks, _rms_norm, _rope
+from engine.fast_decode import ATT_CHUNK, _add, _attend_chunk, _combine_chunks, _rms_norm, _rope_and_store, _swiglu
 
 F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K = range(9)  # kernels_quant.KINDS order
 Q8_0 = 9  # the backend's split Q8Weight (kernels_numba)
@@ -107,32 +106,20 @@ def decode_blocks(x, pos, attn_norm, ffn_norm, mats, scales, kinds, groups, k_ca
         # attention
         _rms_norm(x, attn_norm[layer], eps, h)
         _group(mats, scales, kinds, groups[g], groups[g + 1], h, qkv)
-        q = qkv[:q_dim]
-        k = qkv[q_dim:q_dim + kv_dim]
-        v = qkv[q_dim + kv_dim:]
-        _rope(q, n_heads, head_dim, cos, sin)
-        _rope(k, n_kv, head_dim, cos, sin)
-        for j in range(n_kv):
-            for i in range(head_dim):
-                k_cache[layer, pos, j, i] = f32_to_f16_bits(k[j * head_dim + i])
-                v_cache[layer, pos, j, i] = f32_to_f16_bits(v[j * head_dim + i])
+        q = _rope_and_store(qkv, q_dim, kv_dim, n_heads, n_kv, head_dim, cos, sin, k_cache, v_cache, layer, pos)
         kc, vc = k_cache[layer], v_cache[layer]
         for item in prange(n_kv * n_chunks):
             _attend_chunk(q, kc, vc, item // n_chunks, item % n_chunks, pos + 1, group, scale,
                           part_m, part_l, part_o)
         _combine_chunks(part_m, part_l, part_o, att)
         _group(mats, scales, kinds, groups[g + 1], groups[g + 2], att, tmp)
-        for i in range(dim):
-            x[i] += tmp[i]
+        _add(x, tmp)
         # feed-forward
         _rms_norm(x, ffn_norm[layer], eps, h)
         _group(mats, scales, kinds, groups[g + 2], groups[g + 3], h, gu)
-        for i in range(ffn):
-            gate = gu[i]
-            act[i] = gate / (np.float32(1.0) + fast_exp(-gate)) * gu[ffn + i]
+        _swiglu(gu, ffn, act)
         _group(mats, scales, kinds, groups[g + 3], groups[g + 4], act, tmp)
-        for i in range(dim):
-            x[i] += tmp[i]
+        _add(x, tmp)
 
 
 def _held(w) -> tuple[np.ndarray, np.ndarray, int]:
