@@ -13,10 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from numba import njit, prange
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cli.common import apply_thread_env  # noqa: E402
+
+apply_thread_env()  # the commands' thread waits, before numba starts its threads
+
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
 
 from engine.kernels_numba import _CHUNKS, q8_0_matvec, q8_0_rows  # noqa: E402
 

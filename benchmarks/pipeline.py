@@ -29,10 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # engine's steps 10-100x slower on an oversubscribed machine, which would flatter every distributed
 # figure; passive waiting (OMP_WAIT_POLICY=passive) cost the local decode 3x on a quiet one, which
 # flattered them too. Set the variables to compare.
-from cli.common import THREAD_ENV  # noqa: E402
+from cli.common import THREAD_ENV, apply_thread_env  # noqa: E402
 
-for _var, _value in THREAD_ENV.items():
-    os.environ.setdefault(_var, _value)
+apply_thread_env()
 
 import numpy as np  # noqa: E402
 

@@ -224,6 +224,12 @@ def usable_cores() -> int:
 THREAD_ENV = {"GOMP_SPINCOUNT": "5000", "OPENBLAS_THREAD_TIMEOUT": "4"}
 
 
+def apply_thread_env() -> None:
+    """THREAD_ENV's waits, unless the environment sets them; before numpy or numba start threads."""
+    for var, value in THREAD_ENV.items():
+        os.environ.setdefault(var, value)
+
+
 def set_threads(threads: int | None) -> int | None:
     """Thread count for numpy/numba; must run before they are imported (their pools read it once).
 
@@ -231,8 +237,7 @@ def set_threads(threads: int | None) -> int | None:
     request is capped at the core count with a note on stderr. Returns the count used. Idle worker
     threads wait briefly (``THREAD_ENV`` above; a value in the environment wins).
     """
-    for var, value in THREAD_ENV.items():
-        os.environ.setdefault(var, value)
+    apply_thread_env()
     if not threads:
         return None
     cores = usable_cores()
