@@ -75,15 +75,7 @@ def hash_fragments_s(store: Path) -> float:
 
 def kernel_gbs(model) -> tuple[float, float]:
     """(decode kernel GB/s over every block matrix, parallel byte sum GB/s over the same bytes)."""
-    import numpy as np
-    from numba import njit, prange
-
-    @njit(parallel=True)
-    def read_all(a):
-        s = 0
-        for i in prange(a.shape[0]):
-            s += a[i]
-        return s
+    from benchmarks.kernel_bandwidth import read_all  # a plain parallel read, the same as there
 
     products, flats = _decode_products(model.decoder)
     nbytes = sum(f.nbytes for f in flats)
