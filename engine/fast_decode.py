@@ -48,6 +48,18 @@ def _rope(v, n_heads, head_dim, cos, sin):
             v[base + 2 * i + 1] = x0 * sin[i] + x1 * cos[i]
 
 
+@njit(inline="always")
+def _scratch(dim, q_dim, kv_dim, ffn, n_heads, head_dim, pos):
+    """One step's buffers: h, qkv, att, tmp, gu, act, and the attention's partial softmaxes per head
+    and chunk of the pos + 1 cached positions (max score, sum of exp(score - max), those weights
+    times V)."""
+    n_chunks = (pos + ATT_CHUNK) // ATT_CHUNK
+    return (np.empty(dim, np.float32), np.empty(q_dim + 2 * kv_dim, np.float32), np.empty(q_dim, np.float32),
+            np.empty(dim, np.float32), np.empty(2 * ffn, np.float32), np.empty(ffn, np.float32), n_chunks,
+            np.empty((n_heads, n_chunks), np.float32), np.empty((n_heads, n_chunks), np.float32),
+            np.empty((n_heads, n_chunks, head_dim), np.float32))
+
+
 @njit(inline="always", fastmath=True)
 def _rope_and_store(qkv, q_dim, kv_dim, n_heads, n_kv, head_dim, cos, sin, k_cache, v_cache, layer, pos):
     """Rotate this token's Q and K (both in qkv: Q, K, V end to end) and write its K and V to the
@@ -158,16 +170,8 @@ def decode_blocks(x, pos, attn_norm, ffn_norm, qkv_qs, qkv_d, o_qs, o_d, gu_qs, 
     ffn = down_qs.shape[2]
     group = n_heads // n_kv
     scale = np.float32(1.0 / math.sqrt(head_dim))
-    h = np.empty(dim, np.float32)
-    qkv = np.empty(q_dim + 2 * kv_dim, np.float32)
-    att = np.empty(q_dim, np.float32)
-    tmp = np.empty(dim, np.float32)
-    gu = np.empty(2 * ffn, np.float32)
-    act = np.empty(ffn, np.float32)
-    n_chunks = (pos + ATT_CHUNK) // ATT_CHUNK  # chunks of the pos + 1 cached positions
-    part_m = np.empty((n_heads, n_chunks), np.float32)  # per head and chunk: max score,
-    part_l = np.empty((n_heads, n_chunks), np.float32)  # sum of exp(score - max),
-    part_o = np.empty((n_heads, n_chunks, head_dim), np.float32)  # and those weights times V
+    h, qkv, att, tmp, gu, act, n_chunks, part_m, part_l, part_o = _scratch(dim, q_dim, kv_dim, ffn, n_heads,
+                                                                           head_dim, pos)
     for layer in range(L):
         # attention
         _rms_norm(x, attn_norm[layer], eps, h)

@@ -34,7 +34,8 @@ from numba.typed import List
 
 from engine import kernels_numba as kn
 from engine import kernels_quant as kq
-from engine.fast_decode import ATT_CHUNK, _add, _attend_chunk, _combine_chunks, _rms_norm, _rope_and_store, _swiglu
+from engine.fast_decode import (_add, _attend_chunk, _combine_chunks, _rms_norm, _rope_and_store, _scratch,
+                                _swiglu)
 
 F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K = range(9)  # kernels_quant.KINDS order
 Q8_0 = 9  # the backend's split Q8Weight (kernels_numba)
@@ -91,16 +92,8 @@ def decode_blocks(x, pos, attn_norm, ffn_norm, mats, scales, kinds, groups, k_ca
     kv_dim = n_kv * head_dim
     group = n_heads // n_kv
     scale = np.float32(1.0 / math.sqrt(head_dim))
-    h = np.empty(dim, np.float32)
-    qkv = np.empty(q_dim + 2 * kv_dim, np.float32)
-    att = np.empty(q_dim, np.float32)
-    tmp = np.empty(dim, np.float32)
-    gu = np.empty(2 * ffn, np.float32)
-    act = np.empty(ffn, np.float32)
-    n_chunks = (pos + ATT_CHUNK) // ATT_CHUNK
-    part_m = np.empty((n_heads, n_chunks), np.float32)
-    part_l = np.empty((n_heads, n_chunks), np.float32)
-    part_o = np.empty((n_heads, n_chunks, head_dim), np.float32)
+    h, qkv, att, tmp, gu, act, n_chunks, part_m, part_l, part_o = _scratch(dim, q_dim, kv_dim, ffn, n_heads,
+                                                                           head_dim, pos)
     for layer in range(L):
         g = GROUPS * layer
         # attention
