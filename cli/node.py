@@ -62,7 +62,7 @@ def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positi
     from swarm.wire import load_key
 
     check_port(host, port)  # before the model loads
-    compute.start()
+    compute.adopt()  # this thread loads, then runs the event loop and computes inline (common.compute)
     spans = parse_spans(layers)
     if len(spans) != 1:
         raise UserError(f"--layers {layers!r}: a node runs one contiguous span, like 0-9")
@@ -72,7 +72,7 @@ def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positi
     say = lambda line: click.echo(line, err=True)  # noqa: E731
     loader = open_store(source, allow_file=True)
     # Blocks only: clients hold the embedding and the head (engine/session.py RoutedSession). The
-    # engine loads on the compute thread started above, the one that will step the model.
+    # engine loads on this thread, the one that will step the model.
     model = LlamaModel(loader, backend=kernels, layers=spans[0], edges=False)
     limits = Limits(max_sessions=max_sessions, max_positions=max_positions, max_cache_bytes=max_cache_mb << 20,
                     idle_s=idle, per_connection=per_connection, max_inflight_bytes=max_inflight_mb << 20)

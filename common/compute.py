@@ -12,6 +12,12 @@ compute thread once, and everything that runs kernels, loading included, goes th
 (or the ``executor``, for asyncio's ``run_in_executor``). Commands that compute on their main
 thread only (``infer``, ``chat``, ``validate``) never start it: ``run`` then calls directly, at no
 cost. The compute thread also serializes the work, so two sessions never share the cores at once.
+
+A node goes one step further: it ``adopt`` s its main thread, which loads the model and then runs
+the event loop, and computes inline between awaits. A decode step then needs no hand-over from the
+loop to another thread and back: each is a wake-up through the kernel, 0.1-0.2 ms on a busy
+2-core machine, paid at every hop of every token (SmolLM2 over three nodes: 0.78 against 1.17 ms
+per hop, 90 against 70 tok/s).
 """
 
 from __future__ import annotations
@@ -36,10 +42,22 @@ def start() -> ThreadPoolExecutor:
     """Start the process's compute thread (once; later calls return the same executor)."""
     global _executor
     with _lock:
+        if _executor is None and _thread_ident is not None:
+            raise RuntimeError("this process computes on its adopted thread: there is no compute thread to start")
         if _executor is None:
             _executor = ThreadPoolExecutor(1, thread_name_prefix="compute", initializer=_remember_ident)
             _executor.submit(lambda: None).result()  # the thread exists and its ident is known
         return _executor
+
+
+def adopt() -> None:
+    """Make the calling thread the compute thread, with no executor behind it: for a process that
+    computes inline on its event loop's thread (a node). ``run`` there calls directly."""
+    global _thread_ident
+    with _lock:
+        if _executor is not None:
+            raise RuntimeError("a compute thread is started already")
+        _thread_ident = threading.get_ident()
 
 
 def executor() -> ThreadPoolExecutor:

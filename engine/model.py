@@ -235,15 +235,29 @@ class LlamaModel:
         Long prompts go through PROMPT_CHUNK positions at a time (as llama.cpp's batches do), so
         memory stays bounded: attention scores are (heads, chunk, positions), never
         (positions x positions)."""
+        steps = self.forward_layers_steps(x, cache, first_pos)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def forward_layers_steps(self, x: np.ndarray, cache: KVCache, first_pos: int):
+        """``forward_layers`` as a generator that yields (None) after each block of a multi-row pass
+        and returns the hidden states: a server computing on its event loop's thread answers other
+        requests between blocks of a long prompt. The work, and so the result, is the same."""
         T = x.shape[0]
         if first_pos + T > cache.capacity:
             raise UserError(f"context full: {first_pos + T} positions exceed the cache's {cache.capacity}")
-        if T <= PROMPT_CHUNK:
-            return self._forward_chunk(x, cache, first_pos)
-        return np.concatenate([self._forward_chunk(x[i:i + PROMPT_CHUNK], cache, first_pos + i)
-                               for i in range(0, T, PROMPT_CHUNK)])
+        out = []
+        for i in range(0, T, PROMPT_CHUNK):
+            if i:
+                yield
+            out.append((yield from self._forward_chunk(x[i:i + PROMPT_CHUNK], cache, first_pos + i)))
+        return out[0] if len(out) == 1 else np.concatenate(out)
 
-    def _forward_chunk(self, x: np.ndarray, cache: KVCache, first_pos: int) -> np.ndarray:
+    def _forward_chunk(self, x: np.ndarray, cache: KVCache, first_pos: int):
+        # a generator: yields after each block of a multi-row pass, returns (T, dim)
         cfg = self.config
         T = x.shape[0]
         cos, sin = ops.rope_angles(np.arange(first_pos, first_pos + T), cfg.rope_dim, cfg.rope_base,
@@ -254,6 +268,8 @@ class LlamaModel:
             return x
         mm, mm_fused = self.backend.matmul, self.backend.matmul_fused
         for li, b in enumerate(self.blocks):
+            if li:
+                yield
             h = ops.rms_norm(x, b.attn_norm, cfg.rms_eps)
             q, k, v = mm_fused(h, b.qkv)
             q = q.reshape(T, cfg.n_heads, cfg.head_dim)

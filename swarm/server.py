@@ -76,8 +76,11 @@ class NodeService:
         self.inflight = Inflight(self.limits.max_inflight_bytes)  # bytes of frames held, all connections
         self._check_inflight()
         # Every forward pass runs on the process's one compute thread (common.compute): one at a
-        # time, as the kernels use every core already, and from one thread, as OpenMP needs to be fast.
-        self.executor = compute.executor()
+        # time, as the kernels use every core already, and from one thread, as OpenMP needs to be
+        # fast. A node process adopts its main thread, which also runs the event loop; a node run
+        # inside another program (NodeThread) starts one.
+        if not compute.on_compute_thread():
+            compute.start()
         self.views: dict[tuple[int, int], object] = {}
         self.recent: deque[float] = deque(maxlen=RECENT_STEPS)  # ms per token of real decode steps
         self.ms_per_token = self.measure()
@@ -165,19 +168,11 @@ class NodeService:
         self.cache.reserve(session, frame.position + T)
         session.cache.truncate(frame.position)  # a FORWARD at an earlier position rewinds
         x = frame.array                         # (T, dim), a read-only view of the frame
-        # Every step, prefill or decode, runs on the one compute thread: the event loop never waits
-        # for the compute thread, so INFO, other connections and the fragment server answer meanwhile. A long
-        # prefill goes in pieces of the engine's own prompt chunk, each queued on its own, so other
-        # sessions' decode steps run between them; forward_layers splits at the same rows, so the
-        # result is bit for bit that of one call (and a replay in the same frames rebuilds the cache).
-        loop, piece = asyncio.get_running_loop(), engine_model.PROMPT_CHUNK
         session.last_used = time.monotonic()
-        y, seconds = np.empty((T, self.dim), np.float32), 0.0  # pieces in, pieces out: no whole-frame copies
-        for i in range(0, T, piece):
-            y[i:i + piece], s = await loop.run_in_executor(self.executor, self._compute, session,
-                                                           x[i:i + piece].astype(np.float32),  # a copy we own
-                                                           frame.position + i, frame.position)
-            seconds += s
+        if compute.on_compute_thread():  # the node's own process: this loop's thread computes
+            y, seconds = await self._compute_inline(session, x, frame.position)
+        else:
+            y, seconds = await self._compute_pieces(session, x, frame.position)
         session.last_used = time.monotonic()
         if T == 1:
             self._observe(seconds * 1000 / (last - first + 1))
@@ -213,6 +208,43 @@ class NodeService:
             raise wire.WireError("position", f"position {frame.position} asked; session {sid.hex()} holds "
                                              f"{session.position} positions")
         return session
+
+    async def _compute_inline(self, session, x: np.ndarray, position: int) -> tuple[np.ndarray, float]:
+        """The forward pass on this thread, the event loop's (a node process adopts it as its compute
+        thread, common.compute): a decode step needs no hand-over to another thread and back. A
+        multi-row pass gives the loop back between blocks, so INFO, other sessions' steps and the
+        fragment server are answered within one block's time; it is the same work, so the result is
+        bit for bit that of one call (and a replay in the same frames rebuilds the cache)."""
+        view = self.view(session.first_block, session.last_block)
+        steps = view.forward_layers_steps(np.array(x, dtype=np.float32), session.cache, position)  # a copy we own
+        seconds = 0.0
+        try:
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    return done.value, seconds + time.perf_counter() - t0
+                seconds += time.perf_counter() - t0
+                await asyncio.sleep(0)
+        except BaseException:  # an error, or the connection's task cancelled: nothing of this frame is kept
+            steps.close()
+            session.cache.length = position
+            raise
+
+    async def _compute_pieces(self, session, x: np.ndarray, position: int) -> tuple[np.ndarray, float]:
+        """The forward pass on the process's compute thread, for a node run inside another program
+        (tests, benchmarks: ``NodeThread``). A long prefill goes in pieces of the engine's own prompt
+        chunk, each queued on its own, so other sessions' decode steps run between them;
+        forward_layers splits at the same rows, so the result is bit for bit that of one call."""
+        loop, piece, T = asyncio.get_running_loop(), engine_model.PROMPT_CHUNK, x.shape[0]
+        y, seconds = np.empty((T, self.dim), np.float32), 0.0  # pieces in, pieces out: no whole-frame copies
+        for i in range(0, T, piece):
+            y[i:i + piece], s = await loop.run_in_executor(compute.executor(), self._compute, session,
+                                                           x[i:i + piece].astype(np.float32),  # a copy we own
+                                                           position + i, position)
+            seconds += s
+        return y, seconds
 
     def _compute(self, session, x: np.ndarray, position: int, frame_position: int):
         view = self.view(session.first_block, session.last_block)

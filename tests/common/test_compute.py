@@ -55,3 +55,25 @@ print("ok")
 def test_compute_thread_runs_what_it_is_given_and_the_engine_uses_it():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+ADOPT = r"""
+import threading
+from common import compute
+
+compute.adopt()
+assert compute.on_compute_thread() and not compute.started()
+assert compute.run(threading.get_ident) == threading.get_ident()  # right here: no hand-over
+try:
+    compute.start()
+except RuntimeError as e:
+    assert "adopted" in str(e)
+else:
+    raise AssertionError("a second compute thread was started behind the adopted one")
+print("ok")
+"""
+
+
+def test_an_adopted_thread_computes_directly_and_no_second_one_starts():
+    proc = subprocess.run([sys.executable, "-c", ADOPT], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -56,3 +56,28 @@ def test_context_full_is_a_clear_error(loader):
     with pytest.raises(UserError, match="context full"):
         s.feed(TOKENS[:5])
     s.close()
+
+
+def test_forward_layers_steps_yields_between_blocks_and_computes_the_same(loader):
+    """The generator form a node steps on its event loop: a pause after every block of a multi-row
+    pass (none for a one-row decode step), and bit for bit what forward_layers computes."""
+    model = LlamaModel(loader, backend="numba")
+    x = np.random.default_rng(3).standard_normal((7, model.config.dim)).astype(np.float32)
+    one_call, stepped = model.new_cache(16), model.new_cache(16)
+    expected = model.forward_layers(x, one_call, 0)
+    steps = model.forward_layers_steps(x, stepped, 0)
+    pauses = 0
+    while True:
+        try:
+            next(steps)
+            pauses += 1
+        except StopIteration as done:
+            got = done.value
+            break
+    assert pauses == len(model.blocks) - 1
+    np.testing.assert_array_equal(got, expected)
+    assert stepped.length == one_call.length == 7
+    decode = model.forward_layers_steps(x[:1], stepped, 7)
+    with pytest.raises(StopIteration) as done:
+        next(decode)  # a decode step is one piece: no pause
+    np.testing.assert_array_equal(done.value.value, model.forward_layers(x[:1], one_call, 7))
