@@ -33,17 +33,19 @@ class NodeError(Exception):
         self.url, self.code, self.message = url, code, message
 
 
-class NodeLink:
-    """One WebSocket to one node; request() sends a frame and returns the checked reply."""
+class Hub:
+    """An event loop and one inbox for a set of links: a relayed step (swarm/relay.py) sends on the
+    first node's link and waits for the answer on the last one's, or an error on any. Every link
+    has a reader task that puts (link, message) in the inbox; the loop runs, in the calling thread,
+    only while a call waits. A link has a hub of its own unless it is given one; one session's
+    links share one (a session is driven from one thread at a time)."""
 
-    def __init__(self, url: str, key: bytes | None = None, dim: int | None = None, max_rows: int | None = None):
-        self.url, self.key, self.dim, self.max_rows = url, key, dim, max_rows
+    def __init__(self):
         self.loop = asyncio.new_event_loop()
-        self.http: aiohttp.ClientSession | None = None
-        self.ws = None
+        self.inbox: asyncio.Queue = asyncio.Queue()
 
     def run(self, coro, timeout: float):
-        """Run ``coro`` on this link's loop, here; from inside a running loop, on a helper thread."""
+        """Run ``coro`` on this hub's loop, here; from inside a running loop, on a helper thread."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -64,11 +66,39 @@ class NodeLink:
                     pass
             raise
 
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        pending = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self.loop.close()
+
+
+class NodeLink:
+    """One WebSocket to one node; request() sends a frame and returns the checked reply."""
+
+    def __init__(self, url: str, key: bytes | None = None, dim: int | None = None, max_rows: int | None = None,
+                 hub: Hub | None = None):
+        self.url, self.key, self.dim, self.max_rows = url, key, dim, max_rows
+        self.hub, self.own_hub = hub or Hub(), hub is None
+        self.loop = self.hub.loop
+        self.http: aiohttp.ClientSession | None = None
+        self.ws = None
+        self.reader: asyncio.Task | None = None
+
+    def run(self, coro, timeout: float):
+        return self.hub.run(coro, timeout)
+
     def connect(self) -> "NodeLink":
         async def go():
             self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT))
             limit = wire.HEADER.size + (self.max_rows or 0) * (self.dim or 0) * 4 + wire.MAC_LEN + wire.MAX_JSON
-            return await self.http.ws_connect(self.url, max_msg_size=limit, compress=0, autoping=True)
+            ws = await self.http.ws_connect(self.url, max_msg_size=limit, compress=0, autoping=True)
+            self.reader = asyncio.ensure_future(self._read(ws))
+            return ws
 
         try:
             self.ws = self.run(go(), CONNECT_TIMEOUT)
@@ -77,11 +107,26 @@ class NodeLink:
             raise NodeError(self.url, "unreachable", f"cannot connect ({type(e).__name__}: {e})") from None
         return self
 
+    async def _read(self, ws) -> None:
+        """Every message of this link into the hub's inbox, the connection's end included."""
+        while True:
+            msg = await ws.receive()
+            self.hub.inbox.put_nowait((self, msg))
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                return
+
+    async def next_message(self):
+        """This link's next message; another link's, left over from a relayed step that failed, is dropped."""
+        while True:
+            link, msg = await self.hub.inbox.get()
+            if link is self:
+                return msg
+
     def exchange(self, data: bytes, timeout: float) -> bytes:
         """Send one message, return the reply's bytes (raises NodeError if none comes)."""
         async def go():
             await self.ws.send_bytes(data)
-            msg = await self.ws.receive()
+            msg = await self.next_message()
             if msg.type != aiohttp.WSMsgType.BINARY:
                 raise NodeError(self.url, "died", f"connection closed ({msg.type.name.lower()})")
             return msg.data
@@ -98,10 +143,15 @@ class NodeLink:
 
     def request(self, frame: wire.Frame, timeout: float) -> wire.Frame:
         raw = self.exchange(wire.encode(frame, self.key), timeout)
-        try:
-            reply = wire.decode(raw, self.key, self.dim, self.max_rows)
-        except wire.WireError as e:
-            raise NodeError(self.url, "bad_reply", f"unusable reply: {e}") from None
+        while True:
+            try:
+                reply = wire.decode(raw, self.key, self.dim, self.max_rows)
+            except wire.WireError as e:
+                raise NodeError(self.url, "bad_reply", f"unusable reply: {e}") from None
+            stale = reply.type == wire.RELAYED or (reply.type == wire.ERROR and (reply.body or {}).get("relay"))
+            if not stale:
+                break
+            raw = self._late(timeout)  # the answer to a relayed step given up on, not to this request
         if reply.type == wire.ERROR:
             body = reply.body or {}
             code = str(body.get("code", "error"))
@@ -113,12 +163,27 @@ class NodeLink:
             raise NodeError(self.url, "bad_reply", "the reply names another session")
         return reply
 
+    def _late(self, timeout: float) -> bytes:
+        async def go():
+            msg = await self.next_message()
+            if msg.type != aiohttp.WSMsgType.BINARY:
+                raise NodeError(self.url, "died", f"connection closed ({msg.type.name.lower()})")
+            return msg.data
+
+        try:
+            return self.run(go(), timeout)
+        except asyncio.TimeoutError:
+            self.abort()
+            raise NodeError(self.url, "timeout", f"no reply within {timeout:.0f} s") from None
+
     def abort(self) -> None:
-        """Close the connection (if any) and the loop; the link cannot be used afterwards."""
+        """Close the connection (if any); the link cannot be used afterwards (nor its own hub)."""
         if self.loop.is_closed():
             return
 
         async def close():
+            if self.reader is not None:
+                self.reader.cancel()
             if self.ws is not None and not self.ws.closed:
                 await self.ws.close()
             if self.http is not None:
@@ -128,7 +193,8 @@ class NodeLink:
             self.run(close(), 5)
         except Exception:  # closing a connection that is already gone
             pass
-        self.loop.close()
+        if self.own_hub:
+            self.hub.close()
 
 
 def query_info(url: str, key: bytes | None = None, timeout: float = CONNECT_TIMEOUT) -> tuple[dict, float]:
@@ -149,13 +215,15 @@ class RemoteSpanSession:
     """A ``SpanSession`` for blocks first..last run by one node, over its own WebSocket."""
 
     def __init__(self, url: str, first_layer: int, last_layer: int, capacity: int, dim: int,
-                 key: bytes | None = None, dtype: str = "float32", step_timeout: float = STEP_TIMEOUT):
+                 key: bytes | None = None, dtype: str = "float32", step_timeout: float = STEP_TIMEOUT,
+                 hub: Hub | None = None):
         self.url, self.first_layer, self.last_layer = url, first_layer, last_layer
         self._capacity, self.dim, self.dtype = capacity, dim, wire.DTYPE_CODES[dtype]
         self.step_timeout = step_timeout  # a decode step's bound; a prefill gets PER_POSITION_S more per row
         self.sid = secrets.token_bytes(16)
         self._position = 0
-        self.link = NodeLink(url, key, dim, capacity).connect()
+        self.key = key
+        self.link = NodeLink(url, key, dim, capacity, hub).connect()
         self.node_s = 0.0       # node compute, decode steps only
         self.round_s = 0.0      # round trips seen by this client, decode steps only
         self.steps = 0          # decode steps
@@ -199,6 +267,14 @@ class RemoteSpanSession:
         self._position += T
         return reply.array.astype(np.float32)
 
+    def relayed(self, node_s: float, round_s: float) -> None:
+        """A decode step this span ran inside a relayed step (relay_step): count it as its own."""
+        self.steps += 1
+        self.node_s += node_s
+        self.round_s += round_s
+        self._position += 1
+        self.last_used = time.perf_counter()
+
     def rewind(self, position: int) -> None:
         if not 0 <= position <= self._position:
             raise ValueError(f"cannot rewind a span session at {self._position} to {position}")
@@ -215,15 +291,76 @@ class RemoteSpanSession:
         self.link.abort()
 
 
+class RelayFailed(Exception):
+    """A relayed step did not come back; the step is then run hop by hop (which fails over)."""
+
+
+def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray) -> np.ndarray:
+    """One decode step through every span, passed node to node (swarm/relay.py); the spans share
+    a hub. Returns (len(spans) + 1, dim): each span's input, then the last one's output; each span
+    counts the step (its compute, and an equal share of the crossings' time). Raises RelayFailed
+    on an error from any node, a connection lost, or no answer in time; nothing is counted then."""
+    first, last = spans[0], spans[-1]
+    if len({id(s.link.hub) for s in spans}) != 1 or hidden.shape[0] != 1:
+        raise ValueError("a relayed step is one row, through spans sharing a hub")
+    if any(s.closed or s.link.ws is None or s.link.ws.closed or s.position != first.position for s in spans):
+        raise RelayFailed("a span of the route is closed or out of step")
+    position, hub, links = first.position, first.link.hub, {s.link for s in spans}
+    body = {"next": [[s.url, s.sid.hex(), s.first_layer, s.last_layer] for s in spans[1:]], "elapsed_us": []}
+    try:
+        data = wire.encode(wire.Frame(wire.RELAY, first.sid, position, hidden, first_block=first.first_layer,
+                                      last_block=first.last_layer, dtype=first.dtype, body=body), first.key)
+    except ValueError as e:  # float16 overflow: the hop-by-hop step says so, naming the node
+        raise RelayFailed(str(e)) from None
+
+    async def go():
+        await first.link.ws.send_bytes(data)
+        while True:
+            link, msg = await hub.inbox.get()
+            if link not in links:
+                continue  # a link of a chain this session has left
+            if msg.type != aiohttp.WSMsgType.BINARY:
+                raise RelayFailed(f"{link.url}: connection closed")
+            try:
+                reply = wire.decode(msg.data, link.key, link.dim, len(spans) + 1)
+            except wire.WireError as e:
+                raise RelayFailed(f"{link.url}: unusable reply: {e}") from None
+            if reply.type == wire.ERROR:
+                raise RelayFailed(f"{link.url}: {(reply.body or {}).get('message', 'error')}")
+            if (reply.type == wire.RELAYED and link is last.link and reply.session == last.sid
+                    and reply.position == position):
+                return reply
+            # anything else is left over from an earlier step: skip it
+
+    t0 = time.perf_counter()
+    try:
+        reply = hub.run(go(), last.step_timeout)
+    except asyncio.TimeoutError:
+        raise RelayFailed(f"no answer within {last.step_timeout:.0f} s") from None
+    except (aiohttp.ClientError, OSError, ConnectionError) as e:
+        raise RelayFailed(f"{first.url}: connection lost ({type(e).__name__})") from None
+    round_s = time.perf_counter() - t0
+    elapsed = (reply.body or {}).get("elapsed_us")
+    rows = reply.array
+    if rows.shape != (len(spans) + 1, first.dim) or not isinstance(elapsed, list) or len(elapsed) != len(spans):
+        raise RelayFailed(f"{last.url}: the relayed answer does not match the route")
+    node_s = [float(t) / 1e6 for t in elapsed]
+    crossing = max(round_s - sum(node_s), 0.0) / len(spans)  # each hop's share of the time between nodes
+    for span, s in zip(spans, node_s):
+        span.relayed(s, s + crossing)
+    return rows.astype(np.float32)
+
+
 def distributed_text_model(loader, nodes: list[str] | None = None, key: bytes | None = None, find=None,
                            kernels: str = "numba", template: str | None = None, dtype: str = "float32",
-                           step_timeout: float = STEP_TIMEOUT):
+                           step_timeout: float = STEP_TIMEOUT, relay: bool = True):
     """A ``generation.TextModel`` whose sessions run every block on the swarm's nodes.
 
     Only the edges (embedding, output norm and head) and the tokenizer are loaded here. Nodes come
     from ``nodes`` (WebSocket URLs) and/or ``find`` (a callable returning URLs), by default the DHT
     of a p2p:// loader (the nodes announcing the manifest's blocks).
-    ``timings(text_model)`` reports the route, failovers and per-node times afterwards.
+    ``timings(text_model)`` reports the route, failovers and per-node times afterwards. With
+    ``relay`` (the default) decode steps pass from node to node (swarm/relay.py).
     """
     from engine.model import LlamaModel
     from engine.tokenizer import Tokenizer
@@ -237,7 +374,7 @@ def distributed_text_model(loader, nodes: list[str] | None = None, key: bytes | 
         from swarm.discovery import dht_finder
 
         find = dht_finder(loader.node, sha, edges.config.n_layers)
-    swarm = Swarm(edges, Directory(sha, nodes, find, key), key, dtype, step_timeout)
+    swarm = Swarm(edges, Directory(sha, nodes, find, key), key, dtype, step_timeout, relay)
     model = {k: v for k, v in loader.manifest.model.items() if v is not None}
     info = {**model, "source": loader.where, "sha256": loader.manifest.source.get("sha256"),
             "manifest": sha, "distributed": True}

@@ -7,6 +7,10 @@ joined since may take over), plans a new chain for exactly its blocks (one node 
 sub-span of a node's span), replays the history in the same chunks as the original steps, so
 the new caches are bit for bit the old ones, and retries the step. Retries are bounded.
 
+``SwarmRoute`` is the whole route as one span session: it relays decode steps from node to node
+(swarm/relay.py) and runs a step segment by segment when a relay fails, so failures are pinned
+on their node there.
+
 Planning is a shortest path over block boundaries: a hop running blocks a..e on node n costs
 n's round trip plus its measured ms per block times the blocks, up to doubled as n's session
 slots fill (its compute is shared); nodes with no free session or cache memory, excluded after
@@ -21,9 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.errors import UserError
-from swarm.client import NodeError, RemoteSpanSession, query_info
+from swarm.client import Hub, NodeError, RelayFailed, RemoteSpanSession, query_info, relay_step
 
 MAX_FAILOVERS = 4      # per step: then the error is the user's to see
+MAX_RELAY_FAILURES = 3  # relayed steps failing in a row: then this session's steps go hop by hop
 EXCLUDE_S = 60.0       # a node that failed is not chosen again for this long
 RETRYABLE_SAME_NODE = {"unknown_session"}  # the node is fine, it only lost (expired) our session
 
@@ -129,8 +134,8 @@ def _shortest(nodes: list[NodeInfo], first: int, last: int) -> list[tuple] | Non
 class Segment:
     """A ``SpanSession`` for blocks first..last on one or more nodes, with replay on failure."""
 
-    def __init__(self, swarm, first: int, last: int, capacity: int, spans: list):
-        self.swarm, self.first_layer, self.last_layer = swarm, first, last
+    def __init__(self, swarm, first: int, last: int, capacity: int, spans: list, hub: Hub | None = None):
+        self.swarm, self.first_layer, self.last_layer, self.hub = swarm, first, last, hub
         self._capacity = capacity
         self.spans = spans
         self.taken = self.describe()       # the chain in use (kept after close, for the report)
@@ -176,12 +181,17 @@ class Segment:
             span.close()
         self.spans = []
         try:
-            self.spans = self.swarm.open_chain(self.first_layer, self.last_layer, self._capacity)
+            self.spans = self.swarm.open_chain(self.first_layer, self.last_layer, self._capacity, self.hub)
         except NoRoute as e:
             raise NoRoute(f"{e} (lost {lost.url}: {lost.message})") from None
         self.taken = self.describe()
         for chunk in self.history:  # the same chunks as the original steps: the same cache, bit for bit
             self._through(chunk)
+
+    def relayed(self, hidden: np.ndarray) -> None:
+        """A decode step its spans ran inside a relayed step; ``hidden`` (1, dim) was its input."""
+        self.history.append(hidden)
+        self._position += 1
 
     def rewind(self, position: int) -> None:
         if not 0 <= position <= self._position:
@@ -211,8 +221,10 @@ class Swarm:
     """Opens routed sessions over the nodes a ``Directory`` knows; keeps the timings and failovers."""
 
     def __init__(self, edges, directory: Directory, key: bytes | None = None, dtype: str = "float32",
-                 step_timeout: float = 30.0):
+                 step_timeout: float = 30.0, relay: bool = True):
         self.edges, self.directory, self.key, self.dtype = edges, directory, key, dtype
+        self.relay = relay               # decode steps passed node to node (swarm/relay.py)
+        self.relayed_steps = 0
         self.step_timeout = step_timeout
         self.n_layers, self.dim = edges.config.n_layers, edges.config.dim
         self.failovers = 0
@@ -234,7 +246,7 @@ class Swarm:
         now = time.monotonic()
         return {u for u, t in self.excluded.items() if now - t < EXCLUDE_S}
 
-    def open_chain(self, first: int, last: int, capacity: int) -> list[RemoteSpanSession]:
+    def open_chain(self, first: int, last: int, capacity: int, hub: Hub | None = None) -> list[RemoteSpanSession]:
         """Remote span sessions covering first..last, chosen from a fresh look at the directory."""
         for _ in range(MAX_FAILOVERS + 1):
             nodes = self.directory.nodes()
@@ -243,18 +255,18 @@ class Swarm:
             except NoRoute as e:
                 raise NoRoute(str(e) + self._problems()) from None
             try:
-                return self._connect(hops, capacity)
+                return self._connect(hops, capacity, hub)
             except NodeError as e:
                 self.exclude(e.url)
                 self.directory.problems[e.url] = e.message
         raise NoRoute(f"no reachable nodes for blocks {first}-{last}" + self._problems())
 
-    def _connect(self, hops, capacity: int) -> list[RemoteSpanSession]:
+    def _connect(self, hops, capacity: int, hub: Hub | None = None) -> list[RemoteSpanSession]:
         spans = []
         try:
             for node, a, b in hops:
                 spans.append(RemoteSpanSession(node.url, a, b, min(capacity, node.max_positions), self.dim,
-                                               self.key, self.dtype, self.step_timeout))
+                                               self.key, self.dtype, self.step_timeout, hub))
         except NodeError:
             for s in spans:
                 s.close()
@@ -279,9 +291,14 @@ class Swarm:
         from engine.session import RoutedSession
 
         capacity = min(max_positions or self.edges.config.context_length, self.edges.config.context_length)
-        chain = self.open_chain(0, self.n_layers - 1, capacity)
-        self.last_segments = [Segment(self, s.first_layer, s.last_layer, s.capacity, [s]) for s in chain]
-        return RoutedSession(self.edges, self.last_segments)
+        hub = Hub()  # the session's links share one loop, so a relayed step can wait on all of them
+        try:
+            chain = self.open_chain(0, self.n_layers - 1, capacity, hub)
+        except BaseException:
+            hub.close()
+            raise
+        self.last_segments = [Segment(self, s.first_layer, s.last_layer, s.capacity, [s], hub) for s in chain]
+        return RoutedSession(self.edges, [SwarmRoute(self, self.last_segments, hub)])
 
     def timings(self) -> dict:
         """route, failovers, node_ms (per node, ms per decode token) and hop_overhead_ms."""
@@ -298,4 +315,59 @@ class Swarm:
                 overhead.append((round_s - node_s) * 1000 / steps)
         route = [hop for seg in self.last_segments for hop in seg.taken]
         return {"route": route, "failovers": self.failovers, "node_ms": node_ms,
-                "hop_overhead_ms": round(sum(overhead) / len(overhead), 3) if overhead else None}
+                "hop_overhead_ms": round(sum(overhead) / len(overhead), 3) if overhead else None,
+                "relayed_steps": self.relayed_steps}
+
+
+class SwarmRoute:
+    """The whole route as one ``SpanSession`` over blocks 0..L-1, made of segments.
+
+    A decode step is relayed node to node when it can be (swarm/relay.py): one crossing per node
+    instead of two, and the answer brings every segment's input back for its replay history. Any
+    other step, and a relayed one that fails (a node died, errs or is slow), goes segment by
+    segment, where a failure is pinned on its node and failed over. After MAX_RELAY_FAILURES
+    failed relays in a row (say, nodes that cannot reach each other) the session stops relaying.
+    """
+
+    def __init__(self, swarm: Swarm, segments: list[Segment], hub: Hub):
+        self.swarm, self.segments, self.hub = swarm, segments, hub
+        self.first_layer, self.last_layer = segments[0].first_layer, segments[-1].last_layer
+        self.relay_failures = 0
+
+    @property
+    def position(self) -> int:
+        return self.segments[0].position
+
+    @property
+    def capacity(self) -> int:
+        return min(seg.capacity for seg in self.segments)
+
+    def forward(self, hidden: np.ndarray) -> np.ndarray:
+        # hidden: (T, dim) -> (T, dim)
+        hidden = np.ascontiguousarray(hidden, dtype=np.float32)
+        if hidden.shape[0] == 1 and self.swarm.relay and self.relay_failures < MAX_RELAY_FAILURES:
+            spans = [span for seg in self.segments for span in seg.spans]
+            try:
+                rows = relay_step(spans, hidden)
+            except RelayFailed:
+                self.relay_failures += 1
+            else:
+                self.relay_failures = 0
+                self.swarm.relayed_steps += 1
+                at = 0
+                for seg in self.segments:
+                    seg.relayed(rows[at:at + 1])
+                    at += len(seg.spans)
+                return rows[-1:]
+        for seg in self.segments:
+            hidden = seg.forward(hidden)
+        return hidden
+
+    def rewind(self, position: int) -> None:
+        for seg in self.segments:
+            seg.rewind(position)
+
+    def close(self) -> None:
+        for seg in self.segments:
+            seg.close()
+        self.hub.close()

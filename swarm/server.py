@@ -3,6 +3,9 @@
     client --FORWARD(session, position, blocks a..b, hidden (T, dim))--> node
     client <--RESULT(session, position, hidden (T, dim), compute time)-- node
 
+or, for a decode step, RELAY from the client or the node before, passed on to the next node or
+answered with RELAYED on the client's own connection (swarm/relay.py).
+
 Each session has its own KV cache here (swarm/memory.py), created by its first FORWARD at
 position 0, rewound by a FORWARD at an earlier position, dropped by CLOSE, by idle expiry, or when
 the connection that opened it closes. A FORWARD may ask for any sub-span a..b of the node's
@@ -26,7 +29,7 @@ from aiohttp import WSMsgType, web
 
 from common import compute
 from engine import model as engine_model
-from swarm import wire
+from swarm import relay, wire
 from swarm.inflight import GatedWebSocket
 from swarm.memory import Inflight, LimitError, Limits, SessionCache
 
@@ -82,6 +85,7 @@ class NodeService:
         if not compute.on_compute_thread():
             compute.start()
         self.views: dict[tuple[int, int], object] = {}
+        self.relays = relay.RelayLinks(key)  # this node's connections to the next hops of relayed steps
         self.recent: deque[float] = deque(maxlen=RECENT_STEPS)  # ms per token of real decode steps
         self.ms_per_token = self.measure()
         self.served = 0
@@ -134,18 +138,19 @@ class NodeService:
         return self.views[(first, last)]
 
     # -- one frame in, one frame out ----------------------------------------------------------------
-    async def handle(self, data, conn) -> bytes:
-        session = bytes(data[8:24]) if isinstance(data, (bytes, bytearray)) and len(data) >= 24 else bytes(16)
+    async def handle(self, data, conn) -> bytes | None:
+        """The reply to one message, or None for a relayed step (its answer goes elsewhere)."""
+        framed = isinstance(data, (bytes, bytearray)) and len(data) >= 24
+        session = bytes(data[8:24]) if framed else bytes(16)
+        relayed = framed and data[5] == wire.RELAY
         try:
             frame = wire.decode(data, self.key, self.dim, self.limits.max_positions)
             reply = await self.dispatch(frame, conn)
-        except wire.WireError as e:
-            reply = wire.error_frame(session, e.code, str(e))
-        except LimitError as e:
-            reply = wire.error_frame(session, e.code, str(e))
+        except (wire.WireError, LimitError) as e:
+            reply = wire.error_frame(session, e.code, str(e), relayed)
         except Exception as e:  # a bug must not take the node down for everyone
-            reply = wire.error_frame(session, "internal", f"{type(e).__name__}: {e}")
-        return wire.encode(reply, self.key)
+            reply = wire.error_frame(session, "internal", f"{type(e).__name__}: {e}", relayed)
+        return None if reply is None else wire.encode(reply, self.key)
 
     async def dispatch(self, frame: wire.Frame, conn) -> wire.Frame:
         if frame.type == wire.INFO_REQ:
@@ -157,17 +162,68 @@ class NodeService:
             return wire.Frame(wire.CLOSED, frame.session)
         if frame.type == wire.FORWARD:
             return await self.forward(frame, conn)
+        if frame.type == wire.RELAY:
+            return await self.relay(frame)
         raise wire.WireError("bad_frame", f"a node does not take {wire.TYPE_NAMES[frame.type]} frames")
 
     async def forward(self, frame: wire.Frame, conn) -> wire.Frame:
-        first, last, T = frame.first_block, frame.last_block, frame.array.shape[0]
+        self._check_span(frame)
+        session = self._session(frame, conn)
+        y, seconds = await self._step(session, frame, frame.array)
+        return wire.Frame(wire.RESULT, frame.session, frame.position, y, first_block=frame.first_block,
+                          last_block=frame.last_block, elapsed_us=_us(seconds), dtype=frame.dtype)
+
+    async def relay(self, frame: wire.Frame) -> None:
+        """A relayed decode step (swarm/relay.py): run the last row through this node's blocks, then
+        pass the rows plus the output to the next hop, or, at the last hop, back to the client on
+        its own connection here. Errors about the frame itself go back where it came from (the
+        client, or the node before, which passes them on); once the session is known, every error
+        goes to its client, which then runs the step hop by hop."""
+        self._check_span(frame)
+        hops, elapsed = relay.parse_hops(frame.body), relay.elapsed_list(frame.body)
+        if len(elapsed) + 1 != frame.array.shape[0]:
+            raise wire.WireError("bad_frame", f"a RELAY of {frame.array.shape[0]} rows carries "
+                                              f"{len(elapsed)} compute times, not {frame.array.shape[0] - 1}")
+        session = self._session(frame, None)
+        try:
+            y, seconds = await self._step(session, frame, frame.array[-1:])
+            rows = np.concatenate([frame.array.astype(np.float32), y])  # every hop's input, then the output
+            elapsed = elapsed + [_us(seconds)]
+            if hops:
+                nxt = wire.Frame(wire.RELAY, hops[0].session, frame.position, rows, first_block=hops[0].first,
+                                 last_block=hops[0].last, dtype=frame.dtype,
+                                 body={"next": [h.as_json() for h in hops[1:]], "elapsed_us": elapsed})
+                await self.relays.send(hops[0], wire.encode(nxt, self.key), session.owner, frame.session)
+            else:
+                done = wire.Frame(wire.RELAYED, frame.session, frame.position, rows, first_block=frame.first_block,
+                                  last_block=frame.last_block, elapsed_us=_us(seconds), dtype=frame.dtype,
+                                  body={"elapsed_us": elapsed})
+                await relay.send_quietly(session.owner, wire.encode(done, self.key))
+        except (wire.WireError, LimitError) as e:
+            await self._tell(session.owner, frame.session, e.code, str(e))
+        except relay.RelayError as e:
+            await self._tell(session.owner, frame.session, "relay", str(e))
+        except ValueError as e:  # wire.encode: the rows overflow float16
+            await self._tell(session.owner, frame.session, "overflow", str(e))
+        except Exception as e:  # a bug must not take the node down for everyone
+            await self._tell(session.owner, frame.session, "internal", f"{type(e).__name__}: {e}")
+        return None
+
+    async def _tell(self, owner, session: bytes, code: str, message: str) -> None:
+        """A relayed step's failure, to its client on its own connection here."""
+        await relay.send_quietly(owner, wire.encode(wire.error_frame(session, code, message, relayed=True), self.key))
+
+    def _check_span(self, frame: wire.Frame) -> None:
+        first, last = frame.first_block, frame.last_block
         if not self.model.first_layer <= first <= last <= self.model.last_layer:
             raise wire.WireError("span", f"blocks {first}-{last} asked; this node serves "
                                          f"{self.model.first_layer}-{self.model.last_layer}")
-        session = self._session(frame, conn)
+
+    async def _step(self, session, frame: wire.Frame, x: np.ndarray) -> tuple[np.ndarray, float]:
+        """x (T, dim) through the session's blocks at frame.position: (T, dim) and the compute seconds."""
+        first, last, T = frame.first_block, frame.last_block, x.shape[0]
         self.cache.reserve(session, frame.position + T)
-        session.cache.truncate(frame.position)  # a FORWARD at an earlier position rewinds
-        x = frame.array                         # (T, dim), a read-only view of the frame
+        session.cache.truncate(frame.position)  # a step at an earlier position rewinds
         session.last_used = time.monotonic()
         if compute.on_compute_thread():  # the node's own process: this loop's thread computes
             y, seconds = await self._compute_inline(session, x, frame.position)
@@ -180,8 +236,7 @@ class NodeService:
         if frame.dtype == wire.F16 and not np.all(np.abs(y) <= wire.F16_MAX):
             raise wire.WireError("overflow", f"blocks {first}-{last} computed values beyond float16's range "
                                              f"(+-{wire.F16_MAX:g}); send this session as float32")
-        return wire.Frame(wire.RESULT, frame.session, frame.position, y, first_block=first, last_block=last,
-                          elapsed_us=min(int(seconds * 1e6), 2**32 - 1), dtype=frame.dtype)
+        return y, seconds
 
     def _observe(self, ms_per_block: float) -> None:
         """A real decode step's time: the advertised speed is the median of the recent ones, scaled
@@ -190,16 +245,19 @@ class NodeService:
         self.ms_per_token = statistics.median(self.recent)
 
     def _session(self, frame: wire.Frame, conn):
+        """The frame's session, opened by a FORWARD at position 0. A relayed step (conn None) may
+        come over any connection, another node's: its session must be open, and its 128 random
+        bits, known only to the client and the route it chose, are the permission."""
         sid = frame.session
         if sid == bytes(16):
             raise wire.WireError("wrong_session", "session id 0 is reserved: choose 128 random bits")
         session = self.cache.sessions.get(sid)
         if session is None:
-            if frame.position != 0:
+            if frame.position != 0 or conn is None:
                 raise wire.WireError("unknown_session", f"session {sid.hex()} is not open here (closed or "
                                                         f"expired); replay it from position 0")
             return self.cache.open(sid, conn, frame.first_block, frame.last_block, frame.array.shape[0])
-        if session.owner is not conn:
+        if conn is not None and session.owner is not conn:
             raise wire.WireError("wrong_session", f"session {sid.hex()} belongs to another connection")
         if (session.first_block, session.last_block) != (frame.first_block, frame.last_block):
             raise wire.WireError("wrong_session", f"session {sid.hex()} runs blocks {session.first_block}-"
@@ -257,6 +315,10 @@ class NodeService:
         return y, time.perf_counter() - t0
 
 
+def _us(seconds: float) -> int:
+    return min(int(seconds * 1e6), 2**32 - 1)
+
+
 def make_app(service: NodeService, app: web.Application | None = None) -> web.Application:
     """The node's WebSocket at /swarm, added to ``app`` (say, the fragment server's) or a new one."""
     connections: set[web.WebSocketResponse] = set()
@@ -269,7 +331,7 @@ def make_app(service: NodeService, app: web.Application | None = None) -> web.Ap
         await ws.prepare(request)
         gate = ws.gate
         connections.add(ws)
-        conn = object()  # the owner of the sessions this connection opens
+        conn = ws  # the owner of the sessions this connection opens (relayed steps answer on it)
         try:
             while (msg := await _receive(ws, gate, service.limits)) is not None:
                 if msg.type not in (WSMsgType.BINARY, WSMsgType.TEXT):  # ERROR, CLOSE: the connection is over
@@ -278,7 +340,8 @@ def make_app(service: NodeService, app: web.Application | None = None) -> web.Ap
                 try:
                     reply = await _answer(service, msg, entry, conn)
                     msg = None
-                    await ws.send_bytes(reply)
+                    if reply is not None and not await relay.send_quietly(ws, reply):  # (a relayed
+                        break                                                 # step answers elsewhere)
                 finally:
                     gate.done(entry)
         finally:
@@ -302,6 +365,7 @@ def make_app(service: NodeService, app: web.Application | None = None) -> web.Ap
     async def close_connections(app):
         for ws in list(connections):
             await ws.close(code=1001, message=b"node stopping")
+        await service.relays.close()
 
     app = app if app is not None else web.Application()
     app.router.add_get(WS_PATH, swarm)

@@ -3,7 +3,7 @@
     offset size  field
     0      4     magic        b"GFSW"
     4      1     version      1
-    5      1     type         INFO_REQ, INFO, FORWARD, RESULT, CLOSE, CLOSED, ERROR
+    5      1     type         INFO_REQ, INFO, FORWARD, RESULT, CLOSE, CLOSED, ERROR, RELAY, RELAYED
     6      1     dtype        0 none (body is UTF-8 JSON or empty), 1 float32, 2 float16
     7      1     flags        bit 0: a 32-byte HMAC-SHA256 follows the body
     8      16    session      the session id, 128 bits the client chose at random
@@ -15,6 +15,9 @@
     40     4     elapsed_us   the node's compute time for this reply (RESULT)
     44     4     body_len     bytes of body; for arrays exactly rows * cols * itemsize
     48     ...   body, then the MAC over header + body when flags bit 0 is set
+
+RELAY and RELAYED frames carry both: the array, then a JSON object (the rest of the body, at most
+MAX_JSON bytes): the hops still to run (RELAY), the nodes' compute times (RELAYED).
 
 All integers little-endian. Nothing is evaluated or unpickled: JSON bodies go through json.loads,
 arrays through np.frombuffer after every size has been checked against the caller's limits.
@@ -37,10 +40,11 @@ MAC_LEN = 32
 MAX_JSON = 64 * 1024  # a JSON body (info, error) is never larger
 F16_MAX = 65504.0     # float16's largest finite value: beyond it a cast gives infinity
 
-INFO_REQ, INFO, FORWARD, RESULT, CLOSE, CLOSED, ERROR = range(1, 8)
+INFO_REQ, INFO, FORWARD, RESULT, CLOSE, CLOSED, ERROR, RELAY, RELAYED = range(1, 10)
 TYPE_NAMES = {INFO_REQ: "INFO_REQ", INFO: "INFO", FORWARD: "FORWARD", RESULT: "RESULT", CLOSE: "CLOSE",
-              CLOSED: "CLOSED", ERROR: "ERROR"}
-ARRAY_TYPES = {FORWARD, RESULT}
+              CLOSED: "CLOSED", ERROR: "ERROR", RELAY: "RELAY", RELAYED: "RELAYED"}
+ARRAY_TYPES = {FORWARD, RESULT, RELAY, RELAYED}
+TRAILER_TYPES = {RELAY, RELAYED}  # an array, then a JSON object
 
 NONE, F32, F16 = 0, 1, 2
 DTYPES = {F32: np.dtype("<f4"), F16: np.dtype("<f2")}
@@ -62,8 +66,8 @@ class Frame:
     type: int
     session: bytes = bytes(16)
     position: int = 0
-    array: np.ndarray | None = None   # (T, dim) for FORWARD / RESULT
-    body: dict | None = None          # JSON for INFO / ERROR
+    array: np.ndarray | None = None   # (T, dim) for FORWARD / RESULT; (rows, dim) for RELAY / RELAYED
+    body: dict | None = None          # JSON for INFO / ERROR, the trailer of RELAY / RELAYED
     first_block: int = 0
     last_block: int = 0
     elapsed_us: int = 0
@@ -87,6 +91,8 @@ def encode(frame: Frame, key: bytes | None = None) -> bytes:
         if array.ndim != 2:
             raise ValueError(f"an activation array is (T, dim), not {array.shape}")
         body, dtype, (rows, cols) = array.tobytes(), frame.dtype, array.shape
+        if frame.type in TRAILER_TYPES:
+            body += json.dumps(frame.body or {}, separators=(",", ":")).encode()
     else:
         body = json.dumps(frame.body, separators=(",", ":")).encode() if frame.body is not None else b""
         dtype, rows, cols = NONE, 0, 0
@@ -130,7 +136,13 @@ def decode(data: bytes, key: bytes | None = None, dim: int | None = None, max_ro
             raise WireError("auth", "HMAC mismatch: the frame was not made with this swarm's key")
     body = data[HEADER.size:HEADER.size + body_len]
     frame = Frame(ftype, session, position, first_block=first, last_block=last, elapsed_us=elapsed, dtype=dtype)
-    if ftype in ARRAY_TYPES:
+    if ftype in TRAILER_TYPES:
+        size = rows * cols * DTYPES[dtype].itemsize if dtype in DTYPES else 0
+        if len(body) < size:
+            raise WireError("bad_frame", f"body is {len(body)} bytes, shape ({rows}, {cols}) needs at least {size}")
+        frame.array = _array(dtype, rows, cols, body[:size], dim, max_rows)
+        frame.body = _json(body[size:]) or {}
+    elif ftype in ARRAY_TYPES:
         frame.array = _array(dtype, rows, cols, body, dim, max_rows)
     else:
         if dtype != NONE or rows or cols:
@@ -174,8 +186,13 @@ def _json(body: memoryview) -> dict | None:
     return value
 
 
-def error_frame(session: bytes, code: str, message: str) -> Frame:
-    return Frame(ERROR, session, body={"code": code, "message": message})
+def error_frame(session: bytes, code: str, message: str, relayed: bool = False) -> Frame:
+    """An ERROR; ``relayed`` marks the failure of a relayed step, so that a client running that
+    step hop by hop afterwards does not take it for the answer to its own request."""
+    body = {"code": code, "message": message}
+    if relayed:
+        body["relay"] = True
+    return Frame(ERROR, session, body=body)
 
 
 def load_key(path) -> bytes:

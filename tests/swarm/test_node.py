@@ -86,7 +86,7 @@ def test_bad_frames_get_error_replies_and_others_are_unaffected(node, reference)
     assert error_of(link, wire.encode(frame(session=sid, position=7)))["code"] == "position"
     # text instead of binary
     link.run(link.ws.send_str("hello"), 5)
-    reply = wire.decode(link.run(link.ws.receive(), 5).data)
+    reply = wire.decode(link.run(link.next_message(), 5).data)
     assert reply.body["code"] == "bad_frame"
     # the same connection still works after all that
     assert link.request(frame(), 10).type == wire.RESULT
@@ -181,6 +181,16 @@ def test_private_swarm(six_loader, local_greedy):
             assert greedy(s, PROMPT, 6) == local_greedy(PROMPT, 6)
     finally:
         node.stop()
+    # two keyed nodes pass decode steps to each other with the key too
+    a, b = start_node(six_loader, 0, 2, key=KEY), start_node(six_loader, 3, 5, key=KEY)
+    try:
+        tm = distributed_text_model(six_loader, [a.url, b.url], key=KEY)
+        with tm.open_session(64) as s:
+            assert greedy(s, PROMPT, 6) == local_greedy(PROMPT, 6)
+        assert tm.open_session.__self__.relayed_steps == 5
+    finally:
+        a.stop()
+        b.stop()
     # and a keyed client does not use an open node's unauthenticated answers
     open_node = start_node(six_loader, 0, 5)
     try:
@@ -212,3 +222,47 @@ def test_ctrl_c_mid_step_then_close_frees_the_session(six_loader):
         assert not node.service.cache.sessions
     finally:
         node.stop()
+
+
+def relay_frame(session, position, rows, hops=(), elapsed=None, first=0, last=2):
+    elapsed = [7] * (rows.shape[0] - 1) if elapsed is None else elapsed
+    return wire.Frame(wire.RELAY, session, position, rows, first_block=first, last_block=last,
+                      body={"next": list(hops), "elapsed_us": elapsed})
+
+
+def test_relayed_steps_answer_the_client_and_bad_ones_get_errors(node, reference):
+    owner = RemoteSpanSession(node.url, 0, 2, 32, 96)   # the client: opens the session with a prompt
+    mirror = LocalSpanSession(reference, 32)
+    other = NodeLink(node.url, dim=96, max_rows=32).connect()  # another connection: the node before, say
+    try:
+        np.testing.assert_array_equal(owner.forward(hidden(5, seed=1)), mirror.forward(hidden(5, seed=1)))
+        x = hidden(1, seed=2)
+        carried = np.concatenate([hidden(1, seed=9), x])  # the earlier hop's input, then this hop's
+        other.run(other.ws.send_bytes(wire.encode(relay_frame(owner.sid, 5, carried))), 5)
+        reply = wire.decode(owner.link.run(owner.link.next_message(), 10).data)  # on the client's connection
+        assert (reply.type, reply.session, reply.position) == (wire.RELAYED, owner.sid, 5)
+        np.testing.assert_array_equal(reply.array[:2], carried)
+        np.testing.assert_array_equal(reply.array[2:], mirror.forward(x))
+        assert reply.body["elapsed_us"][0] == 7 and len(reply.body["elapsed_us"]) == 2
+
+        # about the frame itself: an error back where it came from, marked as a relay's
+        sid_hex = secrets.token_bytes(16).hex()
+        for frame_, code, words in (
+                (relay_frame(secrets.token_bytes(16), 0, x), "unknown_session", "not open here"),
+                (relay_frame(owner.sid, 6, x, hops=[["http://127.0.0.1:1/swarm", sid_hex, 3, 5]]), "bad_frame",
+                 "next[0]"),
+                (relay_frame(owner.sid, 6, x, elapsed=[1, 2]), "bad_frame", "compute times"),
+                (relay_frame(owner.sid, 6, x, first=0, last=1), "wrong_session", "runs blocks 0-2"),
+                (relay_frame(owner.sid, 9, x), "position", "holds 6")):
+            body = error_of(other, wire.encode(frame_))
+            assert body["code"] == code and words in body["message"] and body["relay"] is True, body
+
+        # a next hop that cannot be reached: the client hears it, on its own connection
+        gone = [["ws://127.0.0.1:9/swarm", sid_hex, 3, 5]]
+        other.run(other.ws.send_bytes(wire.encode(relay_frame(owner.sid, 6, x, hops=gone))), 5)
+        body = wire.decode(owner.link.run(owner.link.next_message(), 10).data).body
+        assert body["code"] == "relay" and "127.0.0.1:9" in body["message"] and body["relay"] is True
+    finally:
+        other.abort()
+        owner.close()
+    check_alive(node, reference)

@@ -31,8 +31,21 @@ def test_three_nodes_equal_local(six_loader, local_greedy):
         assert [(r["node"], r["blocks"]) for r in rows] == [(r["node"], r["blocks"]) for r in t["route"]]
         assert all(r["ms_per_token"] > 0 for r in rows) and tm.info["distributed"]
         assert t["failovers"] == 0 and len(t["node_ms"]) == 3 and t["hop_overhead_ms"] > 0
+        assert t["relayed_steps"] == 3 * (N - 1)  # every decode step went node to node (swarm/relay.py)
         # closed sessions are gone from the nodes
         assert all(not n.service.cache.sessions for n in nodes)
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def test_steps_hop_by_hop_give_the_same_tokens(six_loader, local_greedy):
+    nodes = [start_node(six_loader, a, b) for a, b in [(0, 1), (2, 3), (4, 5)]]
+    try:
+        tm = text_model(six_loader, nodes, relay=False)
+        with tm.open_session(64) as s:
+            assert greedy(s, PROMPT, N) == local_greedy(PROMPT, N)
+        assert timings(tm)["relayed_steps"] == 0
     finally:
         for n in nodes:
             n.stop()
@@ -56,6 +69,8 @@ def test_middle_node_killed_mid_generation(six_loader, local_greedy, spare_span)
             t = timings(tm)
             assert t["failovers"] == 1
             assert {"blocks": "2-3", "node": spare.url} in t["route"]
+            # the step that found b gone ran hop by hop (and failed over); the others were relayed
+            assert t["relayed_steps"] == N - 2
     finally:
         for n in (a, b, c, spare):
             if n:
@@ -149,18 +164,18 @@ def test_plan_prefers_fast_nodes_and_uses_sub_spans():
 
 
 def test_node_that_stops_answering_times_out_and_is_replaced(six_loader, local_greedy):
-    import time
+    import asyncio
 
     a, b, spare = (start_node(six_loader, *s) for s in [(0, 2), (3, 5), (3, 5)])
     hang = threading.Event()
-    compute = b.service._compute
+    step = b.service._step
 
-    def slow(*args):  # b goes on holding its connection but stops answering in time
-        if hang.is_set():
-            time.sleep(3)
-        return compute(*args)
+    async def slow(*args):  # b goes on holding its connection but stops answering in time (on its
+        if hang.is_set():   # own loop: the in-process nodes share one compute thread, as processes would not)
+            await asyncio.sleep(3)
+        return await step(*args)
 
-    b.service._compute = slow
+    b.service._step = slow
     try:
         tm = distributed_text_model(six_loader, [a.url, b.url], step_timeout=1.0)
         with tm.open_session(64) as s:

@@ -19,9 +19,10 @@ def array_frames(draw):
     array = np.array(values, np.float32).reshape(rows, cols)
     first = draw(st.integers(0, 100))
     last = first + draw(st.integers(0, 50))
-    return wire.Frame(draw(st.sampled_from([wire.FORWARD, wire.RESULT])), draw(sessions),
-                      draw(st.integers(0, 2**32 - 1)), array, first_block=first, last_block=last,
-                      elapsed_us=draw(st.integers(0, 2**32 - 1)), dtype=dtype)
+    ftype = draw(st.sampled_from([wire.FORWARD, wire.RESULT, wire.RELAY, wire.RELAYED]))
+    trailer = draw(st.dictionaries(st.text(max_size=8), json_values, max_size=5)) if ftype in wire.TRAILER_TYPES else None
+    return wire.Frame(ftype, draw(sessions), draw(st.integers(0, 2**32 - 1)), array, body=trailer,
+                      first_block=first, last_block=last, elapsed_us=draw(st.integers(0, 2**32 - 1)), dtype=dtype)
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.text(max_size=20),
@@ -45,6 +46,8 @@ def test_round_trip(frame, key):
         assert (back.position, back.first_block, back.last_block, back.elapsed_us, back.dtype) == \
             (frame.position, frame.first_block, frame.last_block, frame.elapsed_us, frame.dtype)
         np.testing.assert_array_equal(back.array.astype(np.float32), frame.array)  # exact in f16 too
+        if frame.type in wire.TRAILER_TYPES:  # RELAY, RELAYED: the array, then the JSON trailer
+            assert back.body == frame.body
     else:
         assert back.body == frame.body
 
@@ -120,3 +123,35 @@ def test_nan_and_text_refused():
         wire.decode(finite[:wire.HEADER.size] + x.tobytes())
     with pytest.raises(wire.WireError, match="binary"):
         wire.decode("hello")
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.dictionaries(st.sampled_from(["next", "elapsed_us", "x"]),
+                            json_values | st.lists(st.lists(json_values, max_size=5), max_size=3), max_size=3))
+def test_relay_trailers_are_checked_or_refused_with_a_wire_error(body):
+    from swarm import relay
+
+    for check in (relay.parse_hops, relay.elapsed_list):
+        try:
+            check(body)
+        except wire.WireError as e:
+            assert e.code == "bad_frame"
+
+
+def test_relay_hops_parse_and_bad_ones_name_the_hop():
+    from swarm import relay
+
+    sid = "ab" * 16
+    hops = relay.parse_hops({"next": [["ws://127.0.0.1:4001/swarm", sid, 10, 19]]})
+    assert hops == [relay.Hop("ws://127.0.0.1:4001/swarm", bytes.fromhex(sid), 10, 19)]
+    assert relay.parse_hops({"next": []}) == []
+    for bad, why in (([["http://127.0.0.1:4001/swarm", sid, 0, 1]], "not a node's"),
+                     ([["ws://127.0.0.1:4001/elsewhere", sid, 0, 1]], "not a node's"),
+                     ([["ws://127.0.0.1:4001/swarm", "00" * 16, 0, 1]], "128 random bits"),
+                     ([["ws://127.0.0.1:4001/swarm", "zz", 0, 1]], "unreadable"),
+                     ([["ws://127.0.0.1:4001/swarm", sid, 5, 1]], "blocks 5-1"),
+                     ([["ws://127.0.0.1:4001/swarm", sid, 0]], "a hop is"),
+                     ("ws://x", "a list")):
+        with pytest.raises(wire.WireError, match=why) as e:
+            relay.parse_hops({"next": bad})
+        assert "next" in str(e.value)

@@ -1,0 +1,173 @@
+"""Relayed decode steps: each node hands its output straight to the next node of the route.
+
+A client-routed step crosses the network twice per node (client -> node -> client). A relayed
+one crosses it once per node plus once back:
+
+    client --RELAY(rows: x)--> node 1 --RELAY(x, y1)--> node 2 --RELAY(x, y1, y2)--> node 3
+    client <--RELAYED(x, y1, y2, y3, compute times)-- node 3   (on the client's own connection)
+
+Each RELAY names the node's session (opened by the client with a FORWARD, as for any step) and
+carries, as a JSON trailer, the hops still to run: [url, session id, first block, last block].
+The rows grow by one per hop, so the client gets every span's input back with the output: the
+replay history that failover needs. A node that cannot run or pass on a step tells the client
+with an ERROR on the client's own connection to it; the client then runs that step hop by hop,
+which finds the failing node and fails over as usual (swarm/route.py). Decode steps only (one
+row computed per hop): a prompt's pass is long enough that the extra crossings do not count.
+
+This module holds the pieces on the node's side: the trailer's checks, and the node's own
+connections to the next nodes (``RelayLinks``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import aiohttp
+from yarl import URL
+
+from swarm import wire
+
+WS_PATH = "/swarm"
+MAX_HOPS = 64           # hops one relay may name (a route of single-block nodes over a 64-block model)
+CONNECT_TIMEOUT = 5.0   # to the next node: a dead one refuses at once, a black hole takes this long
+REMEMBERED = 4096       # next-hop sessions whose errors can still be passed back to their client
+log = logging.getLogger("aiohttp.server")
+
+
+@dataclass(frozen=True)
+class Hop:
+    url: str
+    session: bytes
+    first: int
+    last: int
+
+    def as_json(self) -> list:
+        return [self.url, self.session.hex(), self.first, self.last]
+
+
+def parse_hops(body: dict) -> list[Hop]:
+    """The trailer's ``next`` list, checked: WebSocket URLs of nodes (ws:// or wss://, path /swarm),
+    128-bit session ids, block ranges. Raises WireError("bad_frame") naming the field."""
+    raw = body.get("next")
+    if not isinstance(raw, list) or len(raw) > MAX_HOPS:
+        raise wire.WireError("bad_frame", f"a RELAY needs 'next': a list of at most {MAX_HOPS} hops")
+    hops = []
+    for i, hop in enumerate(raw):
+        if not (isinstance(hop, list) and len(hop) == 4 and isinstance(hop[0], str) and isinstance(hop[1], str)
+                and all(isinstance(b, int) and not isinstance(b, bool) for b in hop[2:])):
+            raise wire.WireError("bad_frame", f"next[{i}]: a hop is [url, session hex, first block, last block]")
+        url, sid, first, last = hop
+        try:
+            parsed = URL(url)
+            session = bytes.fromhex(sid)
+        except ValueError:
+            raise wire.WireError("bad_frame", f"next[{i}]: unreadable url or session") from None
+        if parsed.scheme not in ("ws", "wss") or not parsed.host or parsed.path != WS_PATH or len(url) > 512:
+            raise wire.WireError("bad_frame", f"next[{i}]: {url[:80]!r} is not a node's ws://host:port{WS_PATH}")
+        if len(session) != 16 or session == bytes(16):
+            raise wire.WireError("bad_frame", f"next[{i}]: a session id is 128 random bits")
+        if not 0 <= first <= last < 2**16:
+            raise wire.WireError("bad_frame", f"next[{i}]: blocks {first}-{last}")
+        hops.append(Hop(url, session, first, last))
+    return hops
+
+
+def elapsed_list(body: dict) -> list[int]:
+    """The compute times of the hops run so far (microseconds), as the trailer carries them."""
+    raw = body.get("elapsed_us", [])
+    if not (isinstance(raw, list) and len(raw) <= MAX_HOPS
+            and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in raw)):
+        raise wire.WireError("bad_frame", "'elapsed_us' is a list of microsecond counts")
+    return raw
+
+
+class RelayError(Exception):
+    """The next node could not be reached or written to."""
+
+
+class RelayLinks:
+    """The node's own WebSockets to the next nodes of relayed steps, one per URL, opened on first use.
+
+    A next node answers a relay it cannot take (its session expired, say) with an ERROR on this
+    link; the reader passes it on to the client whose step it was, on that client's connection here.
+    """
+
+    def __init__(self, key: bytes | None = None):
+        self.key = key
+        self.http: aiohttp.ClientSession | None = None
+        self.links: dict[str, aiohttp.ClientWebSocketResponse] = {}
+        self.readers: set[asyncio.Task] = set()
+        self.back: OrderedDict[bytes, tuple] = OrderedDict()  # next session -> (owner ws, own session, url)
+        self._connecting: dict[str, asyncio.Lock] = {}
+
+    async def send(self, hop: Hop, data: bytes, owner, own_session: bytes) -> None:
+        ws = await self._link(hop.url)
+        self.back[hop.session] = (owner, own_session, hop.url)
+        self.back.move_to_end(hop.session)
+        while len(self.back) > REMEMBERED:
+            self.back.popitem(last=False)
+        try:
+            await ws.send_bytes(data)
+        except (aiohttp.ClientError, OSError, ConnectionError, RuntimeError) as e:
+            self.links.pop(hop.url, None)
+            raise RelayError(f"{hop.url}: connection lost ({type(e).__name__})") from None
+
+    async def _link(self, url: str) -> aiohttp.ClientWebSocketResponse:
+        ws = self.links.get(url)
+        if ws is not None and not ws.closed:
+            return ws
+        async with self._connecting.setdefault(url, asyncio.Lock()):
+            ws = self.links.get(url)
+            if ws is not None and not ws.closed:
+                return ws
+            if self.http is None:
+                self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT))
+            try:
+                ws = await asyncio.wait_for(self.http.ws_connect(url, max_msg_size=wire.HEADER.size + wire.MAX_JSON
+                                                                 + wire.MAC_LEN, compress=0), CONNECT_TIMEOUT)
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+                raise RelayError(f"{url}: cannot connect ({type(e).__name__})") from None
+            self.links[url] = ws
+            task = asyncio.ensure_future(self._read(url, ws))
+            self.readers.add(task)
+            task.add_done_callback(self.readers.discard)
+            return ws
+
+    async def _read(self, url: str, ws) -> None:
+        """Errors the next node sends back: to the client whose step it was."""
+        async for msg in ws:
+            if msg.type != aiohttp.WSMsgType.BINARY:
+                continue
+            try:
+                frame = wire.decode(msg.data, self.key)
+            except wire.WireError:
+                continue
+            if frame.type != wire.ERROR or frame.session not in self.back:
+                continue
+            owner, own_session, _ = self.back[frame.session]
+            body = frame.body or {}
+            error = wire.error_frame(own_session, str(body.get("code", "relay")),
+                                     f"{url}: {body.get('message', 'error')}", relayed=True)
+            await send_quietly(owner, wire.encode(error, self.key))
+        self.links.pop(url, None) if self.links.get(url) is ws else None
+
+    async def close(self) -> None:
+        for ws in list(self.links.values()):
+            await ws.close()
+        for task in list(self.readers):
+            task.cancel()
+        if self.http is not None:
+            await self.http.close()
+
+
+async def send_quietly(ws, data: bytes) -> bool:
+    """Send on a client's connection that may have closed meanwhile (its sessions go with it)."""
+    try:
+        await ws.send_bytes(data)
+        return True
+    except (ConnectionError, RuntimeError, OSError, aiohttp.ClientError) as e:
+        log.debug("a relayed reply was not delivered: %s", e)
+        return False
