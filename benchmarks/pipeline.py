@@ -1,12 +1,16 @@
 """Distributed inference on one machine: local vs a route over 1, 2 and 3 `node` processes, in one run.
 
     .venv/bin/python benchmarks/pipeline.py [--models default,tinyllama] [--prompt 32] [--decode 32]
+                                            [--delay-ms D]
 
-For each model: prefill and decode tok/s of the local engine (every block in this process), then
-of the same greedy run routed through 1, 2 and 3 node processes on 127.0.0.1 (spans split
-evenly), with the ratio to local; the per-hop overhead in ms per decode token (the client's round
-trip minus the node's own compute, averaged over hops); and each node's RSS. The nodes share this
+For each model and route (1, 2 and 3 node processes on 127.0.0.1, spans split evenly, decode
+steps relayed node to node as swarm/relay.py does; then 3 nodes hop by hop, every step back to
+the client after each node): prefill and decode tok/s of pairs of runs, the local engine (every
+block in this process) then the same greedy run routed, back to back, and the median of the
+pairs' ratios; the per-hop overhead in ms per decode token (the client's round trip minus the
+nodes' own compute, per hop); and each node's RSS. The nodes share this
 machine's cores with each other and with the client, as the issue's target (>= 0.8x local) assumes.
+With --delay-ms, a proxy adds that latency each way to every connection to a node, as a network would.
 Every run's tokens are checked equal to local's. Everything stops by itself.
 """
 
@@ -88,7 +92,26 @@ def splits(n_layers: int, k: int) -> list[tuple[int, int]]:
     return [(int(bounds[i]), int(bounds[i + 1]) - 1) for i in range(k)]
 
 
-def bench_model(label: str, source: str, loader, prompt_len: int, decode: int, repeat: int) -> list[str]:
+class Delayed:
+    """benchmarks/delay_proxy.py in front of the given node URLs: the URLs to use instead."""
+
+    def __init__(self, urls: list[str], delay_ms: float):
+        ports = [int(u.rsplit(":", 1)[1].split("/")[0]) for u in urls]
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("delay_proxy.py")), str(delay_ms),
+                                      *map(str, ports)], stdout=subprocess.PIPE, text=True)
+        mapping = dict(reversed(self.proc.stdout.readline().split()) for _ in ports)
+        self.urls = [u.replace(f":{p}/", f":{mapping[str(p)]}/") for u, p in zip(urls, ports)]
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def bench_model(label: str, source: str, loader, prompt_len: int, decode: int, repeat: int,
+                delay_ms: float = 0.0) -> list[str]:
     from engine.model import LlamaModel
     from swarm.client import distributed_text_model, timings
 
@@ -98,39 +121,52 @@ def bench_model(label: str, source: str, loader, prompt_len: int, decode: int, r
     capacity = prompt_len + decode
     n_layers = model.config.n_layers
 
-    def best(open_session) -> tuple[list[int], float, float]:
-        """Best of ``repeat`` runs after a warm-up (connections, kernels): a shared machine's noise
-        only ever slows a run down."""
+    def warm(open_session) -> list[int]:
+        """A short run first (connections, kernels), then the greedy tokens of the whole run."""
         with open_session(capacity) as s:
             run(s, prompt[:4], 4)
-        runs = []
-        for _ in range(repeat):
-            with open_session(capacity) as s:
-                runs.append(run(s, prompt, decode))
-        return runs[0][0], max(r[1] for r in runs), max(r[2] for r in runs)
+        with open_session(capacity) as s:
+            return run(s, prompt, decode)[0]
 
-    expected, *first_local = best(model.open_session)
-    measured = []
-    for k in (1, 2, 3):
+    def pairs(open_session) -> list[tuple]:
+        """``repeat`` pairs of runs, local then routed, back to back: on a shared machine whose load
+        drifts, the ratio within a pair compares like with like (best-of figures taken minutes
+        apart compared the machine's quiet moments instead)."""
+        out = []
+        for _ in range(repeat):
+            with model.open_session(capacity) as s:
+                local = run(s, prompt, decode)
+            with open_session(capacity) as s:
+                routed = run(s, prompt, decode)
+            if routed[0] != local[0]:
+                raise SystemExit(f"{label}: routed tokens differ from local")
+            out.append((local[1], local[2], routed[1], routed[2]))
+        return out
+
+    expected = warm(model.open_session)
+    rows = []
+    for k, relay in ((1, True), (2, True), (3, True), (3, False)):
         nodes = [Node(source, a, b) for a, b in splits(n_layers, k)]
+        proxy = Delayed([n.url for n in nodes], delay_ms) if delay_ms else None
         try:
-            tm = distributed_text_model(loader, [n.url for n in nodes])
-            tokens, pre, dec = best(tm.open_session)
-            if tokens != expected:
+            tm = distributed_text_model(loader, proxy.urls if proxy else [n.url for n in nodes], relay=relay)
+            if warm(tm.open_session) != expected:
                 raise SystemExit(f"{label}, {k} nodes: tokens differ from local")
-            measured.append((f"{k} node" + ("s" if k > 1 else ""), pre, dec, timings(tm)["hop_overhead_ms"],
-                             " ".join(f"{n.rss_mb():.0f}" for n in nodes)))
+            measured = pairs(tm.open_session)
+            t = timings(tm)
+            if relay and t["relayed_steps"] == 0:
+                raise SystemExit(f"{label}, {k} nodes: no decode step was relayed")
+            rss = " ".join(f"{n.rss_mb():.0f}" for n in nodes)
         finally:
+            if proxy:
+                proxy.stop()
             for n in nodes:
                 n.stop()
-    _, *last_local = best(model.open_session)  # again: the machine's load may have changed meanwhile
-    # Ratios against the better local figure of the two, so that noise never flatters the swarm.
-    local_pre, local_dec = max(first_local[0], last_local[0]), max(first_local[1], last_local[1])
-    rows = [f"{label:<10} {'local':<8} {pre:>9.1f} {dec:>9.1f} {'':>7} {'':>7} {'-':>9}  - ({when})"
-            for when, (pre, dec) in (("first", first_local), ("last", last_local))]
-    for name, pre, dec, hop, rss in measured:
-        rows.append(f"{label:<10} {name:<8} {pre:>9.1f} {dec:>9.1f} {pre / local_pre:>6.2f}x {dec / local_dec:>6.2f}x "
-                    f"{hop:>9.3f}  {rss}")
+        med = lambda i: float(np.median([m[i] for m in measured]))  # noqa: E731
+        ratio = lambda a, b: float(np.median([m[b] / m[a] for m in measured]))  # noqa: E731
+        name = f"{k} node" + ("s" if k > 1 else "") + ("" if relay else ", hop by hop")
+        rows.append(f"{label:<10} {name:<22} {med(0):>7.1f} {med(1):>7.1f} {med(2):>7.1f} {med(3):>7.1f} "
+                    f"{ratio(0, 2):>6.2f}x {ratio(1, 3):>6.2f}x {t['hop_overhead_ms']:>9.3f}  {rss}")
     return rows
 
 
@@ -160,7 +196,9 @@ def main() -> None:
     parser.add_argument("--models", default="default,tinyllama")
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--decode", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3, help="pairs of runs (local, routed) per route")
+    parser.add_argument("--delay-ms", type=float, default=0.0,
+                        help="latency added each way to every connection to a node (benchmarks/delay_proxy.py)")
     args = parser.parse_args()
 
     from distribution.gguf_file import GGUFFileLoader
@@ -175,9 +213,11 @@ def main() -> None:
 
     compute.start()
     print(f"load average {os.getloadavg()[0]:.1f} at the start")
-    print(f"{'model':<10} {'route':<8} {'prefill':>9} {'decode':>9} {'pre/loc':>7} {'dec/loc':>7} "
-          f"{'hop ms/t':>9}  node RSS MB")
-    print(f"{'':<10} {'':<8} {'tok/s':>9} {'tok/s':>9}")
+    if args.delay_ms:
+        print(f"every connection to a node: {args.delay_ms:g} ms of latency each way (benchmarks/delay_proxy.py)")
+    print(f"{'':<10} {'':<22} {'local tok/s':>15} {'routed tok/s':>15}")
+    print(f"{'model':<10} {'route':<22} {'prefill':>7} {'decode':>7} {'prefill':>7} {'decode':>7} {'pre/loc':>7} "
+          f"{'dec/loc':>7} {'hop ms/t':>9}  node RSS MB")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             if name == "default":
@@ -189,11 +229,12 @@ def main() -> None:
                 loader, source = GGUFFileLoader(path), str(path)
             else:
                 raise SystemExit(f"unknown model {name!r} (default, tinyllama)")
-            for row in bench_model(name, source, loader, args.prompt, args.decode, args.repeat):
+            for row in bench_model(name, source, loader, args.prompt, args.decode, args.repeat, args.delay_ms):
                 print(row, flush=True)
             print(f"{name:<10} transport alone (a one-block node in this process): "
                   f"{transport_overhead(loader):.3f} ms per decode step beyond compute", flush=True)
-    print("ratios: against the better of the two local runs (first and last)")
+    print(f"tok/s: medians of {args.repeat} pairs of runs, local then routed, back to back; ratios: the "
+          f"median of the pairs' ratios")
     waits = ", ".join(f"{var}={os.environ.get(var, '(unset)')}" for var in ("OMP_WAIT_POLICY", *THREAD_ENV))
     print(f"\n{waits}; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end; "
           f"prompt {args.prompt} tokens, {args.decode} decoded; hop ms/t = client round trip minus node compute per decode token, averaged over hops")
