@@ -48,12 +48,11 @@ async def main(delay: float, targets: list[int]) -> None:
         async def handle(reader, writer):
             try:
                 up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
-            except OSError:
+                no_delay(writer)
+                no_delay(up_writer)
+                await asyncio.gather(pipe(reader, up_writer, delay), pipe(up_reader, writer, delay))
+            except (OSError, asyncio.CancelledError):  # (a cancelled handler's traceback on 3.11 is noise)
                 writer.close()
-                return
-            no_delay(writer)
-            no_delay(up_writer)
-            await asyncio.gather(pipe(reader, up_writer, delay), pipe(up_reader, writer, delay))
         return handle
 
     servers = []
