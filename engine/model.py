@@ -131,6 +131,7 @@ class LlamaModel:
         self._stacks = None
         self.rope_freq_factors = (loader.load_tensor("rope_freqs.weight").astype(np.float64)
                                   if "rope_freqs.weight" in names else None)
+        self._rope_table: tuple[np.ndarray, np.ndarray] | None = None  # cos, sin of positions 0.., grown on use
         self._tied_rows = None  # tokens -> rows of the head's weight, when the embedding is tied to it
         if self.has_head:
             self.output_norm = loader.load_tensor("output_norm.weight")
@@ -256,12 +257,25 @@ class LlamaModel:
             out.append((yield from self._forward_chunk(x[i:i + PROMPT_CHUNK], cache, first_pos + i)))
         return out[0] if len(out) == 1 else np.concatenate(out)
 
+    def _rope(self, first_pos: int, T: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin (T, rope_dim // 2) for positions first_pos.., from a table of every position so
+        far, doubled as positions grow (up to the context): computing them took 70 us a decode step,
+        paid again at every node of a route. A position's angles are computed alone, element by
+        element, so the table holds what a call for that position would give."""
+        cfg, end = self.config, first_pos + T
+        if self._rope_table is None or len(self._rope_table[0]) < end:
+            have = 0 if self._rope_table is None else len(self._rope_table[0])
+            n = max(end, min(max(2 * have, 256), cfg.context_length))
+            self._rope_table = ops.rope_angles(np.arange(n), cfg.rope_dim, cfg.rope_base, cfg.rope_scale,
+                                               self.rope_freq_factors)
+        cos, sin = self._rope_table
+        return cos[first_pos:end], sin[first_pos:end]
+
     def _forward_chunk(self, x: np.ndarray, cache: KVCache, first_pos: int):
         # a generator: yields after each block of a multi-row pass, returns (T, dim)
         cfg = self.config
         T = x.shape[0]
-        cos, sin = ops.rope_angles(np.arange(first_pos, first_pos + T), cfg.rope_dim, cfg.rope_base,
-                                   cfg.rope_scale, self.rope_freq_factors)
+        cos, sin = self._rope(first_pos, T)
         if T == 1 and self.decoder is not None and cache.k.dtype == self.decoder.kv_dtype:
             x = self.decoder.step(x, first_pos, cache, cos[0], sin[0])
             cache.length = first_pos + 1

@@ -81,3 +81,19 @@ def test_forward_layers_steps_yields_between_blocks_and_computes_the_same(loader
     with pytest.raises(StopIteration) as done:
         next(decode)  # a decode step is one piece: no pause
     np.testing.assert_array_equal(done.value.value, model.forward_layers(x[:1], one_call, 7))
+
+
+def test_rope_table_holds_what_a_call_for_each_position_gives(loader):
+    from engine import ops
+
+    model = LlamaModel(loader, backend="numba")
+    cfg = model.config
+    sizes = []
+    for first, T in ((0, 1), (3, 7), (250, 20), (300, 1), (5, 500)):  # the table grows once
+        cos, sin = model._rope(first, T)
+        sizes.append(len(model._rope_table[0]))
+        want = ops.rope_angles(np.arange(first, first + T), cfg.rope_dim, cfg.rope_base, cfg.rope_scale,
+                               model.rope_freq_factors)
+        np.testing.assert_array_equal(cos, want[0])
+        np.testing.assert_array_equal(sin, want[1])
+    assert sizes == [256, 256, 512, 512, 512] and cfg.context_length == 512
