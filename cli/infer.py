@@ -46,7 +46,7 @@ def infer(source, prompt, prompt_file, max_tokens, temperature, top_k, top_p, mi
     stdout as it is generated; loading and first-time kernel compilation are reported on stderr
     when it is a terminal. --json prints prompt_tokens, tokens, text, load_s, prefill_tok_s,
     decode_tok_s and stop_reason at the end instead (and nothing on stderr); with --distributed also
-    route, failovers, node_ms and hop_overhead_ms.
+    route, failovers, node_ms, hop_overhead_ms and relayed_steps.
     """
     from cli.common import check_utf8, read_prompt, seed_option, set_threads
 

@@ -54,9 +54,17 @@ class Hub:
             return helper.submit(self._run_here, coro, timeout).result()
 
     def _run_here(self, coro, timeout: float):
-        task = self.loop.create_task(asyncio.wait_for(coro, timeout))
+        # One task and a timer, not asyncio.wait_for (a second task and more loop turns per call:
+        # this runs once per hop of every token).
+        task = self.loop.create_task(coro)
+        expired = []
+        timer = self.loop.call_later(timeout, lambda: (expired.append(True), task.cancel()))
         try:
             return self.loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            if expired:
+                raise asyncio.TimeoutError() from None
+            raise
         except BaseException:  # Ctrl-C: leave no call pending on the connection, so it can be closed
             if not task.done():
                 task.cancel()
@@ -65,6 +73,8 @@ class Hub:
                 except BaseException:
                     pass
             raise
+        finally:
+            timer.cancel()
 
     def close(self) -> None:
         if self.loop.is_closed():
@@ -388,7 +398,7 @@ def distributed_text_model(loader, nodes: list[str] | None = None, key: bytes | 
 
 
 def timings(text_model) -> dict:
-    """route, failovers, node_ms, hop_overhead_ms of a distributed text model's sessions so far."""
+    """route, failovers, node_ms, hop_overhead_ms, relayed_steps of a distributed text model's sessions so far."""
     return text_model.open_session.__self__.timings()
 
 
@@ -406,6 +416,7 @@ def format_timings(t: dict, prefill_tok_s: float, decode_tok_s: float) -> str:
         ms = t.get("node_ms", {}).get(f"{hop['node']} ({hop['blocks']})")
         lines.append(f"{hop['blocks']:<8} {hop['node']:<40} {ms if ms is not None else '-':>9}")
     hop_ms = t.get("hop_overhead_ms")
-    lines.append(f"hop overhead {hop_ms if hop_ms is not None else '-'} ms/token per hop; failovers "
+    lines.append(f"hop overhead {hop_ms if hop_ms is not None else '-'} ms/token per hop; "
+                 f"{t.get('relayed_steps', 0)} decode steps relayed node to node; failovers "
                  f"{t.get('failovers', 0)}; prefill {prefill_tok_s:.1f} tok/s; decode {decode_tok_s:.1f} tok/s")
     return "\n".join(lines)

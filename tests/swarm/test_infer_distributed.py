@@ -39,6 +39,7 @@ def test_json_has_tokens_route_and_timings(swarm, local_tokens):
     assert out["failovers"] == 0
     assert set(out["node_ms"]) == {f"{swarm[0].url} (0-14)", f"{swarm[1].url} (15-29)"}
     assert out["hop_overhead_ms"] > 0
+    assert 0 < out["relayed_steps"] <= len(out["tokens"])  # decode steps went node to node
 
 
 def test_timings_table_on_stderr(swarm):
