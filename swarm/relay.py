@@ -34,6 +34,7 @@ WS_PATH = "/swarm"
 MAX_HOPS = 64           # hops one relay may name (a route of single-block nodes over a 64-block model)
 CONNECT_TIMEOUT = 5.0   # to the next node: a dead one refuses at once, a black hole takes this long
 REMEMBERED = 4096       # next-hop sessions whose errors can still be passed back to their client
+MAX_LINKS = 64          # connections to next nodes kept open; the least recently used closes beyond
 log = logging.getLogger("aiohttp.server")
 
 
@@ -98,7 +99,7 @@ class RelayLinks:
     def __init__(self, key: bytes | None = None):
         self.key = key
         self.http: aiohttp.ClientSession | None = None
-        self.links: dict[str, aiohttp.ClientWebSocketResponse] = {}
+        self.links: OrderedDict[str, aiohttp.ClientWebSocketResponse] = OrderedDict()  # least recent first
         self.readers: set[asyncio.Task] = set()
         self.back: OrderedDict[bytes, tuple] = OrderedDict()  # next session -> (owner ws, own session, url)
         self._connecting: dict[str, asyncio.Lock] = {}
@@ -118,7 +119,10 @@ class RelayLinks:
     async def _link(self, url: str) -> aiohttp.ClientWebSocketResponse:
         ws = self.links.get(url)
         if ws is not None and not ws.closed:
+            self.links.move_to_end(url)
             return ws
+        if len(self._connecting) > 4 * MAX_LINKS:  # forget the locks of URLs no one is connecting to
+            self._connecting = {u: lock for u, lock in self._connecting.items() if lock.locked()}
         async with self._connecting.setdefault(url, asyncio.Lock()):
             ws = self.links.get(url)
             if ws is not None and not ws.closed:
@@ -131,6 +135,9 @@ class RelayLinks:
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
                 raise RelayError(f"{url}: cannot connect ({type(e).__name__})") from None
             self.links[url] = ws
+            while len(self.links) > MAX_LINKS:  # a client naming many nodes cannot pile up connections
+                _, oldest = self.links.popitem(last=False)
+                await oldest.close()
             task = asyncio.ensure_future(self._read(url, ws))
             self.readers.add(task)
             task.add_done_callback(self.readers.discard)

@@ -266,3 +266,45 @@ def test_relayed_steps_answer_the_client_and_bad_ones_get_errors(node, reference
         other.abort()
         owner.close()
     check_alive(node, reference)
+
+
+def test_relay_links_pass_errors_back_and_stay_bounded(six_loader, monkeypatch):
+    import asyncio
+
+    from swarm import relay
+
+    monkeypatch.setattr(relay, "MAX_LINKS", 2)
+    nodes = [start_node(six_loader, 0, 0) for _ in range(3)]
+    told = []
+    mine = b"\x01" * 16  # the relaying node's own session, which its client knows
+
+    class Client:  # the relaying node's client connection
+        async def send_bytes(self, data):
+            told.append(wire.decode(data))
+
+    async def main():
+        links = relay.RelayLinks()
+        try:
+            for i, n in enumerate(nodes):
+                sid = secrets.token_bytes(16)  # a session the next node does not have
+                frame = wire.Frame(wire.RELAY, sid, 3, hidden(2), first_block=0, last_block=0,
+                                   body={"next": [], "elapsed_us": [1]})
+                await links.send(relay.Hop(n.url, sid, 0, 0), wire.encode(frame), Client(), mine)
+                for _ in range(200):
+                    if len(told) > i:
+                        break
+                    await asyncio.sleep(0.02)
+            return list(links.links)
+        finally:
+            await links.close()
+
+    try:
+        still_open = asyncio.run(main())
+    finally:
+        for n in nodes:
+            n.stop()
+    assert still_open == [nodes[1].url, nodes[2].url]  # the least recently used one was closed
+    assert len(told) == 3
+    for frame, n in zip(told, nodes):  # the next node's error, passed back to the client, naming it
+        assert frame.type == wire.ERROR and frame.session == mine and frame.body["relay"] is True
+        assert frame.body["code"] == "unknown_session" and n.url in frame.body["message"]
