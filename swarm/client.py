@@ -77,13 +77,20 @@ class Hub:
             timer.cancel()
 
     def close(self) -> None:
+        """Cancel what is left on the loop (links' readers) and close it; callable from anywhere."""
         if self.loop.is_closed():
             return
-        pending = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
-        for task in pending:
-            task.cancel()
-        if pending:
-            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+
+        async def settle():
+            pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+        try:
+            self.run(settle(), 5)
+        except Exception:  # a task that will not finish: the loop is closed regardless
+            pass
         self.loop.close()
 
 

@@ -216,3 +216,31 @@ def test_float16_wire_is_an_option(six_loader):
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_session_driven_from_inside_a_running_loop(six_loader, local_greedy):
+    """As the API server does: feed and close from a coroutine (each call then runs the session's
+    loop on a helper thread); the same tokens, and the node's session is gone after close."""
+    import asyncio
+    import time
+
+    nodes = [start_node(six_loader, 0, 2), start_node(six_loader, 3, 5)]
+    try:
+        tm = text_model(six_loader, nodes)
+
+        async def generate():
+            s = tm.open_session(64)
+            try:
+                return greedy(s, PROMPT, 6)
+            finally:
+                s.close()
+
+        assert asyncio.run(generate()) == local_greedy(PROMPT, 6)
+        assert timings(tm)["relayed_steps"] == 5
+        deadline = time.monotonic() + 10
+        while any(n.service.cache.sessions for n in nodes) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(n.service.cache.sessions for n in nodes)
+    finally:
+        for n in nodes:
+            n.stop()
