@@ -322,8 +322,8 @@ class Swarm:
 class SwarmRoute:
     """The whole route as one ``SpanSession`` over blocks 0..L-1, made of segments.
 
-    A decode step is relayed node to node when it can be (swarm/relay.py): one crossing per node
-    instead of two, and the answer brings every segment's input back for its replay history. Any
+    A decode step through two nodes or more is relayed node to node when it can be (swarm/relay.py):
+    one crossing per node instead of two, and the answer brings every segment's input back for its replay history. Any
     other step, and a relayed one that fails (a node died, errs or is slow), goes segment by
     segment, where a failure is pinned on its node and failed over. After MAX_RELAY_FAILURES
     failed relays in a row (say, nodes that cannot reach each other) the session stops relaying.
@@ -345,8 +345,8 @@ class SwarmRoute:
     def forward(self, hidden: np.ndarray) -> np.ndarray:
         # hidden: (T, dim) -> (T, dim)
         hidden = np.ascontiguousarray(hidden, dtype=np.float32)
-        if hidden.shape[0] == 1 and self.swarm.relay and self.relay_failures < MAX_RELAY_FAILURES:
-            spans = [span for seg in self.segments for span in seg.spans]
+        spans = [span for seg in self.segments for span in seg.spans]
+        if hidden.shape[0] == 1 and len(spans) > 1 and self.swarm.relay and self.relay_failures < MAX_RELAY_FAILURES:
             try:
                 rows = relay_step(spans, hidden)
             except RelayFailed:
