@@ -312,11 +312,25 @@ class RelayFailed(Exception):
     """A relayed step did not come back; the step is then run hop by hop (which fails over)."""
 
 
-def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray) -> np.ndarray:
+RELAY_PATIENCE = 10   # a relayed step is given up on after this many times the recent ones...
+RELAY_MIN_S = 2.0     # ...but never sooner than this (a loaded machine stalls for whole time slices)
+
+
+def relay_timeout(step_timeout: float, recent_s: list[float]) -> float:
+    """How long to wait for a relayed step: a stuck node is then found hop by hop (which waits the
+    full step timeout on it) without first waiting as long on the relay."""
+    if not recent_s:
+        return step_timeout
+    typical = sorted(recent_s)[len(recent_s) // 2]
+    return min(step_timeout, max(RELAY_MIN_S, RELAY_PATIENCE * typical))
+
+
+def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray, timeout: float | None = None) -> np.ndarray:
     """One decode step through every span, passed node to node (swarm/relay.py); the spans share
     a hub. Returns (len(spans) + 1, dim): each span's input, then the last one's output; each span
     counts the step (its compute, and an equal share of the crossings' time). Raises RelayFailed
-    on an error from any node, a connection lost, or no answer in time; nothing is counted then."""
+    on an error from any node, a connection lost, or no answer within ``timeout`` (by default the
+    last span's step timeout); nothing is counted then."""
     first, last = spans[0], spans[-1]
     if len({id(s.link.hub) for s in spans}) != 1 or hidden.shape[0] != 1:
         raise ValueError("a relayed step is one row, through spans sharing a hub")
@@ -349,11 +363,12 @@ def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray) -> np.ndarray
                 return reply
             # anything else is left over from an earlier step: skip it
 
+    timeout = last.step_timeout if timeout is None else timeout
     t0 = time.perf_counter()
     try:
-        reply = hub.run(go(), last.step_timeout)
+        reply = hub.run(go(), timeout)
     except asyncio.TimeoutError:
-        raise RelayFailed(f"no answer within {last.step_timeout:.0f} s") from None
+        raise RelayFailed(f"no answer within {timeout:.1f} s") from None
     except (aiohttp.ClientError, OSError, ConnectionError) as e:
         raise RelayFailed(f"{first.url}: connection lost ({type(e).__name__})") from None
     round_s = time.perf_counter() - t0

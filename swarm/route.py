@@ -20,12 +20,13 @@ failing, or serving another model, are skipped.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
 from common.errors import UserError
-from swarm.client import Hub, NodeError, RelayFailed, RemoteSpanSession, query_info, relay_step
+from swarm.client import Hub, NodeError, RelayFailed, RemoteSpanSession, query_info, relay_step, relay_timeout
 
 MAX_FAILOVERS = 4      # per step: then the error is the user's to see
 MAX_RELAY_FAILURES = 3  # relayed steps failing in a row: then this session's steps go hop by hop
@@ -333,6 +334,8 @@ class SwarmRoute:
         self.swarm, self.segments, self.hub = swarm, segments, hub
         self.first_layer, self.last_layer = segments[0].first_layer, segments[-1].last_layer
         self.relay_failures = 0
+        self.recent: deque[float] = deque(maxlen=16)  # seconds of the latest relayed steps
+        self.rewound = False  # the nodes learn of a rewind from a FORWARD: relays only append
 
     @property
     def position(self) -> int:
@@ -346,12 +349,16 @@ class SwarmRoute:
         # hidden: (T, dim) -> (T, dim)
         hidden = np.ascontiguousarray(hidden, dtype=np.float32)
         spans = [span for seg in self.segments for span in seg.spans]
-        if hidden.shape[0] == 1 and len(spans) > 1 and self.swarm.relay and self.relay_failures < MAX_RELAY_FAILURES:
+        relay = self.swarm.relay and len(spans) > 1 and not self.rewound and self.relay_failures < MAX_RELAY_FAILURES
+        self.rewound = False
+        if hidden.shape[0] == 1 and relay:
+            t0 = time.perf_counter()
             try:
-                rows = relay_step(spans, hidden)
+                rows = relay_step(spans, hidden, relay_timeout(self.swarm.step_timeout, list(self.recent)))
             except RelayFailed:
                 self.relay_failures += 1
             else:
+                self.recent.append(time.perf_counter() - t0)
                 self.relay_failures = 0
                 self.swarm.relayed_steps += 1
                 at = 0
@@ -364,6 +371,8 @@ class SwarmRoute:
         return hidden
 
     def rewind(self, position: int) -> None:
+        if position < self.position:
+            self.rewound = True
         for seg in self.segments:
             seg.rewind(position)
 

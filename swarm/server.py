@@ -265,6 +265,11 @@ class NodeService:
         if frame.position > session.position:
             raise wire.WireError("position", f"position {frame.position} asked; session {sid.hex()} holds "
                                              f"{session.position} positions")
+        if conn is None and frame.position != session.position:
+            # A relayed step only appends: one arriving late (its client gave up on it and went on
+            # hop by hop) must not rewind what the client has computed since.
+            raise wire.WireError("position", f"a relayed step appends: position {frame.position} asked; session "
+                                             f"{sid.hex()} holds {session.position} positions")
         return session
 
     async def _compute_inline(self, session, x: np.ndarray, position: int) -> tuple[np.ndarray, float]:

@@ -254,7 +254,8 @@ def test_relayed_steps_answer_the_client_and_bad_ones_get_errors(node, reference
                  "next[0]"),
                 (relay_frame(owner.sid, 6, x, elapsed=[1, 2]), "bad_frame", "compute times"),
                 (relay_frame(owner.sid, 6, x, first=0, last=1), "wrong_session", "runs blocks 0-2"),
-                (relay_frame(owner.sid, 9, x), "position", "holds 6")):
+                (relay_frame(owner.sid, 9, x), "position", "holds 6"),
+                (relay_frame(owner.sid, 5, x), "position", "a relayed step appends")):  # late: no rewind
             body = error_of(other, wire.encode(frame_))
             assert body["code"] == code and words in body["message"] and body["relay"] is True, body
 

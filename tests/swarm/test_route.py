@@ -244,3 +244,35 @@ def test_a_session_driven_from_inside_a_running_loop(six_loader, local_greedy):
     finally:
         for n in nodes:
             n.stop()
+
+
+def test_relay_timeout_follows_the_recent_steps():
+    from swarm.client import RELAY_MIN_S, relay_timeout
+
+    assert relay_timeout(30.0, []) == 30.0                      # nothing measured yet: the step timeout
+    assert relay_timeout(30.0, [0.01, 0.012, 0.011]) == RELAY_MIN_S  # fast steps: the floor
+    assert relay_timeout(30.0, [0.5, 0.4, 0.6]) == 5.0            # ten times the median
+    assert relay_timeout(3.0, [0.5, 0.4, 0.6]) == 3.0             # never beyond the step timeout
+
+
+def test_after_a_rewind_one_step_goes_hop_by_hop_then_relaying_resumes(six_loader, local_greedy):
+    import numpy as np
+
+    nodes = [start_node(six_loader, a, b) for a, b in [(0, 1), (2, 3), (4, 5)]]
+    try:
+        tm = text_model(six_loader, nodes)
+        with tm.open_session(64) as s:
+            first = greedy(s, PROMPT, N)
+            s.rewind(len(PROMPT) + 3)  # keep the prompt and three generated tokens
+            again, route = [], s.route[0]
+            for token in first[3:-1]:
+                again.append(int(np.argmax(s.feed([token]))))
+                assert route.relay_failures == 0  # no relay was tried where it could not append
+            assert again == first[4:]
+        # N - 1 relayed before; after the rewind the first step went as FORWARDs (the nodes rewind
+        # only on those: a relayed step that does not append is refused), the others relayed
+        assert timings(tm)["relayed_steps"] == (N - 1) + (len(first[3:-1]) - 1)
+        assert timings(tm)["failovers"] == 0
+    finally:
+        for n in nodes:
+            n.stop()
