@@ -181,3 +181,45 @@ def test_private_swarm_relays_need_the_key_and_errors_come_back_signed(six_loade
         hub.close()
         a.stop()
         b.stop()
+
+
+def test_ctrl_c_mid_relay_then_hop_by_hop_gives_local_values(six_loader, reference):
+    """Ctrl-C while a relayed step waits: the step then run hop by hop (as SwarmRoute does) skips
+    the late relay's answer and computes what the local spans do; closing frees both nodes."""
+    import os
+    import signal
+    import threading
+
+    a, b = start_node(six_loader, 0, 2), start_node(six_loader, 3, 5)
+    slow = b.service._compute
+    b.service._compute = lambda *args: (time.sleep(1.5 if args[1].shape[0] == 1 else 0), slow(*args))[1]
+    mirror_a, mirror_b = LocalSpanSession(reference, 32), LocalSpanSession(LlamaModel(six_loader, backend="numba",
+                                                                                        layers=(3, 5)), 32)
+    hub = Hub()
+    try:
+        sa = RemoteSpanSession(a.url, 0, 2, 32, 96, hub=hub)
+        sb = RemoteSpanSession(b.url, 3, 5, 32, 96, hub=hub)
+        sb.forward(sa.forward(hidden(3)))
+        mirror_b.forward(mirror_a.forward(hidden(3)))
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            relay_step([sa, sb], hidden(1, seed=11), timeout=20)
+        timer.join()
+        assert sa.position == sb.position == 3  # nothing counted
+        x = hidden(1, seed=12)  # the step hop by hop, with another input than the interrupted relay's
+        np.testing.assert_array_equal(sb.forward(sa.forward(x)), mirror_b.forward(mirror_a.forward(x)))
+        x = hidden(1, seed=13)  # and a relayed one after it
+        rows = relay_step([sa, sb], x, timeout=20)
+        np.testing.assert_array_equal(rows[0], x[0])
+        np.testing.assert_array_equal(rows[2:], mirror_b.forward(mirror_a.forward(x)))
+        sa.close()
+        sb.close()
+        deadline = time.monotonic() + 10
+        while (a.service.cache.sessions or b.service.cache.sessions) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not a.service.cache.sessions and not b.service.cache.sessions
+    finally:
+        hub.close()
+        a.stop()
+        b.stop()
