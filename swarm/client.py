@@ -48,7 +48,10 @@ class Hub:
         """Run ``coro`` on this hub's loop, here; from inside a running loop, on a helper thread."""
         try:
             asyncio.get_running_loop()
+            inside = True
         except RuntimeError:
+            inside = False
+        if not inside:  # (outside the except: errors raised here carry no "no running event loop")
             return self._run_here(coro, timeout)
         with ThreadPoolExecutor(1) as helper:
             return helper.submit(self._run_here, coro, timeout).result()
@@ -337,7 +340,9 @@ def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray, timeout: floa
     if any(s.closed or s.link.ws is None or s.link.ws.closed or s.position != first.position for s in spans):
         raise RelayFailed("a span of the route is closed or out of step")
     position, hub, links = first.position, first.link.hub, {s.link for s in spans}
-    body = {"next": [[s.url, s.sid.hex(), s.first_layer, s.last_layer] for s in spans[1:]], "elapsed_us": []}
+    step = secrets.randbelow(2**63)  # echoed in the answer and in errors: a late relay's are not this step's
+    body = {"next": [[s.url, s.sid.hex(), s.first_layer, s.last_layer] for s in spans[1:]], "elapsed_us": [],
+            "step": step}
     try:
         data = wire.encode(wire.Frame(wire.RELAY, first.sid, position, hidden, first_block=first.first_layer,
                                       last_block=first.last_layer, dtype=first.dtype, body=body), first.key)
@@ -356,10 +361,11 @@ def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray, timeout: floa
                 reply = wire.decode(msg.data, link.key, link.dim, len(spans) + 1)
             except wire.WireError as e:
                 raise RelayFailed(f"{link.url}: unusable reply: {e}") from None
-            if reply.type == wire.ERROR:
-                raise RelayFailed(f"{link.url}: {(reply.body or {}).get('message', 'error')}")
+            body = reply.body or {}
+            if reply.type == wire.ERROR and body.get("step", step) == step:  # (no step: the frame itself)
+                raise RelayFailed(f"{link.url}: {body.get('message', 'error')}")
             if (reply.type == wire.RELAYED and link is last.link and reply.session == last.sid
-                    and reply.position == position):
+                    and reply.position == position and body.get("step") == step):
                 return reply
             # anything else is left over from an earlier step: skip it
 

@@ -33,8 +33,11 @@ from swarm import wire
 WS_PATH = "/swarm"
 MAX_HOPS = 64           # hops one relay may name (a route of single-block nodes over a 64-block model)
 CONNECT_TIMEOUT = 5.0   # to the next node: a dead one refuses at once, a black hole takes this long
+SEND_TIMEOUT = 5.0      # a next node that stops reading loses its link after this long
 REMEMBERED = 4096       # next-hop sessions whose errors can still be passed back to their client
 MAX_LINKS = 64          # connections to next nodes kept open; the least recently used closes beyond
+QUEUE_DEPTH = 16        # relays waiting to be sent to one next node; more are refused at once
+MAX_WAITING = 1024      # relays waiting to be sent, all next nodes together
 log = logging.getLogger("aiohttp.server")
 
 
@@ -76,6 +79,23 @@ def parse_hops(body: dict) -> list[Hop]:
     return hops
 
 
+def step_of(body: dict) -> int:
+    """The step's number, chosen by the client and echoed in the answer and in errors, so that a
+    client never takes a late relay's answer (or error) for a later step's."""
+    step = body.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**63:
+        raise wire.WireError("bad_frame", "a RELAY needs 'step': a number below 2**63 its client chose")
+    return step
+
+
+def step_or_none(frame) -> int | None:
+    """The step of a decoded RELAY (for its error reply), or None."""
+    try:
+        return step_of(frame.body) if frame is not None and frame.type == wire.RELAY else None
+    except wire.WireError:
+        return None
+
+
 def elapsed_list(body: dict) -> list[int]:
     """The compute times of the hops run so far (microseconds), as the trailer carries them."""
     raw = body.get("elapsed_us", [])
@@ -92,56 +112,99 @@ class RelayError(Exception):
 class RelayLinks:
     """The node's own WebSockets to the next nodes of relayed steps, one per URL, opened on first use.
 
-    A next node answers a relay it cannot take (its session expired, say) with an ERROR on this
-    link; the reader passes it on to the client whose step it was, on that client's connection here.
+    ``submit`` queues a frame for the next node and returns at once: a sender task per next node
+    connects (within CONNECT_TIMEOUT) and sends (within SEND_TIMEOUT), so a next node that is slow,
+    a black hole or stops reading holds up only the relays to it, never the connection the frame
+    came in on (which carries other clients' relays too). A relay that cannot be delivered is told
+    to its client. A next node answers a relay it cannot take (its session expired, say) with an
+    ERROR on the link; the reader passes it on to the client whose step it was.
     """
 
     def __init__(self, key: bytes | None = None):
         self.key = key
         self.http: aiohttp.ClientSession | None = None
         self.links: OrderedDict[str, aiohttp.ClientWebSocketResponse] = OrderedDict()  # least recent first
-        self.readers: set[asyncio.Task] = set()
-        self.back: OrderedDict[bytes, tuple] = OrderedDict()  # next session -> (owner ws, own session, url)
-        self._connecting: dict[str, asyncio.Lock] = {}
+        self.tasks: set[asyncio.Task] = set()   # readers and senders
+        self.queues: dict[str, asyncio.Queue] = {}  # next node -> relays waiting to be sent to it
+        self.waiting = 0
+        self.back: OrderedDict[bytes, tuple] = OrderedDict()  # next session -> (owner ws, own session, step)
 
-    async def send(self, hop: Hop, data: bytes, owner, own_session: bytes) -> None:
+    def submit(self, hop: Hop, data: bytes, owner, own_session: bytes, step: int) -> None:
+        """Queue ``data`` for ``hop``; raises RelayError when too many relays wait already."""
+        if self.waiting >= MAX_WAITING:
+            raise RelayError(f"{hop.url}: {self.waiting} relays already wait to be sent from this node")
+        queue = self.queues.get(hop.url)
+        if queue is None:
+            queue = self.queues[hop.url] = asyncio.Queue(QUEUE_DEPTH)
+            self._spawn(self._sender(hop.url, queue))
+        try:
+            queue.put_nowait((hop, data, owner, own_session, step))
+        except asyncio.QueueFull:
+            raise RelayError(f"{hop.url}: {QUEUE_DEPTH} relays already wait to be sent there") from None
+        self.waiting += 1
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _sender(self, url: str, queue: asyncio.Queue) -> None:
+        try:
+            while not queue.empty():  # (ends when idle: no await between this check and the removal)
+                hop, data, owner, own_session, step = queue.get_nowait()
+                self.waiting -= 1
+                try:
+                    await self._deliver(hop, data, owner, own_session, step)
+                except RelayError as e:
+                    await self.tell(owner, own_session, "relay", str(e), step)
+        finally:
+            if self.queues.get(url) is queue:
+                del self.queues[url]
+                self.waiting -= queue.qsize()
+
+    async def _deliver(self, hop: Hop, data: bytes, owner, own_session: bytes, step: int) -> None:
         ws = await self._link(hop.url)
-        self.back[hop.session] = (owner, own_session, hop.url)
+        self.back[hop.session] = (owner, own_session, step)
         self.back.move_to_end(hop.session)
         while len(self.back) > REMEMBERED:
             self.back.popitem(last=False)
         try:
-            await ws.send_bytes(data)
+            await asyncio.wait_for(ws.send_bytes(data), SEND_TIMEOUT)
+        except asyncio.TimeoutError:
+            await self._drop(hop.url, ws)
+            raise RelayError(f"{hop.url}: not reading (a frame waited {SEND_TIMEOUT:g} s to be sent)") from None
         except (aiohttp.ClientError, OSError, ConnectionError, RuntimeError) as e:
-            self.links.pop(hop.url, None)
+            await self._drop(hop.url, ws)
             raise RelayError(f"{hop.url}: connection lost ({type(e).__name__})") from None
 
     async def _link(self, url: str) -> aiohttp.ClientWebSocketResponse:
+        """The open link to ``url``, connecting if need be (only its sender task calls this)."""
         ws = self.links.get(url)
         if ws is not None and not ws.closed:
             self.links.move_to_end(url)
             return ws
-        if len(self._connecting) > 4 * MAX_LINKS:  # forget the locks of URLs no one is connecting to
-            self._connecting = {u: lock for u, lock in self._connecting.items() if lock.locked()}
-        async with self._connecting.setdefault(url, asyncio.Lock()):
-            ws = self.links.get(url)
-            if ws is not None and not ws.closed:
-                return ws
-            if self.http is None:
-                self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT))
-            try:
-                ws = await asyncio.wait_for(self.http.ws_connect(url, max_msg_size=wire.HEADER.size + wire.MAX_JSON
-                                                                 + wire.MAC_LEN, compress=0), CONNECT_TIMEOUT)
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
-                raise RelayError(f"{url}: cannot connect ({type(e).__name__})") from None
-            self.links[url] = ws
-            while len(self.links) > MAX_LINKS:  # a client naming many nodes cannot pile up connections
-                _, oldest = self.links.popitem(last=False)
-                await oldest.close()
-            task = asyncio.ensure_future(self._read(url, ws))
-            self.readers.add(task)
-            task.add_done_callback(self.readers.discard)
-            return ws
+        if self.http is None:
+            self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT))
+        try:
+            ws = await asyncio.wait_for(self.http.ws_connect(url, max_msg_size=wire.HEADER.size + wire.MAX_JSON
+                                                             + wire.MAC_LEN, compress=0), CONNECT_TIMEOUT)
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            raise RelayError(f"{url}: cannot connect ({type(e).__name__})") from None
+        self.links[url] = ws
+        while len(self.links) > MAX_LINKS:  # a client naming many nodes cannot pile up connections
+            old_url, oldest = next(iter(self.links.items()))
+            await self._drop(old_url, oldest)
+        self._spawn(self._read(url, ws))
+        return ws
+
+    async def _drop(self, url: str, ws) -> None:
+        """Forget and close a link; a close that cannot be sent (the peer stopped reading) aborts it."""
+        if self.links.get(url) is ws:
+            del self.links[url]
+        try:
+            await asyncio.wait_for(ws.close(), 1.0)
+        except (asyncio.TimeoutError, aiohttp.ClientError, OSError, RuntimeError):
+            pass
 
     async def _read(self, url: str, ws) -> None:
         """Errors the next node sends back: to the client whose step it was."""
@@ -154,18 +217,23 @@ class RelayLinks:
                 continue
             if frame.type != wire.ERROR or frame.session not in self.back:
                 continue
-            owner, own_session, _ = self.back[frame.session]
+            owner, own_session, step = self.back[frame.session]
             body = frame.body or {}
-            error = wire.error_frame(own_session, str(body.get("code", "relay")),
-                                     f"{url}: {body.get('message', 'error')}", relayed=True)
-            await send_quietly(owner, wire.encode(error, self.key))
-        self.links.pop(url, None) if self.links.get(url) is ws else None
+            await self.tell(owner, own_session, str(body.get("code", "relay")),
+                            f"{url}: {body.get('message', 'error')}", step)
+        if self.links.get(url) is ws:
+            del self.links[url]
+
+    async def tell(self, owner, session: bytes, code: str, message: str, step: int | None) -> None:
+        """A relayed step's failure, to its client on its own connection to this node."""
+        await send_quietly(owner, wire.encode(wire.error_frame(session, code, message, relayed=True, step=step),
+                                              self.key))
 
     async def close(self) -> None:
-        for ws in list(self.links.values()):
-            await ws.close()
-        for task in list(self.readers):
+        for task in list(self.tasks):
             task.cancel()
+        for url, ws in list(self.links.items()):
+            await self._drop(url, ws)
         if self.http is not None:
             await self.http.close()
 

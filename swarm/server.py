@@ -142,14 +142,14 @@ class NodeService:
         """The reply to one message, or None for a relayed step (its answer goes elsewhere)."""
         framed = isinstance(data, (bytes, bytearray)) and len(data) >= 24
         session = bytes(data[8:24]) if framed else bytes(16)
-        relayed = framed and data[5] == wire.RELAY
+        relayed, frame = framed and data[5] == wire.RELAY, None
         try:
             frame = wire.decode(data, self.key, self.dim, self.limits.max_positions)
             reply = await self.dispatch(frame, conn)
         except (wire.WireError, LimitError) as e:
-            reply = wire.error_frame(session, e.code, str(e), relayed)
+            reply = wire.error_frame(session, e.code, str(e), relayed, relay.step_or_none(frame))
         except Exception as e:  # a bug must not take the node down for everyone
-            reply = wire.error_frame(session, "internal", f"{type(e).__name__}: {e}", relayed)
+            reply = wire.error_frame(session, "internal", f"{type(e).__name__}: {e}", relayed, relay.step_or_none(frame))
         return None if reply is None else wire.encode(reply, self.key)
 
     async def dispatch(self, frame: wire.Frame, conn) -> wire.Frame:
@@ -179,6 +179,7 @@ class NodeService:
         its own connection here. Errors about the frame itself go back where it came from (the
         client, or the node before, which passes them on); once the session is known, every error
         goes to its client, which then runs the step hop by hop."""
+        step = relay.step_of(frame.body)
         self._check_span(frame)
         hops, elapsed = relay.parse_hops(frame.body), relay.elapsed_list(frame.body)
         if len(elapsed) + 1 != frame.array.shape[0]:
@@ -192,26 +193,23 @@ class NodeService:
             if hops:
                 nxt = wire.Frame(wire.RELAY, hops[0].session, frame.position, rows, first_block=hops[0].first,
                                  last_block=hops[0].last, dtype=frame.dtype,
-                                 body={"next": [h.as_json() for h in hops[1:]], "elapsed_us": elapsed})
-                await self.relays.send(hops[0], wire.encode(nxt, self.key), session.owner, frame.session)
+                                 body={"next": [h.as_json() for h in hops[1:]], "elapsed_us": elapsed, "step": step})
+                # queued, not awaited: a slow next node must not hold up this connection's other frames
+                self.relays.submit(hops[0], wire.encode(nxt, self.key), session.owner, frame.session, step)
             else:
                 done = wire.Frame(wire.RELAYED, frame.session, frame.position, rows, first_block=frame.first_block,
                                   last_block=frame.last_block, elapsed_us=_us(seconds), dtype=frame.dtype,
-                                  body={"elapsed_us": elapsed})
+                                  body={"elapsed_us": elapsed, "step": step})
                 await relay.send_quietly(session.owner, wire.encode(done, self.key))
         except (wire.WireError, LimitError) as e:
-            await self._tell(session.owner, frame.session, e.code, str(e))
+            await self.relays.tell(session.owner, frame.session, e.code, str(e), step)
         except relay.RelayError as e:
-            await self._tell(session.owner, frame.session, "relay", str(e))
+            await self.relays.tell(session.owner, frame.session, "relay", str(e), step)
         except ValueError as e:  # wire.encode: the rows overflow float16
-            await self._tell(session.owner, frame.session, "overflow", str(e))
+            await self.relays.tell(session.owner, frame.session, "overflow", str(e), step)
         except Exception as e:  # a bug must not take the node down for everyone
-            await self._tell(session.owner, frame.session, "internal", f"{type(e).__name__}: {e}")
+            await self.relays.tell(session.owner, frame.session, "internal", f"{type(e).__name__}: {e}", step)
         return None
-
-    async def _tell(self, owner, session: bytes, code: str, message: str) -> None:
-        """A relayed step's failure, to its client on its own connection here."""
-        await relay.send_quietly(owner, wire.encode(wire.error_frame(session, code, message, relayed=True), self.key))
 
     def _check_span(self, frame: wire.Frame) -> None:
         first, last = frame.first_block, frame.last_block

@@ -186,12 +186,14 @@ def _json(body: memoryview) -> dict | None:
     return value
 
 
-def error_frame(session: bytes, code: str, message: str, relayed: bool = False) -> Frame:
-    """An ERROR; ``relayed`` marks the failure of a relayed step, so that a client running that
-    step hop by hop afterwards does not take it for the answer to its own request."""
+def error_frame(session: bytes, code: str, message: str, relayed: bool = False, step: int | None = None) -> Frame:
+    """An ERROR; ``relayed`` marks the failure of a relayed step (``step``: its number, when known),
+    so that a client never takes it for the answer to another request or relayed step."""
     body = {"code": code, "message": message}
     if relayed:
         body["relay"] = True
+    if step is not None:
+        body["step"] = step
     return Frame(ERROR, session, body=body)
 
 

@@ -225,10 +225,10 @@ def test_ctrl_c_mid_step_then_close_frees_the_session(six_loader):
         node.stop()
 
 
-def relay_frame(session, position, rows, hops=(), elapsed=None, first=0, last=2):
+def relay_frame(session, position, rows, hops=(), elapsed=None, first=0, last=2, step=41):
     elapsed = [7] * (rows.shape[0] - 1) if elapsed is None else elapsed
     return wire.Frame(wire.RELAY, session, position, rows, first_block=first, last_block=last,
-                      body={"next": list(hops), "elapsed_us": elapsed})
+                      body={"next": list(hops), "elapsed_us": elapsed, "step": step})
 
 
 def test_relayed_steps_answer_the_client_and_bad_ones_get_errors(node, reference):
@@ -245,6 +245,7 @@ def test_relayed_steps_answer_the_client_and_bad_ones_get_errors(node, reference
         np.testing.assert_array_equal(reply.array[:2], carried)
         np.testing.assert_array_equal(reply.array[2:], mirror.forward(x))
         assert reply.body["elapsed_us"][0] == 7 and len(reply.body["elapsed_us"]) == 2
+        assert reply.body["step"] == 41  # echoed: the client matches the answer to its step
 
         # about the frame itself: an error back where it came from, marked as a relay's
         sid_hex = secrets.token_bytes(16).hex()
@@ -258,12 +259,16 @@ def test_relayed_steps_answer_the_client_and_bad_ones_get_errors(node, reference
                 (relay_frame(owner.sid, 5, x), "position", "a relayed step appends")):  # late: no rewind
             body = error_of(other, wire.encode(frame_))
             assert body["code"] == code and words in body["message"] and body["relay"] is True, body
+            assert body["step"] == 41, body
+        body = error_of(other, wire.encode(relay_frame(owner.sid, 6, x, step="x")))
+        assert body["code"] == "bad_frame" and "'step'" in body["message"] and "step" not in body
 
         # a next hop that cannot be reached: the client hears it, on its own connection
         gone = [["ws://127.0.0.1:9/swarm", sid_hex, 3, 5]]
         other.run(other.ws.send_bytes(wire.encode(relay_frame(owner.sid, 6, x, hops=gone))), 5)
         body = wire.decode(owner.link.run(owner.link.next_message(), 10).data).body
         assert body["code"] == "relay" and "127.0.0.1:9" in body["message"] and body["relay"] is True
+        assert body["step"] == 41
     finally:
         other.abort()
         owner.close()
@@ -290,8 +295,8 @@ def test_relay_links_pass_errors_back_and_stay_bounded(six_loader, monkeypatch):
             for i, n in enumerate(nodes):
                 sid = secrets.token_bytes(16)  # a session the next node does not have
                 frame = wire.Frame(wire.RELAY, sid, 3, hidden(2), first_block=0, last_block=0,
-                                   body={"next": [], "elapsed_us": [1]})
-                await links.send(relay.Hop(n.url, sid, 0, 0), wire.encode(frame), Client(), mine)
+                                   body={"next": [], "elapsed_us": [1], "step": i})
+                links.submit(relay.Hop(n.url, sid, 0, 0), wire.encode(frame), Client(), mine, i)
                 for _ in range(200):
                     if len(told) > i:
                         break
@@ -307,6 +312,7 @@ def test_relay_links_pass_errors_back_and_stay_bounded(six_loader, monkeypatch):
             n.stop()
     assert still_open == [nodes[1].url, nodes[2].url]  # the least recently used one was closed
     assert len(told) == 3
-    for frame, n in zip(told, nodes):  # the next node's error, passed back to the client, naming it
+    for i, (frame, n) in enumerate(zip(told, nodes)):  # the next node's error, passed back to the client
         assert frame.type == wire.ERROR and frame.session == mine and frame.body["relay"] is True
         assert frame.body["code"] == "unknown_session" and n.url in frame.body["message"]
+        assert frame.body["step"] == i

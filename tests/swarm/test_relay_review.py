@@ -1,10 +1,14 @@
 """Relayed decode steps under hostile input: garbage trailers, hops naming the node itself, a next
 hop that accepts TCP and never answers the WebSocket handshake, and private swarms. Each time
 the sender hears one error marked as a relay's, and the node goes on serving other sessions
-exactly as the local span computes."""
+exactly as the local span computes. Then a flaky network and strangers: a relay held in the
+network past its client's patience is never taken for a later step's answer and never leaves a
+cache wrong; a next hop that is a black hole, or stops reading, holds up only the relays to it."""
 
+import asyncio
 import secrets
 import socket
+import threading
 import time
 
 import numpy as np
@@ -13,7 +17,7 @@ import pytest
 from engine.model import LlamaModel
 from engine.session import LocalSpanSession
 from swarm import relay, wire
-from swarm.client import Hub, NodeLink, RemoteSpanSession, relay_step
+from swarm.client import Hub, NodeLink, RelayFailed, RemoteSpanSession, relay_step
 from tests.swarm.conftest import start_node
 
 KEY = b"a-private-swarm-key-0123456789"
@@ -36,6 +40,7 @@ def hidden(rows, seed=0):
 
 
 def relay_frame(session, position, rows, body, first=0, last=2):
+    body = {"step": 5, **body}  # the step number a client gives every relay (unless the case overrides it)
     return wire.Frame(wire.RELAY, session, position, rows, first_block=first, last_block=last, body=body)
 
 
@@ -78,7 +83,10 @@ def test_garbage_trailers_get_one_relay_error_each(node, reference):
                 ({"next": [["ws://127.0.0.1:9/swarm" + "x" * 600, sid, 3, 5]]}, "next[0]"),
                 ({"next": [], "elapsed_us": [-1]}, "elapsed_us"),
                 ({"next": [], "elapsed_us": "7"}, "elapsed_us"),
-                ({"next": [], "elapsed_us": [1]}, "compute times")):  # one row carries no earlier hop
+                ({"next": [], "elapsed_us": [1]}, "compute times"),  # one row carries no earlier hop
+                ({"next": [], "step": -1}, "'step'"),
+                ({"next": [], "step": True}, "'step'"),
+                ({"next": [], "step": 2**63}, "'step'")):
             reply = wire.decode(stranger.exchange(wire.encode(relay_frame(owner.sid, 3, x, body)), 10))
             assert reply.type == wire.ERROR and reply.body["relay"] is True, (body, reply)
             assert reply.body["code"] == "bad_frame" and words in reply.body["message"], (body, reply.body)
@@ -221,5 +229,287 @@ def test_ctrl_c_mid_relay_then_hop_by_hop_gives_local_values(six_loader, referen
         assert not a.service.cache.sessions and not b.service.cache.sessions
     finally:
         hub.close()
+        a.stop()
+        b.stop()
+
+
+class SlowProxy:
+    """TCP proxy on 127.0.0.1 forwarding to ``port`` with ``delay`` seconds of latency (order kept)."""
+
+    def __init__(self, port: int):
+        self.delay, self.port_to = 0.0, port
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        async def pipe(r, w):
+            try:
+                while data := await r.read(65536):
+                    await asyncio.sleep(self.delay)
+                    w.write(data)
+                    await w.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                w.close()
+
+        async def handle(r, w):
+            r2, w2 = await asyncio.open_connection("127.0.0.1", self.port_to)
+            asyncio.ensure_future(pipe(r, w2))
+            asyncio.ensure_future(pipe(r2, w))
+
+        async def begin():
+            self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
+            self.port = self.server.sockets[0].getsockname()[1]
+            ready.set()
+
+        def run():
+            self.loop.run_until_complete(begin())
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert ready.wait(10)
+
+    def stop(self):
+        async def end():
+            self.server.close()
+            for t in asyncio.all_tasks():
+                if t is not asyncio.current_task():
+                    t.cancel()
+        asyncio.run_coroutine_threadsafe(end(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_a_late_relay_is_not_taken_as_a_later_steps_answer(six_loader):
+    """A relay held in the network past its client's patience, then a rewind and a new relay at the
+    same position: the late relay's answer is never taken for the new step's (its step number
+    differs), and whatever the late relay did to a node's cache, the steps that follow (relayed,
+    or hop by hop after a refused relay, as SwarmRoute does) compute exactly what local spans do."""
+    from engine.model import LlamaModel
+    from engine.session import LocalSpanSession
+
+    a, b = start_node(six_loader, 0, 2), start_node(six_loader, 3, 5)
+    proxy = SlowProxy(b.port)  # the network between node a and node b
+    hub = Hub()
+    la = LocalSpanSession(LlamaModel(six_loader, backend="numba", layers=(0, 2)), 32)
+    lb = LocalSpanSession(LlamaModel(six_loader, backend="numba", layers=(3, 5)), 32)
+    rng = np.random.default_rng(0)
+    x = lambda: rng.standard_normal((1, 96)).astype(np.float32)  # noqa: E731
+
+    def step(h):  # relayed if it can be, else hop by hop: SwarmRoute.forward
+        try:
+            rows = relay_step([sa, sb], h, timeout=10)
+            assert np.array_equal(rows[0], h[0]), "relay_step returned another step's rows"
+            return rows[-1:]
+        except RelayFailed:
+            return sb.forward(sa.forward(h))
+
+    try:
+        sa = RemoteSpanSession(a.url, 0, 2, 32, 96, hub=hub)
+        sb = RemoteSpanSession(b.url, 3, 5, 32, 96, hub=hub)
+        sb.url = f"ws://127.0.0.1:{proxy.port}/swarm"  # node a reaches node b through the slow network
+        prompt = rng.standard_normal((5, 96)).astype(np.float32)
+        np.testing.assert_array_equal(sb.forward(sa.forward(prompt)), lb.forward(la.forward(prompt)))
+        h = x()
+        np.testing.assert_array_equal(step(h), lb.forward(la.forward(h)))  # position 6 now
+        proxy.delay = 1.5
+        x_old = x()
+        with pytest.raises(RelayFailed):
+            relay_step([sa, sb], x_old, timeout=0.5)  # stuck between a and b
+        sb.forward(sa.forward(x_old))  # what SwarmRoute does then: the step hop by hop (both at 7)
+        for s in (sa, sb, la, lb):  # a rewind (a chat turn that edits history), then FORWARDs
+            s.rewind(5)
+        h = x()
+        np.testing.assert_array_equal(sb.forward(sa.forward(h)), lb.forward(la.forward(h)))  # both at 6
+        for _ in range(3):  # position 6 again (the late relay arrives meanwhile), then 7 and 8
+            h = x()
+            np.testing.assert_array_equal(step(h), lb.forward(la.forward(h)))
+        proxy.delay = 0.0
+        h = x()
+        np.testing.assert_array_equal(step(h), lb.forward(la.forward(h)))
+    finally:
+        sa.close()
+        sb.close()
+        hub.close()
+        proxy.stop()
+        a.stop()
+        b.stop()
+
+
+def test_a_strangers_black_hole_hop_does_not_stall_others_relays(six_loader):
+    """Open swarm: a stranger with its own sessions on nodes a and b relays a -> b -> (a TCP port that
+    never answers the handshake). Node b handles the frames of its one connection from node a in
+    order; it must not wait CONNECT_TIMEOUT (5 s) on the black hole there (relay.RelayLinks queues
+    the onward send), or every other client's relay from a to b would wait behind it."""
+    import secrets
+    import socket
+
+    from swarm import wire
+
+    a, b = start_node(six_loader, 0, 2), start_node(six_loader, 3, 5)
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(8)
+    victim_hub, attacker_hub = Hub(), Hub()
+    rng = np.random.default_rng(1)
+    x = lambda: rng.standard_normal((1, 96)).astype(np.float32)  # noqa: E731
+    spans = []
+    try:
+        va = RemoteSpanSession(a.url, 0, 2, 32, 96, hub=victim_hub)
+        vb = RemoteSpanSession(b.url, 3, 5, 32, 96, hub=victim_hub)
+        ta = RemoteSpanSession(a.url, 0, 2, 32, 96, hub=attacker_hub)
+        tb = RemoteSpanSession(b.url, 3, 5, 32, 96, hub=attacker_hub)
+        spans = [va, vb, ta, tb]
+        vb.forward(va.forward(rng.standard_normal((3, 96)).astype(np.float32)))
+        tb.forward(ta.forward(rng.standard_normal((3, 96)).astype(np.float32)))
+        relay_step([va, vb], x(), timeout=10)  # the victim relays fine: node a's link to b is open
+        hops = [[b.url, tb.sid.hex(), 3, 5], [f"ws://127.0.0.1:{hole.getsockname()[1]}/swarm",
+                                              secrets.token_bytes(16).hex(), 0, 0]]
+        frame = wire.Frame(wire.RELAY, ta.sid, 3, x(), first_block=0, last_block=2,
+                           body={"next": hops, "elapsed_us": [], "step": 7})
+        ta.link.run(ta.link.ws.send_bytes(wire.encode(frame)), 5)
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        try:
+            relay_step([va, vb], x(), timeout=2.0)  # RELAY_MIN_S: what SwarmRoute allows a fast relay
+        except RelayFailed as e:
+            pytest.fail(f"the victim's relay waited behind the stranger's black hole: {e} "
+                        f"after {time.monotonic() - t0:.1f} s")
+    finally:
+        for s in spans:
+            s.close()
+        victim_hub.close()
+        attacker_hub.close()
+        hole.close()
+        a.stop()
+        b.stop()
+
+
+class DeafWebSocket:
+    """Answers the WebSocket handshake on 127.0.0.1, then never reads another byte."""
+
+    def __init__(self):
+        import base64
+        import hashlib
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.conns, self.url = [], f"ws://127.0.0.1:{self.sock.getsockname()[1]}/swarm"
+
+        def serve():
+            while True:
+                try:
+                    c, _ = self.sock.accept()
+                except OSError:
+                    return
+                c.settimeout(5)
+                head = b""
+                while b"\r\n\r\n" not in head and len(head) < 65536:
+                    head += c.recv(4096)
+                key = [ln.split(b":", 1)[1].strip() for ln in head.split(b"\r\n")
+                       if ln.lower().startswith(b"sec-websocket-key:")][0]
+                accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+                c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+                self.conns.append(c)  # kept open, never read
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    def close(self):
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+def test_a_next_hop_that_stops_reading_does_not_stall_a_node_link_forever(six_loader):
+    """Open swarm: a stranger relays a -> b -> (a WebSocket that stops reading). Once the socket
+    buffers are full, node b's sends to it would wait forever: they must hold up neither b's
+    connection from a (every other client's relays from a to b come over it) nor anything else for
+    long (a send waits at most relay.SEND_TIMEOUT). The victim's relays go on working."""
+    import secrets
+
+    from swarm import wire
+
+    a, b = start_node(six_loader, 0, 2), start_node(six_loader, 3, 5)
+    deaf = DeafWebSocket()
+    victim_hub, attacker_hub = Hub(), Hub()
+    rng = np.random.default_rng(2)
+    x = lambda rows=1: rng.standard_normal((rows, 96)).astype(np.float32)  # noqa: E731
+    spans = []
+    try:
+        va = RemoteSpanSession(a.url, 0, 2, 4096, 96, hub=victim_hub)
+        vb = RemoteSpanSession(b.url, 3, 5, 4096, 96, hub=victim_hub)
+        ta = RemoteSpanSession(a.url, 0, 2, 4096, 96, hub=attacker_hub)
+        tb = RemoteSpanSession(b.url, 3, 5, 4096, 96, hub=attacker_hub)
+        spans = [va, vb, ta, tb]
+        vb.forward(va.forward(x(3)))
+        tb.forward(ta.forward(x(3)))
+        relay_step([va, vb], x(), timeout=10)
+        hops = [[b.url, tb.sid.hex(), 3, 5], [deaf.url, secrets.token_bytes(16).hex(), 0, 0]]
+        for i in range(600):  # ~26 KB per frame to the deaf hop (65 rows + 1): ~15 MB at most
+            frame = wire.Frame(wire.RELAY, ta.sid, 3 + i, x(64), first_block=0, last_block=2,
+                               body={"next": hops, "elapsed_us": [1] * 63, "step": i})
+            try:
+                ta.link.run(ta.link.ws.send_bytes(wire.encode(frame)), 5)
+            except asyncio.TimeoutError:  # the stranger's own connection to a backs up: enough sent
+                break
+        print(f"stranger sent {i} relays")
+        time.sleep(10)
+        held = b.service.cache.sessions[tb.sid].position
+        time.sleep(3)
+        print(f"stranger's session on b: {held} positions at 10 s, "
+              f"{b.service.cache.sessions[tb.sid].position} at 13 s, positions")
+        failures = 0
+        for _ in range(3):
+            try:
+                relay_step([va, vb], x(), timeout=2.0)
+                break
+            except RelayFailed:
+                failures += 1
+                vb.forward(va.forward(x()))  # hop by hop, as SwarmRoute does
+        assert failures == 0, f"{failures} victim relays in a row failed, the last ones 10 s after the stranger stopped"
+    finally:
+        for s in spans:
+            s.close()
+        victim_hub.close()
+        attacker_hub.close()
+        deaf.close()
+        a.stop()
+        b.stop()
+
+
+def test_a_late_relays_error_does_not_fail_the_next_relay(six_loader):
+    """A relay given up on and then refused late by node b ("a relayed step appends") sends a relay
+    ERROR to the client; it names its step, so the client's next relayed step does not take it for
+    its own failure."""
+    a, b = start_node(six_loader, 0, 2), start_node(six_loader, 3, 5)
+    proxy = SlowProxy(b.port)
+    hub = Hub()
+    rng = np.random.default_rng(3)
+    x = lambda: rng.standard_normal((1, 96)).astype(np.float32)  # noqa: E731
+    spans = []
+    try:
+        sa = RemoteSpanSession(a.url, 0, 2, 32, 96, hub=hub)
+        sb = RemoteSpanSession(b.url, 3, 5, 32, 96, hub=hub)
+        spans = [sa, sb]
+        sb.url = f"ws://127.0.0.1:{proxy.port}/swarm"
+        sb.forward(sa.forward(rng.standard_normal((5, 96)).astype(np.float32)))
+        relay_step([sa, sb], x(), timeout=10)
+        proxy.delay = 1.5
+        x_old = x()
+        with pytest.raises(RelayFailed):
+            relay_step([sa, sb], x_old, timeout=0.5)
+        sb.forward(sa.forward(x_old))  # hop by hop, as SwarmRoute does
+        time.sleep(2.5)  # the late relay reaches b, which refuses it: every node is healthy again
+        proxy.delay = 0.0
+        relay_step([sa, sb], x(), timeout=10)  # succeeds: the late relay's error names another step
+    finally:
+        for s in spans:
+            s.close()
+        hub.close()
+        proxy.stop()
         a.stop()
         b.stop()
