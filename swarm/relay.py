@@ -36,7 +36,7 @@ CONNECT_TIMEOUT = 5.0   # to the next node: a dead one refuses at once, a black 
 SEND_TIMEOUT = 5.0      # a next node that stops reading loses its link after this long
 REMEMBERED = 4096       # next-hop sessions whose errors can still be passed back to their client
 MAX_LINKS = 64          # connections to next nodes kept open; the least recently used closes beyond
-QUEUE_DEPTH = 16        # relays waiting to be sent to one next node; more are refused at once
+QUEUE_DEPTH = 64        # relays waiting to be sent to one next node (one per session at most); more are refused
 MAX_WAITING = 1024      # relays waiting to be sent, all next nodes together
 log = logging.getLogger("aiohttp.server")
 
