@@ -142,10 +142,12 @@ class NodeLink:
             if link is self:
                 return msg
 
-    def exchange(self, data: bytes, timeout: float) -> bytes:
-        """Send one message, return the reply's bytes (raises NodeError if none comes)."""
+    def exchange(self, data: bytes | None, timeout: float) -> bytes:
+        """Send one message (unless ``data`` is None), return the next message's bytes (raises
+        NodeError if none comes)."""
         async def go():
-            await self.ws.send_bytes(data)
+            if data is not None:
+                await self.ws.send_bytes(data)
             msg = await self.next_message()
             if msg.type != aiohttp.WSMsgType.BINARY:
                 raise NodeError(self.url, "died", f"connection closed ({msg.type.name.lower()})")
@@ -171,7 +173,7 @@ class NodeLink:
             stale = reply.type == wire.RELAYED or (reply.type == wire.ERROR and (reply.body or {}).get("relay"))
             if not stale:
                 break
-            raw = self._late(timeout)  # the answer to a relayed step given up on, not to this request
+            raw = self.exchange(None, timeout)  # that was a relayed step's, given up on: read on
         if reply.type == wire.ERROR:
             body = reply.body or {}
             code = str(body.get("code", "error"))
@@ -182,19 +184,6 @@ class NodeLink:
         if reply.session != frame.session:
             raise NodeError(self.url, "bad_reply", "the reply names another session")
         return reply
-
-    def _late(self, timeout: float) -> bytes:
-        async def go():
-            msg = await self.next_message()
-            if msg.type != aiohttp.WSMsgType.BINARY:
-                raise NodeError(self.url, "died", f"connection closed ({msg.type.name.lower()})")
-            return msg.data
-
-        try:
-            return self.run(go(), timeout)
-        except asyncio.TimeoutError:
-            self.abort()
-            raise NodeError(self.url, "timeout", f"no reply within {timeout:.0f} s") from None
 
     def abort(self) -> None:
         """Close the connection (if any); the link cannot be used afterwards (nor its own hub)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 def ws_url(host: str, port: int, public=None, toward: list[str] = ()) -> str:
     """The activation address others reach a node bound to host:port at (never a wildcard)."""
     from distribution.addresses import http_url
-    from swarm.server import WS_PATH
+    from swarm.wire import WS_PATH
 
     return "ws://" + http_url(host, port, public, toward)[len("http://"):].rstrip("/") + WS_PATH
 

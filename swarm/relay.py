@@ -30,7 +30,6 @@ from yarl import URL
 
 from swarm import wire
 
-WS_PATH = "/swarm"
 MAX_HOPS = 64           # hops one relay may name (a route of single-block nodes over a 64-block model)
 CONNECT_TIMEOUT = 5.0   # to the next node: a dead one refuses at once, a black hole takes this long
 SEND_TIMEOUT = 5.0      # a next node that stops reading loses its link after this long
@@ -69,8 +68,8 @@ def parse_hops(body: dict) -> list[Hop]:
             session = bytes.fromhex(sid)
         except ValueError:
             raise wire.WireError("bad_frame", f"next[{i}]: unreadable url or session") from None
-        if parsed.scheme not in ("ws", "wss") or not parsed.host or parsed.path != WS_PATH or len(url) > 512:
-            raise wire.WireError("bad_frame", f"next[{i}]: {url[:80]!r} is not a node's ws://host:port{WS_PATH}")
+        if parsed.scheme not in ("ws", "wss") or not parsed.host or parsed.path != wire.WS_PATH or len(url) > 512:
+            raise wire.WireError("bad_frame", f"next[{i}]: {url[:80]!r} is not a node's ws://host:port{wire.WS_PATH}")
         if len(session) != 16 or session == bytes(16):
             raise wire.WireError("bad_frame", f"next[{i}]: a session id is 128 random bits")
         if not 0 <= first <= last < 2**16:

@@ -33,7 +33,6 @@ from swarm import relay, wire
 from swarm.inflight import GatedWebSocket
 from swarm.memory import Inflight, LimitError, Limits, SessionCache
 
-WS_PATH = "/swarm"
 log = logging.getLogger("aiohttp.server")  # common/aio_server.quiet_logs makes its records one line
 RECENT_STEPS = 16  # decode steps whose median is the advertised ms_per_token
 
@@ -371,7 +370,7 @@ def make_app(service: NodeService, app: web.Application | None = None) -> web.Ap
         await service.relays.close()
 
     app = app if app is not None else web.Application()
-    app.router.add_get(WS_PATH, swarm)
+    app.router.add_get(wire.WS_PATH, swarm)
     app.cleanup_ctx.append(expire_idle)
     app.on_shutdown.append(close_connections)
     return app
@@ -426,7 +425,7 @@ class NodeThread:
         self.thread.start()
         if not ready.wait(30):
             raise RuntimeError("the node did not start within 30 s")
-        self.url = f"ws://{host}:{self.port}{WS_PATH}"
+        self.url = f"ws://{host}:{self.port}{wire.WS_PATH}"
 
     def stop(self) -> None:
         """Close every connection and stop listening (what a client sees when a node dies)."""

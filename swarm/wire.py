@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+WS_PATH = "/swarm"  # where a node takes its WebSocket: ws://HOST:PORT/swarm
 MAGIC = b"GFSW"
 VERSION = 1
 HEADER = struct.Struct("<4sBBBB16sIIIHHII")
