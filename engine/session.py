@@ -134,7 +134,9 @@ class RoutedSession:
 
     def hidden(self, tokens: Sequence[int]) -> np.ndarray:
         """Hidden states after the last block, (T, dim), for tokens appended at ``position``."""
-        x = compute.run(self.edges.embed, np.asarray(tokens, dtype=np.int64))
+        # The embedding is a row lookup in NumPy (no parallel kernel), so it runs on the calling
+        # thread: a hand-over to the compute thread and back costs more than the lookup.
+        x = self.edges.embed(np.asarray(tokens, dtype=np.int64))
         for span in self.route:
             x = span.forward(x)
         return x

@@ -128,6 +128,23 @@ class RelayLinks:
         self.waiting = 0
         self.back: OrderedDict[bytes, tuple] = OrderedDict()  # next session -> (owner ws, own session, step)
 
+    async def send(self, hop: Hop, data: bytes, owner, own_session: bytes, step: int) -> None:
+        """Send ``data`` to ``hop`` now when nothing is queued for it and its socket takes the whole
+        frame at once; queue it (``submit``) otherwise. Sending now saves a task and a turn of the
+        loop per relay (about 0.15 ms per node and token on a loaded 2-core machine, measured), and
+        it never waits: aiohttp's send suspends only while its transport is paused, which a frame
+        smaller than the high-water mark, written to an empty buffer, cannot cause."""
+        ws = self.links.get(hop.url)
+        if ws is None or ws.closed or hop.url in self.queues or not _writes_at_once(ws, len(data)):
+            return self.submit(hop, data, owner, own_session, step)
+        self.links.move_to_end(hop.url)
+        self._remember(hop.session, owner, own_session, step)
+        try:
+            await ws.send_bytes(data)
+        except (aiohttp.ClientError, OSError, ConnectionError, RuntimeError) as e:
+            await self._drop(hop.url, ws)
+            raise RelayError(f"{hop.url}: connection lost ({type(e).__name__})") from None
+
     def submit(self, hop: Hop, data: bytes, owner, own_session: bytes, step: int) -> None:
         """Queue ``data`` for ``hop``; raises RelayError when too many relays wait already."""
         if self.waiting >= MAX_WAITING:
@@ -163,10 +180,7 @@ class RelayLinks:
 
     async def _deliver(self, hop: Hop, data: bytes, owner, own_session: bytes, step: int) -> None:
         ws = await self._link(hop.url)
-        self.back[hop.session] = (owner, own_session, step)
-        self.back.move_to_end(hop.session)
-        while len(self.back) > REMEMBERED:
-            self.back.popitem(last=False)
+        self._remember(hop.session, owner, own_session, step)
         try:
             await asyncio.wait_for(ws.send_bytes(data), SEND_TIMEOUT)
         except asyncio.TimeoutError:
@@ -175,6 +189,13 @@ class RelayLinks:
         except (aiohttp.ClientError, OSError, ConnectionError, RuntimeError) as e:
             await self._drop(hop.url, ws)
             raise RelayError(f"{hop.url}: connection lost ({type(e).__name__})") from None
+
+    def _remember(self, next_session: bytes, owner, own_session: bytes, step: int) -> None:
+        """Whom to tell when the next node answers ``next_session``'s relay with an error."""
+        self.back[next_session] = (owner, own_session, step)
+        self.back.move_to_end(next_session)
+        while len(self.back) > REMEMBERED:
+            self.back.popitem(last=False)
 
     async def _link(self, url: str) -> aiohttp.ClientWebSocketResponse:
         """The open link to ``url``, connecting if need be (only its sender task calls this)."""
@@ -235,6 +256,16 @@ class RelayLinks:
             await self._drop(url, ws)
         if self.http is not None:
             await self.http.close()
+
+
+def _writes_at_once(ws, size: int) -> bool:
+    """Whether a ``size``-byte frame sent on ``ws`` now goes to its transport without waiting: the
+    transport's buffer is empty and the frame is below its high-water mark. (aiohttp keeps the
+    transport in a private attribute; without it every relay takes the queue.)"""
+    transport = getattr(getattr(ws, "_writer", None), "transport", None)
+    if transport is None or transport.is_closing():
+        return False
+    return transport.get_write_buffer_size() == 0 and size < transport.get_write_buffer_limits()[1]
 
 
 async def send_quietly(ws, data: bytes) -> bool:

@@ -193,8 +193,9 @@ class NodeService:
                 nxt = wire.Frame(wire.RELAY, hops[0].session, frame.position, rows, first_block=hops[0].first,
                                  last_block=hops[0].last, dtype=frame.dtype,
                                  body={"next": [h.as_json() for h in hops[1:]], "elapsed_us": elapsed, "step": step})
-                # queued, not awaited: a slow next node must not hold up this connection's other frames
-                self.relays.submit(hops[0], wire.encode(nxt, self.key), session.owner, frame.session, step)
+                # sent now or queued, never waited for: a slow next node must not hold up this
+                # connection's other frames
+                await self.relays.send(hops[0], wire.encode(nxt, self.key), session.owner, frame.session, step)
             else:
                 done = wire.Frame(wire.RELAYED, frame.session, frame.position, rows, first_block=frame.first_block,
                                   last_block=frame.last_block, elapsed_us=_us(seconds), dtype=frame.dtype,

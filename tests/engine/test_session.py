@@ -97,3 +97,24 @@ def test_rope_table_holds_what_a_call_for_each_position_gives(loader):
         np.testing.assert_array_equal(cos, want[0])
         np.testing.assert_array_equal(sin, want[1])
     assert sizes == [256, 256, 512, 512, 512] and cfg.context_length == 512
+
+
+def test_a_remote_route_hands_only_the_head_to_the_compute_thread(loader, monkeypatch):
+    """With remote spans, the caller's thread waits on the network; the embedding (a NumPy row
+    lookup) runs there too, and only the head (parallel kernels) goes to the compute thread: one
+    hand-over per token, as a local session's whole step takes."""
+    from common import compute
+
+    class Remote(LocalSpanSession):
+        local = False
+
+    whole = LlamaModel(loader)
+    expected = whole.open_session(32).feed(TOKENS)
+    handed = []
+    monkeypatch.setattr(compute, "run", lambda fn, *a, **k: (handed.append(fn), fn(*a, **k))[1])
+    session = RoutedSession(LlamaModel(loader, edges_only=True),
+                            [Remote(LlamaModel(loader, layers=(0, whole.config.n_layers - 1)), 32)])
+    handed.clear()  # (loading went through it too)
+    np.testing.assert_allclose(session.feed(TOKENS), expected, rtol=1e-4, atol=1e-4)
+    names = [getattr(fn, "__name__", "?") for fn in handed]
+    assert "embed" not in names and names.count("head") == 1, names  # (the stand-in span's own pass hops too)

@@ -316,3 +316,53 @@ def test_relay_links_pass_errors_back_and_stay_bounded(six_loader, monkeypatch):
         assert frame.type == wire.ERROR and frame.session == mine and frame.body["relay"] is True
         assert frame.body["code"] == "unknown_session" and n.url in frame.body["message"]
         assert frame.body["step"] == i
+
+
+def test_a_relay_on_an_idle_link_is_sent_at_once_and_a_busy_one_queues(six_loader, monkeypatch):
+    import asyncio
+
+    from swarm import relay
+
+    node = start_node(six_loader, 0, 0)
+    told = []
+
+    class Client:
+        async def send_bytes(self, data):
+            told.append(wire.decode(data))
+
+    def frame(i):
+        sid = secrets.token_bytes(16)  # unknown to the next node: its error comes back, one per relay
+        data = wire.encode(wire.Frame(wire.RELAY, sid, 3, hidden(2), first_block=0, last_block=0,
+                                      body={"next": [], "elapsed_us": [1], "step": i}))
+        return relay.Hop(node.url, sid, 0, 0), data
+
+    async def answers(n):
+        for _ in range(250):
+            if len(told) >= n:
+                return
+            await asyncio.sleep(0.02)
+
+    async def main():
+        links = relay.RelayLinks()
+        try:
+            await links.send(*frame(0), Client(), b"\x01" * 16, 0)  # no link yet: queued, connects
+            await answers(1)
+            spawned = []
+            real_spawn = links._spawn
+            monkeypatch.setattr(links, "_spawn", lambda coro: (spawned.append(coro), real_spawn(coro)))
+            await links.send(*frame(1), Client(), b"\x01" * 16, 1)  # open and idle: written here
+            assert spawned == [] and links.queues == {}
+            await answers(2)
+            monkeypatch.setattr(relay, "_writes_at_once", lambda ws, size: False)  # as if its buffer held bytes
+            await links.send(*frame(2), Client(), b"\x01" * 16, 2)
+            assert len(spawned) == 1 and node.url in links.queues  # queued behind them, in order
+            await answers(3)
+        finally:
+            await links.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        node.stop()
+    assert [f.body["step"] for f in told] == [0, 1, 2]  # each relay reached the next node
+    assert all(f.body["code"] == "unknown_session" for f in told)
