@@ -31,6 +31,8 @@ from swarm.client import Hub, NodeError, RelayFailed, RemoteSpanSession, query_i
 MAX_FAILOVERS = 4      # per step: then the error is the user's to see
 MAX_RELAY_FAILURES = 3  # relayed steps failing in a row: then this session's steps go hop by hop
 EXCLUDE_S = 60.0       # a node that failed is not chosen again for this long
+FULL_EXCLUDE_S = 1.0   # ... but one that answered `full` only this long: its sessions come and go
+BUSY_WAITS = (0.5, 1.0, 2.0)  # looks again after these pauses while only busy nodes serve a block
 RETRYABLE_SAME_NODE = {"unknown_session"}  # the node is fine, it only lost (expired) our session
 
 
@@ -58,6 +60,10 @@ class NodeInfo:
 
 class NoRoute(UserError):
     pass
+
+
+class Busy(NoRoute):
+    """Every node serving some block is busy now (full, or failed a moment ago): worth a retry."""
 
 
 def block_ranges(blocks: list[int]) -> str:
@@ -103,7 +109,9 @@ class Directory:
 
 
 def plan(nodes: list[NodeInfo], first: int, last: int, exclude=frozenset(), positions: int = 1) -> list[tuple]:
-    """The cheapest chain of (node, a, b) hops running blocks first..last in order."""
+    """The cheapest chain of (node, a, b) hops running blocks first..last in order. ``exclude``
+    holds the URLs not to use (a dict gives (why, busy) for each). Raises NoRoute when no node
+    serves some block, Busy when nodes do but none of them can take a session now."""
     usable = [n for n in nodes if n.url not in exclude and n.free_sessions > 0 and n.free_cache_mb > 0]
     roomy = [n for n in usable if n.max_positions >= positions]
     for pool in (roomy, usable):  # prefer nodes that can hold the whole session
@@ -111,7 +119,24 @@ def plan(nodes: list[NodeInfo], first: int, last: int, exclude=frozenset(), posi
         if best is not None:
             return best
     missing = [b for b in range(first, last + 1) if not any(n.first <= b <= n.last for n in usable)]
-    raise NoRoute(f"no node serves blocks {block_ranges(missing)}")
+    absent = [b for b in missing if not any(n.first <= b <= n.last for n in nodes)]
+    if absent:
+        raise NoRoute(f"no node serves blocks {block_ranges(absent)}")
+    held = [n for n in nodes if n not in usable and any(n.first <= b <= n.last for b in missing)]
+    why = [_why_unusable(n, exclude) for n in held]
+    reasons = "; ".join(f"{n.url}: {text}" for n, (text, _) in zip(held, why))
+    if any(busy for _, busy in why):
+        raise Busy(f"every node serving blocks {block_ranges(missing)} is busy ({reasons})")
+    raise NoRoute(f"no usable node serves blocks {block_ranges(missing)} ({reasons})")
+
+
+def _why_unusable(node: NodeInfo, exclude) -> tuple[str, bool]:
+    """Why a node is passed over, and whether that may change within seconds (it is busy)."""
+    if node.url in exclude:
+        return exclude[node.url] if isinstance(exclude, dict) else ("failed", False)
+    if node.free_sessions <= 0:
+        return f"all {node.max_sessions} sessions taken", True
+    return "no KV-cache memory free", True
 
 
 def _shortest(nodes: list[NodeInfo], first: int, last: int) -> list[tuple] | None:
@@ -229,7 +254,7 @@ class Swarm:
         self.step_timeout = step_timeout
         self.n_layers, self.dim = edges.config.n_layers, edges.config.dim
         self.failovers = 0
-        self.excluded: dict[str, float] = {}     # url -> when it failed
+        self.excluded: dict[str, tuple] = {}     # url -> (until when it is passed over, why, only full)
         self.opened: list[RemoteSpanSession] = []
         self.closed_stats: dict[tuple, list] = {}  # (url, first, last) -> [node_s, round_s, steps]
         self.last_segments: list[Segment] = []
@@ -238,28 +263,38 @@ class Swarm:
     def failed(self, error: NodeError) -> None:
         self.failovers += 1
         if error.code not in RETRYABLE_SAME_NODE:
-            self.exclude(error.url)
+            self.exclude(error)
 
-    def exclude(self, url: str) -> None:
-        self.excluded[url] = time.monotonic()
+    def exclude(self, error: NodeError) -> None:
+        """Pass over ``error``'s node for a while: briefly when it was only full."""
+        full = error.code == "full"
+        self.excluded[error.url] = (time.monotonic() + (FULL_EXCLUDE_S if full else EXCLUDE_S), error.message, full)
 
-    def _excluded(self) -> set[str]:
+    def _excluded(self) -> dict[str, tuple[str, bool]]:
         now = time.monotonic()
-        return {u for u, t in self.excluded.items() if now - t < EXCLUDE_S}
+        return {u: (why, full) for u, (until, why, full) in self.excluded.items() if now < until}
 
     def open_chain(self, first: int, last: int, capacity: int, hub: Hub | None = None) -> list[RemoteSpanSession]:
-        """Remote span sessions covering first..last, chosen from a fresh look at the directory."""
-        for _ in range(MAX_FAILOVERS + 1):
+        """Remote span sessions covering first..last, chosen from a fresh look at the directory.
+        While the only nodes for some block are busy (full), it looks again after BUSY_WAITS."""
+        waits, attempts = list(BUSY_WAITS), MAX_FAILOVERS + 1
+        while attempts:
             nodes = self.directory.nodes()
             try:
                 hops = plan(nodes, first, last, self._excluded(), capacity)
+            except Busy as e:
+                if not waits:
+                    raise Busy(str(e) + self._problems()) from None
+                time.sleep(waits.pop(0))
+                continue
             except NoRoute as e:
                 raise NoRoute(str(e) + self._problems()) from None
             try:
                 return self._connect(hops, capacity, hub)
             except NodeError as e:
-                self.exclude(e.url)
+                self.exclude(e)
                 self.directory.problems[e.url] = e.message
+                attempts -= 1
         raise NoRoute(f"no reachable nodes for blocks {first}-{last}" + self._problems())
 
     def _connect(self, hops, capacity: int, hub: Hub | None = None) -> list[RemoteSpanSession]:

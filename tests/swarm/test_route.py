@@ -8,7 +8,7 @@ import pytest
 from common.errors import UserError
 from swarm import manifest_sha
 from swarm.client import distributed_text_model, timings
-from swarm.route import NodeInfo, NoRoute, plan
+from swarm.route import Busy, NodeInfo, NoRoute, plan
 from tests.swarm.conftest import PROMPT, greedy, start_node
 
 N = 10
@@ -157,10 +157,35 @@ def test_plan_prefers_fast_nodes_and_uses_sub_spans():
     nodes = [info("a", 0, 9, ms=10), info("b", 10, 29, ms=20), info("c", 0, 14, ms=3), info("d", 20, 29, ms=100)]
     hops = [(n.url, a, b) for n, a, b in plan(nodes, 0, 29)]
     assert hops == [("c", 0, 14), ("b", 15, 29)]
-    with pytest.raises(NoRoute, match="no node serves blocks 15-19"):
+    with pytest.raises(NoRoute, match=r"no usable node serves blocks 15-19 \(b: failed\)"):
         plan(nodes, 10, 19, exclude={"b"})
-    with pytest.raises(NoRoute, match="blocks 10-29"):
+    with pytest.raises(NoRoute, match="no node serves blocks 30-31"):
+        plan(nodes, 28, 31)
+    with pytest.raises(Busy, match=r"every node serving blocks 10-29 is busy \(b: all 4 sessions taken\)"):
         plan([info("a", 0, 9), info("b", 10, 29, free=0)], 0, 29)
+    with pytest.raises(Busy, match=r"blocks 10-29 is busy \(b: node full: frames in flight"):
+        plan([info("a", 0, 9), info("b", 10, 29)], 0, 29, exclude={"b": ("node full: frames in flight", True)})
+    with pytest.raises(NoRoute, match=r"no usable node serves blocks 10-29 \(b: internal: boom\)") as e:
+        plan([info("a", 0, 9), info("b", 10, 29)], 0, 29, exclude={"b": ("internal: boom", False)})
+    assert not isinstance(e.value, Busy)  # a node that failed stays out for EXCLUDE_S: no point waiting
+
+
+def test_a_busy_swarm_is_asked_again_before_the_error(six_loader, local_greedy, monkeypatch):
+    import swarm.route as route
+
+    node = start_node(six_loader, 0, 5, max_sessions=1)
+    try:
+        tm = text_model(six_loader, [node])
+        blocker = node.service.cache.open(b"x" * 16, object(), 0, 5, 8)  # another client's session
+        threading.Timer(0.2, node.service.cache.close, [blocker.sid]).start()  # ... ends soon
+        with tm.open_session(64) as s:  # the first look finds the node full; a later one does not
+            assert greedy(s, PROMPT, N) == local_greedy(PROMPT, N)
+        monkeypatch.setattr(route, "BUSY_WAITS", (0.05, 0.05))
+        node.service.cache.open(b"y" * 16, object(), 0, 5, 8)  # and now it stays full
+        with pytest.raises(Busy, match=rf"every node serving blocks 0-5 is busy \({node.url}: all 1 sessions taken"):
+            tm.open_session(64)
+    finally:
+        node.stop()
 
 
 def test_node_that_stops_answering_times_out_and_is_replaced(six_loader, local_greedy):
