@@ -239,6 +239,9 @@ class RelayLinks:
                 continue
             owner, own_session, step = self.back[frame.session]
             body = frame.body or {}
+            named = body.get("step")  # the step the next node refused: a late relay's is not the one
+            if isinstance(named, int) and not isinstance(named, bool):  # remembered for this session now
+                step = named
             await self.tell(owner, own_session, str(body.get("code", "relay")),
                             f"{url}: {body.get('message', 'error')}", step)
         if self.links.get(url) is ws:

@@ -366,3 +366,39 @@ def test_a_relay_on_an_idle_link_is_sent_at_once_and_a_busy_one_queues(six_loade
         node.stop()
     assert [f.body["step"] for f in told] == [0, 1, 2]  # each relay reached the next node
     assert all(f.body["code"] == "unknown_session" for f in told)
+
+
+def test_a_next_nodes_late_error_keeps_the_step_it_names(six_loader):
+    """The next node refuses a relay late, after this node has passed it a newer step of the same
+    session: the error goes to the client under the refused step's number (which the client no
+    longer waits for), not the newer one (whose relay would then be failed for nothing)."""
+    import asyncio
+
+    from swarm import relay
+
+    node = start_node(six_loader, 0, 0)
+    told = []
+
+    class Client:
+        async def send_bytes(self, data):
+            told.append(wire.decode(data))
+
+    async def main():
+        links = relay.RelayLinks()
+        sid = secrets.token_bytes(16)  # unknown to the next node: it refuses, naming the step
+        data = wire.encode(wire.Frame(wire.RELAY, sid, 3, hidden(2), first_block=0, last_block=0,
+                                      body={"next": [], "elapsed_us": [1], "step": 7}))
+        try:
+            links.submit(relay.Hop(node.url, sid, 0, 0), data, Client(), b"\x01" * 16, 8)  # 8: remembered now
+            for _ in range(250):
+                if told:
+                    return
+                await asyncio.sleep(0.02)
+        finally:
+            await links.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        node.stop()
+    assert len(told) == 1 and told[0].body["code"] == "unknown_session" and told[0].body["step"] == 7
