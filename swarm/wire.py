@@ -52,6 +52,7 @@ DTYPES = {F32: np.dtype("<f4"), F16: np.dtype("<f2")}
 DTYPE_CODES = {"float32": F32, "float16": F16}
 
 FLAG_MAC = 1
+_JSON = json.JSONEncoder(separators=(",", ":"))  # one encoder: json.dumps with options makes one per call
 
 
 class WireError(Exception):
@@ -84,8 +85,11 @@ def encode(frame: Frame, key: bytes | None = None) -> bytes:
     if frame.type in ARRAY_TYPES:
         if frame.dtype not in DTYPES:
             raise ValueError(f"unknown wire dtype {frame.dtype}")
-        with np.errstate(over="ignore"):  # an overflow is caught just below, as a clear error
-            array = np.ascontiguousarray(frame.array, dtype=DTYPES[frame.dtype])
+        if frame.dtype == F32:
+            array = np.ascontiguousarray(frame.array, dtype=DTYPES[F32])
+        else:
+            with np.errstate(over="ignore"):  # an overflow is caught just below, as a clear error
+                array = np.ascontiguousarray(frame.array, dtype=DTYPES[frame.dtype])
         if not np.isfinite(array).all():  # docs/wire.md: finite values only, after the cast too
             raise ValueError(f"activations hold NaN or infinity in {DTYPES[frame.dtype].name} "
                              f"(float16 holds at most +-{F16_MAX:g})")
@@ -93,9 +97,9 @@ def encode(frame: Frame, key: bytes | None = None) -> bytes:
             raise ValueError(f"an activation array is (T, dim), not {array.shape}")
         body, dtype, (rows, cols) = array.tobytes(), frame.dtype, array.shape
         if frame.type in TRAILER_TYPES:
-            body += json.dumps(frame.body or {}, separators=(",", ":")).encode()
+            body += _JSON.encode(frame.body or {}).encode()
     else:
-        body = json.dumps(frame.body, separators=(",", ":")).encode() if frame.body is not None else b""
+        body = _JSON.encode(frame.body).encode() if frame.body is not None else b""
         dtype, rows, cols = NONE, 0, 0
     header = HEADER.pack(MAGIC, VERSION, frame.type, dtype, FLAG_MAC if key else 0, frame.session,
                          frame.position, rows, cols, frame.first_block, frame.last_block, frame.elapsed_us, len(body))
