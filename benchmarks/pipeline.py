@@ -48,6 +48,7 @@ class Node:
     """A `node` process; waits (bounded) for its address line."""
 
     def __init__(self, source: str, first: int, last: int, timeout: float = 300):
+        self.first, self.last = first, last
         self.proc = subprocess.Popen([str(BIN / "node"), source, "--layers", f"{first}-{last}"],
                                      stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
@@ -170,6 +171,80 @@ def bench_model(label: str, source: str, loader, prompt_len: int, decode: int, r
     return rows
 
 
+def trace_model(label: str, source: str, loader, prompt_len: int, decode: int, prefix: Path) -> list[str]:
+    """Where a relayed decode token's time goes on a three-node route: per-stage medians from the
+    timestamps every process writes (swarm/trace.py), against a local step measured alongside."""
+    from engine.model import LlamaModel
+    from swarm.client import distributed_text_model
+
+    model = LlamaModel(loader, backend="numba")
+    rng = np.random.default_rng(0)
+    prompt = [int(t) for t in rng.integers(10, model.config.vocab_size - 10, prompt_len)]
+    nodes = [Node(source, a, b) for a, b in splits(model.config.n_layers, 3)]
+    try:
+        tm = distributed_text_model(loader, [n.url for n in nodes])
+        with tm.open_session(prompt_len + decode) as s:  # connections and kernels warm
+            run(s, prompt[:4], 4)
+        local, routed = [], []
+        for _ in range(3):
+            with model.open_session(prompt_len + decode) as s:
+                local.append(run(s, prompt, decode)[2])
+            with tm.open_session(prompt_len + decode) as s:
+                routed.append(run(s, prompt, decode)[2])
+    finally:
+        for n in nodes:
+            n.stop()
+    events = {}  # pid -> [(ns, step, stage)]
+    for path in prefix.parent.glob(prefix.name + ".*"):
+        events[int(path.suffix[1:])] = [(int(t), int(s), g) for t, s, g in (x.split() for x in path.read_text().splitlines())]
+    client = events.get(os.getpid(), [])
+    per_node = []
+    for n in nodes:
+        marks, stages, arrived = events.get(n.proc.pid, []), {}, None
+        for t, step, stage in marks:
+            if stage == "arrive":
+                arrived = t
+            else:
+                stages.setdefault(step, {})[stage] = t
+                if stage == "read":
+                    stages[step]["arrive"] = arrived
+        per_node.append(stages)
+    sends = {s: t for t, s, g in client if g == "send"}
+    answers = {s: t for t, s, g in client if g == "answer"}
+    rows: dict[str, list[float]] = {}
+
+    def add(name: str, a, b) -> None:
+        if a is not None and b is not None:
+            rows.setdefault(name, []).append((b - a) / 1e6)
+
+    order = sorted(sends, key=sends.get)
+    for i, step in enumerate(order[len(order) // 4:], len(order) // 4):  # the first steps warm up
+        if step not in answers or not all(step in p for p in per_node):
+            continue
+        at = sends[step]
+        for k, p in enumerate(per_node, 1):
+            got = p[step]
+            add(f"{'client' if k == 1 else f'node {k - 1}'} -> node {k}: write, wake, read", at, got.get("arrive"))
+            add(f"node {k}: frame checked", got.get("arrive"), got.get("compute"))
+            add(f"node {k}: blocks {nodes[k - 1].first}-{nodes[k - 1].last}", got.get("compute"), got.get("computed"))
+            add(f"node {k}: output framed and written", got.get("computed"), got.get("sent"))
+            at = got.get("sent")
+        add(f"node {len(nodes)} -> client: wake, read", at, answers[step])
+        if i + 1 < len(order):
+            add("client: head, sampling, embedding, framing", answers[step], sends.get(order[i + 1]))
+    out = [f"{label}: where a relayed decode token's time goes, 3 nodes (medians over {len(rows.get('client: head, sampling, embedding, framing', []))} tokens)"]
+    total = 0.0
+    for name, values in rows.items():
+        ms = float(np.median(values))
+        total += ms
+        out.append(f"  {name:<48} {ms:7.3f} ms")
+    out.append(f"  {'sum of the medians':<48} {total:7.3f} ms per token")
+    out.append(f"  decode: local {np.median(local):.1f} tok/s ({1000 / np.median(local):.2f} ms per token), "
+               f"routed {np.median(routed):.1f} tok/s ({1000 / np.median(routed):.2f} ms), traced "
+               f"(each stage mark writes a line: a few us)")
+    return out
+
+
 def transport_overhead(loader, steps: int = 300) -> float:
     """ms per decode step beyond compute for one hop to a one-block node in this process: the
     WebSocket, framing and both event loops, without another process to wake up."""
@@ -199,7 +274,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="pairs of runs (local, routed) per route")
     parser.add_argument("--delay-ms", type=float, default=0.0,
                         help="latency added each way to every connection to a node (benchmarks/delay_proxy.py)")
+    parser.add_argument("--trace", action="store_true",
+                        help="instead of the table: where a three-node relayed token's time goes, stage by stage "
+                             "(timestamps from every process, swarm/trace.py)")
     args = parser.parse_args()
+    trace_dir = tempfile.mkdtemp(prefix="pipeline-trace-") if args.trace else None
+    if trace_dir:  # before swarm/trace.py is imported, here and (inherited) in the nodes
+        os.environ["GGUF_FRAGMENTS_TRACE"] = str(Path(trace_dir) / "trace")
 
     from distribution.gguf_file import GGUFFileLoader
     from distribution.local import LocalLoader
@@ -215,9 +296,10 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.1f} at the start")
     if args.delay_ms:
         print(f"every connection to a node: {args.delay_ms:g} ms of latency each way (benchmarks/delay_proxy.py)")
-    print(f"{'':<10} {'':<22} {'local tok/s':>15} {'routed tok/s':>15}")
-    print(f"{'model':<10} {'route':<22} {'prefill':>7} {'decode':>7} {'prefill':>7} {'decode':>7} {'pre/loc':>7} "
-          f"{'dec/loc':>7} {'hop ms/t':>9}  node RSS MB")
+    if not trace_dir:
+        print(f"{'':<10} {'':<22} {'local tok/s':>15} {'routed tok/s':>15}")
+        print(f"{'model':<10} {'route':<22} {'prefill':>7} {'decode':>7} {'prefill':>7} {'decode':>7} {'pre/loc':>7} "
+              f"{'dec/loc':>7} {'hop ms/t':>9}  node RSS MB")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             if name == "default":
@@ -229,10 +311,19 @@ def main() -> None:
                 loader, source = GGUFFileLoader(path), str(path)
             else:
                 raise SystemExit(f"unknown model {name!r} (default, tinyllama)")
+            if trace_dir:
+                for row in trace_model(name, source, loader, args.prompt, args.decode, Path(trace_dir) / "trace"):
+                    print(row, flush=True)
+                for path in Path(trace_dir).glob("trace.*"):
+                    path.unlink()
+                continue
             for row in bench_model(name, source, loader, args.prompt, args.decode, args.repeat, args.delay_ms):
                 print(row, flush=True)
             print(f"{name:<10} transport alone (a one-block node in this process): "
                   f"{transport_overhead(loader):.3f} ms per decode step beyond compute", flush=True)
+    if trace_dir:
+        Path(trace_dir).rmdir()
+        return
     print(f"tok/s: medians of {args.repeat} pairs of runs, local then routed, back to back; ratios: the "
           f"median of the pairs' ratios")
     waits = ", ".join(f"{var}={os.environ.get(var, '(unset)')}" for var in ("OMP_WAIT_POLICY", *THREAD_ENV))

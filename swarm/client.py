@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import aiohttp
 import numpy as np
 
-from swarm import wire
+from swarm import trace, wire
 
 CONNECT_TIMEOUT = 10.0
 STEP_TIMEOUT = 30.0        # one step's reply, beyond the allowance per position below
@@ -339,6 +339,7 @@ def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray, timeout: floa
         raise RelayFailed(str(e)) from None
 
     async def go():
+        trace.mark("send", step)
         await first.link.ws.send_bytes(data)
         while True:
             link, msg = await hub.inbox.get()
@@ -355,6 +356,7 @@ def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray, timeout: floa
                 raise RelayFailed(f"{link.url}: {body.get('message', 'error')}")
             if (reply.type == wire.RELAYED and link is last.link and reply.session == last.sid
                     and reply.position == position and body.get("step") == step):
+                trace.mark("answer", step)
                 return reply
             # anything else is left over from an earlier step: skip it
 

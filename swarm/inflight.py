@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from swarm import trace
 from swarm.memory import Inflight
 
 OP_CONTINUATION, OP_TEXT, OP_BINARY = 0, 1, 2
@@ -86,6 +87,7 @@ class Gate:
 
     # -- aiohttp's side: the protocol feeds raw bytes here instead of to its reader --------------------
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        trace.mark("arrive", -1)
         if self.held is not None:  # waiting: keep this read, stop the next ones
             self.held.append(data)
             self._pause()

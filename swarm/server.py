@@ -29,7 +29,7 @@ from aiohttp import WSMsgType, web
 
 from common import compute
 from engine import model as engine_model
-from swarm import relay, wire
+from swarm import relay, trace, wire
 from swarm.inflight import GatedWebSocket
 from swarm.memory import Inflight, LimitError, Limits, SessionCache
 
@@ -86,8 +86,14 @@ class NodeService:
         self.views: dict[tuple[int, int], object] = {}
         self.relays = relay.RelayLinks(key)  # this node's connections to the next hops of relayed steps
         self.recent: deque[float] = deque(maxlen=RECENT_STEPS)  # ms per token of real decode steps
-        self.ms_per_token = self.measure()
+        self.measured = self.measure()  # until real decode steps have been timed
         self.served = 0
+
+    @property
+    def ms_per_token(self) -> float:
+        """The advertised speed: the median of the recent decode steps (computed when asked, not at
+        every step: a node's work between frames is on every token's path)."""
+        return statistics.median(self.recent) if self.recent else self.measured
 
     @property
     def max_message(self) -> int:
@@ -185,9 +191,12 @@ class NodeService:
             raise wire.WireError("bad_frame", f"a RELAY of {frame.array.shape[0]} rows carries "
                                               f"{len(elapsed)} compute times, not {frame.array.shape[0] - 1}")
         session = self._session(frame, None)
+        trace.mark("read", step)
         try:
+            trace.mark("compute", step)
             y, seconds = await self._step(session, frame, frame.array[-1:])
-            rows = np.concatenate([frame.array.astype(np.float32), y])  # every hop's input, then the output
+            trace.mark("computed", step)
+            rows = np.concatenate([frame.array, y])  # every hop's input, then the output (float32)
             elapsed = elapsed + [_us(seconds)]
             if hops:
                 nxt = wire.Frame(wire.RELAY, hops[0].session, frame.position, rows, first_block=hops[0].first,
@@ -196,11 +205,13 @@ class NodeService:
                 # sent now or queued, never waited for: a slow next node must not hold up this
                 # connection's other frames
                 await self.relays.send(hops[0], wire.encode(nxt, self.key), session.owner, frame.session, step)
+                trace.mark("sent", step)
             else:
                 done = wire.Frame(wire.RELAYED, frame.session, frame.position, rows, first_block=frame.first_block,
                                   last_block=frame.last_block, elapsed_us=_us(seconds), dtype=frame.dtype,
                                   body={"elapsed_us": elapsed, "step": step})
                 await relay.send_quietly(session.owner, wire.encode(done, self.key))
+                trace.mark("sent", step)
         except (wire.WireError, LimitError) as e:
             await self.relays.tell(session.owner, frame.session, e.code, str(e), step)
         except relay.RelayError as e:
@@ -240,7 +251,6 @@ class NodeService:
         """A real decode step's time: the advertised speed is the median of the recent ones, scaled
         to the whole span (a running average would carry the start-up measurement for long)."""
         self.recent.append(ms_per_block * (self.model.last_layer - self.model.first_layer + 1))
-        self.ms_per_token = statistics.median(self.recent)
 
     def _session(self, frame: wire.Frame, conn):
         """The frame's session, opened by a FORWARD at position 0. A relayed step (conn None) may

@@ -1,0 +1,34 @@
+"""Timestamps of the stages of relayed decode steps, for ``benchmarks/pipeline.py --trace``.
+
+Off (``mark`` does nothing) unless the environment variable GGUF_FRAGMENTS_TRACE names a path
+prefix when this module is first imported: each process then appends one line per stage to
+PREFIX.PID, ``<ns> <step> <stage>``, with ``time.perf_counter_ns`` (CLOCK_MONOTONIC on Linux,
+so the processes of one machine share the clock and their lines can be put in one order).
+
+The stages: ``arrive`` (a node's WebSocket reader is handed bytes; step -1, as the frame is not
+read yet), ``read`` (the frame is decoded and checked), ``compute`` and ``computed`` (around the
+node's blocks), ``sent`` (passed on to the next node or answered to the client); on the client,
+``send`` (before the RELAY is written) and ``answer`` (the RELAYED answer is taken).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+PREFIX = os.environ.get("GGUF_FRAGMENTS_TRACE")
+_out = None
+
+
+def _write(stage: str, step: int) -> None:
+    global _out
+    if _out is None:
+        _out = open(f"{PREFIX}.{os.getpid()}", "a", buffering=1)
+    _out.write(f"{time.perf_counter_ns()} {step} {stage}\n")
+
+
+def _nothing(stage: str, step: int) -> None:
+    pass
+
+
+mark = _write if PREFIX else _nothing
