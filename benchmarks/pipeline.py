@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -185,12 +186,14 @@ def trace_model(label: str, source: str, loader, prompt_len: int, decode: int, p
         tm = distributed_text_model(loader, [n.url for n in nodes])
         with tm.open_session(prompt_len + decode) as s:  # connections and kernels warm
             run(s, prompt[:4], 4)
-        local, routed = [], []
+        local, routed, spans = [], [], []  # spans: (start, end) ns of each routed run
         for _ in range(3):
             with model.open_session(prompt_len + decode) as s:
                 local.append(run(s, prompt, decode)[2])
             with tm.open_session(prompt_len + decode) as s:
+                spans.append(time.perf_counter_ns())
                 routed.append(run(s, prompt, decode)[2])
+                spans[-1] = (spans[-1], time.perf_counter_ns())
     finally:
         for n in nodes:
             n.stop()
@@ -224,21 +227,22 @@ def trace_model(label: str, source: str, loader, prompt_len: int, decode: int, p
         at = sends[step]
         for k, p in enumerate(per_node, 1):
             got = p[step]
-            add(f"{'client' if k == 1 else f'node {k - 1}'} -> node {k}: write, wake, read", at, got.get("arrive"))
+            add(f"{'client' if k == 1 else f'node {k - 1}'} -> node {k}: written, woken, read", at, got.get("arrive"))
             add(f"node {k}: frame checked", got.get("arrive"), got.get("compute"))
             add(f"node {k}: blocks {nodes[k - 1].first}-{nodes[k - 1].last}", got.get("compute"), got.get("computed"))
-            add(f"node {k}: output framed and written", got.get("computed"), got.get("sent"))
-            at = got.get("sent")
-        add(f"node {len(nodes)} -> client: wake, read", at, answers[step])
-        if i + 1 < len(order):
-            add("client: head, sampling, embedding, framing", answers[step], sends.get(order[i + 1]))
-    out = [f"{label}: where a relayed decode token's time goes, 3 nodes (medians over {len(rows.get('client: head, sampling, embedding, framing', []))} tokens)"]
-    total = 0.0
+            add(f"node {k}: output framed", got.get("computed"), got.get("framed"))
+            at = got.get("framed")
+        add(f"node {len(nodes)} -> client: written, woken, read, checked", at, answers[step])
+        following = sends.get(order[i + 1]) if i + 1 < len(order) else None
+        if following is not None and any(a <= sends[step] and following <= b for a, b in spans):  # (same run)
+            add("client: head, sampling, embedding, framing", answers[step], following)
+    tokens = len(rows.get("client: head, sampling, embedding, framing", []))
+    out = [f"{label}: where a relayed decode token's time goes, 3 nodes, over {tokens} tokens (ms)",
+           f"  {'stage':<48} {'median':>7} {'mean':>7}"]
     for name, values in rows.items():
-        ms = float(np.median(values))
-        total += ms
-        out.append(f"  {name:<48} {ms:7.3f} ms")
-    out.append(f"  {'sum of the medians':<48} {total:7.3f} ms per token")
+        out.append(f"  {name:<48} {np.median(values):7.3f} {np.mean(values):7.3f}")
+    out.append(f"  {'sum':<48} {sum(np.median(v) for v in rows.values()):7.3f} "
+               f"{sum(np.mean(v) for v in rows.values()):7.3f}")
     out.append(f"  decode: local {np.median(local):.1f} tok/s ({1000 / np.median(local):.2f} ms per token), "
                f"routed {np.median(routed):.1f} tok/s ({1000 / np.median(routed):.2f} ms), traced "
                f"(each stage mark writes a line: a few us)")
@@ -314,15 +318,15 @@ def main() -> None:
             if trace_dir:
                 for row in trace_model(name, source, loader, args.prompt, args.decode, Path(trace_dir) / "trace"):
                     print(row, flush=True)
-                for path in Path(trace_dir).glob("trace.*"):
-                    path.unlink()
+                for path in Path(trace_dir).glob("trace.*"):  # emptied, not removed: this process's
+                    path.write_text("")                          # file stays open for the next model
                 continue
             for row in bench_model(name, source, loader, args.prompt, args.decode, args.repeat, args.delay_ms):
                 print(row, flush=True)
             print(f"{name:<10} transport alone (a one-block node in this process): "
                   f"{transport_overhead(loader):.3f} ms per decode step beyond compute", flush=True)
     if trace_dir:
-        Path(trace_dir).rmdir()
+        shutil.rmtree(trace_dir)
         return
     print(f"tok/s: medians of {args.repeat} pairs of runs, local then routed, back to back; ratios: the "
           f"median of the pairs' ratios")

@@ -204,14 +204,16 @@ class NodeService:
                                  body={"next": [h.as_json() for h in hops[1:]], "elapsed_us": elapsed, "step": step})
                 # sent now or queued, never waited for: a slow next node must not hold up this
                 # connection's other frames
-                await self.relays.send(hops[0], wire.encode(nxt, self.key), session.owner, frame.session, step)
-                trace.mark("sent", step)
+                data = wire.encode(nxt, self.key)
+                trace.mark("framed", step)
+                await self.relays.send(hops[0], data, session.owner, frame.session, step)
             else:
                 done = wire.Frame(wire.RELAYED, frame.session, frame.position, rows, first_block=frame.first_block,
                                   last_block=frame.last_block, elapsed_us=_us(seconds), dtype=frame.dtype,
                                   body={"elapsed_us": elapsed, "step": step})
-                await relay.send_quietly(session.owner, wire.encode(done, self.key))
-                trace.mark("sent", step)
+                data = wire.encode(done, self.key)
+                trace.mark("framed", step)
+                await relay.send_quietly(session.owner, data)
         except (wire.WireError, LimitError) as e:
             await self.relays.tell(session.owner, frame.session, e.code, str(e), step)
         except relay.RelayError as e:

@@ -7,8 +7,10 @@ so the processes of one machine share the clock and their lines can be put in on
 
 The stages: ``arrive`` (a node's WebSocket reader is handed bytes; step -1, as the frame is not
 read yet), ``read`` (the frame is decoded and checked), ``compute`` and ``computed`` (around the
-node's blocks), ``sent`` (passed on to the next node or answered to the client); on the client,
-``send`` (before the RELAY is written) and ``answer`` (the RELAYED answer is taken).
+node's blocks), ``framed`` (the output is framed, about to be written to the next node or the
+client: a mark after the write would come late whenever the woken next node takes the cores
+first); on the client, ``send`` (before the RELAY is written) and ``answer`` (the RELAYED answer
+is taken).
 """
 
 from __future__ import annotations

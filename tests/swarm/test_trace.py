@@ -24,7 +24,7 @@ finally:
     for n in nodes:
         n.stop()
 """
-NODE_STAGES = ["arrive", "read", "compute", "computed", "sent"]
+NODE_STAGES = ["arrive", "read", "compute", "computed", "framed"]
 
 
 def run(six_store, env) -> str:
@@ -51,12 +51,11 @@ def test_a_relayed_step_leaves_its_stages_in_order(six_store, tmp_path):
     assert len(steps) == 4  # the four relayed decode steps
     for step in steps:
         mine = [stage for _, s, stage in lines if int(s) == step]
-        # (the next node may read a frame before the thread that wrote it marks it sent)
         assert mine[0] == "send" and mine[-1] == "answer" and sorted(mine) == sorted(["send", "answer"] + NODE_STAGES[1:] * 2), mine
-        assert mine.index("read") < mine.index("compute") < mine.index("computed") < mine.index("sent"), mine
+        assert mine.index("read") < mine.index("compute") < mine.index("computed") < mine.index("framed"), mine
     # and between a frame's sending and its reading, its bytes arrived at the node's socket
     stages = [stage for _, _, stage in lines]
     for i, stage in enumerate(stages):
         if stage == "read":
-            sent = max(j for j in range(i) if stages[j] in ("send", "sent"))
+            sent = max(j for j in range(i) if stages[j] in ("send", "framed"))
             assert "arrive" in stages[sent + 1:i], stages[sent:i + 1]
