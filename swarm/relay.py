@@ -37,6 +37,7 @@ REMEMBERED = 4096       # next-hop sessions whose errors can still be passed bac
 MAX_LINKS = 64          # connections to next nodes kept open; the least recently used closes beyond
 QUEUE_DEPTH = 64        # relays waiting to be sent to one next node (one per session at most); more are refused
 MAX_WAITING = 1024      # relays waiting to be sent, all next nodes together
+WS_OVERHEAD = 14        # a WebSocket frame's header and mask, at most, on top of its payload
 log = logging.getLogger("aiohttp.server")
 
 
@@ -127,6 +128,7 @@ class RelayLinks:
         self.queues: dict[str, asyncio.Queue] = {}  # next node -> relays waiting to be sent to it
         self.waiting = 0
         self.back: OrderedDict[bytes, tuple] = OrderedDict()  # next session -> (owner ws, own session, step)
+        self.late: set = set()  # clients whose connection did not take an answer at once: one is on its way
 
     async def send(self, hop: Hop, data: bytes, owner, own_session: bytes, step: int) -> None:
         """Send ``data`` to ``hop`` now when nothing is queued for it and its socket takes the whole
@@ -249,8 +251,38 @@ class RelayLinks:
 
     async def tell(self, owner, session: bytes, code: str, message: str, step: int | None) -> None:
         """A relayed step's failure, to its client on its own connection to this node."""
-        await send_quietly(owner, wire.encode(wire.error_frame(session, code, message, relayed=True, step=step),
-                                              self.key))
+        await self.answer(owner, wire.encode(wire.error_frame(session, code, message, relayed=True, step=step),
+                                             self.key))
+
+    async def answer(self, owner, data: bytes) -> None:
+        """A relayed step's answer (or error) to its client, on the client's own connection, from the
+        handler of whichever connection the relay came in on (a node before's, which carries other
+        clients' relays): that handler must never wait for this client. Written at once when the
+        client's connection takes it; otherwise sent in the background within SEND_TIMEOUT, after
+        which the connection of a client that stopped reading is cut (its sessions close). While
+        one answer waits so, later ones to the same client are dropped: it will give those steps
+        up and run them hop by hop, which answers on its own connection."""
+        transport = _transport(owner)
+        if transport is None:  # (no flow control to look at: a test's stand-in)
+            await send_quietly(owner, data)
+        elif owner in self.late:
+            log.debug("a relayed answer to a client that is not reading was dropped")
+        elif _writes_at_once(owner, len(data)):
+            await send_quietly(owner, data)  # cannot wait: see _writes_at_once
+        else:
+            self.late.add(owner)
+            self._spawn(self._answer_late(owner, transport, data))
+
+    async def _answer_late(self, owner, transport, data: bytes) -> None:
+        try:
+            await asyncio.wait_for(owner.send_bytes(data), SEND_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.warning("cutting a client's connection: an answer waited %gs to be sent", SEND_TIMEOUT)
+            transport.abort()
+        except (ConnectionError, RuntimeError, OSError, aiohttp.ClientError) as e:
+            log.debug("a relayed answer was not delivered: %s", e)
+        finally:
+            self.late.discard(owner)
 
     async def close(self) -> None:
         for task in list(self.tasks):
@@ -261,14 +293,21 @@ class RelayLinks:
             await self.http.close()
 
 
+def _transport(ws):
+    """The asyncio transport under an aiohttp WebSocket (a private attribute), or None."""
+    return getattr(getattr(ws, "_writer", None), "transport", None)
+
+
 def _writes_at_once(ws, size: int) -> bool:
-    """Whether a ``size``-byte frame sent on ``ws`` now goes to its transport without waiting: the
-    transport's buffer is empty and the frame is below its high-water mark. (aiohttp keeps the
-    transport in a private attribute; without it every relay takes the queue.)"""
-    transport = getattr(getattr(ws, "_writer", None), "transport", None)
+    """Whether a ``size``-byte message sent on ``ws`` now goes to its transport without waiting.
+    aiohttp's send waits only while the transport is paused, which happens when its buffer holds
+    more than the high-water mark; so: the buffer is empty and the whole frame, header and mask
+    included, fits under the mark. (Without the transport, the answer is no: relays take the queue.)"""
+    transport = _transport(ws)
     if transport is None or transport.is_closing():
         return False
-    return transport.get_write_buffer_size() == 0 and size < transport.get_write_buffer_limits()[1]
+    return (transport.get_write_buffer_size() == 0
+            and size + WS_OVERHEAD <= transport.get_write_buffer_limits()[1])
 
 
 async def send_quietly(ws, data: bytes) -> bool:

@@ -213,7 +213,7 @@ class NodeService:
                                   body={"elapsed_us": elapsed, "step": step})
                 data = wire.encode(done, self.key)
                 trace.mark("framed", step)
-                await relay.send_quietly(session.owner, data)
+                await self.relays.answer(session.owner, data)  # (never waits for that client)
         except (wire.WireError, LimitError) as e:
             await self.relays.tell(session.owner, frame.session, e.code, str(e), step)
         except relay.RelayError as e:
