@@ -16,6 +16,7 @@ is taken).
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 PREFIX = os.environ.get("GGUF_FRAGMENTS_TRACE")
@@ -23,9 +24,15 @@ _out = None
 
 
 def _write(stage: str, step: int) -> None:
-    global _out
+    global _out, mark
     if _out is None:
-        _out = open(f"{PREFIX}.{os.getpid()}", "a", buffering=1)
+        path = f"{PREFIX}.{os.getpid()}"
+        try:
+            _out = open(path, "a", buffering=1)
+        except OSError as e:  # say so once, and go on without a trace
+            sys.stderr.write(f"warning: GGUF_FRAGMENTS_TRACE: cannot write {path} ({e.strerror}); not tracing\n")
+            mark = _nothing
+            return
     _out.write(f"{time.perf_counter_ns()} {step} {stage}\n")
 
 

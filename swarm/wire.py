@@ -85,7 +85,7 @@ def encode(frame: Frame, key: bytes | None = None) -> bytes:
     if frame.type in ARRAY_TYPES:
         if frame.dtype not in DTYPES:
             raise ValueError(f"unknown wire dtype {frame.dtype}")
-        if frame.dtype == F32:
+        if frame.dtype == F32 and getattr(frame.array, "dtype", None) == np.float32:  # (no cast, no overflow)
             array = np.ascontiguousarray(frame.array, dtype=DTYPES[F32])
         else:
             with np.errstate(over="ignore"):  # an overflow is caught just below, as a clear error
