@@ -90,9 +90,14 @@ class Directory:
         found = list(self.find()) if self.find else []
         return list(dict.fromkeys(self.urls + found))
 
-    def nodes(self) -> list[NodeInfo]:
-        nodes, self.problems = [], {}
+    def nodes(self, skip=frozenset()) -> list[NodeInfo]:
+        """Every candidate's INFO; those in ``skip`` (unreachable on the last look) are not asked
+        again, and keep their problem."""
+        nodes, earlier, self.problems = [], self.problems, {}
         for url in self.candidates():
+            if url in skip:
+                self.problems[url] = earlier.get(url, "unreachable a moment ago")
+                continue
             try:
                 info, rtt = query_info(url, self.key)
             except NodeError as e:
@@ -277,16 +282,18 @@ class Swarm:
     def open_chain(self, first: int, last: int, capacity: int, hub: Hub | None = None) -> list[RemoteSpanSession]:
         """Remote span sessions covering first..last, chosen from a fresh look at the directory.
         While the only nodes for some block are busy (full), it looks again after BUSY_WAITS."""
-        waits, attempts = list(BUSY_WAITS), MAX_FAILOVERS + 1
+        waits, attempts, skip = list(BUSY_WAITS), MAX_FAILOVERS + 1, frozenset()
         while attempts:
-            nodes = self.directory.nodes()
+            nodes = self.directory.nodes(skip)
+            skip = frozenset()
             try:
                 hops = plan(nodes, first, last, self._excluded(), capacity)
             except Busy as e:
                 if not waits:
                     raise Busy(str(e) + self._problems()) from None
                 time.sleep(waits.pop(0))
-                continue
+                skip = frozenset(self.directory.problems)  # only sessions are awaited: the unreachable
+                continue                                   # (up to 10 s each to find out) are not asked again
             except NoRoute as e:
                 raise NoRoute(str(e) + self._problems()) from None
             try:
