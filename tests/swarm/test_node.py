@@ -28,6 +28,31 @@ def reference(six_loader):
     return LlamaModel(six_loader, backend="numba", layers=(0, 2))
 
 
+class Told(list):
+    """A relaying node's client connection as RelayLinks sees it: what it is told, decoded."""
+
+    async def send_bytes(self, data):
+        self.append(wire.decode(data))
+
+
+def relay_to_nowhere(step: int):
+    """A RELAY for a session the next node does not have (it refuses, naming ``step``): that
+    session's id, and the frame's bytes."""
+    sid = secrets.token_bytes(16)
+    data = wire.encode(wire.Frame(wire.RELAY, sid, 3, hidden(2), first_block=0, last_block=0,
+                                  body={"next": [], "elapsed_us": [1], "step": step}))
+    return sid, data
+
+
+async def until(check, tries: int = 250) -> None:
+    import asyncio
+
+    for _ in range(tries):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+
+
 def hidden(rows, dim=96, seed=0):
     return np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
 
@@ -282,25 +307,16 @@ def test_relay_links_pass_errors_back_and_stay_bounded(six_loader, monkeypatch):
 
     monkeypatch.setattr(relay, "MAX_LINKS", 2)
     nodes = [start_node(six_loader, 0, 0) for _ in range(3)]
-    told = []
+    told = Told()
     mine = b"\x01" * 16  # the relaying node's own session, which its client knows
-
-    class Client:  # the relaying node's client connection
-        async def send_bytes(self, data):
-            told.append(wire.decode(data))
 
     async def main():
         links = relay.RelayLinks()
         try:
             for i, n in enumerate(nodes):
-                sid = secrets.token_bytes(16)  # a session the next node does not have
-                frame = wire.Frame(wire.RELAY, sid, 3, hidden(2), first_block=0, last_block=0,
-                                   body={"next": [], "elapsed_us": [1], "step": i})
-                links.submit(relay.Hop(n.url, sid, 0, 0), wire.encode(frame), Client(), mine, i)
-                for _ in range(200):
-                    if len(told) > i:
-                        break
-                    await asyncio.sleep(0.02)
+                sid, data = relay_to_nowhere(i)
+                links.submit(relay.Hop(n.url, sid, 0, 0), data, told, mine, i)
+                await until(lambda: len(told) > i)
             return list(links.links)
         finally:
             await links.close()
@@ -324,39 +340,27 @@ def test_a_relay_on_an_idle_link_is_sent_at_once_and_a_busy_one_queues(six_loade
     from swarm import relay
 
     node = start_node(six_loader, 0, 0)
-    told = []
-
-    class Client:
-        async def send_bytes(self, data):
-            told.append(wire.decode(data))
+    told = Told()  # the next node's refusals come back, one per relay
 
     def frame(i):
-        sid = secrets.token_bytes(16)  # unknown to the next node: its error comes back, one per relay
-        data = wire.encode(wire.Frame(wire.RELAY, sid, 3, hidden(2), first_block=0, last_block=0,
-                                      body={"next": [], "elapsed_us": [1], "step": i}))
+        sid, data = relay_to_nowhere(i)
         return relay.Hop(node.url, sid, 0, 0), data
-
-    async def answers(n):
-        for _ in range(250):
-            if len(told) >= n:
-                return
-            await asyncio.sleep(0.02)
 
     async def main():
         links = relay.RelayLinks()
         try:
-            await links.send(*frame(0), Client(), b"\x01" * 16, 0)  # no link yet: queued, connects
-            await answers(1)
+            await links.send(*frame(0), told, b"\x01" * 16, 0)  # no link yet: queued, connects
+            await until(lambda: len(told) >= 1)
             spawned = []
             real_spawn = links._spawn
             monkeypatch.setattr(links, "_spawn", lambda coro: (spawned.append(coro), real_spawn(coro)))
-            await links.send(*frame(1), Client(), b"\x01" * 16, 1)  # open and idle: written here
+            await links.send(*frame(1), told, b"\x01" * 16, 1)  # open and idle: written here
             assert spawned == [] and links.queues == {}
-            await answers(2)
+            await until(lambda: len(told) >= 2)
             monkeypatch.setattr(relay, "_writes_at_once", lambda ws, size: False)  # as if its buffer held bytes
-            await links.send(*frame(2), Client(), b"\x01" * 16, 2)
+            await links.send(*frame(2), told, b"\x01" * 16, 2)
             assert len(spawned) == 1 and node.url in links.queues  # queued behind them, in order
-            await answers(3)
+            await until(lambda: len(told) >= 3)
         finally:
             await links.close()
 
@@ -377,23 +381,14 @@ def test_a_next_nodes_late_error_keeps_the_step_it_names(six_loader):
     from swarm import relay
 
     node = start_node(six_loader, 0, 0)
-    told = []
-
-    class Client:
-        async def send_bytes(self, data):
-            told.append(wire.decode(data))
+    told = Told()
 
     async def main():
         links = relay.RelayLinks()
-        sid = secrets.token_bytes(16)  # unknown to the next node: it refuses, naming the step
-        data = wire.encode(wire.Frame(wire.RELAY, sid, 3, hidden(2), first_block=0, last_block=0,
-                                      body={"next": [], "elapsed_us": [1], "step": 7}))
+        sid, data = relay_to_nowhere(7)  # the next node refuses step 7
         try:
-            links.submit(relay.Hop(node.url, sid, 0, 0), data, Client(), b"\x01" * 16, 8)  # 8: remembered now
-            for _ in range(250):
-                if told:
-                    return
-                await asyncio.sleep(0.02)
+            links.submit(relay.Hop(node.url, sid, 0, 0), data, told, b"\x01" * 16, 8)  # 8: remembered now
+            await until(lambda: told)
         finally:
             await links.close()
 
