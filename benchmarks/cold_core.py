@@ -1,10 +1,11 @@
 """Python on a core that has just idled: the cost behind a relayed token's crossings.
 
 A node (or the client) sleeps for most of a token while the other processes compute, then runs a
-little Python: reading a frame, framing the next. This measures, in one run, the same work done
-back to back and after a pause of a token's length, and a round trip between two processes after
-such a pause, over a raw TCP socket and over aiohttp's WebSocket (what the swarm uses). The
-README's "Where a token's time goes" quotes it.
+little Python: reading a frame, framing the next; then it computes its span. This measures, in
+one run, the same work done back to back and after a pause of a token's length: the framing, a
+node's compute (ten blocks of the default model, and the first parallel region alone, which
+wakes the OpenMP worker thread), and a round trip between two processes over a raw TCP socket and
+over aiohttp's WebSocket (what the swarm uses). The README's "Where a token's time goes" quotes it.
 
     .venv/bin/python benchmarks/cold_core.py [--pause-ms 6] [--repeat 200]
 """
@@ -21,6 +22,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# Before numpy and numba start their threads: the brief spin of idle worker threads that every
+# command sets (cli.common.THREAD_ENV); libgomp's default spins for milliseconds, long enough to
+# cover a pause of a token's length, which no node or client does.
+from cli.common import apply_thread_env  # noqa: E402
+
+apply_thread_env()
 
 import numpy as np  # noqa: E402
 
@@ -52,6 +60,35 @@ def framing_work() -> dict:
         "wire.Frame()": lambda: wire.Frame(wire.RELAY, sid, 40),
         "np.isfinite(a).all()": lambda: np.isfinite(x).all(),
     }
+
+
+def compute_work() -> dict:
+    """A node's compute after the same pause: Numba's first parallel region of a step (it wakes
+    the OpenMP worker, asleep after its brief spin) and one token through ten of the default
+    model's blocks, the span of one of three nodes."""
+    from numba import njit, prange
+
+    from distribution.local import LocalLoader
+    from engine.model import LlamaModel
+    from models.default import DEFAULT_STORE
+
+    @njit(parallel=True)
+    def touch(a):
+        for i in prange(a.shape[0]):
+            a[i] += 1.0
+
+    flags = np.zeros(2)
+    model = LlamaModel(LocalLoader(DEFAULT_STORE), backend="numba", layers=(0, 9), edges=False)
+    x = np.random.default_rng(0).standard_normal((65, model.config.dim)).astype(np.float32) * 0.1
+    cache = model.new_cache(65)
+    model.forward_layers(x[:64], cache, 0)
+
+    def blocks():  # the same step each time: position 64, after 64 cached positions
+        cache.truncate(64)
+        model.forward_layers(x[64:], cache, 64)
+
+    touch(flags), blocks()  # compiled and loaded before timing
+    return {"first parallel region": lambda: touch(flags), "10 blocks, one token": blocks}
 
 
 def tcp_round_trip(pause_s: float, repeat: int, size: int = 2400) -> float:
@@ -153,6 +190,9 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.1f}; medians of {args.repeat} calls, us")
     print(f"{'':<26} {'back to back':>12} {f'after {args.pause_ms:g} ms':>12} {'ratio':>7}")
     for name, fn in framing_work().items():
+        hot, cold = after_pause(fn, 0, args.repeat), after_pause(fn, pause, args.repeat)
+        print(f"{name:<26} {hot:>12.1f} {cold:>12.1f} {cold / hot:>6.1f}x")
+    for name, fn in compute_work().items():
         hot, cold = after_pause(fn, 0, args.repeat), after_pause(fn, pause, args.repeat)
         print(f"{name:<26} {hot:>12.1f} {cold:>12.1f} {cold / hot:>6.1f}x")
     for name, trip in (("TCP round trip", tcp_round_trip), ("WebSocket round trip", websocket_round_trip)):

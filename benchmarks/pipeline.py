@@ -249,14 +249,32 @@ def trace_model(label: str, source: str, loader, prompt_len: int, decode: int, p
     return out
 
 
+def transport_alone(source: str) -> float:
+    """``transport_overhead`` measured in a process of its own (its node computes on a compute thread)."""
+    out = subprocess.run([sys.executable, __file__, "--transport-alone", source], capture_output=True, text=True,
+                         timeout=600)
+    if out.returncode:
+        raise SystemExit(f"transport figure for {source} failed: {out.stderr.strip()[-500:]}")
+    return float(out.stdout.split()[-1])
+
+
+def open_loader(source: str):
+    from distribution.gguf_file import GGUFFileLoader
+    from distribution.local import LocalLoader
+
+    return LocalLoader(Path(source)) if Path(source).is_dir() else GGUFFileLoader(Path(source))
+
+
 def transport_overhead(loader, steps: int = 300) -> float:
     """ms per decode step beyond compute for one hop to a one-block node in this process: the
     WebSocket, framing and both event loops, without another process to wake up."""
+    from common import compute
     from engine.model import LlamaModel
     from swarm import manifest_sha
     from swarm.client import RemoteSpanSession
     from swarm.server import NodeService, NodeThread
 
+    compute.start()  # before any kernel: the node's and the client's run on this one thread
     node = NodeThread(NodeService(LlamaModel(loader, backend="numba", layers=(0, 0), edges=False),
                                   manifest_sha(loader)))
     try:
@@ -281,7 +299,11 @@ def main() -> None:
     parser.add_argument("--trace", action="store_true",
                         help="instead of the table: where a three-node relayed token's time goes, stage by stage "
                              "(timestamps from every process, swarm/trace.py)")
+    parser.add_argument("--transport-alone", metavar="SOURCE", help=argparse.SUPPRESS)  # (transport_alone)
     args = parser.parse_args()
+    if args.transport_alone:
+        print(f"{transport_overhead(open_loader(args.transport_alone)):.6f}")
+        return
     trace_dir = tempfile.mkdtemp(prefix="pipeline-trace-") if args.trace else None
     if trace_dir:  # before swarm/trace.py is imported, here and (inherited) in the nodes
         os.environ["GGUF_FRAGMENTS_TRACE"] = str(Path(trace_dir) / "trace")
@@ -291,12 +313,11 @@ def main() -> None:
     from models.default import DEFAULT_STORE
     from models.factory import TINYLLAMA_SHAPE, write_model
 
-    # Every kernel of this process (local runs, the client's edges, the in-process node of the
-    # transport figure) on one thread from the start, as in a server: OpenMP entered from two
-    # threads throttles its waits and slowed the local TinyLlama decode from 21 to 12 tok/s here.
-    from common import compute
-
-    compute.start()
+    # Every kernel of this process (the local runs, the client's edges) runs on this thread, as in
+    # `infer` and `infer --distributed`, which start no compute thread (common/compute.py). The
+    # transport figure's in-process node needs one, so it runs in a process of its own: OpenMP
+    # entered from two threads throttles its waits (the local TinyLlama decode fell from 21 to 12
+    # tok/s when they shared this one).
     print(f"load average {os.getloadavg()[0]:.1f} at the start")
     if args.delay_ms:
         print(f"every connection to a node: {args.delay_ms:g} ms of latency each way (benchmarks/delay_proxy.py)")
@@ -323,8 +344,8 @@ def main() -> None:
                 continue
             for row in bench_model(name, source, loader, args.prompt, args.decode, args.repeat, args.delay_ms):
                 print(row, flush=True)
-            print(f"{name:<10} transport alone (a one-block node in this process): "
-                  f"{transport_overhead(loader):.3f} ms per decode step beyond compute", flush=True)
+            print(f"{name:<10} transport alone (a one-block node in the measuring process): "
+                  f"{transport_alone(source):.3f} ms per decode step beyond compute", flush=True)
     if trace_dir:
         shutil.rmtree(trace_dir)
         return
