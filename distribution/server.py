@@ -101,7 +101,7 @@ async def start(app: web.Application, host: str, port: int, limits: Limits = Lim
         raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
 
 
-def serve_forever(store: str | Path, host: str, port: int, announce=print, extra=None) -> None:
+def serve_forever(store: str | Path, host: str, port: int, announce=print) -> None:
     """Serve until SIGINT/SIGTERM, then close connections and return."""
 
     quiet_logs()
@@ -116,12 +116,9 @@ def serve_forever(store: str | Path, host: str, port: int, announce=print, extra
         m = app["manifest"]
         announce(f"serving {store} ({len(m.unique_fragments())} fragments of {m.source['name']}) "
                  f"on http://{host}:{bound}/")
-        tasks = [asyncio.ensure_future(t(bound)) for t in (extra or [])]
         try:
             await stop.wait()
         finally:
-            for t in tasks:
-                t.cancel()
             await runner.cleanup()
         announce("stopped")
 
