@@ -11,11 +11,19 @@ from distribution.local import LocalLoader
 from engine.model import LlamaModel
 from fragmenter.fragment import fragment_file
 from models.factory import ModelSpec, write_model
+from engine.session import LocalSpanSession
 from swarm import manifest_sha
+from swarm.client import RemoteSpanSession
 from swarm.memory import Limits
 from swarm.server import NodeService, NodeThread
 
 PROMPT = [1, 17, 99, 23, 250, 7, 311, 42]
+KEY = b"a-private-swarm-key-0123456789"  # the swarm key of the private-swarm tests
+
+
+def hidden(rows: int, seed: int = 0, dim: int = 96) -> np.ndarray:
+    """(rows, dim) float32 hidden states drawn from ``seed``; 96 is the factory model's width."""
+    return np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +42,24 @@ def six_loader(six_store):
 def start_node(loader, first: int, last: int, key: bytes | None = None, **limits) -> NodeThread:
     model = LlamaModel(loader, backend="numba", layers=(first, last))
     return NodeThread(NodeService(model, manifest_sha(loader), Limits(**limits), key))
+
+
+@pytest.fixture(scope="session")
+def reference(six_loader):
+    """Blocks 0-2 in this process: what a node serving them must compute, bit for bit."""
+    return LlamaModel(six_loader, backend="numba", layers=(0, 2))
+
+
+def check_alive(node, reference, prompt_rows: int = 5) -> None:
+    """A fresh session on its own connection to ``node`` (blocks 0-2, 32 positions or more)
+    computes exactly what ``reference`` does: a prompt of ``prompt_rows``, then two steps."""
+    remote = RemoteSpanSession(node.url, 0, 2, 32, 96)
+    local = LocalSpanSession(reference, 32)
+    try:
+        for chunk in (hidden(prompt_rows, seed=1), hidden(1, seed=2), hidden(1, seed=3)):
+            np.testing.assert_array_equal(remote.forward(chunk), local.forward(chunk))
+    finally:
+        remote.close()
 
 
 def greedy(session, prompt: list[int], n: int, after_step=None) -> list[int]:

@@ -19,7 +19,7 @@ from swarm import wire
 from swarm.client import RemoteSpanSession
 from swarm.inflight import REFUSED, Gate
 from swarm.memory import Inflight
-from tests.swarm.conftest import start_node
+from tests.swarm.conftest import hidden, start_node
 from tests.swarm.test_node_review import raw_websocket
 
 DIM = 96
@@ -124,10 +124,6 @@ def test_the_gate_passes_admitted_messages_whole_and_replaces_refused_ones(messa
 
 
 # -- a node with a tiny budget -----------------------------------------------------------------------
-def hidden(rows, seed=0):
-    return np.random.default_rng(seed).standard_normal((rows, DIM)).astype(np.float32)
-
-
 def forward(rows, session, seed=0):
     return wire.encode(wire.Frame(wire.FORWARD, session, 0, hidden(rows, seed), first_block=0, last_block=2))
 

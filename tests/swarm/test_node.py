@@ -6,14 +6,11 @@ import secrets
 import numpy as np
 import pytest
 
-from engine.model import LlamaModel
 from engine.session import LocalSpanSession
 from swarm import wire
 from swarm.client import NodeError, NodeLink, RemoteSpanSession, distributed_text_model
 from swarm.route import NoRoute
-from tests.swarm.conftest import PROMPT, greedy, start_node
-
-KEY = b"a-private-swarm-key-0123456789"
+from tests.swarm.conftest import KEY, PROMPT, check_alive, greedy, hidden, start_node
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +18,6 @@ def node(six_loader):
     n = start_node(six_loader, 0, 2, max_sessions=4, max_positions=32)
     yield n
     n.stop()
-
-
-@pytest.fixture(scope="module")
-def reference(six_loader):
-    return LlamaModel(six_loader, backend="numba", layers=(0, 2))
 
 
 class Told(list):
@@ -53,29 +45,14 @@ async def until(check, tries: int = 250) -> None:
         await asyncio.sleep(0.02)
 
 
-def hidden(rows, dim=96, seed=0):
-    return np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
-
-
 def error_of(link, data) -> dict:
     reply = wire.decode(link.exchange(data, 10))
     assert reply.type == wire.ERROR, reply
     return reply.body
 
 
-def check_alive(node, reference):
-    """A fresh session on its own connection computes exactly what the local span does."""
-    remote = RemoteSpanSession(node.url, 0, 2, 32, 96)
-    local = LocalSpanSession(reference, 32)
-    try:
-        for chunk in (hidden(5, seed=1), hidden(1, seed=2), hidden(1, seed=3)):
-            np.testing.assert_array_equal(remote.forward(chunk), local.forward(chunk))
-    finally:
-        remote.close()
-
-
 def frame(rows=2, cols=96, session=None, position=0, first=0, last=2, **kw):
-    return wire.Frame(wire.FORWARD, session or secrets.token_bytes(16), position, hidden(rows, cols),
+    return wire.Frame(wire.FORWARD, session or secrets.token_bytes(16), position, hidden(rows, dim=cols),
                       first_block=first, last_block=last, **kw)
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from swarm import wire
 from swarm.client import NodeLink
-from tests.swarm.conftest import start_node
+from tests.swarm.conftest import hidden, start_node
 
 
 class Slow:
@@ -29,10 +29,6 @@ class Slow:
         self.entered.set()
         time.sleep(self.seconds)
         return self.span.forward_layers(x, cache, position) * self.scale
-
-
-def hidden(rows, seed=0):
-    return np.random.default_rng(seed).standard_normal((rows, 96)).astype(np.float32)
 
 
 def forward(rows, session=None, position=0, **kw):

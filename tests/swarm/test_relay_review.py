@@ -6,6 +6,7 @@ network past its client's patience is never taken for a later step's answer and 
 cache wrong; a next hop that is a black hole, or stops reading, holds up only the relays to it."""
 
 import asyncio
+import contextlib
 import secrets
 import socket
 import threading
@@ -18,9 +19,7 @@ from engine.model import LlamaModel
 from engine.session import LocalSpanSession
 from swarm import relay, wire
 from swarm.client import Hub, NodeLink, RelayFailed, RemoteSpanSession, relay_step
-from tests.swarm.conftest import start_node
-
-KEY = b"a-private-swarm-key-0123456789"
+from tests.swarm.conftest import KEY, check_alive, hidden, start_node
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +27,6 @@ def node(six_loader):
     n = start_node(six_loader, 0, 2, max_sessions=8, max_positions=32)
     yield n
     n.stop()
-
-
-@pytest.fixture(scope="module")
-def reference(six_loader):
-    return LlamaModel(six_loader, backend="numba", layers=(0, 2))
-
-
-def hidden(rows, seed=0):
-    return np.random.default_rng(seed).standard_normal((rows, 96)).astype(np.float32)
 
 
 def relay_frame(session, position, rows, body, first=0, last=2):
@@ -48,16 +38,6 @@ def next_error(link, timeout=10) -> dict:
     reply = wire.decode(link.run(link.next_message(), timeout).data, link.key)
     assert reply.type == wire.ERROR, reply
     return reply.body
-
-
-def check_alive(node, reference, key=None):
-    remote = RemoteSpanSession(node.url, 0, 2, 32, 96, key=key)
-    local = LocalSpanSession(reference, 32)
-    try:
-        for chunk in (hidden(4, seed=1), hidden(1, seed=2), hidden(1, seed=3)):
-            np.testing.assert_array_equal(remote.forward(chunk), local.forward(chunk))
-    finally:
-        remote.close()
 
 
 def test_garbage_trailers_get_one_relay_error_each(node, reference):
@@ -98,7 +78,7 @@ def test_garbage_trailers_get_one_relay_error_each(node, reference):
     finally:
         stranger.abort()
         owner.close()
-    check_alive(node, reference)
+    check_alive(node, reference, prompt_rows=4)
 
 
 def test_a_hop_naming_the_node_itself_ends_with_one_error(node, reference):
@@ -117,7 +97,7 @@ def test_a_hop_naming_the_node_itself_ends_with_one_error(node, reference):
     finally:
         owner.close()
     assert node.url in node.service.relays.links and len(node.service.relays.links) <= relay.MAX_LINKS
-    check_alive(node, reference)
+    check_alive(node, reference, prompt_rows=4)
 
 
 def test_a_next_hop_that_never_answers_the_handshake(node, reference):
@@ -151,7 +131,7 @@ def test_a_next_hop_that_never_answers_the_handshake(node, reference):
     finally:
         owner.close()
         hole.close()
-    check_alive(node, reference)
+    check_alive(node, reference, prompt_rows=4)
 
 
 def test_private_swarm_relays_need_the_key_and_errors_come_back_signed(six_loader):
@@ -337,6 +317,34 @@ def test_a_late_relay_is_not_taken_as_a_later_steps_answer(six_loader):
         b.stop()
 
 
+@contextlib.contextmanager
+def victim_and_stranger(loader, capacity: int, seed: int):
+    """Nodes a (blocks 0-2) and b (3-5), and two clients of an open swarm, each with a session of
+    ``capacity`` positions on both, three positions in; the victim has relayed one step. Yields
+    a, b, the victim's spans, the stranger's spans, and x(rows=1): hidden states drawn from ``seed``."""
+    a, b = start_node(loader, 0, 2), start_node(loader, 3, 5)
+    victim_hub, stranger_hub = Hub(), Hub()
+    rng = np.random.default_rng(seed)
+    x = lambda rows=1: rng.standard_normal((rows, 96)).astype(np.float32)  # noqa: E731
+    spans = []
+    try:
+        for hub in (victim_hub, stranger_hub):
+            spans += [RemoteSpanSession(a.url, 0, 2, capacity, 96, hub=hub),
+                      RemoteSpanSession(b.url, 3, 5, capacity, 96, hub=hub)]
+        va, vb, ta, tb = spans
+        vb.forward(va.forward(x(3)))
+        tb.forward(ta.forward(x(3)))
+        relay_step([va, vb], x(), timeout=10)  # the victim relays fine: node a's link to b is open
+        yield a, b, (va, vb), (ta, tb), x
+    finally:
+        for s in spans:
+            s.close()
+        victim_hub.close()
+        stranger_hub.close()
+        a.stop()
+        b.stop()
+
+
 def test_a_strangers_black_hole_hop_does_not_stall_others_relays(six_loader):
     """Open swarm: a stranger with its own sessions on nodes a and b relays a -> b -> (a TCP port that
     never answers the handshake). Node b handles the frames of its one connection from node a in
@@ -347,43 +355,25 @@ def test_a_strangers_black_hole_hop_does_not_stall_others_relays(six_loader):
 
     from swarm import wire
 
-    a, b = start_node(six_loader, 0, 2), start_node(six_loader, 3, 5)
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
     hole.listen(8)
-    victim_hub, attacker_hub = Hub(), Hub()
-    rng = np.random.default_rng(1)
-    x = lambda: rng.standard_normal((1, 96)).astype(np.float32)  # noqa: E731
-    spans = []
     try:
-        va = RemoteSpanSession(a.url, 0, 2, 32, 96, hub=victim_hub)
-        vb = RemoteSpanSession(b.url, 3, 5, 32, 96, hub=victim_hub)
-        ta = RemoteSpanSession(a.url, 0, 2, 32, 96, hub=attacker_hub)
-        tb = RemoteSpanSession(b.url, 3, 5, 32, 96, hub=attacker_hub)
-        spans = [va, vb, ta, tb]
-        vb.forward(va.forward(rng.standard_normal((3, 96)).astype(np.float32)))
-        tb.forward(ta.forward(rng.standard_normal((3, 96)).astype(np.float32)))
-        relay_step([va, vb], x(), timeout=10)  # the victim relays fine: node a's link to b is open
-        hops = [[b.url, tb.sid.hex(), 3, 5], [f"ws://127.0.0.1:{hole.getsockname()[1]}/swarm",
-                                              secrets.token_bytes(16).hex(), 0, 0]]
-        frame = wire.Frame(wire.RELAY, ta.sid, 3, x(), first_block=0, last_block=2,
-                           body={"next": hops, "elapsed_us": [], "step": 7})
-        ta.link.run(ta.link.ws.send_bytes(wire.encode(frame)), 5)
-        time.sleep(0.3)
-        t0 = time.monotonic()
-        try:
-            relay_step([va, vb], x(), timeout=2.0)  # RELAY_MIN_S: what SwarmRoute allows a fast relay
-        except RelayFailed as e:
-            pytest.fail(f"the victim's relay waited behind the stranger's black hole: {e} "
-                        f"after {time.monotonic() - t0:.1f} s")
+        with victim_and_stranger(six_loader, 32, seed=1) as (a, b, (va, vb), (ta, tb), x):
+            hops = [[b.url, tb.sid.hex(), 3, 5], [f"ws://127.0.0.1:{hole.getsockname()[1]}/swarm",
+                                                  secrets.token_bytes(16).hex(), 0, 0]]
+            frame = wire.Frame(wire.RELAY, ta.sid, 3, x(), first_block=0, last_block=2,
+                               body={"next": hops, "elapsed_us": [], "step": 7})
+            ta.link.run(ta.link.ws.send_bytes(wire.encode(frame)), 5)
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            try:
+                relay_step([va, vb], x(), timeout=2.0)  # RELAY_MIN_S: what SwarmRoute allows a fast relay
+            except RelayFailed as e:
+                pytest.fail(f"the victim's relay waited behind the stranger's black hole: {e} "
+                            f"after {time.monotonic() - t0:.1f} s")
     finally:
-        for s in spans:
-            s.close()
-        victim_hub.close()
-        attacker_hub.close()
         hole.close()
-        a.stop()
-        b.stop()
 
 
 class DeafWebSocket:
@@ -433,52 +423,34 @@ def test_a_next_hop_that_stops_reading_does_not_stall_a_node_link_forever(six_lo
 
     from swarm import wire
 
-    a, b = start_node(six_loader, 0, 2), start_node(six_loader, 3, 5)
     deaf = DeafWebSocket()
-    victim_hub, attacker_hub = Hub(), Hub()
-    rng = np.random.default_rng(2)
-    x = lambda rows=1: rng.standard_normal((rows, 96)).astype(np.float32)  # noqa: E731
-    spans = []
     try:
-        va = RemoteSpanSession(a.url, 0, 2, 4096, 96, hub=victim_hub)
-        vb = RemoteSpanSession(b.url, 3, 5, 4096, 96, hub=victim_hub)
-        ta = RemoteSpanSession(a.url, 0, 2, 4096, 96, hub=attacker_hub)
-        tb = RemoteSpanSession(b.url, 3, 5, 4096, 96, hub=attacker_hub)
-        spans = [va, vb, ta, tb]
-        vb.forward(va.forward(x(3)))
-        tb.forward(ta.forward(x(3)))
-        relay_step([va, vb], x(), timeout=10)
-        hops = [[b.url, tb.sid.hex(), 3, 5], [deaf.url, secrets.token_bytes(16).hex(), 0, 0]]
-        for i in range(600):  # ~26 KB per frame to the deaf hop (65 rows + 1): ~15 MB at most
-            frame = wire.Frame(wire.RELAY, ta.sid, 3 + i, x(64), first_block=0, last_block=2,
-                               body={"next": hops, "elapsed_us": [1] * 63, "step": i})
-            try:
-                ta.link.run(ta.link.ws.send_bytes(wire.encode(frame)), 5)
-            except asyncio.TimeoutError:  # the stranger's own connection to a backs up: enough sent
-                break
-        print(f"stranger sent {i} relays")
-        time.sleep(10)
-        held = b.service.cache.sessions[tb.sid].position
-        time.sleep(3)
-        print(f"stranger's session on b: {held} positions at 10 s, "
-              f"{b.service.cache.sessions[tb.sid].position} at 13 s, positions")
-        failures = 0
-        for _ in range(3):
-            try:
-                relay_step([va, vb], x(), timeout=2.0)
-                break
-            except RelayFailed:
-                failures += 1
-                vb.forward(va.forward(x()))  # hop by hop, as SwarmRoute does
-        assert failures == 0, f"{failures} victim relays in a row failed, the last ones 10 s after the stranger stopped"
+        with victim_and_stranger(six_loader, 4096, seed=2) as (a, b, (va, vb), (ta, tb), x):
+            hops = [[b.url, tb.sid.hex(), 3, 5], [deaf.url, secrets.token_bytes(16).hex(), 0, 0]]
+            for i in range(600):  # ~26 KB per frame to the deaf hop (65 rows + 1): ~15 MB at most
+                frame = wire.Frame(wire.RELAY, ta.sid, 3 + i, x(64), first_block=0, last_block=2,
+                                   body={"next": hops, "elapsed_us": [1] * 63, "step": i})
+                try:
+                    ta.link.run(ta.link.ws.send_bytes(wire.encode(frame)), 5)
+                except asyncio.TimeoutError:  # the stranger's own connection to a backs up: enough sent
+                    break
+            print(f"stranger sent {i} relays")
+            time.sleep(10)
+            held = b.service.cache.sessions[tb.sid].position
+            time.sleep(3)
+            print(f"stranger's session on b: {held} positions at 10 s, "
+                  f"{b.service.cache.sessions[tb.sid].position} at 13 s, positions")
+            failures = 0
+            for _ in range(3):
+                try:
+                    relay_step([va, vb], x(), timeout=2.0)
+                    break
+                except RelayFailed:
+                    failures += 1
+                    vb.forward(va.forward(x()))  # hop by hop, as SwarmRoute does
+            assert failures == 0, f"{failures} victim relays in a row failed, the last ones 10 s after the stranger stopped"
     finally:
-        for s in spans:
-            s.close()
-        victim_hub.close()
-        attacker_hub.close()
         deaf.close()
-        a.stop()
-        b.stop()
 
 
 def test_a_late_relays_error_does_not_fail_the_next_relay(six_loader):
