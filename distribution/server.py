@@ -24,6 +24,7 @@ from distribution.base import MissingFragment
 from distribution.local import LocalLoader
 from fragmenter.manifest import FRAGMENT_ID, FRAGMENTS_DIR, MANIFEST_NAME
 
+MANIFEST = web.AppKey("manifest", object)  # the served store's Manifest (for the "serving ..." line)
 MAX_CONCURRENT = 64  # fragment responses in flight; further requests wait their turn
 
 
@@ -78,7 +79,7 @@ def make_app(store: str | Path, only: set[str] | None = None, max_concurrent: in
     app = web.Application(client_max_size=1024)
     app.router.add_get(f"/{MANIFEST_NAME}", get_manifest)
     app.router.add_get("/fragments/{fid}", get_fragment)
-    app["manifest"] = manifest
+    app[MANIFEST] = manifest
     return app
 
 
@@ -113,7 +114,7 @@ def serve_forever(store: str | Path, host: str, port: int, announce=print) -> No
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        m = app["manifest"]
+        m = app[MANIFEST]
         announce(f"serving {store} ({len(m.unique_fragments())} fragments of {m.source['name']}) "
                  f"on http://{host}:{bound}/")
         try:
