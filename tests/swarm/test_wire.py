@@ -155,3 +155,20 @@ def test_relay_hops_parse_and_bad_ones_name_the_hop():
         with pytest.raises(wire.WireError, match=why) as e:
             relay.parse_hops({"next": bad})
         assert "next" in str(e.value)
+
+
+def test_relay_hops_are_checked_once_per_session_and_refusals_are_not_remembered():
+    """A session's decode steps all name the same hops: the second parse takes the checked hop
+    from the cache (the same object); a bad hop is refused every time, and a good hop's cached
+    check does not let a variant of it (another session id, other blocks) through."""
+    from swarm import relay
+
+    good = ["ws://127.0.0.1:4002/swarm", "cd" * 16, 3, 7]
+    first = relay.parse_hops({"next": [good]})[0]
+    hits = relay._checked_hop.cache_info().hits
+    assert relay.parse_hops({"next": [list(good)]})[0] is first
+    assert relay._checked_hop.cache_info().hits == hits + 1
+    for variant in ([good[0], "00" * 16, 3, 7], [good[0], good[1], 7, 3], ["ws://127.0.0.1:4002/other", good[1], 3, 7]):
+        for _ in range(2):
+            with pytest.raises(wire.WireError, match=r"next\[1\]"):
+                relay.parse_hops({"next": [good, variant]})
