@@ -35,7 +35,7 @@ from common.errors import UserError
 @click.option("--distributed", is_flag=True, help="Run the blocks on the swarm's nodes (SOURCE: a node's p2p:// "
                                                    "address); only the embedding and head load here.")
 @click.option("--swarm-key", type=click.Path(dir_okay=False), help="--distributed: the private swarm's key file.")
-@click.option("--timings", is_flag=True, help="A short timing table on stderr (per node with --distributed).")
+@click.option("--timings", is_flag=True, help="Timings on stderr: load, prefill and decode speed (with --distributed, per node).")
 @user_errors
 def infer(source, prompt, prompt_file, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop,
           system, template, no_chat, ctx, threads, backend, kernels, as_json, distributed, swarm_key, timings):
@@ -80,11 +80,24 @@ def infer(source, prompt, prompt_file, max_tokens, temperature, top_k, top_p, mi
     if backend == "llama.cpp":
         result = _run_llama_cpp(source, request, threads, as_json, say)
     else:
-        result = _run_engine(source, request, kernels, as_json, say, timings)
+        result = _run_engine(source, request, kernels, as_json, say)
     if as_json:
         click.echo(json.dumps(result))
     else:
         click.echo()
+    if timings:
+        click.echo(_timings_text(result), err=True)
+
+
+def _timings_text(result: dict) -> str:
+    """--timings: the route's table for a distributed run, one line on one machine."""
+    if "route" in result:
+        from swarm.client import format_timings
+
+        return format_timings(result, result["prefill_tok_s"], result["decode_tok_s"])
+    return (f"load {result['load_s']:.2f} s; prompt {result['prompt_tokens']} tokens, prefill "
+            f"{result['prefill_tok_s']:.1f} tok/s; {len(result['tokens'])} tokens generated, decode "
+            f"{result['decode_tok_s']:.1f} tok/s")
 
 
 @dataclass
@@ -139,7 +152,7 @@ def open_model(source, request: Request, kernels: str, say):
     return load_text_model(source, kernels, request.template, say=say, before_weights=request.tokenize)
 
 
-def _run_engine(source, request: Request, kernels, as_json, say, timings=False):
+def _run_engine(source, request: Request, kernels, as_json, say):
     from generation.sampling import Sampler
     from generation.stream import generate
 
@@ -167,11 +180,6 @@ def _run_engine(source, request: Request, kernels, as_json, say, timings=False):
         from swarm.client import timings as swarm_timings
 
         out.update(swarm_timings(model))  # route, failovers, node_ms, hop_overhead_ms
-    if timings:
-        from swarm.client import format_timings
-
-        click.echo(("\n" if not as_json else "") + format_timings(out, result.prefill_tok_s, result.decode_tok_s),
-                   err=True)
     return out
 
 

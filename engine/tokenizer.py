@@ -56,6 +56,10 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 _UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+# The same map for str.translate (each character to the one whose code is its byte), and its domain:
+# a token's text all in the domain becomes its bytes in two C calls, not a Python loop per character.
+_TO_LATIN1 = {ord(c): b for c, b in _UNICODE_TO_BYTE.items()}
+_BYTE_LEVEL_CHARS = frozenset(_UNICODE_TO_BYTE)
 
 
 class Tokenizer:
@@ -153,7 +157,7 @@ class Tokenizer:
             elif self.kind == "llama":
                 out.append(text.replace("\u2581", " ").encode())
             else:
-                out.append(bytes(_UNICODE_TO_BYTE.get(c, 0) for c in text) if all(c in _UNICODE_TO_BYTE for c in text)
+                out.append(text.translate(_TO_LATIN1).encode("latin-1") if _BYTE_LEVEL_CHARS.issuperset(text)
                            else text.encode())
         return out
 
@@ -172,6 +176,7 @@ class StreamDecoder:
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
+        tokenizer._piece_bytes  # built now (tens of ms, once per tokenizer), not inside the first token's time
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token: int) -> str:

@@ -1,6 +1,7 @@
 """`infer` end to end: streams text from fragments; bad requests fail before any work starts."""
 
 import json
+import re
 
 import pytest
 
@@ -23,6 +24,18 @@ def test_json_report(default_store):
     assert {"prompt_tokens", "tokens", "text", "load_s", "prefill_tok_s", "decode_tok_s"} <= set(report)
     assert report["prompt_tokens"] > 10 and 0 < len(report["tokens"]) <= 12
     assert "Paris" in report["text"] and report["decode_tok_s"] > 0
+
+
+def test_timings_on_one_machine_are_one_line_on_stderr(default_store):
+    """--timings without --distributed: load, prompt and decode figures, no empty route table."""
+    proc = run_cli("infer", default_store, "--prompt", QUESTION, "--max-tokens", "8", "--timings")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout and "tok/s" not in proc.stdout
+    line = re.fullmatch(r"load [\d.]+ s; prompt (\d+) tokens, prefill ([\d.]+) tok/s; (\d+) tokens generated, "
+                        r"decode ([\d.]+) tok/s", proc.stderr.strip().splitlines()[-1])
+    assert line, proc.stderr
+    assert int(line[1]) > 10 and 0 < int(line[3]) <= 8 and float(line[2]) > 0 and float(line[4]) > 0
+    assert "hop overhead" not in proc.stderr and "blocks" not in proc.stderr
 
 
 def test_llama_cpp_backend_gives_the_same_greedy_text(default_store):

@@ -94,3 +94,24 @@ def test_unsupported_tokenizer_is_a_clear_error():
     with pytest.raises(UserError, match="pre-tokenizer 'klingon'"):
         Tokenizer({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.merges": [],
                    "tokenizer.ggml.pre": "klingon"}, "m.gguf")
+
+
+def test_piece_bytes_are_built_before_the_first_token_is_timed(default_gguf):
+    """Every token's bytes: byte-level BPE text mapped back character by character (the plain
+    definition, GPT-2's map), control tokens empty. The table is built when a stream decoder is
+    made (before generation starts its clocks), not at the first token pushed."""
+    from engine.tokenizer import _UNICODE_TO_BYTE, TokenType
+
+    tok = Tokenizer(GGUFFileLoader(default_gguf).metadata)
+    assert tok.kind == "gpt2" and "_piece_bytes" not in tok.__dict__
+    tok.stream_decoder()
+    assert "_piece_bytes" in tok.__dict__
+    for i, (text, kind) in enumerate(zip(tok.tokens, tok.types)):
+        if kind == TokenType.NORMAL:
+            expected = (bytes(_UNICODE_TO_BYTE[c] for c in text) if all(c in _UNICODE_TO_BYTE for c in text)
+                        else text.encode())
+        elif kind == TokenType.CONTROL:
+            expected = b""
+        else:
+            continue
+        assert tok.token_bytes(i) == expected, (i, text)
