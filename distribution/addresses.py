@@ -82,11 +82,35 @@ def parse_announce(text: str | None) -> Announce | None:
         host, port = text.split(":")
     if not host or host in WILDCARDS:
         raise UserError(f"--announce {text!r}: give the host name or address others reach this peer at")
+    _check_host(host, f"--announce {text!r}")
     if port is not None:
         if not port.isdigit() or not 0 < int(port) < 65536:
             raise UserError(f"--announce {text!r}: the port must be a number from 1 to 65535")
         port = int(port)
     return Announce(host, port)
+
+
+def host_protocol(host: str) -> str:
+    """The multiaddr protocol of a host others dial: ip4 or ip6 for an address, else dns4."""
+    try:
+        return f"ip{ipaddress.ip_address(host).version}"
+    except ValueError:
+        return "dns4"
+
+
+def _check_host(host: str, what: str) -> None:
+    """A host others can dial: an IP address, or a DNS name that libp2p's multiaddr takes (never
+    all digits at the end, as '999.1.1.1', which is a mistyped address rather than a name)."""
+    from multiaddr import Multiaddr
+
+    proto = host_protocol(host)
+    try:
+        if proto == "dns4" and host.rstrip(".").rsplit(".", 1)[-1].isdigit():
+            raise ValueError(host)
+        Multiaddr(f"/{proto}/{host}/tcp/1")
+    except Exception:  # (multiaddr raises several kinds, idna's among them)
+        raise UserError(f"{what}: {host!r} is neither an IP address nor a host name "
+                        f"(IPv6 with a port: [ADDRESS]:PORT)") from None
 
 
 def default_listen(host: str) -> str:

@@ -31,7 +31,7 @@ from typing import Callable
 
 from common.errors import NetworkError, UserError
 from distribution import peer_records
-from distribution.addresses import Announce, multiaddr_host, reachable_hosts
+from distribution.addresses import Announce, host_protocol, multiaddr_host, reachable_hosts
 
 LOOKUP_TIMEOUT = 10.0   # seconds for one DHT lookup
 CONNECT_TIMEOUT = 10.0  # seconds to reach one bootstrap peer
@@ -275,8 +275,7 @@ class P2PNode:
                 continue
             hosts = [self.announce.host] if self.announce else reachable_hosts(parts[2], toward, self._observed)
             for h in hosts:
-                proto = "ip6" if ":" in h else ("ip4" if h.replace(".", "").isdigit() else "dns4")
-                out.append(f"/{proto}/{h}/{parts[3]}/{parts[4]}")
+                out.append(f"/{host_protocol(h)}/{h}/{parts[3]}/{parts[4]}")  # (--announce was checked)
         return list(dict.fromkeys(out))
 
     # -- calls from other threads -------------------------------------------------------------------

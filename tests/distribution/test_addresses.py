@@ -2,13 +2,13 @@
 behind a wildcard listen (never 0.0.0.0, loopback only when nothing else exists)."""
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from common.errors import UserError
 from distribution import addresses
-from distribution.addresses import (Announce, http_url, parse_address, parse_announce, parse_bootstrap,
-                                    reachable_hosts)
+from distribution.addresses import (Announce, host_protocol, http_url, parse_address, parse_announce,
+                                    parse_bootstrap, reachable_hosts)
 
 SHA = "ab" * 32
 PEER = "16Uiu2HAmPLe7Mzm8TsYUubgCAW1aJoeFScxrLj8ppHFivPo97bUZ"
@@ -32,9 +32,26 @@ def test_announce():
     assert parse_announce("203.0.113.7:8443") == Announce("203.0.113.7", 8443)
     assert parse_announce("[2001:db8::1]:80") == Announce("2001:db8::1", 80)
     assert parse_announce(None) is None
-    for bad in ("0.0.0.0", "host:0", "host:http", ":80", "host:70000"):
+    for bad in ("0.0.0.0", "host:0", "host:http", ":80", "host:70000", "::::", "999.1.1.1", "1.2.3:80", "exa mple",
+                "a/b", "-host", "host-", "host_name"):
         with pytest.raises(UserError, match="--announce"):
             parse_announce(bad)
+
+
+@given(st.one_of(st.text(max_size=40), st.from_regex(r"[a-z0-9.:\-\[\]]{1,30}", fullmatch=True)))
+@example("my-host.example:8000")
+@example("[fe80::1]:80")
+def test_an_accepted_announce_makes_a_multiaddr_libp2p_takes(text):
+    """Whatever --announce accepts, the node can put in the multiaddrs it announces (a host such as
+    '::::' was accepted and then failed as the node started, with a traceback)."""
+    from multiaddr import Multiaddr
+
+    try:
+        announce = parse_announce(text)
+    except UserError:
+        return
+    if announce is not None:
+        Multiaddr(f"/{host_protocol(announce.host)}/{announce.host}/tcp/4001")
 
 
 @given(st.text(max_size=40))
