@@ -88,13 +88,16 @@ def fetch(source, output, layers, progress):
     with ExitStack() as stack:
         stack.callback(loader.close)
         m = loader.manifest
+        here = getattr(loader, "store", None)  # a local store directory (LocalLoader)
+        if here is not None and (out.resolve() == here.resolve() or here.resolve() in out.resolve().parents):
+            raise UserError(f"{out}: is inside the store being read ({here}); fetch into another directory")
         spans = parse_spans(layers) if layers else None
+        names = span_tensors(m, spans) if spans else m.tensor_names()
         loader.header()  # refuse to copy a manifest whose tensor table the header contradicts
         prepare_store(out)
         stack.enter_context(store_lock(out))
         if (out / MANIFEST_NAME).exists() and read_manifest_bytes(out) != loader.manifest_bytes:
             raise UserError(f"{out}: already holds the store of another model; choose another -o")
-        names = span_tensors(m, spans) if spans else m.tensor_names()
         wanted = m.fragments_for(names, header=True)
         if progress is not None and hasattr(loader, "fetcher"):
             loader.fetcher.progress = progress

@@ -10,7 +10,8 @@ def byte_progress(total: int, desc: str, enabled: bool | None = None) -> tqdm:
     Watchers (``watch_progress``) hear it either way."""
     if enabled is None:
         enabled = sys.stderr.isatty()
-    return _Watched(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+    # unit_divisor 1000: the bar's MB are the summaries' (10^6 bytes), not MiB labelled MB
+    return _Watched(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
                     disable=not enabled, file=sys.stderr, leave=False)
 
 

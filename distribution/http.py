@@ -163,6 +163,7 @@ class HTTPFetcher:
     async def fetch_one(self, session, url: str, fid: str, size: int, bar=None) -> None:
         """Download ``url`` into the cache as fragment ``fid``; raises FetchFailed, MissingFragment."""
         temp = self.cache.temp_path(fid)
+        shown = 0  # bytes of this attempt on the progress bar
         try:
             async with session.get(url) as r:
                 if r.status == 404:
@@ -174,11 +175,13 @@ class HTTPFetcher:
                     out = open(temp, "wb")
 
                 def sink(chunk):
+                    nonlocal shown
                     h.update(chunk)
                     with naming(temp):  # a full disk is ours to report, not the server's fault
                         out.write(chunk)
                     if bar is not None:
                         bar.update(len(chunk))
+                        shown += len(chunk)
 
                 with out:
                     got = await self._body(r, size, sink)
@@ -187,10 +190,13 @@ class HTTPFetcher:
             if h.hexdigest() != fid:
                 raise FetchFailed("bytes do not match the fragment's SHA-256")
             self.cache.commit(fid, temp)
+            shown = 0
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             raise FetchFailed(_describe_error(e), network=True) from None
         finally:
             temp.unlink(missing_ok=True)
+            if shown:  # a failed attempt's bytes come off the bar: a retry counts them again
+                bar.update(-shown)
 
     async def fetch_with_retries(self, session, urls_for, fid: str, size: int, bar, gate, warn=None) -> None:
         """Try each source URL in turn, several rounds with backoff, until the fragment is cached,
@@ -286,21 +292,23 @@ class HTTPLoader(FragmentLoader):
             async with self.fetcher.session() as session:
                 jobs = [asyncio.ensure_future(self.fetcher.fetch_with_retries(
                     session, self.fragment_urls, f, self._sizes[f], bar, gate, self.warn)) for f in ids]
-                done, pending = await asyncio.wait(jobs, timeout=bound)
-                for job in pending:
-                    job.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
+                try:  # the first fragment that cannot be had ends the run: the store is unusable without it
+                    await asyncio.wait(jobs, timeout=bound, return_when=asyncio.FIRST_EXCEPTION)
+                finally:  # also on Ctrl-C: no download outlives its session, and every failure is retrieved
+                    for job in jobs:
+                        job.cancel()
+                    await asyncio.gather(*jobs, return_exceptions=True)
+        for fid, job in zip(ids, jobs):
+            result = None if job.cancelled() else job.exception()
+            if isinstance(result, FetchFailed):
+                cls = FragmentUnreachable if result.network else FragmentError
+                raise cls(f"{self.where}: {self.describe(fid)} could not be fetched ({result})")
+            if result is not None:
+                raise result
         for fid, job in zip(ids, jobs):
             if job.cancelled():
                 raise FragmentUnreachable(f"{self.where}: {self.describe(fid)} not fetched within the run's "
                                           f"bound of {bound:.0f} s")
-            result = job.exception()
-            if result is None:
-                continue
-            if isinstance(result, FetchFailed):
-                cls = FragmentUnreachable if result.network else FragmentError
-                raise cls(f"{self.where}: {self.describe(fid)} could not be fetched ({result})")
-            raise result
 
     def warn(self, url: str, problem: str) -> None:
         """Called for each failed attempt at a source (P2P names the peer)."""

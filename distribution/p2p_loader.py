@@ -16,6 +16,8 @@ from __future__ import annotations
 import random
 import sys
 
+from tqdm import tqdm
+
 from common.errors import NetworkError, StoreError, UserError
 from distribution.addresses import parse_address
 from distribution.dht import P2PNode
@@ -32,7 +34,8 @@ class P2PLoader(HTTPLoader):
         self.address = address
         self._urls: dict[str, str | None] = {}   # peer id -> HTTP base URL
         self._providers: dict[str, list[str]] = {}  # fragment id -> peer ids, for the fetch under way
-        self._warn_sink = warn or (lambda line: print(line, file=sys.stderr))
+        self._warn_sink = warn or (lambda line: tqdm.write(line, file=sys.stderr))  # above a progress bar
+        self._warned: set[str] = set()  # peers already warned about
         self.node = P2PNode(listen, boots, server=False).start()
         try:
             self._open_from_a_provider(digest, cache_dir, concurrency, attempts, timeout, progress)
@@ -105,8 +108,14 @@ class P2PLoader(HTTPLoader):
             self._providers.pop(fid, None)
 
     def warn(self, url: str, problem: str) -> None:
+        """Once per peer and run (a dead peer fails every fragment it holds: one line says it), above
+        the progress bar; the fragments it failed are retried, from other providers when any."""
         peer = next((p for p, u in self._urls.items() if u and url.startswith(u)), "?")
-        self._warn_sink(f"warning: peer {peer} ({url.split('/fragments/')[0]}): {problem}; trying another provider")
+        if peer in self._warned:
+            return
+        self._warned.add(peer)
+        self._warn_sink(f"warning: peer {peer} ({url.split('/fragments/')[0]}): {problem}; its fragments are "
+                        f"retried, from other providers when there are any")
 
     def close(self) -> None:
         super().close()

@@ -40,6 +40,9 @@ def span_tensors(manifest: Manifest, spans: list[tuple[int, int]]) -> list[str]:
     """Tensors a node serving these block spans holds: the blocks, plus the embedding with block 0
     and the output norm and head (or the tied embedding) with the last block."""
     n_layers = block_count(manifest)
+    beyond = [f"{first}-{last}" for first, last in spans if last >= n_layers]
+    if beyond:  # (a span past the end would quietly give the header and globals only)
+        raise UserError(f"--layers {','.join(beyond)}: this model has blocks 0-{n_layers - 1}")
     names = set()
     for first, last in spans:
         names.update(t.name for t in manifest.layer_tensors(first, last))

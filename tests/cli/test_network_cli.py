@@ -24,6 +24,20 @@ def test_fetch_copies_blocks_and_refuses_another_models_store(factory_models, tm
     assert_one_line_error(run_cli("fetch", tmp_path / "b", "-o", tmp_path / "copy"), "another model")
 
 
+def test_fetch_refuses_an_output_inside_its_source_and_blocks_the_model_lacks(factory_models, tmp_path):
+    """A copy inside the store it reads would nest a second store in it (it did, exit 0); a span past
+    the last block would copy the header alone (it did, exit 0). Nothing is written either way."""
+    fragment_file(str(factory_models["q8_0-spm-gqa"]), tmp_path / "a", 8192, progress=False)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for out in (tmp_path / "a", tmp_path / "a" / "fragments", tmp_path / "a" / "x" / "y"):
+        assert_one_line_error(run_cli("fetch", tmp_path / "a", "-o", out), "inside the store being read")
+    assert_one_line_error(run_cli("fetch", tmp_path / "a", "-o", tmp_path / "c", "--layers", "40-50"),
+                          "--layers 40-50", "this model has blocks 0-")
+    assert_one_line_error(run_cli("serve", tmp_path / "a", "--p2p", "--port", "0", "--layers", "0-99"),
+                          "--layers 0-99", "this model has blocks 0-")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 def test_serve_names_a_host_it_cannot_listen_on(factory_models, tmp_path):
     fragment_file(str(factory_models["q8_0-spm-gqa"]), tmp_path / "s", 8192, progress=False)
     proc = run_cli("serve", tmp_path / "s", "--host", "999.1.1.1", "--port", "0", timeout=60)

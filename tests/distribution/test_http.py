@@ -3,6 +3,7 @@ every failure retried where it makes sense, then one clear error, never a wrong 
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -136,6 +137,13 @@ class Faulty:
             await response.prepare(request)
             await response.write(data[: len(data) // 2])
             return response  # the connection closes early
+        if what == "trickle":  # the body in ten pieces over two seconds
+            response = web.StreamResponse(headers={"Content-Length": str(len(data))})
+            await response.prepare(request)
+            for i in range(10):
+                await response.write(data[i * len(data) // 10:(i + 1) * len(data) // 10])
+                await asyncio.sleep(0.2)
+            return response
         if what == "wrong":
             data = bytes([data[0] ^ 1]) + data[1:]
         return web.Response(body=data)
@@ -221,3 +229,44 @@ def test_serve_rejects_bad_requests_and_keeps_serving(store):
         assert status("manifest.json") == 200 and status("fragments/" + fid) == 200
         with urllib.request.urlopen(server.url + "fragments/" + fid, timeout=5) as r:
             assert r.headers["ETag"].strip('"') == fid
+
+
+def test_many_fragments_failing_make_one_line_and_the_run_ends_at_the_first(store, tmp_path):
+    """Every fragment of the store is gone from the server: `fetch` says so for one in one line
+    (the others' failures were left unretrieved and printed a traceback each), and does not wait
+    for every fragment's retries first."""
+    faulty = Faulty(store)
+    m = LocalLoader(store).manifest
+    for fid in set(m.unique_fragments()) - set(m.fragments_for([], header=True)):  # (the header is read first)
+        faulty.plan[fid] = ["404"] * 10
+    with aiohttp_server(faulty.app()) as url:
+        proc = run_cli("fetch", url, "-o", tmp_path / "out", env={"GGUF_FRAGMENTS_CACHE": str(tmp_path / "cache")},
+                       timeout=120)
+    assert_one_line_error(proc, "could not be fetched", "404")
+    assert max(faulty.hits.values()) <= 4  # no fragment retried past its own attempts
+
+
+def test_ctrl_c_during_a_fetch_is_one_line(store, tmp_path):
+    """SIGINT while fragments are downloading: exit 130, 'interrupted', no traceback from the
+    downloads still under way, and no fragment half written in the output."""
+    import signal
+
+    from tests.conftest import BIN
+
+    faulty = Faulty(store)
+    m = LocalLoader(store).manifest
+    for fid in set(m.unique_fragments()) - set(m.fragments_for([], header=True)):
+        faulty.plan[fid] = ["trickle"] * 10
+    with aiohttp_server(faulty.app()) as url:
+        proc = subprocess.Popen([str(BIN / "fetch"), url, "-o", str(tmp_path / "out")], stderr=subprocess.PIPE,
+                                text=True, env={**os.environ, "GGUF_FRAGMENTS_CACHE": str(tmp_path / "cache")})
+        deadline = time.monotonic() + 60
+        while not faulty.hits and time.monotonic() < deadline:  # the downloads have begun
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "exception" not in err.lower(), err
+    assert [line for line in err.splitlines() if line.strip()] == ["interrupted"], err
+    assert not list((tmp_path / "out").rglob("*.partial*")) and not list((tmp_path / "out").rglob(".tmp-*"))

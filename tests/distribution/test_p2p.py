@@ -75,6 +75,7 @@ def test_three_overlapping_peers_one_killed_mid_fetch(store, tmp_path, monkeypat
             loader.close()
     # every fragment arrived exactly once; more than two were still to come when b died
     assert sorted(fetched) == sorted(local.manifest.unique_fragments()) and len(fetched) > 2
+    assert sum(peer_id(b) in w for w in warnings) <= 1, warnings  # a dead peer is told once, not per fragment
 
 
 def test_corrupt_peer_is_named_and_bytes_come_from_elsewhere(store, tmp_path, monkeypatch):
