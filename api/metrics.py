@@ -15,7 +15,7 @@ class Metrics:
         self.generated_tokens = 0
         self.prefill_s = 0.0
         self.decode_s = 0.0
-        self.decode_steps = 0           # generated tokens that needed a decode step (all but the first)
+        self.decode_steps = 0           # tokens fed after the prompt (GenerationResult.decode_steps)
         self.rejected = 0               # 503: queue full
 
     def count_http(self, path: str, status: int) -> None:
@@ -34,7 +34,7 @@ class Metrics:
             self.generated_tokens += len(result.tokens)
             self.prefill_s += result.prefill_s
             self.decode_s += result.decode_s
-            self.decode_steps += max(len(result.tokens) - 1, 0)
+            self.decode_steps += result.decode_steps
 
     def render(self, running: int, queued: int, parallel: int, ready: bool) -> str:
         with self.lock:

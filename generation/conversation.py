@@ -45,6 +45,7 @@ class TurnStats:
     prefill_s: float
     decode_s: float
     stop_reason: str
+    decode_steps: int = 0  # tokens fed after the prompt (GenerationResult.decode_steps)
 
     @property
     def reused(self) -> int:
@@ -56,8 +57,7 @@ class TurnStats:
 
     @property
     def decode_tok_s(self) -> float:
-        steps = max(self.generated - 1, 0)  # the first token comes from the prefill's logits
-        return steps / self.decode_s if self.decode_s and steps else 0.0
+        return self.decode_steps / self.decode_s if self.decode_s and self.decode_steps else 0.0
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -165,7 +165,8 @@ class Conversation:
         self.messages += [{"role": "user", "content": turn.user}, {"role": "assistant", "content": result.text}]
         self.last = TurnStats(prompt_tokens=turn.reused + len(result.prompt_tokens),
                               processed=len(result.prompt_tokens), generated=len(result.tokens),
-                              prefill_s=result.prefill_s, decode_s=result.decode_s, stop_reason=result.stop_reason)
+                              prefill_s=result.prefill_s, decode_s=result.decode_s, stop_reason=result.stop_reason,
+                              decode_steps=result.decode_steps)
         self.generated_total += len(result.tokens)
 
     def _forget_cache(self) -> None:

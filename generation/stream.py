@@ -25,6 +25,7 @@ class GenerationResult:
     stop_reason: str = "length"  # length | eos | stop | context | cancelled
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    decode_steps: int = 0  # tokens fed after the prompt within decode_s (an answer ended by EOS feeds all it made)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -32,9 +33,8 @@ class GenerationResult:
 
     @property
     def decode_tok_s(self) -> float:
-        # The first generated token comes from the prefill's logits; the rest are decode steps.
-        steps = max(len(self.tokens) - 1, 0)
-        return steps / self.decode_s if self.decode_s and steps else 0.0
+        # The first generated token comes from the prefill's logits; each fed token is a decode step.
+        return self.decode_steps / self.decode_s if self.decode_s and self.decode_steps else 0.0
 
 
 class StopMatcher:
@@ -145,6 +145,7 @@ class Generation:
                 self.fed.append(token)
         finally:
             result.decode_s = time.perf_counter() - decode_start
+            result.decode_steps = len(self.fed) - len(self.prompt_tokens)
         if not matcher.done:
             tail = matcher.feed(decoder.flush()) + matcher.flush()
             if tail:
