@@ -280,20 +280,25 @@ class Chat:
             raise UserError("/load needs a file name")
         self.load(arg)
 
-    def load(self, path: str) -> None:
+    def load(self, path: str, keep: frozenset[str] = frozenset()) -> None:
+        """Continue the conversation saved in ``path``, with its settings except those named in
+        ``keep`` (options given on the command line, which win over the file)."""
         from generation.conversation import read_saved
 
         saved = read_saved(path)  # checked before anything is replaced
         restored = Settings()
         for name, value in saved["settings"].items():
-            if name in RULES:
+            if name in RULES and name not in keep:
                 try:
                     restored.set(name, str(value))
                 except UserError as e:
                     raise UserError(f"{path}: settings: {e}") from None
+        for name in keep:
+            setattr(restored, name, getattr(self.settings, name))
         self.conv.load(path)
         self.settings = restored
-        note(f"loaded {len(self.conv.messages)} messages from {path}; settings: {restored.show()}")
+        kept = f" ({', '.join(sorted(keep))} from the command line)" if keep else ""
+        note(f"loaded {len(self.conv.messages)} messages from {path}; settings: {restored.show()}{kept}")
         if saved["model"] and saved["model"] != self.conv.model.name:
             note(f"note: it was saved with {saved['model']!r}; continuing with {self.conv.model.name!r}")
 
@@ -307,7 +312,8 @@ class Chat:
                        f"({last.reused} reused from the cache)")
             click.echo(f"last turn: {last.generated} tokens generated ({last.stop_reason}), "
                        f"prefill {last.prefill_tok_s:.1f} tok/s, decode {last.decode_tok_s:.1f} tok/s")
-        click.echo(f"conversation: {len(conv.messages) // 2} turns, {conv.generated_total} tokens generated")
+        turns = len(conv.messages) // 2
+        click.echo(f"conversation: {turns} turn{'' if turns == 1 else 's'}, {conv.generated_total} tokens generated")
 
     def cmd_route(self, arg: str) -> None:
         info = self.conv.model.info
@@ -366,7 +372,7 @@ def chat(source, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, s
     from common.progress import Status
     from generation.conversation import Conversation
 
-    settings = Settings()
+    settings, explicit = Settings(), set()
     for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p),
                         ("repeat_penalty", repeat_penalty), ("seed", -1 if seed is None else seed),
                         ("max_tokens", max_tokens)):
@@ -374,6 +380,8 @@ def chat(source, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, s
             settings.set(name, str(value))
         except UserError as e:
             raise UserError(f"--{name.replace('_', '-')}: {e}") from None
+        if click.get_current_context().get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            explicit.add(name)  # wins over a --load file's settings
     system = check_utf8(system, "--system") if system is not None else None
     if template:
         from engine.chat import NAMED_TEMPLATES
@@ -392,7 +400,7 @@ def chat(source, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, s
     conv = Conversation(model, ctx, system, template)
     loop = Chat(conv, settings, TerminalReader() if interactive else PlainReader())
     if load_path:
-        loop.load(load_path)
+        loop.load(load_path, keep=frozenset(explicit))
     if interactive:
         note(banner(model, conv))
     try:

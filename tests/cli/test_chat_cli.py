@@ -233,3 +233,19 @@ def test_distributed_chat_answers_like_the_local_one_and_shows_its_route(six_sto
 
 def test_distributed_options_need_distributed(six_store):
     assert_one_line_error(run_cli("chat", six_store, "--node", "ws://127.0.0.1:1/swarm"), "--distributed")
+
+
+def test_options_given_with_load_win_over_the_saved_settings(factory_models, tmp_path):
+    """`chat --load FILE -n 4`: the file's other settings come back, max_tokens is the command
+    line's (the file's replaced every option before, silently)."""
+    saved = tmp_path / "conv.json"
+    saved.write_text('{"format": "gguf-fragments-conversation", "version": 1, "model": "m", '
+                     '"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], '
+                     '"settings": {"max_tokens": 300, "temperature": 0.7, "top_k": 7}}')
+    proc = subprocess.run([str(BIN / "chat"), str(factory_models["q8_0-spm-gqa"]), "--load", str(saved), "-n", "4"],
+                          input=b"/set\n", capture_output=True, timeout=300)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert "(max_tokens from the command line)" in err
+    shown = [line for line in proc.stdout.decode().splitlines() if line.startswith("temperature")][-1]  # /set
+    assert "max_tokens 4" in shown and "temperature 0.7" in shown and "top_k 7" in shown, shown
