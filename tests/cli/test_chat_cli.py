@@ -128,11 +128,11 @@ def test_a_stopped_answer_stays_in_the_conversation(default_store):
     term.prompt()
     out = term.ask("/stats")
     generated = int(re.search(r"last turn: (\d+) tokens generated \(cancelled\)", out).group(1))
-    assert 0 < generated < 2000 and "conversation: 1 turns" in out
+    assert 0 < generated < 2000 and "conversation: 1 turn," in out
     term.child.send("\x1b[A")  # Up: history recalls /stats (prompt_toolkit's line editing)
     term.until(r"/stats$")
     term.child.send("\r")
-    term.until(r"^conversation: 1 turns")
+    term.until(r"^conversation: 1 turn,")
     term.prompt()
     term.child.sendintr()  # not right after a stop: the first Ctrl-C at the prompt only tells how to leave
     term.until(r"Ctrl-C again, Ctrl-D or /exit to leave")
@@ -185,7 +185,7 @@ def test_a_full_context_is_said_and_clear_starts_over(factory_models):
     assert proc.returncode == 0 and "Traceback" not in err, err
     assert "context full: the conversation is" in err and "the context window holds 32" in err
     assert "/clear starts a new conversation" in err and "conversation cleared" in err
-    assert "conversation: 1 turns" in proc.stdout.decode()
+    assert "conversation: 1 turn," in proc.stdout.decode()
 
 
 def test_route_shows_a_distributed_models_hops(capsys):
