@@ -182,8 +182,9 @@ async function send(event) {
   const text = $("prompt").value;
   if (!text.trim() || controller) return;
   $("prompt").value = "";
+  const turn = conversation.length;  // where this turn's messages go
   conversation.push({ role: "user", content: text });
-  addMessage("user", text);
+  const asked = addMessage("user", text);
   const bubble = addMessage("assistant", "");
   bubble.dataset.state = "streaming";
   controller = new AbortController();
@@ -191,6 +192,7 @@ async function send(event) {
   $("stop").disabled = false;
   let answer = "";
   let note = "";
+  let failed = false;
   try {
     const r = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), body: JSON.stringify(requestBody()), signal: controller.signal,
@@ -214,10 +216,20 @@ async function send(event) {
     if (e.name === "AbortError") {
       note = "(stopped)";
     } else {
+      failed = true;
       addMessage("error", String(e.message || e));
     }
   } finally {
-    if (bubble.isConnected) conversation.push({ role: "assistant", content: answer });  // not after Clear
+    if (failed && bubble.isConnected) {
+      // A failed turn leaves the conversation (it would be sent again with every later message,
+      // and a message too long for the context would fail them all); its text goes back to the box.
+      conversation.length = turn;
+      asked.classList.add("failed");
+      bubble.remove();
+      if (!$("prompt").value) $("prompt").value = text;
+    } else if (bubble.isConnected) {
+      conversation.push({ role: "assistant", content: answer });  // not after Clear
+    }
     if (note) {
       const span = document.createElement("span");
       span.className = "note";

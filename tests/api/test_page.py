@@ -119,6 +119,32 @@ def test_page_streams_the_greedy_answer_and_stops(default_text_model, browser):
         assert wait(browser, lambda d: health(server)["running"] == 0, 10)
 
 
+def test_a_failed_turn_leaves_the_conversation(default_text_model, browser):
+    """A request the server refuses (max_tokens 0): the error is shown, the turn is not kept (it
+    was, and went again with every later message), its text is back in the box, and the next
+    message is answered as the first of the conversation."""
+    from selenium.webdriver.common.by import By
+
+    with running(default_text_model, parallel=1) as server:
+        browser.get(server.url + "/")
+        wait(browser, lambda d: by_id(d, "status").text == "ready", 30)
+        set_field(browser, "temperature", 0)
+        set_field(browser, "max_tokens", 0)
+        send(browser, FRANCE)
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.error"))
+        assert "max_tokens" in browser.find_elements(By.CSS_SELECTOR, ".msg.error")[-1].text
+        wait(browser, lambda d: by_id(d, "send").is_enabled(), 10)
+        assert browser.execute_script("return conversation.length") == 0
+        assert by_id(browser, "prompt").get_attribute("value") == FRANCE
+        assert not answers(browser)
+
+        set_field(browser, "max_tokens", 8)
+        send(browser, "Hello")
+        wait(browser, lambda d: answers(d) and answers(d)[-1].get_attribute("data-state") == "done")
+        assert browser.execute_script("return conversation.map(m => m.content)")[0] == "Hello"
+        assert browser.execute_script("return conversation.length") == 2
+
+
 def test_page_shows_loading_progress_then_the_route(factory_text_model, browser):
     """While loading: the stage and a progress bar; once ready: the model and a distributed route."""
     route = [{"node": "ws://127.0.0.1:9101", "blocks": "0-0", "ms_per_token": 1.5},
