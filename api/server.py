@@ -156,8 +156,9 @@ async def _auth(request: web.Request, handler):
     key = request.app[SERVICE].api_key
     if key and (request.path.startswith("/v1/") or request.path in ("/info", "/metrics")):
         given = request.headers.get("Authorization", "")
+        scheme, _, token = given.partition(" ")  # the scheme is case-insensitive (RFC 7235): bearer, BEARER
         # surrogatepass: a header may hold any bytes (undecodable ones arrive as surrogates)
-        if not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), f"Bearer {key}".encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode("utf-8", "surrogatepass"), key.encode()):
             what = "wrong API key" if given else "no API key"
             raise APIError(401, f"{what}: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
     return await handler(request)
@@ -514,8 +515,12 @@ def _timings(job: Job) -> dict:
     result = job.result
     if result is None:
         return {}
-    return {"cache_n": job.reused, "prompt_n": len(result.prompt_tokens),
+    prompt_n, steps = len(result.prompt_tokens), result.decode_steps
+    return {"cache_n": job.reused, "prompt_n": prompt_n, "prompt_ms": round(result.prefill_s * 1000, 3),
+            "prompt_per_token_ms": round(result.prefill_s * 1000 / prompt_n, 3) if prompt_n else 0.0,
             "prompt_per_second": round(result.prefill_tok_s, 2), "predicted_n": len(result.tokens),
+            "predicted_ms": round(result.decode_s * 1000, 3),
+            "predicted_per_token_ms": round(result.decode_s * 1000 / steps, 3) if steps else 0.0,
             "predicted_per_second": round(result.decode_tok_s, 2)}
 
 

@@ -210,12 +210,22 @@ def test_bad_bodies_are_4xx(server, body, headers, status, code):
     assert status_of(answer) == status, answer[:300]
     if code:
         assert body_of(answer)["error"]["code"] == code
+        assert body_of(answer)["error"]["type"] == "invalid_request_error"  # the client's mistake, not ours
 
 
 @pytest.mark.parametrize("key", ["Bearer s\u00e9same", "Bearer \udcff\udcfe", "Bearer \u2603"])
 def test_a_non_ascii_api_key_is_a_401(server, key):
     answer, _ = send(server, post("/v1/completions", b'{"prompt": "hi"}', {**JSON, "Authorization": key}))
     assert status_of(answer) == 401 and body_of(answer)["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "Bearer"])
+def test_the_auth_scheme_is_case_insensitive(server, scheme):
+    answer, _ = send(server, post("/v1/completions", b'{"prompt": "hi", "max_tokens": 1}',
+                                  {**JSON, "Authorization": f"{scheme} sesame"}))
+    assert status_of(answer) == 200, answer[:300]
+    answer, _ = send(server, post("/v1/completions", b'{"prompt": "hi"}', {**JSON, "Authorization": f"{scheme} sesam"}))
+    assert status_of(answer) == 401
 
 
 # -- the queue ----------------------------------------------------------------------------------------

@@ -410,6 +410,10 @@ def test_cache_prompt_feeds_only_the_new_turn(factory_text_model):
     assert cached["usage"]["prompt_tokens"] == fresh["usage"]["prompt_tokens"]
     assert cached["timings"]["prompt_n"] == fresh["usage"]["prompt_tokens"] - reused
     assert fresh["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    t = fresh["timings"]  # llama-server's fields, consistent with each other
+    assert t["prompt_ms"] > 0 and t["predicted_ms"] > 0 and t["predicted_n"] == fresh["usage"]["completion_tokens"]
+    assert t["prompt_per_token_ms"] == pytest.approx(t["prompt_ms"] / t["prompt_n"], abs=1e-3)
+    assert t["predicted_per_second"] == pytest.approx(1000 / t["predicted_per_token_ms"], rel=1e-2)
 
 
 def test_an_answer_that_fills_the_context_ends_with_length(server, factory_text_model):
