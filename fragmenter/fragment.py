@@ -197,6 +197,9 @@ def fragment_file(model_path: str, store_dir: str | Path | None = None,
     stat_before = os.stat(model_path)
     stop = threading.Event()
     jobs = []
+    if store_dir is None and Path(model_path).suffix.lower() != ".gguf":
+        raise UserError(f"{model_path}: no -o given, and the name has no .gguf to drop for the store's; "
+                        f"pass -o DIRECTORY")
     store = Path(store_dir) if store_dir is not None else Path(model_path).with_suffix("")
     with ThreadPoolExecutor(2, thread_name_prefix="fragment") as pool, ExitStack() as locked:
         # The whole-file hash is one sequential chain: start it first, on a core of its own.

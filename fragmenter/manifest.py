@@ -157,12 +157,17 @@ class Manifest:
             raise StoreError(f"{path}: not a valid manifest (bad JSON: {e})") from None
         except RecursionError:  # json recurses once per nesting level
             raise StoreError(f"{path}: not a valid manifest (nested too deeply)") from None
+        if not isinstance(doc, dict):
+            kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(doc), "a number")
+            raise StoreError(f"{path}: not a valid manifest (a JSON object is needed, not {kind})")
         try:
             return _parse(doc, path)
         except StoreError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-            raise StoreError(f"{path}: not a valid manifest (missing or malformed field: {e!r})") from None
+        except KeyError as e:
+            raise StoreError(f"{path}: not a valid manifest (the field {e.args[0]!r} is missing)") from None
+        except (TypeError, ValueError, AttributeError, IndexError):
+            raise StoreError(f"{path}: not a valid manifest (a field holds the wrong kind of value)") from None
 
     @classmethod
     def load(cls, store_dir: str | Path) -> "Manifest":

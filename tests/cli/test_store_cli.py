@@ -38,6 +38,11 @@ def test_fragment_summary_and_default_output(model, tmp_path):
     line = proc.stdout.strip()
     assert "fragments" in line and "MB/s" in line and str(tmp_path / "m") in line
     assert (tmp_path / "m" / "manifest.json").exists()
+    for name in ("noext", "model.bin"):  # no .gguf: the default store would be the file itself, or 'model'
+        other = tmp_path / name
+        other.write_bytes(model.read_bytes())
+        assert_one_line_error(run_cli("fragment", other), name, "pass -o DIRECTORY")
+    assert not (tmp_path / "model").exists()
 
 
 def test_help_explains_itself():

@@ -101,12 +101,23 @@ def edit_manifest(store, change):
     (lambda d: d["tensors"][0]["pieces"][0].update(fragment="../../etc/passwd"), "not in the fragment list"),
     (lambda d: d["source"].update(size=1), "source file has 1"),
     (lambda d: d["tensors"][2].update(ggml_type="Q9_9"), "unknown GGML type"),
-    (lambda d: d.pop("fragments"), "missing or malformed"),
+    (lambda d: d.pop("fragments"), "the field 'fragments' is missing"),
 ])
 def test_hand_edited_manifest_is_rejected(store, change, message):
     edit_manifest(store, change)
     with pytest.raises(StoreError, match=message):
         LocalLoader(store)
+
+
+@pytest.mark.parametrize("text, message", [("[]", "not an array"), ('"x"', "not a string"), ("3", "not a number"),
+                                           ('{"format": "gguf-fragment-store", "format_version": 1, "source": 7}',
+                                            "wrong kind of value")])
+def test_manifest_of_the_wrong_shape_is_named_plainly(store, text, message):
+    """No Python internals in the message ("'list' object has no attribute 'get'" it said)."""
+    (store / "manifest.json").write_text(text)
+    with pytest.raises(StoreError, match=message) as e:
+        LocalLoader(store)
+    assert "object" not in str(e.value).replace("a JSON object", "") and "Error" not in str(e.value)
 
 
 def test_manifest_that_is_not_json(store):
