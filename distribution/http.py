@@ -171,13 +171,13 @@ class HTTPFetcher:
                 if r.status != 200:
                     raise FetchFailed(f"HTTP {r.status}", network=r.status >= 500)
                 h = hashlib.sha256()
-                with naming(temp, "create"):
+                with naming(self.cache.dir, "write to the fragment cache"):
                     out = open(temp, "wb")
 
                 def sink(chunk):
                     nonlocal shown
                     h.update(chunk)
-                    with naming(temp):  # a full disk is ours to report, not the server's fault
+                    with naming(self.cache.dir, "write to the fragment cache"):  # a full disk is ours, not the server's
                         out.write(chunk)
                     if bar is not None:
                         bar.update(len(chunk))

@@ -138,7 +138,7 @@ def _copy_fragment(fd: int, start: int, length: int, frag_dir: Path, source: str
     digest = hashlib.sha256()
     buffer = memoryview(bytearray(min(CHUNK, length)))
     try:
-        with naming(tmp), open(tmp, "wb", buffering=0) as out:
+        with naming(frag_dir.parent), open(tmp, "wb", buffering=0) as out:  # (the store, not the temp name)
             done = 0
             while done < length:
                 view = buffer[: min(len(buffer), length - done)]

@@ -52,11 +52,11 @@ def recombine(loader: FragmentLoader, out_path: str | Path, progress: bool | Non
     tmp = out.with_name(f"{_temp_prefix(out)}{os.getpid()}")
     loader.prefetch(m.unique_fragments())
     try:
-        with naming(tmp, "create"):
+        with naming(out, "create"):  # (the user's name, not the temporary one)
             dest = open(tmp, "wb", buffering=0)
         with dest, BackgroundSHA256() as whole, \
                 byte_progress(m.source["size"], f"recombine {m.source['name']}", progress) as bar:
-            write = _writer(dest, tmp)
+            write = _writer(dest, out)
             for frag in m.fragments:
                 with loader.open_unverified(frag.id) as src:
                     if _stream(src, frag.size, write, whole, bar) != frag.size:
