@@ -9,16 +9,9 @@ from pathlib import Path
 from common.errors import UserError
 from distribution.addresses import Announce, http_url, multiaddr_host
 from distribution.dht import P2PNode
-from distribution.spans import complete_regions, span_tensors
+from distribution.server import held_fragments
+from distribution.spans import complete_regions
 from fragmenter.manifest import FRAGMENTS_DIR, MANIFEST_NAME, Manifest
-
-
-def held_fragments(store: Path, manifest: Manifest, layers: list[tuple[int, int]] | None) -> set[str]:
-    """The fragments of ``store`` present on disk, limited to ``layers`` (and the header) if given."""
-    held = {f for f in manifest.unique_fragments() if (store / FRAGMENTS_DIR / f).is_file()}
-    if layers is not None:
-        held &= set(manifest.fragments_for(span_tensors(manifest, layers), header=True))
-    return held
 
 
 def announce_fragments(node: P2PNode, manifest: Manifest, manifest_sha: str, held: set[str]) -> None:

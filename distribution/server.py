@@ -20,6 +20,7 @@ from aiohttp import web
 
 from common.aio_server import Limits, OneLineLogs, quiet_logs, start_site  # noqa: F401 - re-exported
 from common.errors import UserError
+from distribution.addresses import http_url
 from distribution.base import MissingFragment
 from distribution.local import LocalLoader
 from fragmenter.manifest import FRAGMENT_ID, FRAGMENTS_DIR, MANIFEST_NAME
@@ -102,6 +103,24 @@ async def start(app: web.Application, host: str, port: int, limits: Limits = Lim
         raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
 
 
+def held_fragments(store: Path, manifest, layers: list[tuple[int, int]] | None = None) -> set[str]:
+    """The fragments of ``store`` on disk at their manifest size (a truncated one is not held),
+    limited to ``layers`` (and the header) if given. Their bytes are checked as they are served."""
+    from distribution.spans import span_tensors
+
+    sizes = {f.id: f.size for f in manifest.fragments}
+    held = set()
+    for fid, size in sizes.items():
+        try:
+            if (store / FRAGMENTS_DIR / fid).stat().st_size == size:
+                held.add(fid)
+        except OSError:
+            pass
+    if layers is not None:
+        held &= set(manifest.fragments_for(span_tensors(manifest, layers), header=True))
+    return held
+
+
 def serve_forever(store: str | Path, host: str, port: int, announce=print) -> None:
     """Serve until SIGINT/SIGTERM, then close connections and return."""
 
@@ -115,8 +134,10 @@ def serve_forever(store: str | Path, host: str, port: int, announce=print) -> No
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         m = app[MANIFEST]
-        announce(f"serving {store} ({len(m.unique_fragments())} fragments of {m.source['name']}) "
-                 f"on http://{host}:{bound}/")
+        held, total = len(held_fragments(Path(store), m)), len(m.unique_fragments())
+        lacking = f"; {total - held} missing or the wrong size" if held < total else ""
+        announce(f"serving {store} ({held} of {total} fragments of {m.source['name']}{lacking}) "
+                 f"on {http_url(host, bound)}")
         try:
             await stop.wait()
         finally:

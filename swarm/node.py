@@ -98,7 +98,7 @@ def _fragment_app(store, first: int, last: int):
         return None, set()
     from pathlib import Path
 
-    from distribution.p2p_server import held_fragments
+    from distribution.server import held_fragments
     from distribution.server import make_app as fragment_app
     from fragmenter.manifest import Manifest
 

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -270,3 +271,23 @@ def test_ctrl_c_during_a_fetch_is_one_line(store, tmp_path):
     assert "Traceback" not in err and "exception" not in err.lower(), err
     assert [line for line in err.splitlines() if line.strip()] == ["interrupted"], err
     assert not list((tmp_path / "out").rglob("*.partial*")) and not list((tmp_path / "out").rglob(".tmp-*"))
+
+
+def test_serve_says_what_it_holds_and_where_others_reach_it(store, tmp_path):
+    """A store missing one fragment and holding another cut short: serve counts what it can serve
+    (it said '35 fragments' of any store); behind a wildcard host it prints a reachable URL, not
+    http://0.0.0.0:PORT/."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(store, copy)
+    frags = sorted((copy / "fragments").iterdir())
+    frags[0].unlink()
+    frags[1].write_bytes(frags[1].read_bytes()[:10])
+    total = len(LocalLoader(store).manifest.unique_fragments())
+    with serving(copy, "--host", "0.0.0.0", "--port", "0") as server:
+        line = server.line("serving")
+        assert f"({total - 2} of {total} fragments" in line and "2 missing or the wrong size" in line, line
+        assert "0.0.0.0" not in server.url
+        with urllib.request.urlopen(server.url + "manifest.json", timeout=10) as r:
+            assert r.status == 200
