@@ -76,34 +76,14 @@ def fetch(source, output, layers, progress):
     """
     from pathlib import Path
 
-    from contextlib import ExitStack
+    from distribution.spans import parse_spans
+    from distribution.store_copy import fetch_store
 
-    from common.errors import UserError
-    from distribution.spans import parse_spans, span_tensors
-    from fragmenter.fragment import prepare_store, store_lock, write_atomically
-    from fragmenter.manifest import FRAGMENTS_DIR, MANIFEST_NAME, Manifest, read_manifest_bytes
-
-    out = Path(output)
+    spans = parse_spans(layers) if layers else None
     loader = open_store(source)
-    with ExitStack() as stack:
-        stack.callback(loader.close)
-        m = loader.manifest
-        here = getattr(loader, "store", None)  # a local store directory (LocalLoader)
-        if here is not None and (out.resolve() == here.resolve() or here.resolve() in out.resolve().parents):
-            raise UserError(f"{out}: is inside the store being read ({here}); fetch into another directory")
-        spans = parse_spans(layers) if layers else None
-        names = span_tensors(m, spans) if spans else m.tensor_names()
-        loader.header()  # refuse to copy a manifest whose tensor table the header contradicts
-        prepare_store(out)
-        stack.enter_context(store_lock(out))
-        if (out / MANIFEST_NAME).exists() and read_manifest_bytes(out) != loader.manifest_bytes:
-            raise UserError(f"{out}: already holds the store of another model; choose another -o")
-        wanted = m.fragments_for(names, header=True)
+    try:
         if progress is not None and hasattr(loader, "fetcher"):
             loader.fetcher.progress = progress
-        loader.prefetch(wanted)
-        for fid in wanted:
-            write_atomically(out / FRAGMENTS_DIR / fid, loader.load_raw(fid))
-        write_atomically(out / MANIFEST_NAME, loader.manifest_bytes)
-        Manifest.load(out)  # what we wrote reads back as a valid store
-    click.echo(f"fetched {len(wanted)} of {len(m.unique_fragments())} fragments of {m.source['name']} into {out}")
+        click.echo(fetch_store(loader, Path(output), spans).summary())
+    finally:
+        loader.close()

@@ -38,6 +38,28 @@ def test_fetch_refuses_an_output_inside_its_source_and_blocks_the_model_lacks(fa
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
+def test_fetch_counts_what_it_wrote_repairs_and_leaves_nothing_when_it_fails(factory_models, tmp_path):
+    """The summary says what was written and what was already there (it said 'fetched 35 of 35'
+    when 25 were copied); a damaged fragment in the copy is written again; a fetch that fails
+    into a new directory leaves no empty store skeleton behind."""
+    fragment_file(str(factory_models["q8_0-spm-gqa"]), tmp_path / "a", 8192, progress=False)
+    total = len(list((tmp_path / "a" / "fragments").iterdir()))
+    first = run_cli("fetch", tmp_path / "a", "-o", tmp_path / "copy")
+    assert first.returncode == 0 and f"fetched {total} of {total}" in first.stdout, first.stderr
+    assert f"{total} written" in first.stdout and "already there" not in first.stdout
+    victim = sorted((tmp_path / "copy" / "fragments").iterdir())[3]
+    victim.write_bytes(b"x" + victim.read_bytes()[1:])
+    again = run_cli("fetch", tmp_path / "a", "-o", tmp_path / "copy")
+    assert again.returncode == 0 and f"1 written, {total - 1} already there" in again.stdout, again.stdout
+    assert victim.read_bytes() == (tmp_path / "a" / "fragments" / victim.name).read_bytes()
+
+    broken = tmp_path / "broken"
+    fragment_file(str(factory_models["q8_0-spm-gqa"]), broken, 8192, progress=False)
+    sorted((broken / "fragments").iterdir())[-1].unlink()
+    assert_one_line_error(run_cli("fetch", broken, "-o", tmp_path / "new"), "missing")
+    assert not (tmp_path / "new").exists()
+
+
 def test_serve_names_a_host_it_cannot_listen_on(factory_models, tmp_path):
     fragment_file(str(factory_models["q8_0-spm-gqa"]), tmp_path / "s", 8192, progress=False)
     proc = run_cli("serve", tmp_path / "s", "--host", "999.1.1.1", "--port", "0", timeout=60)
