@@ -79,6 +79,10 @@ def open_store(source: str, allow_file: bool = False):
 
             return GGUFFileLoader(source)
         raise UserError(f"{source}: not a store directory (a store holds manifest.json and fragments/)")
+    scheme = source.split("://", 1)[0] if "://" in source else None
+    if scheme is not None and scheme.isalnum():  # ftp://, s3://...: not a path that is missing
+        raise UserError(f"{source}: {scheme}:// is not a source this tool reads (http://, https://, p2p://, "
+                        f"a store directory" + (" or a .gguf file)" if allow_file else ")"))
     raise UserError(f"{source}: no such store directory" + (" or GGUF file" if allow_file else ""))
 
 

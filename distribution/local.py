@@ -79,12 +79,27 @@ class LocalLoader(FragmentLoader):
             raise self.wrong_length(fragment_id, size)
         return f
 
+    def _partial(self) -> str:
+        """For a missing fragment's error: whether the store holds some whole blocks and lacks the
+        others entirely (a copy of some blocks, as `fetch --layers` makes), not a damaged store."""
+        from distribution.spans import block_ranges, fragment_regions
+
+        try:
+            held = {f for f in self._sizes if (self.fragment_dir / f).is_file()}
+        except OSError:
+            return ""
+        blocks = {int(r[4:]): set(ids) for r, ids in fragment_regions(self.manifest).items() if r.startswith("blk.")}
+        whole = sorted(b for b, ids in blocks.items() if ids <= held)
+        if not whole or any(ids & held for b, ids in blocks.items() if b not in whole):
+            return ""
+        return f"; this store holds blocks {block_ranges(whole)} only (a copy of some blocks, as fetch --layers makes)"
+
     def _open(self, fragment_id: str) -> BinaryIO:
         # Ids come from a validated manifest (64 hex digits), so the path stays inside the store.
         # Only regular files: a FIFO would block forever, a link to /dev/zero never ends.
         try:
             return open_regular(self.fragment_dir / fragment_id)
         except FileNotFoundError:
-            raise MissingFragment(f"{self.where}: {self.describe(fragment_id)} is missing") from None
+            raise MissingFragment(f"{self.where}: {self.describe(fragment_id)} is missing{self._partial()}") from None
         except OSError as e:
             raise FragmentError(f"{self.where}: {self.describe(fragment_id)} cannot be read ({e.strerror})") from None

@@ -32,6 +32,18 @@ def parse_spans(text: str) -> list[tuple[int, int]]:
     return spans
 
 
+def block_ranges(blocks: list[int]) -> str:
+    """[10, 11, 12, 20] -> '10-12, 20'."""
+    out, start = [], None
+    for i, b in enumerate(blocks):
+        if start is None:
+            start = b
+        if i + 1 == len(blocks) or blocks[i + 1] != b + 1:
+            out.append(f"{start}-{b}" if b != start else f"{b}")
+            start = None
+    return ", ".join(out)
+
+
 def block_count(manifest: Manifest) -> int:
     return 1 + max((t.layer for t in manifest.tensors if t.layer is not None), default=-1)
 

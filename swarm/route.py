@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.errors import UserError
+from distribution.spans import block_ranges
 from swarm.client import Hub, NodeError, RelayFailed, RemoteSpanSession, query_info, relay_step, relay_timeout
 
 MAX_FAILOVERS = 4      # per step: then the error is the user's to see
@@ -64,18 +65,6 @@ class NoRoute(UserError):
 
 class Busy(NoRoute):
     """Every node serving some block is busy now (full, or failed a moment ago): worth a retry."""
-
-
-def block_ranges(blocks: list[int]) -> str:
-    """[10, 11, 12, 20] -> '10-12, 20'."""
-    out, start = [], None
-    for i, b in enumerate(blocks):
-        if start is None:
-            start = b
-        if i + 1 == len(blocks) or blocks[i + 1] != b + 1:
-            out.append(f"{start}-{b}" if b != start else f"{b}")
-            start = None
-    return ", ".join(out)
 
 
 class Directory:

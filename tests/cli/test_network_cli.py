@@ -22,6 +22,9 @@ def test_fetch_copies_blocks_and_refuses_another_models_store(factory_models, tm
     assert proc.returncode == 0 and "fetched" in proc.stdout, proc.stderr
     assert (tmp_path / "copy" / "manifest.json").read_bytes() == (tmp_path / "a" / "manifest.json").read_bytes()
     assert_one_line_error(run_cli("fetch", tmp_path / "b", "-o", tmp_path / "copy"), "another model")
+    # the copy of one block is not mistaken for a damaged store
+    assert_one_line_error(run_cli("infer", tmp_path / "copy", "-p", "hi"), "is missing", "fetch --layers")
+    assert_one_line_error(run_cli("infer", "ftp://example.org/store", "-p", "hi"), "ftp:// is not a source")
 
 
 def test_fetch_refuses_an_output_inside_its_source_and_blocks_the_model_lacks(factory_models, tmp_path):
