@@ -17,6 +17,7 @@ class Metrics:
         self.decode_s = 0.0
         self.decode_steps = 0           # tokens fed after the prompt (GenerationResult.decode_steps)
         self.rejected = 0               # 503: queue full
+        self.cancelled = 0              # generations stopped because their client left (or asked)
 
     def count_http(self, path: str, status: int) -> None:
         with self.lock:
@@ -29,7 +30,10 @@ class Metrics:
     def record(self, result) -> None:
         """A finished ``GenerationResult``."""
         with self.lock:
-            self.completions += 1
+            if result.stop_reason == "cancelled":  # the client left: counted apart (the tokens are work done)
+                self.cancelled += 1
+            else:
+                self.completions += 1
             self.prompt_tokens += len(result.prompt_tokens)
             self.generated_tokens += len(result.tokens)
             self.prefill_s += result.prefill_s
@@ -43,6 +47,8 @@ class Metrics:
             add("requests_total", "counter", "HTTP replies by path and status.",
                 [({"path": p, "status": str(s)}, n) for (p, s), n in sorted(self.http.items())] or [({}, 0)])
             add("completions_total", "counter", "Generations run to their end.", [({}, self.completions)])
+            add("cancelled_total", "counter", "Generations stopped before their end (the client left).",
+                [({}, self.cancelled)])
             add("rejected_total", "counter", "Requests refused with 503 because the queue was full.",
                 [({}, self.rejected)])
             add("prompt_tokens_total", "counter", "Prompt tokens processed.", [({}, self.prompt_tokens)])

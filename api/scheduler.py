@@ -129,7 +129,8 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         with self.lock:
             if self.admitted >= self.parallel + self.queue_size:
-                raise QueueFull(f"all {self.parallel} slots are busy and {self.queue_size} requests are waiting")
+                waiting = "1 request is" if self.queue_size == 1 else f"{self.queue_size} requests are"
+                raise QueueFull(f"all {self.parallel} slots are busy and {waiting} waiting")
             self.admitted += 1
         self.jobs.put(job)
 

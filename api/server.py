@@ -172,7 +172,9 @@ def _route_name(request: web.Request) -> str:
 
 
 def _error_response(e: APIError) -> web.Response:
-    return web.json_response(e.body(), status=e.status)
+    # 503 (loading, busy): when to ask again, as HTTP says (the OpenAI client's retries read it)
+    headers = {"Retry-After": "1"} if e.status == 503 else None
+    return web.json_response(e.body(), status=e.status, headers=headers)
 
 
 # -- pages, health, info --------------------------------------------------------------------------

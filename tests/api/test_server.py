@@ -281,12 +281,22 @@ def test_full_queue_gets_503_and_a_disconnect_stops_generation(factory_text_mode
         assert wait_for(lambda: metric(s, "gguf_fragments_queue_length") == 1)  # the second waits
         got, reply = raw(s, "/v1/completions", {"prompt": "x", "max_tokens": 2})
         assert got == 503 and reply["error"]["code"] == "server_busy" and reply["error"]["type"] == "unavailable_error"
+        assert "1 request is waiting" in reply["error"]["message"]
+        try:  # when to ask again (the OpenAI client's retries read it)
+            urllib.request.urlopen(urllib.request.Request(s.url + "/v1/completions", data=b'{"prompt": "x"}',
+                                                          headers=JSON), timeout=30)
+        except urllib.error.HTTPError as e:
+            assert e.code == 503 and e.headers["Retry-After"] == "1"
+        else:
+            raise AssertionError("a full queue answered 200")
         for conn in conns:  # both clients leave: the running answer stops, the waiting one never starts
             conn.sock.close()
             conn.close()
         assert wait_for(lambda: metric(s, "gguf_fragments_requests_running") == 0
                         and metric(s, "gguf_fragments_queue_length") == 0)
         assert metric(s, "gguf_fragments_tokens_generated_total") < 100
+        assert metric(s, "gguf_fragments_completions_total") == 0  # the one that ran was cancelled
+        assert wait_for(lambda: metric(s, "gguf_fragments_cancelled_total") == 1)
         got, reply = raw(s, "/v1/completions", {"prompt": "The quick", "max_tokens": 3, **GREEDY})
         assert got == 200 and reply["usage"]["completion_tokens"] == 3
 
