@@ -30,6 +30,7 @@ HELP = """\
 /load FILE            continue a saved conversation
 /stats                tokens, speed, context used, prompt tokens processed for the last turn
 /route                where the model's blocks run
+//TEXT                sends /TEXT as a message
 Ctrl-C stops an answer being generated."""
 
 
@@ -190,7 +191,9 @@ class Chat:
             self.interrupted = False
             if not line.strip():
                 continue
-            if line.startswith("/"):
+            if line.startswith("//"):  # a message that begins with '/': its first '/' doubled
+                self.answer(line[1:])
+            elif line.startswith("/"):
                 if not self.command(line):
                     return
             else:
@@ -237,7 +240,7 @@ class Chat:
         if name in ("exit", "quit"):
             return False
         if handler is None:
-            note(f"unknown command /{name} (/help lists them)")
+            note(f"unknown command /{name} (/help lists them; a message that begins with / is sent as //...)")
             return True
         try:
             handler(arg)

@@ -249,3 +249,15 @@ def test_options_given_with_load_win_over_the_saved_settings(factory_models, tmp
     assert "(max_tokens from the command line)" in err
     shown = [line for line in proc.stdout.decode().splitlines() if line.startswith("temperature")][-1]  # /set
     assert "max_tokens 4" in shown and "temperature 0.7" in shown and "top_k 7" in shown, shown
+
+
+def test_a_message_beginning_with_a_slash_is_sent_doubled(factory_models):
+    """'/usr/bin ...' is taken for a command and the error says how to send it; '//usr/bin ...' is
+    sent as the message '/usr/bin ...' (there was no way to send it)."""
+    lines = b"/usr/bin is a folder\n//usr/bin is a folder\n/stats\n"
+    proc = subprocess.run([str(BIN / "chat"), str(factory_models["q8_0-spm-gqa"]), "-n", "3"], input=lines,
+                          capture_output=True, timeout=300)
+    err, out = proc.stderr.decode(), proc.stdout.decode()
+    assert proc.returncode == 0, err
+    assert "unknown command /usr/bin" in err and "sent as //" in err
+    assert "conversation: 1 turn," in out  # the doubled one was sent, once
