@@ -378,8 +378,10 @@ def _parse(doc: dict, path: str) -> Manifest:
         if fid in sizes and sizes[fid] != size:
             raise StoreError(f"{path}: fragment {fid[:16]} is listed with two different sizes")
         if _int(f["offset"], f"offset of fragment {fid[:16]}", path) != pos:
-            raise StoreError(f"{path}: fragment {fid[:16]} offset {f['offset']} does not follow the previous "
-                             f"fragment (expected {pos})")
+            before = (f"fragment {fragments[-1].id[:16]} (offset {fragments[-1].offset}, size "
+                      f"{fragments[-1].size}) ends at {pos}") if fragments else "the first fragment starts at 0"
+            raise StoreError(f"{path}: fragment {fid[:16]} is listed at offset {f['offset']}, but {before}: "
+                             f"one of the two entries is wrong")
         sizes[fid] = size
         offsets.setdefault(fid, set()).add(pos)
         fragments.append(Fragment(fid, size, pos))

@@ -102,6 +102,8 @@ def edit_manifest(store, change):
     (lambda d: d["source"].update(size=1), "source file has 1"),
     (lambda d: d["tensors"][2].update(ggml_type="Q9_9"), "unknown GGML type"),
     (lambda d: d.pop("fragments"), "the field 'fragments' is missing"),
+    # an edited size is named with the entry after it (it was named alone, as if that one were wrong)
+    (lambda d: d["fragments"][1].update(size=5), r"size 5\) ends at .*one of the two entries is wrong"),
 ])
 def test_hand_edited_manifest_is_rejected(store, change, message):
     edit_manifest(store, change)
