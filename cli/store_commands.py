@@ -58,7 +58,10 @@ def recombine(store, output, verify, progress):
         for line in report.lines():
             click.echo(line, err=not report.ok)
         sys.exit(EXIT_OK if report.ok else EXIT_DAMAGED_STORE)
-    click.echo(rebuild(loader, output, progress).summary())
+    result = rebuild(loader, output, progress)
+    click.echo(result.summary())
+    if result.warning():
+        click.echo(result.warning(), err=True)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

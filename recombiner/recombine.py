@@ -26,11 +26,20 @@ class RecombineResult:
     size: int
     sha256: str
     seconds: float
+    table: str | None = None  # how the manifest's tensor table disagrees with the rebuilt header, if it does
 
     def summary(self) -> str:
         rate = self.size / self.seconds / 1e6 if self.seconds > 0 else float("inf")
         return (f"rebuilt {self.path}: {self.size / 1e6:.1f} MB in {self.seconds:.2f} s ({rate:.0f} MB/s), "
                 f"sha256 {self.sha256[:16]}... matches the source")
+
+    def warning(self) -> str | None:
+        """The file is the original (its SHA-256 says so), but the store's manifest is not to be
+        trusted: --verify, infer and serve refuse the store; this says so too."""
+        if self.table is None:
+            return None
+        return (f"warning: {self.path} is the original file, but the store's manifest tensor table does not "
+                f"describe it ({self.table}); other commands refuse this store")
 
 
 def recombine(loader: FragmentLoader, out_path: str | Path, progress: bool | None = None) -> RecombineResult:
@@ -68,7 +77,12 @@ def recombine(loader: FragmentLoader, out_path: str | Path, progress: bool | Non
     finally:
         if tmp.exists():
             tmp.unlink()
-    return RecombineResult(out, m.source["size"], digest, time.perf_counter() - started)
+    try:  # as verify: the header came out intact; the table beside it must agree
+        loader.header()
+        table = None
+    except StoreError as e:
+        table = _strip_where(str(e), loader.where)
+    return RecombineResult(out, m.source["size"], digest, time.perf_counter() - started, table)
 
 
 def _writer(dest, path: Path):

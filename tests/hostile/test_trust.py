@@ -45,6 +45,10 @@ def test_swapped_tensors_are_refused_by_the_loader_and_by_verify(store):
     assert proc.returncode == EXIT_DAMAGED_STORE
     assert "tensor table does not describe them" in proc.stderr and "verified" not in proc.stdout
     assert clean.shape == LocalLoader(store).manifest.tensor(A).shape  # the lie was shape-compatible
+    # -o writes the original file (its SHA-256 is checked), and says the store's table is not to be trusted
+    proc = run_cli("recombine", store, "-o", store.parent / "rebuilt.gguf")
+    assert proc.returncode == 0 and "matches the source" in proc.stdout, proc.stderr
+    assert proc.stderr.startswith("warning:") and A in proc.stderr and "other commands refuse" in proc.stderr
 
 
 def test_infer_on_swapped_tensors_is_one_line_not_garbage(store):
