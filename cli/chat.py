@@ -401,6 +401,9 @@ def chat(source, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, s
     else:
         model = load_text_model(source, kernels, template, say=say)
     conv = Conversation(model, ctx, system, template)
+    given = click.get_current_context().get_parameter_source("ctx") == click.core.ParameterSource.COMMANDLINE
+    if given and ctx > conv.capacity:
+        note(f"note: --ctx {ctx} is more than this model's context of {conv.capacity}; using {conv.capacity}")
     loop = Chat(conv, settings, TerminalReader() if interactive else PlainReader())
     if load_path:
         loop.load(load_path, keep=frozenset(explicit))

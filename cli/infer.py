@@ -35,7 +35,8 @@ from common.errors import UserError
 @click.option("--distributed", is_flag=True, help="Run the blocks on the swarm's nodes (SOURCE: a node's p2p:// "
                                                    "address); only the embedding and head load here.")
 @click.option("--swarm-key", type=click.Path(dir_okay=False), help="--distributed: the private swarm's key file.")
-@click.option("--timings", is_flag=True, help="Timings on stderr: load, prefill and decode speed (with --distributed, per node).")
+@click.option("--timings", is_flag=True,
+              help="Timings on stderr: load, prefill and decode speed (with --distributed, per node).")
 @user_errors
 def infer(source, prompt, prompt_file, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop,
           system, template, no_chat, ctx, threads, backend, kernels, as_json, distributed, swarm_key, timings):

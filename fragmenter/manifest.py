@@ -158,7 +158,8 @@ class Manifest:
         except RecursionError:  # json recurses once per nesting level
             raise StoreError(f"{path}: not a valid manifest (nested too deeply)") from None
         if not isinstance(doc, dict):
-            kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(doc), "a number")
+            kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(doc),
+                                                                                                 "a number")
             raise StoreError(f"{path}: not a valid manifest (a JSON object is needed, not {kind})")
         try:
             return _parse(doc, path)
