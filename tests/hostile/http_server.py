@@ -121,9 +121,12 @@ def hostile_server(store: Path, mode: str, target: str = "fragments"):
     finally:
         async def stop():
             state["server"].close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            # awaited: each handler closes its connection here, not when the garbage collector finds
+            # it after the loop has stopped ('Event loop is closed', a warning in a later test)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
