@@ -152,6 +152,7 @@ class P2PNode:
     # -- life cycle -------------------------------------------------------------------------------
     def start(self, timeout: float = 30.0 + CONNECT_TIMEOUT) -> "P2PNode":
         """Listen, join the DHT through the bootstrap peers; returns once ready."""
+        _check_port_free(self.listen)
         self._thread.start()
         if not self._ready.wait(timeout):
             self.stop()
@@ -415,3 +416,22 @@ class P2PNode:
         if record is not None:
             record.pop("sig", None)
         return record
+
+
+def _check_port_free(listen: str) -> None:
+    """py-libp2p listens with SO_REUSEPORT, so a port another node already listens on is taken
+    again silently and the kernel splits the connections between the two. A plain bind first
+    (no SO_REUSEPORT) fails as `--port` does."""
+    import socket
+
+    parts = listen.split("/")  # ['', 'ip4', HOST, 'tcp', PORT]
+    if len(parts) < 5 or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp" or parts[4] in ("", "0"):
+        return
+    family = socket.AF_INET6 if parts[1] == "ip6" else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # SO_REUSEADDR: a port left in TIME_WAIT by a node just stopped is free; a listener is not
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((parts[2], int(parts[4])))
+    except (OSError, ValueError) as e:
+        raise UserError(f"p2p: cannot listen on {listen} ({getattr(e, 'strerror', None) or e})") from None

@@ -49,6 +49,10 @@ def serve_node(service: NodeService, host: str, port: int, listen: str, bootstra
             + (f", {len(held)} fragments served" if held else "") + ")")
         for addr in p2p.reachable_addrs():
             say(f"p2p://{service.manifest_sha}@{addr}")
+        if store is None:  # a .gguf file: no manifest or fragments for a client to load its edges from
+            say(f"note: a .gguf file is not a fragment store, so a client cannot start from the address above "
+                f"(it finds no manifest); reach this node with `chat` or `api --distributed --node {url}`, "
+                f"or `fragment` the file and start the node from the store to join a swarm")
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)

@@ -103,3 +103,19 @@ def test_serve_logs_one_line_per_malformed_request_and_keeps_serving(factory_mod
     assert server.proc.returncode == 0
     assert not any("Traceback" in line for line in server.lines), server.lines
     assert not any(line.startswith(("File ", "^")) for line in server.lines), server.lines
+
+
+def test_a_libp2p_port_already_listened_on_is_refused(factory_models, tmp_path):
+    """py-libp2p binds with SO_REUSEPORT: a second peer on a taken --listen port started and
+    shared it with the first (the kernel splitting connections between them). Refused now."""
+    import socket
+
+    fragment_file(str(factory_models["q8_0-spm-gqa"]), tmp_path / "s", 8192, progress=False)
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as a libp2p listener does
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_cli("serve", tmp_path / "s", "--p2p", "--port", "0", "--listen", f"/ip4/127.0.0.1/tcp/{port}",
+                       timeout=60)
+    assert_one_line_error(proc, f"/ip4/127.0.0.1/tcp/{port}", "Address already in use")
