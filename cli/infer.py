@@ -70,8 +70,10 @@ def infer(source, prompt, prompt_file, max_tokens, temperature, top_k, top_p, mi
         if template not in NAMED_TEMPLATES:
             raise UserError(f"unknown template {template!r} (choose from: {', '.join(sorted(NAMED_TEMPLATES))})")
     request = Request(text, system, template, no_chat, max_tokens, params, stops, ctx)
-    if (swarm_key and not distributed) or (distributed and backend != "engine"):
-        raise UserError("--swarm-key goes with --distributed, which runs on this project's engine")
+    if distributed and backend != "engine":
+        raise UserError(f"--backend {backend} runs the whole model here: it cannot be combined with --distributed")
+    if swarm_key and not distributed:
+        raise UserError("--swarm-key goes with --distributed")
     if distributed and not (source or "").startswith("p2p://"):
         raise UserError("--distributed runs the blocks on a swarm's nodes: SOURCE must be a p2p:// address "
                         "(each `node` prints one)")

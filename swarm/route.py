@@ -317,7 +317,11 @@ class Swarm:
         self.opened = [s for s in self.opened if not s.closed]
 
     def _problems(self) -> str:
-        return "".join(f"; {u}: {m}" for u, m in self.directory.problems.items())
+        """The nodes found but not usable, and why: a 'no node serves' error is about the nodes that
+        answered, and these did not (dead, unreachable, or refusing this client's --swarm-key)."""
+        if not self.directory.problems:
+            return ""
+        return "; nodes that did not answer: " + "; ".join(f"{u}: {m}" for u, m in self.directory.problems.items())
 
     def open_session(self, max_positions: int | None = None):
         from engine.session import RoutedSession

@@ -51,6 +51,10 @@ def test_timings_table_on_stderr(swarm):
 
 def test_distributed_needs_a_p2p_address(default_store):
     assert_one_line_error(run_cli("infer", default_store, "--distributed", *PROMPT), "--distributed", "p2p://")
+    # each option named for what it is (the backend's misuse blamed --swarm-key, which was not given)
+    assert_one_line_error(run_cli("infer", "p2p://" + "ab" * 32 + "@/ip4/127.0.0.1/tcp/1/p2p/x", "--distributed",
+                                  "--backend", "llama.cpp", *PROMPT), "--backend llama.cpp", "--distributed")
+    assert_one_line_error(run_cli("infer", default_store, "--swarm-key", "k", *PROMPT), "--swarm-key goes with")
 
 
 def test_private_swarm_key(default_store, tmp_path, local_tokens):
@@ -59,7 +63,7 @@ def test_private_swarm_key(default_store, tmp_path, local_tokens):
     node = NodeProcess(default_store, "0-29", "--swarm-key", key)
     try:
         refused = run_cli("infer", node.address, "--distributed", *PROMPT)
-        assert_one_line_error(refused, "refused", "--swarm-key")
+        assert_one_line_error(refused, "refused", "--swarm-key", "nodes that did not answer")
         proc = run_cli("infer", node.address, "--distributed", "--swarm-key", key, *PROMPT, "--json")
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["tokens"] == local_tokens
