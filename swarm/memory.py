@@ -149,8 +149,8 @@ class SessionCache:
 
     def _check_budget(self, extra: int) -> None:
         if extra > self.free_bytes:
-            raise NodeFull(f"node full: the KV cache budget has {self.free_bytes / 2**20:.1f} MiB free, "
-                           f"{extra / 2**20:.1f} MiB needed (--max-cache-mb)")
+            raise NodeFull(f"node full: the KV cache budget has {_size(self.free_bytes)} free, "
+                           f"{_size(extra)} needed (--max-cache-mb)")
 
 
 class Inflight:
@@ -203,3 +203,7 @@ def grown(cache: KVCache, positions: int) -> KVCache:
     new.length = n
     return new
 
+
+def _size(n: int) -> str:
+    """Bytes for a person: MiB, or KiB below one (a budget of 1 MiB with 40 KiB free read '0.0 MiB free')."""
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"

@@ -153,6 +153,7 @@ def test_memory_budget_and_idle_expiry(six_loader):
         with pytest.raises(NodeError, match="KV cache budget") as e:
             c.forward(hidden(10))
         assert e.value.code == "full"
+        assert "0.0 MiB" not in e.value.message and "KiB free" in e.value.message  # (a small budget in KiB)
         with pytest.raises(NodeError, match="KV cache budget"):
             a.forward(hidden(100))  # growing past the budget is refused too
         a.forward(hidden(1))        # and the session is still usable
