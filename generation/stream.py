@@ -69,10 +69,12 @@ class StopMatcher:
         return out
 
 
-def check_fits(prompt_len: int, capacity: int, where: str = "prompt") -> None:
+def check_fits(prompt_len: int, capacity: int, where: str = "prompt", reason: str | None = None) -> None:
+    """``reason``: what holds the capacity below the context asked for (a swarm's node limits), if
+    something does; --ctx cannot raise that."""
     if prompt_len >= capacity:
-        raise UserError(f"{where} is {prompt_len} tokens; the context window holds {capacity} "
-                        f"(shorten it or raise --ctx)")
+        raise UserError(f"{where} is {prompt_len} tokens; " + (reason or f"the context window holds {capacity} "
+                                                                           f"(shorten it or raise --ctx)"))
 
 
 class Generation:
@@ -89,7 +91,8 @@ class Generation:
     def __init__(self, session, tokenizer, prompt_tokens: list[int], max_tokens: int, sampler: Sampler,
                  stop: list[str] | None = None, cancel: threading.Event | None = None,
                  history: list[int] | None = None):
-        check_fits(session.position + len(prompt_tokens), session.capacity)
+        check_fits(session.position + len(prompt_tokens), session.capacity,
+                   reason=getattr(session, "capacity_reason", None))
         if not prompt_tokens:
             raise UserError("the prompt is empty: there is nothing to continue")
         self.session = session

@@ -334,7 +334,12 @@ class Swarm:
             hub.close()
             raise
         self.last_segments = [Segment(self, s.first_layer, s.last_layer, s.capacity, [s], hub) for s in chain]
-        return RoutedSession(self.edges, [SwarmRoute(self, self.last_segments, hub)])
+        session = RoutedSession(self.edges, [SwarmRoute(self, self.last_segments, hub)])
+        held = min(s.capacity for s in chain)
+        if held < capacity:  # the nodes' --max-positions, not the client's --ctx, bound this session
+            session.capacity_reason = (f"the nodes of this route hold at most {held} positions per session "
+                                       f"(their --max-positions); shorten it")
+        return session
 
     def timings(self) -> dict:
         """route, failovers, node_ms (per node, ms per decode token) and hop_overhead_ms."""

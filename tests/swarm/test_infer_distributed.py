@@ -71,6 +71,19 @@ def test_private_swarm_key(default_store, tmp_path, local_tokens):
         node.stop()
 
 
+def test_a_prompt_past_the_nodes_positions_names_their_limit(default_store):
+    """The nodes' --max-positions bounds the session, not the client's --ctx: the error said
+    'raise --ctx' of a --ctx already large enough."""
+    node = NodeProcess(default_store, "0-29", "--max-positions", "40")
+    try:
+        proc = run_cli("infer", node.address, "--distributed", "--ctx", "4000", "--prompt",
+                       "Tell me everything about the history of the city of Paris, from the Romans to today.")
+        assert_one_line_error(proc, "at most 40 positions", "--max-positions")
+        assert "--ctx" not in proc.stderr
+    finally:
+        node.stop()
+
+
 def test_ctrl_c_closes_the_sessions_on_the_nodes(swarm):
     import signal
     import subprocess
