@@ -10,6 +10,7 @@ builds the ``TextModel`` that `infer --distributed` (and chat, the API) use.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -124,7 +125,7 @@ class NodeLink:
             self.ws = self.run(go(), CONNECT_TIMEOUT)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             self.abort()
-            raise NodeError(self.url, "unreachable", f"cannot connect ({type(e).__name__}: {e})") from None
+            raise NodeError(self.url, "unreachable", f"cannot connect ({_why_not_connected(e)})") from None
         return self
 
     async def _read(self, ws) -> None:
@@ -204,6 +205,16 @@ class NodeLink:
             pass
         if self.own_hub:
             self.hub.close()
+
+
+def _why_not_connected(e: BaseException) -> str:
+    """A connection failure in a few words ('Connection refused'), not aiohttp's repr of it."""
+    if isinstance(e, asyncio.TimeoutError):
+        return f"no answer within {CONNECT_TIMEOUT:g} s"
+    os_error = getattr(e, "os_error", None) or (e if isinstance(e, OSError) else None)
+    if os_error is not None and os_error.errno:
+        return os.strerror(os_error.errno)
+    return f"{type(e).__name__}: {e}".rstrip(": ")
 
 
 def query_info(url: str, key: bytes | None = None, timeout: float = CONNECT_TIMEOUT) -> tuple[dict, float]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.errors import UserError
+from common.errors import EXIT_UNREACHABLE, UserError
 from distribution.spans import block_ranges
 from swarm.client import Hub, NodeError, RelayFailed, RemoteSpanSession, query_info, relay_step, relay_timeout
 
@@ -60,7 +60,8 @@ class NodeInfo:
 
 
 class NoRoute(UserError):
-    pass
+    """No node (left) can run some blocks: exit 3, as for any server or peer that cannot be reached."""
+    exit_code = EXIT_UNREACHABLE
 
 
 class Busy(NoRoute):
@@ -182,8 +183,8 @@ class Segment:
                 break
             except NodeError as e:
                 if attempt == MAX_FAILOVERS:
-                    raise UserError(f"blocks {self.first_layer}-{self.last_layer}: gave up after "
-                                    f"{MAX_FAILOVERS} failovers (last: {e})") from None
+                    raise NoRoute(f"blocks {self.first_layer}-{self.last_layer}: gave up after "
+                                  f"{MAX_FAILOVERS} failovers (last: {e})") from None
                 self.swarm.failed(e)
                 lost = e
         self.history.append(hidden)

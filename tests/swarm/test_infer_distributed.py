@@ -64,6 +64,7 @@ def test_private_swarm_key(default_store, tmp_path, local_tokens):
     try:
         refused = run_cli("infer", node.address, "--distributed", *PROMPT)
         assert_one_line_error(refused, "refused", "--swarm-key", "nodes that did not answer")
+        assert refused.returncode == 3  # no usable node: as for peers that cannot be reached (it was 1)
         proc = run_cli("infer", node.address, "--distributed", "--swarm-key", key, *PROMPT, "--json")
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["tokens"] == local_tokens
