@@ -63,7 +63,13 @@ def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positi
 
     check_port(host, port)  # before the model loads
     compute.adopt()  # this thread loads, then runs the event loop and computes inline (common.compute)
-    spans = parse_spans(layers)
+    try:
+        spans = parse_spans(layers)
+    except UserError as e:
+        if "expected spans like" not in str(e):
+            raise
+        # (that hint names the comma form too, which a node does not take)
+        raise UserError(f"--layers {layers!r}: a node runs one span of blocks, like 0-9 or 10-29") from None
     if len(spans) != 1:
         raise UserError(f"--layers {layers!r}: a node runs one contiguous span, like 0-9")
     key = load_key(swarm_key) if swarm_key else None

@@ -26,7 +26,7 @@ def test_every_limit_says_what_happens_when_it_is_hit():
 
 
 @pytest.mark.parametrize("args, needles", [
-    (["--layers", "abc"], ["--layers 'abc'", "0-14"]),
+    (["--layers", "abc"], ["--layers 'abc'", "one span of blocks, like 0-9"]),  # (not the comma form it refuses)
     (["--layers", "3"], ["--layers '3'"]),
     (["--layers", ""], ["--layers ''"]),
     (["--layers", "0-3", "--max-inflight-mb", "0"], ["--max-inflight-mb", "0"]),
