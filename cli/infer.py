@@ -93,14 +93,22 @@ def infer(source, prompt, prompt_file, max_tokens, temperature, top_k, top_p, mi
 
 
 def _timings_text(result: dict) -> str:
-    """--timings: the route's table for a distributed run, one line on one machine."""
-    if "route" in result:
-        from swarm.client import format_timings
-
-        return format_timings(result, result["prefill_tok_s"], result["decode_tok_s"])
-    return (f"load {result['load_s']:.2f} s; prompt {result['prompt_tokens']} tokens, prefill "
+    """--timings: one line of load, prefill and decode; after a table of the route's nodes when the
+    blocks ran on a swarm."""
+    line = (f"load {result['load_s']:.2f} s; prompt {result['prompt_tokens']} tokens, prefill "
             f"{result['prefill_tok_s']:.1f} tok/s; {len(result['tokens'])} tokens generated, decode "
             f"{result['decode_tok_s']:.1f} tok/s")
+    if "route" not in result:
+        return line
+    rows = [f"{'blocks':<8} {'node':<40} {'ms/token':>9}"]
+    for hop in result["route"]:
+        ms = result.get("node_ms", {}).get(f"{hop['node']} ({hop['blocks']})")
+        rows.append(f"{hop['blocks']:<8} {hop['node']:<40} " + (f"{ms:9.3f}" if ms is not None else f"{'-':>9}"))
+    hop_ms = result.get("hop_overhead_ms")
+    rows.append(f"hop overhead {'-' if hop_ms is None else f'{hop_ms:.3f}'} ms/token per hop; "
+                f"{result.get('relayed_steps', 0)} decode steps relayed node to node; "
+                f"failovers {result.get('failovers', 0)}")
+    return "\n".join(rows + [line])
 
 
 @dataclass

@@ -437,16 +437,3 @@ def route_rows(text_model) -> list[dict]:
     t = timings(text_model)
     return [{"node": hop["node"], "blocks": hop["blocks"],
              "ms_per_token": t["node_ms"].get(f"{hop['node']} ({hop['blocks']})")} for hop in t["route"]]
-
-
-def format_timings(t: dict, prefill_tok_s: float, decode_tok_s: float) -> str:
-    """The short table `infer --timings` prints on stderr."""
-    lines = [f"{'blocks':<8} {'node':<40} {'ms/token':>9}"]
-    for hop in t.get("route", []):
-        ms = t.get("node_ms", {}).get(f"{hop['node']} ({hop['blocks']})")
-        lines.append(f"{hop['blocks']:<8} {hop['node']:<40} {ms if ms is not None else '-':>9}")
-    hop_ms = t.get("hop_overhead_ms")
-    lines.append(f"hop overhead {hop_ms if hop_ms is not None else '-'} ms/token per hop; "
-                 f"{t.get('relayed_steps', 0)} decode steps relayed node to node; failovers "
-                 f"{t.get('failovers', 0)}; prefill {prefill_tok_s:.1f} tok/s; decode {decode_tok_s:.1f} tok/s")
-    return "\n".join(lines)
