@@ -195,7 +195,7 @@ def test_a_listen_address_that_cannot_be_bound_is_named():
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     try:
-        for listen, why in ((f"/ip4/127.0.0.1/tcp/{taken.getsockname()[1]}", "port is in use"),
+        for listen, why in ((f"/ip4/127.0.0.1/tcp/{taken.getsockname()[1]}", "Address already in use"),
                             ("garbage", "Invalid MultiAddr")):
             with pytest.raises(UserError, match="cannot listen on " + listen) as info:
                 P2PNode(listen).start()
