@@ -261,3 +261,11 @@ def test_a_message_beginning_with_a_slash_is_sent_doubled(factory_models):
     assert proc.returncode == 0, err
     assert "unknown command /usr/bin" in err and "sent as //" in err
     assert "conversation: 1 turn," in out  # the doubled one was sent, once
+
+
+def test_a_ctx_beyond_the_model_is_said(factory_models):
+    """--ctx above the model's context was capped without a word (only /stats showed it)."""
+    proc = subprocess.run([str(BIN / "chat"), str(factory_models["q8_0-spm-gqa"]), "--ctx", "100000"],
+                          input=b"/exit\n", capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "--ctx 100000 is more than this model's context of" in proc.stderr.decode()

@@ -291,3 +291,28 @@ def test_serve_says_what_it_holds_and_where_others_reach_it(store, tmp_path):
         assert "0.0.0.0" not in server.url
         with urllib.request.urlopen(server.url + "manifest.json", timeout=10) as r:
             assert r.status == 200
+
+
+def test_a_retried_download_is_counted_once_on_the_progress_bar(store, tmp_path):
+    """A fragment cut short and fetched again: the bar takes the failed attempt's bytes back (it
+    passed 100%, counting them twice), and its MB are 10^6 bytes like every summary."""
+    from common.progress import byte_progress, watch_progress
+
+    faulty = Faulty(store)
+    m = LocalLoader(store).manifest
+    victim = m.tensor("blk.0.attn_q.weight").pieces[0].fragment
+    faulty.plan[victim] = ["short"]
+    seen = []
+    stop = watch_progress(lambda desc, done, total: seen.append((done, total)))
+    try:
+        with aiohttp_server(faulty.app()) as url:
+            loader = HTTPLoader(url, cache_dir=tmp_path / "cache", timeout=1.0, attempts=3)
+            loader.prefetch(m.unique_fragments())
+    finally:
+        stop()
+    assert faulty.hits[victim] == 2
+    total = seen[-1][1]
+    assert all(done <= total for done, _ in seen) and seen[-1][0] == total
+    assert any(later < earlier for (earlier, _), (later, _) in zip(seen, seen[1:]))  # taken back once
+    with byte_progress(1, "x", enabled=True) as bar:  # (on the captured stderr)
+        assert bar.unit_divisor == 1000

@@ -105,3 +105,19 @@ def test_node_from_p2p_source_serves_its_span_and_fragments(default_store):
             peer.stop()
     finally:
         full.stop()
+
+
+def test_a_node_from_a_gguf_file_says_how_clients_reach_it(factory_models):
+    """A .gguf is not a fragment store: its p2p:// address gives a client no manifest to start from
+    (infer found none, with no word why). The node says so and names its ws:// URL for --node."""
+    node = NodeProcess(factory_models["q8_0-spm-gqa"], "0-1", timeout=120)
+    try:
+        import time
+
+        deadline = time.monotonic() + 10
+        while not any(line.startswith("note:") for line in node.lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        note = next(line for line in node.lines if line.startswith("note:"))
+        assert "not a fragment store" in note and f"--node {node.url}" in note
+    finally:
+        node.stop()
