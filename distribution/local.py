@@ -84,10 +84,7 @@ class LocalLoader(FragmentLoader):
         others entirely (a copy of some blocks, as `fetch --layers` makes), not a damaged store."""
         from distribution.spans import block_ranges, fragment_regions
 
-        try:
-            held = {f for f in self._sizes if (self.fragment_dir / f).is_file()}
-        except OSError:
-            return ""
+        held = present_fragments(self.store, self.manifest)
         blocks = {int(r[4:]): set(ids) for r, ids in fragment_regions(self.manifest).items() if r.startswith("blk.")}
         whole = sorted(b for b, ids in blocks.items() if ids <= held)
         if not whole or any(ids & held for b, ids in blocks.items() if b not in whole):
@@ -103,3 +100,16 @@ class LocalLoader(FragmentLoader):
             raise MissingFragment(f"{self.where}: {self.describe(fragment_id)} is missing{self._partial()}") from None
         except OSError as e:
             raise FragmentError(f"{self.where}: {self.describe(fragment_id)} cannot be read ({e.strerror})") from None
+
+
+def present_fragments(store: Path, manifest) -> set[str]:
+    """The fragments of ``store`` on disk at their manifest size (one cut short is not there).
+    Their bytes are checked when they are read."""
+    held = set()
+    for f in manifest.fragments:
+        try:
+            if (store / FRAGMENTS_DIR / f.id).stat().st_size == f.size:
+                held.add(f.id)
+        except OSError:
+            pass
+    return held

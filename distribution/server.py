@@ -22,7 +22,7 @@ from common.aio_server import Limits, OneLineLogs, quiet_logs, start_site  # noq
 from common.errors import UserError
 from distribution.addresses import http_url
 from distribution.base import MissingFragment
-from distribution.local import LocalLoader
+from distribution.local import LocalLoader, present_fragments
 from fragmenter.manifest import FRAGMENT_ID, FRAGMENTS_DIR, MANIFEST_NAME
 
 MANIFEST = web.AppKey("manifest", object)  # the served store's Manifest (for the "serving ..." line)
@@ -104,18 +104,11 @@ async def start(app: web.Application, host: str, port: int, limits: Limits = Lim
 
 
 def held_fragments(store: Path, manifest, layers: list[tuple[int, int]] | None = None) -> set[str]:
-    """The fragments of ``store`` on disk at their manifest size (a truncated one is not held),
-    limited to ``layers`` (and the header) if given. Their bytes are checked as they are served."""
+    """The fragments of ``store`` on disk at their manifest size (``present_fragments``), limited to
+    ``layers`` (and the header) if given. Their bytes are checked as they are served."""
     from distribution.spans import span_tensors
 
-    sizes = {f.id: f.size for f in manifest.fragments}
-    held = set()
-    for fid, size in sizes.items():
-        try:
-            if (store / FRAGMENTS_DIR / fid).stat().st_size == size:
-                held.add(fid)
-        except OSError:
-            pass
+    held = present_fragments(store, manifest)
     if layers is not None:
         held &= set(manifest.fragments_for(span_tensors(manifest, layers), header=True))
     return held
