@@ -92,7 +92,9 @@ class Gate:
             self.held.append(data)
             self._pause()
             return False, b""
-        out = self._process(data)
+        out = self._whole(data)
+        if out is None:
+            out = self._process(data)
         return self.reader.feed_data(out) if out else (False, b"")
 
     def feed_eof(self) -> None:
@@ -121,6 +123,25 @@ class Gate:
             self.done(self.entries.popleft())
 
     # -- the stream of frames --------------------------------------------------------------------------
+    def _whole(self, data: bytes) -> bytes | None:
+        """``data`` itself when it is exactly one whole data message that the budget takes at once (a
+        decode step's frame, read in one go: the common case, kept short), else None (_process)."""
+        n = len(data)
+        if self._left or self._header or self._in_message or self._verdict is not None or self.closed or n < 2:
+            return None
+        first, second = data[0], data[1]
+        length, at = second & 0x7F, 2
+        if length == 126:
+            length, at = int.from_bytes(data[2:4], "big"), 4
+        elif length == 127:
+            return None
+        at += 4 if second & 0x80 else 0
+        if (at + length != n or first & 0x80 == 0 or (first & 0x0F) not in (OP_TEXT, OP_BINARY)
+                or length >= self.max_msg or not self.budget.take(length)):
+            return None
+        self.entries.append(Entry(length))
+        return data
+
     def _process(self, data: bytes) -> bytes:
         """The bytes of ``data`` the reader may have; stops (self.held) where a message must wait."""
         out: list[bytes] = []

@@ -89,29 +89,38 @@ message = st.tuples(st.binary(min_size=0, max_size=400),       # payload
 
 @settings(max_examples=150, deadline=None)
 @given(messages=st.lists(message, min_size=1, max_size=6), limit=st.integers(0, 1200),
-       cuts=st.lists(st.integers(1, 200), max_size=40))
-def test_the_gate_passes_admitted_messages_whole_and_replaces_refused_ones(messages, limit, cuts):
+       cuts=st.lists(st.integers(1, 200), max_size=40), frame_by_frame=st.booleans())
+def test_the_gate_passes_admitted_messages_whole_and_replaces_refused_ones(messages, limit, cuts, frame_by_frame):
+    """Reads of any size, or one WebSocket frame per read (a whole one-frame message takes the
+    gate's short path, ``Gate._whole``): the reader sees the same stream either way."""
     max_msg = 1000  # a fragmented message is counted at the largest size a message may have
-    stream, expected, refused = b"", b"", []
+    stream, expected, refused, reads = b"", b"", [], []
     for payload, parts, masked, ping in messages:
         size = len(payload) if parts == 1 else max_msg
         bounds = np.linspace(0, len(payload), parts + 1).astype(int)
         frames, pings = b"", b""
         for k in range(parts):
             mask = os.urandom(4) if masked else None
-            frames += ws_frame(payload[bounds[k]:bounds[k + 1]], 2 if k == 0 else 0, k == parts - 1, mask)
+            reads.append(ws_frame(payload[bounds[k]:bounds[k + 1]], 2 if k == 0 else 0, k == parts - 1, mask))
+            frames += reads[-1]
             if ping and k < parts - 1:
-                frames += ws_frame(b"hi", 9, True, mask)
-                pings += ws_frame(b"hi", 9, True, mask)
+                reads.append(ws_frame(b"hi", 9, True, mask))
+                frames += reads[-1]
+                pings += reads[-1]
         stream += frames
         expected += frames if size <= limit else pings + REFUSED  # a refused message: its pings, one empty frame
         refused.append(size > limit)
     reader = Reader()
     gate = Gate(Protocol(), reader, Roomy(limit), max_msg, wait_s=1.0)
-    at = 0
-    for cut in cuts + [len(stream)]:  # the stream in reads of any size
-        gate.feed_data(stream[at:at + cut])
-        at += cut
+    assert b"".join(reads) == stream
+    if frame_by_frame:
+        for read in reads:
+            gate.feed_data(read)
+    else:
+        at = 0
+        for cut in cuts + [len(stream)]:  # the stream in reads of any size
+            gate.feed_data(stream[at:at + cut])
+            at += cut
     assert bytes(reader.data) == expected
     entries = list(gate.entries)
     assert [e.refusal is not None for e in entries] == refused
