@@ -196,22 +196,23 @@ class NodeService:
             trace.mark("compute", step)
             y, seconds = await self._step(session, frame, frame.array[-1:])
             trace.mark("computed", step)
-            rows = np.concatenate([frame.array, y])  # every hop's input, then the output (float32)
+            # every hop's input, then the output: the rows received (checked, in the wire's dtype)
+            # go out as they came, with y after them
             elapsed = elapsed + [_us(seconds)]
             if hops:
-                nxt = wire.Frame(wire.RELAY, hops[0].session, frame.position, rows, first_block=hops[0].first,
+                nxt = wire.Frame(wire.RELAY, hops[0].session, frame.position, y, first_block=hops[0].first,
                                  last_block=hops[0].last, dtype=frame.dtype,
                                  body={"next": [h.as_json() for h in hops[1:]], "elapsed_us": elapsed, "step": step})
                 # sent now or queued, never waited for: a slow next node must not hold up this
                 # connection's other frames
-                data = wire.encode(nxt, self.key)
+                data = wire.encode(nxt, self.key, before=frame.array)
                 trace.mark("framed", step)
                 await self.relays.send(hops[0], data, session.owner, frame.session, step)
             else:
-                done = wire.Frame(wire.RELAYED, frame.session, frame.position, rows, first_block=frame.first_block,
+                done = wire.Frame(wire.RELAYED, frame.session, frame.position, y, first_block=frame.first_block,
                                   last_block=frame.last_block, elapsed_us=_us(seconds), dtype=frame.dtype,
                                   body={"elapsed_us": elapsed, "step": step})
-                data = wire.encode(done, self.key)
+                data = wire.encode(done, self.key, before=frame.array)
                 trace.mark("framed", step)
                 await self.relays.answer(session.owner, data)  # (never waits for that client)
         except (wire.WireError, LimitError) as e:
@@ -289,7 +290,8 @@ class NodeService:
         fragment server are answered within one block's time; it is the same work, so the result is
         bit for bit that of one call (and a replay in the same frames rebuilds the cache)."""
         view = self.view(session.first_block, session.last_block)
-        steps = view.forward_layers_steps(np.array(x, dtype=np.float32), session.cache, position)  # a copy we own
+        # (the engine never writes into its input: a float32 view of the received frame serves as is)
+        steps = view.forward_layers_steps(x if x.dtype == np.float32 else x.astype(np.float32), session.cache, position)
         seconds = 0.0
         try:
             while True:

@@ -80,8 +80,12 @@ def mac(key: bytes, data: bytes) -> bytes:
     return hmac.new(key, data, hashlib.sha256).digest()
 
 
-def encode(frame: Frame, key: bytes | None = None) -> bytes:
-    """A frame as bytes: header, body, and the HMAC when a swarm key is given."""
+def encode(frame: Frame, key: bytes | None = None, before: np.ndarray | None = None) -> bytes:
+    """A frame as bytes: header, body, and the HMAC when a swarm key is given.
+
+    ``before``: rows that go ahead of ``frame.array``, already in the wire's dtype and known
+    finite: a relaying node's received rows (a view of the frame that ``decode`` checked), passed
+    on as they came, with its output after them; no copy made, no check repeated."""
     if frame.type in ARRAY_TYPES:
         if frame.dtype not in DTYPES:
             raise ValueError(f"unknown wire dtype {frame.dtype}")
@@ -95,9 +99,16 @@ def encode(frame: Frame, key: bytes | None = None) -> bytes:
                              f"(float16 holds at most +-{F16_MAX:g})")
         if array.ndim != 2:
             raise ValueError(f"an activation array is (T, dim), not {array.shape}")
-        body, dtype, (rows, cols) = array.tobytes(), frame.dtype, array.shape
+        dtype, (rows, cols) = frame.dtype, array.shape
+        parts = [array]
+        if before is not None:
+            if before.dtype != DTYPES[dtype] or before.ndim != 2 or before.shape[1] != cols:
+                raise ValueError(f"rows {before.shape} of {before.dtype} cannot go before ({rows}, {cols}) "
+                                 f"of {DTYPES[dtype].name}")
+            parts, rows = [np.ascontiguousarray(before), array], rows + before.shape[0]
         if frame.type in TRAILER_TYPES:
-            body += _JSON.encode(frame.body or {}).encode()
+            parts.append(_JSON.encode(frame.body or {}).encode())
+        body = b"".join(parts)
     else:
         body = _JSON.encode(frame.body).encode() if frame.body is not None else b""
         dtype, rows, cols = NONE, 0, 0

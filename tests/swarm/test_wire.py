@@ -52,6 +52,28 @@ def test_round_trip(frame, key):
         assert back.body == frame.body
 
 
+@settings(max_examples=200, deadline=None)
+@given(frame=array_frames(), split=st.integers(0, 8), key=st.none() | st.just(KEY))
+def test_rows_passed_on_before_new_ones_frame_as_the_whole_array(frame, split, key):
+    """A relaying node sends the rows it received (a checked view, in the wire's dtype) ahead of its
+    output: the bytes are those of one frame holding every row."""
+    received = wire.decode(wire.encode(wire.Frame(frame.type, frame.session, array=frame.array[:max(split, 1)],
+                                                  dtype=frame.dtype, body=frame.body), key), key).array
+    new = frame.array[max(split, 1):]
+    if not len(new):
+        new = frame.array[-1:]
+    whole = wire.Frame(frame.type, frame.session, frame.position, np.concatenate([received.astype(np.float32), new]),
+                       body=frame.body, first_block=frame.first_block, last_block=frame.last_block,
+                       elapsed_us=frame.elapsed_us, dtype=frame.dtype)
+    appended = wire.Frame(frame.type, frame.session, frame.position, new, body=frame.body,
+                          first_block=frame.first_block, last_block=frame.last_block,
+                          elapsed_us=frame.elapsed_us, dtype=frame.dtype)
+    assert wire.encode(appended, key, before=received) == wire.encode(whole, key)
+    other = np.zeros_like(received, dtype=np.float64)  # not in the wire's dtype: refused, not cast
+    with pytest.raises(ValueError, match="cannot go before"):
+        wire.encode(appended, key, before=other)
+
+
 def test_float32_is_bit_exact():
     x = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)
     back = wire.decode(wire.encode(wire.Frame(wire.FORWARD, b"s" * 16, 3, x)))
