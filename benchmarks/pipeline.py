@@ -238,9 +238,10 @@ def trace_model(label: str, source: str, loader, prompt_len: int, decode: int, p
             add("client: head, sampling, embedding, framing", answers[step], following)
     tokens = len(rows.get("client: head, sampling, embedding, framing", []))
     out = [f"{label}: where a relayed decode token's time goes, 3 nodes, over {tokens} tokens (ms)",
-           f"  {'stage':<48} {'median':>7} {'mean':>7}"]
+           f"  {'stage':<48} {'median':>7} {'mean':>7} {'p90':>7} {'max':>7}"]
     for name, values in rows.items():
-        out.append(f"  {name:<48} {np.median(values):7.3f} {np.mean(values):7.3f}")
+        out.append(f"  {name:<48} {np.median(values):7.3f} {np.mean(values):7.3f} "
+                   f"{np.percentile(values, 90):7.3f} {np.max(values):7.3f}")
     out.append(f"  {'sum':<48} {sum(np.median(v) for v in rows.values()):7.3f} "
                f"{sum(np.mean(v) for v in rows.values()):7.3f}")
     out.append(f"  decode: local {np.median(local):.1f} tok/s ({1000 / np.median(local):.2f} ms per token), "
