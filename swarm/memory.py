@@ -9,6 +9,7 @@ refused with a ``NodeFull`` or ``TooLong`` error the client can route around.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ import numpy as np
 from engine.kv_cache import KVCache
 
 MIN_POSITIONS = 64  # a new cache's size: a short prompt and some tokens without regrowing
+log = logging.getLogger("swarm.sessions")  # a line per session opened and closed: `node` prints them
 
 
 @dataclass
@@ -57,6 +59,7 @@ class NodeSession:
     last_block: int
     cache: KVCache
     last_used: float = field(default_factory=time.monotonic)
+    opened: float = field(default_factory=time.monotonic)
 
     @property
     def position(self) -> int:
@@ -107,6 +110,8 @@ class SessionCache:
         session = NodeSession(sid, owner, first_block, last_block,
                               KVCache(n_blocks, size, *self.kv_shape, dtype=self.dtype))
         self.sessions[sid] = session
+        log.info("session %s opened: blocks %d-%d (%d of %d open)", sid.hex()[:8], first_block, last_block,
+                 len(self.sessions), self.limits.max_sessions)
         return session
 
     def reserve(self, session: NodeSession, positions: int) -> None:
@@ -123,20 +128,27 @@ class SessionCache:
         session.cache = grown(session.cache, size)
 
     def close(self, sid: bytes) -> bool:
-        return self.sessions.pop(sid, None) is not None
+        return self._drop(sid, "closed")
 
     def close_owned_by(self, owner) -> int:
         gone = [sid for sid, s in self.sessions.items() if s.owner is owner]
         for sid in gone:
-            del self.sessions[sid]
+            self._drop(sid, "closed with its connection")
         return len(gone)
 
     def expire(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
         idle = [sid for sid, s in self.sessions.items() if now - s.last_used > self.limits.idle_s]
         for sid in idle:
-            del self.sessions[sid]
+            self._drop(sid, f"expired (idle over {self.limits.idle_s:g} s)")
         return len(idle)
+
+    def _drop(self, sid: bytes, how: str) -> bool:
+        session = self.sessions.pop(sid, None)
+        if session is not None:
+            log.info("session %s %s: %d positions, %.1f s (%d of %d open)", sid.hex()[:8], how, session.position,
+                     time.monotonic() - session.opened, len(self.sessions), self.limits.max_sessions)
+        return session is not None
 
     # -- checks -----------------------------------------------------------------------------------
     def _initial(self, positions: int) -> int:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
+import sys
 
 from swarm.discovery import block_regions, node_record, ws_url
 from swarm.server import NodeService, make_app
@@ -21,6 +23,7 @@ def serve_node(service: NodeService, host: str, port: int, listen: str, bootstra
     from distribution.server import start
 
     quiet_logs(prefix="node")  # malformed requests and failed accepts: one rate-limited line each
+    log_sessions()
     model = service.model
     first, last = model.first_layer, model.last_layer
     toward = [h for h in map(multiaddr_host, bootstrap) if h]
@@ -69,6 +72,17 @@ def serve_node(service: NodeService, host: str, port: int, listen: str, bootstra
         if p2p is not None:  # a node that never listened never started: no "stopped" line
             p2p.stop()
             say("stopped")
+
+
+def log_sessions(stream=None) -> None:
+    """A line on stderr per session opened and closed (swarm/memory.py), with the time: who uses
+    the node, and for how long, without a line per token."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter("node: %(asctime)s %(message)s", "%H:%M:%S"))
+    sessions = logging.getLogger("swarm.sessions")
+    sessions.handlers[:] = [handler]
+    sessions.setLevel(logging.INFO)
+    sessions.propagate = False
 
 
 def node_limits(service: NodeService):

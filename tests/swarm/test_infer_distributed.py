@@ -2,6 +2,8 @@
 --json and --timings, one-line errors, and a private swarm's key."""
 
 import json
+import re
+import time
 
 import pytest
 
@@ -40,6 +42,22 @@ def test_json_has_tokens_route_and_timings(swarm, local_tokens):
     assert set(out["node_ms"]) == {f"{swarm[0].url} (0-14)", f"{swarm[1].url} (15-29)"}
     assert out["hop_overhead_ms"] > 0
     assert 0 < out["relayed_steps"] <= len(out["tokens"])  # decode steps went node to node
+
+
+def test_nodes_print_a_line_per_session_opened_and_closed(swarm):
+    before = [len(n.lines) for n in swarm]
+    proc = run_cli("infer", swarm[0].address, "--distributed", *PROMPT)
+    assert proc.returncode == 0, proc.stderr
+    deadline = time.monotonic() + 10
+    for node, start, span in zip(swarm, before, ("0-14", "15-29")):
+        while not any(" closed" in line for line in node.lines[start:]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        new = [line for line in node.lines[start:] if " session " in line]
+        assert len(new) == 2, new
+        opened, closed = new
+        sid = opened.split(" session ")[1].split()[0]
+        assert f"session {sid} opened: blocks {span} (1 of 16 open)" in opened
+        assert re.search(rf"session {sid} closed: \d+ positions, [\d.]+ s \(0 of 16 open\)", closed), closed
 
 
 def test_timings_table_on_stderr(swarm):
