@@ -52,7 +52,7 @@ def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positi
     set_threads(None)  # before numba starts its threads: brief OpenMP spinning (see cli.common)
     from common import compute
     from common.errors import UserError
-    from distribution.addresses import parse_announce, parse_bootstrap
+    from distribution.addresses import other_manifests, parse_announce, parse_bootstrap
     from distribution.spans import parse_spans
     from engine.model import LlamaModel
     from swarm import manifest_sha
@@ -83,5 +83,9 @@ def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positi
     limits = Limits(max_sessions=max_sessions, max_positions=max_positions, max_cache_bytes=max_cache_mb << 20,
                     idle_s=idle, per_connection=per_connection, max_inflight_bytes=max_inflight_mb << 20)
     service = NodeService(model, manifest_sha(loader), limits, key)
+    for other in other_manifests(bootstrap, service.manifest_sha):
+        say(f"note: --bootstrap names manifest {other[:12]}..., this node serves {service.manifest_sha[:12]}... "
+            f"(another model, or another fragmenting of it): clients of that address will not use this node; "
+            f"they find it at the p2p:// address it prints")
     with tempfile.TemporaryDirectory(prefix="node-store-") as scratch:
         serve_node(service, host, port, listen, boots, public, store_of(loader, source, scratch), say)

@@ -62,6 +62,14 @@ def parse_bootstrap(values) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def other_manifests(values, manifest: str) -> list[str]:
+    """The manifest hashes that ``p2p://`` --bootstrap values name, other than ``manifest``
+    (a node joining through another model's peer: allowed, the DHT is shared, but its clients
+    will look for that model's blocks, not this node's)."""
+    named = [parse_address(v)[0] for v in values if v.startswith("p2p://")]
+    return [h for h in dict.fromkeys(named) if h != manifest]
+
+
 @dataclass(frozen=True)
 class Announce:
     """``--announce HOST[:PORT]``: the host name or address others reach this peer at, and the

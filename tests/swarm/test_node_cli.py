@@ -121,3 +121,23 @@ def test_a_node_from_a_gguf_file_says_how_clients_reach_it(factory_models):
         assert "not a fragment store" in note and f"--node {node.url}" in note
     finally:
         node.stop()
+
+
+def test_a_node_joining_through_another_models_peer_is_told(factory_models):
+    """Allowed (one DHT can carry several models), but the p2p:// address given to --bootstrap is
+    another manifest's: clients starting from it look for that model's blocks, never this node."""
+    a = NodeProcess(factory_models["q8_0-spm-gqa"], "0-1", timeout=120)
+    try:
+        theirs = a.address.split("@")[0][len("p2p://"):]
+        b = NodeProcess(factory_models["f16-bpe-mqa"], "0-1", "--bootstrap", a.address, timeout=120)
+        try:
+            ours = b.address.split("@")[0][len("p2p://"):]
+            assert ours != theirs
+            notes = [line for line in b.lines if line.startswith("note: --bootstrap")]
+            assert len(notes) == 1 and f"names manifest {theirs[:12]}..." in notes[0], b.lines
+            assert f"this node serves {ours[:12]}..." in notes[0]
+            assert not any(line.startswith("note: --bootstrap") for line in a.lines)
+        finally:
+            b.stop()
+    finally:
+        a.stop()
