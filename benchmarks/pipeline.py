@@ -45,12 +45,15 @@ BIN = Path(sys.executable).parent
 TINYLLAMA_STORE = Path(__file__).resolve().parent.parent / "models" / "tinyllama-shaped-q8_0"
 
 
+NODE_ARGS: tuple[str, ...] = ()  # --node-args: given to every `node` this benchmark starts
+
+
 class Node:
     """A `node` process; waits (bounded) for its address line."""
 
     def __init__(self, source: str, first: int, last: int, timeout: float = 300):
         self.first, self.last = first, last
-        self.proc = subprocess.Popen([str(BIN / "node"), source, "--layers", f"{first}-{last}"],
+        self.proc = subprocess.Popen([str(BIN / "node"), source, "--layers", f"{first}-{last}", *NODE_ARGS],
                                      stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         threading.Thread(target=lambda: [self.lines.append(x.strip()) for x in self.proc.stderr], daemon=True).start()
@@ -300,8 +303,12 @@ def main() -> None:
     parser.add_argument("--trace", action="store_true",
                         help="instead of the table: where a three-node relayed token's time goes, stage by stage "
                              "(timestamps from every process, swarm/trace.py)")
+    parser.add_argument("--node-args", default="", metavar="ARGS",
+                        help="more arguments for every node, e.g. --node-args=--no-pin to compare")
     parser.add_argument("--transport-alone", metavar="SOURCE", help=argparse.SUPPRESS)  # (transport_alone)
     args = parser.parse_args()
+    global NODE_ARGS
+    NODE_ARGS = tuple(args.node_args.split())
     if args.transport_alone:
         print(f"{transport_overhead(open_loader(args.transport_alone)):.6f}")
         return
@@ -353,7 +360,8 @@ def main() -> None:
     print(f"tok/s: medians of {args.repeat} pairs of runs, local then routed, back to back; ratios: the "
           f"median of the pairs' ratios")
     waits = ", ".join(f"{var}={os.environ.get(var, '(unset)')}" for var in ("OMP_WAIT_POLICY", *THREAD_ENV))
-    print(f"\n{waits}; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end; "
+    nodes = f"nodes run with {' '.join(NODE_ARGS)}; " if NODE_ARGS else ""
+    print(f"\n{waits}; {nodes}{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end; "
           f"prompt {args.prompt} tokens, {args.decode} decoded; hop ms/t = client round trip minus node compute per decode token, averaged over hops")
 
 

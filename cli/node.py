@@ -34,9 +34,13 @@ from cli.common import user_errors
 @click.option("--announce", help="HOST[:PORT] others reach this node at (behind NAT or a proxy).")
 @click.option("--kernels", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True,
               help="numba: the fast path; numpy: the plain reference (the same on every node of a route).")
+@click.option("--pin/--no-pin", default=True, show_default=True,
+              help="Keep the thread that runs the blocks on one CPU and the kernels' other threads on the rest, "
+                   "so the scheduler never stacks them (steps that stalled 7-37 ms on a busy machine; "
+                   "common/affinity.py). Within the CPUs allowed, e.g. by taskset.")
 @user_errors
 def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positions, max_cache_mb, max_inflight_mb,
-         idle, per_connection, swarm_key, announce, kernels):
+         idle, per_connection, swarm_key, announce, kernels, pin):
     """Serve blocks A-B of SOURCE (a store directory, http://, p2p:// or .gguf) to the swarm.
 
     Loads only those blocks, joins the DHT, announces its span under the model's per-block keys
@@ -88,4 +92,4 @@ def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positi
             f"(another model, or another fragmenting of it): clients of that address will not use this node; "
             f"they find it at the p2p:// address it prints")
     with tempfile.TemporaryDirectory(prefix="node-store-") as scratch:
-        serve_node(service, host, port, listen, boots, public, store_of(loader, source, scratch), say)
+        serve_node(service, host, port, listen, boots, public, store_of(loader, source, scratch), say, pin)

@@ -14,9 +14,13 @@ REPUBLISH_S = 30.0  # the peer record carries the free capacity: refreshed this 
 
 
 def serve_node(service: NodeService, host: str, port: int, listen: str, bootstrap: list[str], public=None,
-               store=None, say=print) -> None:
+               store=None, say=print, pin: bool = True) -> None:
     """Run the node until SIGINT/SIGTERM. With ``store`` (a store directory) the fragments of the
-    span are served over HTTP on the same port, as `serve --p2p --layers` does."""
+    span are served over HTTP on the same port, as `serve --p2p --layers` does. With ``pin``, the
+    calling thread (which computes, common.compute.adopt) keeps one CPU and the process's other
+    threads the rest (common/affinity.py), from when the node is ready, and again at every
+    republish for threads started since."""
+    from common.affinity import pin_compute_thread
     from common.aio_server import quiet_logs
     from distribution.addresses import http_url, multiaddr_host
     from distribution.dht import P2PNode
@@ -50,6 +54,8 @@ def serve_node(service: NodeService, host: str, port: int, listen: str, bootstra
         say(f"node: blocks {first}-{last} on {url} ({service.ms_per_token:.2f} ms/token, "
             f"{service.limits.max_sessions} sessions, {service.limits.max_cache_bytes / 2**20:.0f} MiB of cache"
             + (f", {len(held)} fragments served" if held else "") + ")")
+        if pin:
+            pin_compute_thread()  # after the DHT's and the executor's threads started: they go elsewhere
         for addr in p2p.reachable_addrs():
             say(f"p2p://{service.manifest_sha}@{addr}")
         if store is None:  # a .gguf file: no manifest or fragments for a client to load its edges from
@@ -65,6 +71,8 @@ def serve_node(service: NodeService, host: str, port: int, listen: str, bootstra
             except asyncio.TimeoutError:
                 record["swarm"] = node_record(service, url)
                 await loop.run_in_executor(None, p2p.put_peer_record, record)
+                if pin:
+                    pin_compute_thread()
 
     try:
         asyncio.run(main())

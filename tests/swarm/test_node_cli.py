@@ -3,6 +3,7 @@ routes through them, and when a node is killed -9 mid-generation, finds (again i
 that joined after the session began. A node loaded from p2p:// serves its fragments in turn."""
 
 import hashlib
+import os
 import urllib.request
 
 import pytest
@@ -141,3 +142,35 @@ def test_a_node_joining_through_another_models_peer_is_told(factory_models):
             b.stop()
     finally:
         a.stop()
+
+
+def thread_cpus(pid: int) -> dict[int, set[int]]:
+    """Each thread of process ``pid``: the CPUs it may run on (Cpus_allowed_list, e.g. "0-3,6")."""
+    cpus = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            listed = next(line.split()[1] for line in f if line.startswith("Cpus_allowed_list:"))
+        cpus[int(tid)] = {c for part in listed.split(",")
+                          for c in range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1)}
+    return cpus
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or len(os.sched_getaffinity(0)) < 2,
+                    reason="pinning needs Linux's /proc and two CPUs (with one it does nothing)")
+@pytest.mark.parametrize("pin", [True, False])
+def test_a_ready_node_computes_on_a_cpu_of_its_own(factory_models, pin):
+    """Once a node prints its address, its main thread (which runs the blocks) has one CPU and its
+    other threads (OpenMP's workers, the DHT's) have the rest; --no-pin leaves them to the OS."""
+    allowed = os.sched_getaffinity(0)
+    node = NodeProcess(factory_models["q8_0-spm-gqa"], "0-1", *([] if pin else ["--no-pin"]), timeout=120)
+    try:
+        cpus = thread_cpus(node.proc.pid)
+        main, others = cpus.pop(node.proc.pid), set().union(*cpus.values())
+        assert len(cpus) >= 2  # the numba pool's worker and the DHT's thread at least
+        if pin:
+            assert len(main) == 1 and main <= allowed
+            assert all(c == allowed - main for c in cpus.values()), cpus
+        else:
+            assert main == others == allowed
+    finally:
+        node.stop()
