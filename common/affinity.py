@@ -59,8 +59,9 @@ def plan(cpus: list[int], compute_cpu: int | None) -> tuple[int, set[int]] | Non
 def pin_compute_thread() -> tuple[int, set[int]] | None:
     """Pin the calling thread to one CPU and every other thread of this process to the rest.
 
-    Returns (compute CPU, other CPUs), or None when nothing was done. Threads that exit meanwhile
-    are skipped; a thread that may not be moved (it is in another cpuset) is left where it is.
+    Returns (compute CPU, other CPUs), or None when nothing was done: also when the calling thread
+    may not be pinned (a container's cpuset narrower than the mask reports). Threads that exit
+    meanwhile are skipped; a thread that may not be moved is left where it is.
     """
     global _allowed
     if not hasattr(os, "sched_setaffinity") or not os.path.isdir("/proc/self/task"):
@@ -71,7 +72,10 @@ def pin_compute_thread() -> tuple[int, set[int]] | None:
         return None
     main, others = layout
     me = threading.get_native_id()
-    os.sched_setaffinity(me, {main})
+    try:
+        os.sched_setaffinity(me, {main})
+    except OSError:
+        return None
     for name in os.listdir("/proc/self/task"):
         tid = int(name)
         if tid != me:
@@ -80,8 +84,3 @@ def pin_compute_thread() -> tuple[int, set[int]] | None:
             except OSError:  # gone, or not ours to move
                 pass
     return layout
-
-
-def thread_cpus(tid: int) -> set[int]:
-    """The CPUs thread ``tid`` of this process may run on."""
-    return set(os.sched_getaffinity(tid))

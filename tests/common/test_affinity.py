@@ -8,7 +8,8 @@ import textwrap
 import pytest
 from hypothesis import given, strategies as st
 
-from common.affinity import current_cpu, plan
+from common import affinity
+from common.affinity import current_cpu, pin_compute_thread, plan
 
 linux = pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or not os.path.isdir("/proc/self/task"),
                            reason="thread affinity is set through Linux's sched_setaffinity and /proc/self/task")
@@ -45,7 +46,8 @@ def run_child(code: str, cpus=None) -> dict:
 
 CHILD = """
     import os, threading
-    from common.affinity import pin_compute_thread, thread_cpus
+    from common.affinity import pin_compute_thread
+    thread_cpus = os.sched_getaffinity
     go = threading.Event()
     tids = []
     def idle():
@@ -89,3 +91,14 @@ def test_one_cpu_changes_nothing():
     cpu = sorted(os.sched_getaffinity(0))[0]
     r = run_child(CHILD.replace("again = pin_compute_thread()", "again = None"), cpus=[cpu])
     assert r["first"] is None and r["me"] == r["before"] == [cpu]
+
+
+@linux
+def test_a_compute_thread_that_may_not_be_pinned_is_left_alone(monkeypatch):
+    """A container's cpuset can be narrower than the mask the kernel reports: the node goes on unpinned."""
+    def refuse(tid, cpus):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(affinity, "_allowed", [0, 1])
+    monkeypatch.setattr(affinity.os, "sched_setaffinity", refuse)
+    assert pin_compute_thread() is None
