@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from engine.attention_numba import f16_bits_to_f32, f32_to_f16_bits, fast_exp
-from engine.kernels_numba import _CHUNKS
+from engine.kernels_numba import _CHUNKS, aligned_scratch
 from engine.kernels_numba import q8_0_rows as _rows
 
 
@@ -181,7 +181,7 @@ def decode_blocks(x, pos, attn_norm, ffn_norm, qkv_qs, qkv_d, o_qs, o_d, gu_qs, 
         rows = qkv_qs.shape[1]
         step = (rows + _CHUNKS - 1) // _CHUNKS
         for c in prange(_CHUNKS):  # one parallel region over output rows
-            acc = np.empty(32, np.float32)
+            acc = aligned_scratch(32)
             _rows(qkv_qs[layer], qkv_d[layer], h, qkv, c * step, min(rows, (c + 1) * step), acc)
         q = _rope_and_store(qkv, q_dim, kv_dim, n_heads, n_kv, head_dim, cos, sin, k_cache, v_cache, layer, pos)
         # Attention, split over (KV head, chunk of positions) so that both threads stay busy at
@@ -194,7 +194,7 @@ def decode_blocks(x, pos, attn_norm, ffn_norm, qkv_qs, qkv_d, o_qs, o_d, gu_qs, 
         rows = o_qs.shape[1]
         step = (rows + _CHUNKS - 1) // _CHUNKS
         for c in prange(_CHUNKS):  # one parallel region over output rows
-            acc = np.empty(32, np.float32)
+            acc = aligned_scratch(32)
             _rows(o_qs[layer], o_d[layer], att, tmp, c * step, min(rows, (c + 1) * step), acc)
         _add(x, tmp)
         # feed-forward
@@ -202,13 +202,13 @@ def decode_blocks(x, pos, attn_norm, ffn_norm, qkv_qs, qkv_d, o_qs, o_d, gu_qs, 
         rows = gu_qs.shape[1]
         step = (rows + _CHUNKS - 1) // _CHUNKS
         for c in prange(_CHUNKS):  # one parallel region over output rows
-            acc = np.empty(32, np.float32)
+            acc = aligned_scratch(32)
             _rows(gu_qs[layer], gu_d[layer], h, gu, c * step, min(rows, (c + 1) * step), acc)
         _swiglu(gu, ffn, act)
         rows = down_qs.shape[1]
         step = (rows + _CHUNKS - 1) // _CHUNKS
         for c in prange(_CHUNKS):  # one parallel region over output rows
-            acc = np.empty(32, np.float32)
+            acc = aligned_scratch(32)
             _rows(down_qs[layer], down_d[layer], act, tmp, c * step, min(rows, (c + 1) * step), acc)
         _add(x, tmp)
 

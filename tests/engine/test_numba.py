@@ -118,3 +118,13 @@ def test_a_float32_cache_still_decodes_right(factory_models):
         return np.concatenate([model.forward(np.array([t]), cache) for t in tokens[4:]])
 
     np.testing.assert_allclose(run(fast), run(ref), rtol=1e-3, atol=1e-3)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 600))
+def test_kernel_scratch_starts_on_a_cache_line(n):
+    """The lane accumulators of the Q8_0 kernels come from aligned_scratch: 16-byte aligned
+    (np.empty's), they straddled a 4 KB page now and then and a process decoded 3-4x slower for
+    its whole life (benchmarks/scratch_alignment.py measures the two placements)."""
+    a = k.aligned_scratch(n)
+    assert a.shape == (n,) and a.dtype == np.float32 and a.ctypes.data % 64 == 0
