@@ -39,10 +39,11 @@ def aligned_scratch(n):
 
     The lane accumulators of ``q8_0_rows`` are loaded and stored at every block of a row. np.empty
     gives 16-byte alignment, and where the 128 bytes then straddled a 4 KB page (about 2 of 128
-    placements), every one of those loads waited for the store before it: the matvec ran 4.1x
-    slower (0.27 against 0.065 ms, 1536 x 576, one thread; /tmp ad hoc script, 1 Dec). The
-    allocator hands a thread the same chunk again and again, so one process in a few dozen
-    decoded 3x slower for its whole life (a `node` in 1 of about 7 three-node sets)."""
+    placements), every one of those loads waited for the store before it: the row products ran
+    3.4-3.6x slower (`benchmarks/scratch_alignment.py`, 1 Dec: 0.270-0.286 against 0.079 ms,
+    1536 x 576, one thread). The allocator hands a thread the same chunk again and again, so one
+    process in a few dozen decoded 3x slower for its whole life (a `node` in 1 of about 7
+    three-node sets). The skip is at most 15 floats, as the buffer is at least 4-byte aligned."""
     buf = np.empty(n + 16, np.float32)
     skip = ((64 - buf.ctypes.data % 64) % 64) // 4
     return buf[skip:skip + n]
