@@ -128,3 +128,17 @@ def test_kernel_scratch_starts_on_a_cache_line(n):
     its whole life (benchmarks/scratch_alignment.py measures the two placements)."""
     a = k.aligned_scratch(n)
     assert a.shape == (n,) and a.dtype == np.float32 and a.ctypes.data % 64 == 0
+
+
+def test_q8_0_kernels_take_their_accumulators_from_aligned_scratch():
+    """A kernel that went back to np.empty for them would be 3-4x slow in an unlucky process
+    (no test can time that here): every Q8_0 kernel holding lane accumulators uses aligned_scratch."""
+    import inspect
+    import re
+
+    from engine import fast_decode
+
+    for fn in (k.q8_0_matvec, k.q8_0_matvecs, fast_decode.decode_blocks):
+        source = inspect.getsource(fn.py_func)
+        accs = re.findall(r"acc = (.*)", source)
+        assert accs and all(a.startswith("aligned_scratch(") for a in accs), (fn.__name__, accs)
