@@ -10,7 +10,9 @@ buffered, and answered with a ``full`` ERROR (the client routes around it, as fo
 
     socket -> transport -> Gate.feed_data -(admitted frames)-> aiohttp WebSocketReader -> ws.receive()
                                |  one Entry per data message, in order: its bytes, or its refusal
-                               '-> server loop: answer (or refuse), send, then Gate.done(entry)
+                               |-> server loop: answer (or refuse), send, then Gate.done(entry)
+                               '-(a whole RELAY, the handler idle)-> Gate.fast: computed and passed
+                                  on in this callback (NodeService.relay_now), or left to the above
 
 The bytes of a frame go back to the budget once its reply has been sent, so the budget covers a
 frame received, queued, computed and answered. What it does not cover: per connection, the one
@@ -29,6 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from aiohttp._websocket.helpers import websocket_mask
 
 from swarm import trace
 from swarm.memory import Inflight
@@ -84,6 +87,16 @@ class Gate:
         self._verdict: str | Entry | None = None  # decided while waiting: "granted" or a refusal
         self._waiting_for = 0
         self._timer: asyncio.TimerHandle | None = None
+        # The fast lane: a whole binary message of kind ``fast_kind`` (byte 5 of its payload, a swarm
+        # frame's type) arriving while the connection's handler waits idle, with nothing queued
+        # before it, goes to ``fast(payload)`` here, in the socket's read callback, instead of
+        # through aiohttp's reader, its queue and the handler's task (a turn of the event loop).
+        # ``fast`` returns False to leave the message to the usual path.
+        self.fast = None
+        self.fast_kind = -1
+        self.idle = False           # the handler waits for a message (set by the server loop)
+        self.fast_seen = 0.0        # when the fast lane last took a message (time.monotonic)
+        self._at = 0                # where the payload of the message _whole passed begins
 
     # -- aiohttp's side: the protocol feeds raw bytes here instead of to its reader --------------------
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
@@ -95,6 +108,8 @@ class Gate:
         out = self._whole(data)
         if out is None:
             out = self._process(data)
+        elif self.fast is not None and self.idle and len(self.entries) == 1 and self._take_fast(data):
+            return False, b""
         return self.reader.feed_data(out) if out else (False, b"")
 
     def feed_eof(self) -> None:
@@ -140,7 +155,25 @@ class Gate:
                 or length >= self.max_msg or not self.budget.take(length)):
             return None
         self.entries.append(Entry(length))
+        self._at = at
         return data
+
+    def _take_fast(self, data: bytes) -> bool:
+        """The fast lane for the whole message ``data`` that _whole just admitted: True if ``fast``
+        took it (its bytes are back in the budget: it has been answered), else False."""
+        at, masked = self._at, data[1] & 0x80
+        if data[0] & 0x0F != OP_BINARY or len(data) < at + SESSION_END:
+            return False
+        if (data[at + 5] ^ data[at - 3] if masked else data[at + 5]) != self.fast_kind:  # (mask byte 5 % 4)
+            return False
+        payload = bytearray(memoryview(data)[at:])
+        if masked:
+            websocket_mask(bytes(data[at - 4:at]), payload)
+        if not self.fast(payload):
+            return False
+        self.done(self.entries.pop())
+        self.fast_seen = time.monotonic()
+        return True
 
     def _process(self, data: bytes) -> bytes:
         """The bytes of ``data`` the reader may have; stops (self.held) where a message must wait."""

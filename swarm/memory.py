@@ -127,6 +127,10 @@ class SessionCache:
         self._check_budget(extra(size))
         session.cache = grown(session.cache, size)
 
+    def last_used_by(self, owner) -> float:
+        """When a session ``owner`` opened was last used (time.monotonic; 0.0 if it holds none)."""
+        return max((s.last_used for s in self.sessions.values() if s.owner is owner), default=0.0)
+
     def close(self, sid: bytes) -> bool:
         return self._drop(sid, "closed")
 

@@ -159,6 +159,37 @@ class RelayLinks:
             await self._drop(hop.url, ws)
             raise RelayError(f"{hop.url}: connection lost ({type(e).__name__})") from None
 
+    def can_send_now(self, hop: Hop, size: int) -> bool:
+        """Whether a relay of ``size`` bytes to ``hop`` would be written at once (send_now)."""
+        ws = self.links.get(hop.url)
+        return ws is not None and not ws.closed and hop.url not in self.queues and _writes_at_once(ws, size)
+
+    def send_now(self, hop: Hop, data: bytes, owner, own_session: bytes, step: int) -> bool:
+        """``send`` for a caller that cannot await (the node's fast lane): written here and now,
+        or False and nothing done."""
+        if not self.can_send_now(hop, len(data)):
+            return False
+        ws = self.links[hop.url]
+        self._remember(hop.session, owner, own_session, step)
+        self.links.move_to_end(hop.url)
+        try:
+            return write_now(ws, data)
+        except (aiohttp.ClientError, OSError, ConnectionError, RuntimeError):
+            return False  # (the usual path finds the link dead, drops it and tells the client)
+
+    def can_answer_now(self, owner, size: int) -> bool:
+        """Whether an answer of ``size`` bytes to a client would be written at once (answer_now)."""
+        return owner not in self.late and _writes_at_once(owner, size)
+
+    def answer_now(self, owner, data: bytes) -> bool:
+        """``answer`` for a caller that cannot await: written here and now, or False and nothing done."""
+        if not self.can_answer_now(owner, len(data)):
+            return False
+        try:
+            return write_now(owner, data)
+        except (aiohttp.ClientError, OSError, ConnectionError, RuntimeError):
+            return False
+
     def submit(self, hop: Hop, data: bytes, owner, own_session: bytes, step: int) -> None:
         """Queue ``data`` for ``hop``; raises RelayError when too many relays wait already."""
         if self.waiting >= MAX_WAITING:
@@ -166,14 +197,15 @@ class RelayLinks:
         queue = self.queues.get(hop.url)
         if queue is None:
             queue = self.queues[hop.url] = asyncio.Queue(QUEUE_DEPTH)
-            self._spawn(self._sender(hop.url, queue))
+            self.spawn(self._sender(hop.url, queue))
         try:
             queue.put_nowait((hop, data, owner, own_session, step))
         except asyncio.QueueFull:
             raise RelayError(f"{hop.url}: {QUEUE_DEPTH} relays already wait to be sent there") from None
         self.waiting += 1
 
-    def _spawn(self, coro) -> None:
+    def spawn(self, coro) -> None:
+        """Run ``coro`` as a task of these links (cancelled by close)."""
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -228,7 +260,7 @@ class RelayLinks:
         while len(self.links) > MAX_LINKS:  # a client naming many nodes cannot pile up connections
             old_url, oldest = next(iter(self.links.items()))
             await self._drop(old_url, oldest)
-        self._spawn(self._read(url, ws))
+        self.spawn(self._read(url, ws))
         return ws
 
     async def _drop(self, url: str, ws) -> None:
@@ -283,7 +315,7 @@ class RelayLinks:
             await send_quietly(owner, data)  # cannot wait: see _writes_at_once
         else:
             self.late.add(owner)
-            self._spawn(self._answer_late(owner, transport, data))
+            self.spawn(self._answer_late(owner, transport, data))
 
     async def _answer_late(self, owner, transport, data: bytes) -> None:
         try:
@@ -320,6 +352,19 @@ def _writes_at_once(ws, size: int) -> bool:
         return False
     return (transport.get_write_buffer_size() == 0
             and size + WS_OVERHEAD <= transport.get_write_buffer_limits()[1])
+
+
+def write_now(ws, data: bytes) -> bool:
+    """One binary message on ``ws`` written to its transport here, without a coroutine: aiohttp's
+    own frame writer (header, the mask of a client's frame), which ``send_bytes`` calls too once
+    it has nothing to wait for. Only where ``_writes_at_once`` holds, as then send_bytes would not
+    wait either. (A private method of aiohttp, pinned in setup.cfg: tests/swarm/test_fast_lane.py
+    fails if it moves.)"""
+    writer = getattr(ws, "_writer", None)
+    if writer is None or ws.closed or writer._closing or not _writes_at_once(ws, len(data)):
+        return False
+    writer._write_websocket_frame(data, aiohttp.WSMsgType.BINARY, 0)
+    return True
 
 
 async def send_quietly(ws, data: bytes) -> bool:

@@ -184,46 +184,93 @@ class NodeService:
         its own connection here. Errors about the frame itself go back where it came from (the
         client, or the node before, which passes them on); once the session is known, every error
         goes to its client, which then runs the step hop by hop."""
+        step, hops, elapsed, session = self._relay_checks(frame)
+        trace.mark("read", step)
+        try:
+            trace.mark("compute", step)
+            y, seconds = await self._step(session, frame, frame.array[-1:])
+            trace.mark("computed", step)
+            hop, data = self._relay_output(frame, step, hops, elapsed, y, seconds)
+        except Exception as e:
+            return await self.relays.tell(session.owner, frame.session, *_failure(e), step)
+        await self._pass_on(frame, step, session, hop, data)
+
+    def relay_now(self, data) -> bool:
+        """A relayed decode step taken straight from its connection's reader (swarm/inflight.py,
+        ``Gate.fast``), computed and passed on before this returns: no message queued for the
+        connection's handler, no task woken, no turn of the event loop between the frame's arrival
+        and its output's departure. On a route sharing two cores, each of those costs tens of
+        microseconds of cold Python per node and token (README, "Where a token's time goes").
+
+        Returns False, having changed nothing, unless ``data`` is a well-formed RELAY for a session
+        open here, computed on this thread, whose output the next node (or the client) takes at
+        once; the usual path (``handle``) then takes the frame, and answers its errors. (A node run
+        inside another program, ``NodeThread``, computes on its compute thread, its loop waiting.)"""
+        try:
+            frame = wire.decode(data, self.key, self.dim, self.limits.max_positions)
+            if frame.type != wire.RELAY:
+                return False
+            step, hops, elapsed, session = self._relay_checks(frame)
+        except Exception:  # (the usual path meets the same error, and answers it)
+            return False
+        size = len(data) + self.dim * wire.DTYPES[frame.dtype].itemsize + 16  # the output, at most
+        if not (self.relays.can_send_now(hops[0], size) if hops else self.relays.can_answer_now(session.owner, size)):
+            return False
+        trace.mark("read", step)
+        try:  # from here on the step is taken: its errors go to its client, as on the usual path
+            trace.mark("compute", step)
+            y, seconds = self._step_now(session, frame, frame.array[-1:])
+            trace.mark("computed", step)
+            hop, out = self._relay_output(frame, step, hops, elapsed, y, seconds)
+        except Exception as e:
+            self.relays.spawn(self.relays.tell(session.owner, frame.session, *_failure(e), step))
+            return True
+        try:
+            sent = (self.relays.send_now(hop, out, session.owner, frame.session, step) if hop is not None
+                    else self.relays.answer_now(session.owner, out))
+        except Exception:  # (a bug: the usual sending path meets it and tells the client)
+            sent = False
+        if not sent:  # (or the estimate above was short: the output goes the usual way)
+            self.relays.spawn(self._pass_on(frame, step, session, hop, out))
+        return True
+
+    def _relay_checks(self, frame: wire.Frame):
+        """A RELAY's trailer and session, checked: (step, hops, elapsed, session), or WireError."""
         step = relay.step_of(frame.body)
         self._check_span(frame)
         hops, elapsed = relay.parse_hops(frame.body), relay.elapsed_list(frame.body)
         if len(elapsed) + 1 != frame.array.shape[0]:
             raise wire.WireError("bad_frame", f"a RELAY of {frame.array.shape[0]} rows carries "
                                               f"{len(elapsed)} compute times, not {frame.array.shape[0] - 1}")
-        session = self._session(frame, None)
-        trace.mark("read", step)
+        return step, hops, elapsed, self._session(frame, None)
+
+    def _relay_output(self, frame: wire.Frame, step: int, hops: list, elapsed: list, y, seconds: float):
+        """(next hop, its RELAY) or, at the last hop, (None, the RELAYED answer to the client)."""
+        # every hop's input, then the output: the rows received (checked, in the wire's dtype) go
+        # out as they came, with y after them
+        elapsed = elapsed + [_us(seconds)]
+        if hops:
+            nxt = wire.Frame(wire.RELAY, hops[0].session, frame.position, y, first_block=hops[0].first,
+                             last_block=hops[0].last, dtype=frame.dtype,
+                             body={"next": [h.as_json() for h in hops[1:]], "elapsed_us": elapsed, "step": step})
+        else:
+            nxt = wire.Frame(wire.RELAYED, frame.session, frame.position, y, first_block=frame.first_block,
+                             last_block=frame.last_block, elapsed_us=_us(seconds), dtype=frame.dtype,
+                             body={"elapsed_us": elapsed, "step": step})
+        data = wire.encode(nxt, self.key, before=frame.array)
+        trace.mark("framed", step)
+        return (hops[0] if hops else None), data
+
+    async def _pass_on(self, frame: wire.Frame, step: int, session, hop, data: bytes) -> None:
+        """A relayed step's output to the next hop or its client, sent now or queued, never waited
+        for: a slow next node or client must not hold up the connection the frame came in on."""
         try:
-            trace.mark("compute", step)
-            y, seconds = await self._step(session, frame, frame.array[-1:])
-            trace.mark("computed", step)
-            # every hop's input, then the output: the rows received (checked, in the wire's dtype)
-            # go out as they came, with y after them
-            elapsed = elapsed + [_us(seconds)]
-            if hops:
-                nxt = wire.Frame(wire.RELAY, hops[0].session, frame.position, y, first_block=hops[0].first,
-                                 last_block=hops[0].last, dtype=frame.dtype,
-                                 body={"next": [h.as_json() for h in hops[1:]], "elapsed_us": elapsed, "step": step})
-                # sent now or queued, never waited for: a slow next node must not hold up this
-                # connection's other frames
-                data = wire.encode(nxt, self.key, before=frame.array)
-                trace.mark("framed", step)
-                await self.relays.send(hops[0], data, session.owner, frame.session, step)
+            if hop is not None:
+                await self.relays.send(hop, data, session.owner, frame.session, step)
             else:
-                done = wire.Frame(wire.RELAYED, frame.session, frame.position, y, first_block=frame.first_block,
-                                  last_block=frame.last_block, elapsed_us=_us(seconds), dtype=frame.dtype,
-                                  body={"elapsed_us": elapsed, "step": step})
-                data = wire.encode(done, self.key, before=frame.array)
-                trace.mark("framed", step)
                 await self.relays.answer(session.owner, data)  # (never waits for that client)
-        except (wire.WireError, LimitError) as e:
-            await self.relays.tell(session.owner, frame.session, e.code, str(e), step)
-        except relay.RelayError as e:
-            await self.relays.tell(session.owner, frame.session, "relay", str(e), step)
-        except ValueError as e:  # wire.encode: the rows overflow float16
-            await self.relays.tell(session.owner, frame.session, "overflow", str(e), step)
-        except Exception as e:  # a bug must not take the node down for everyone
-            await self.relays.tell(session.owner, frame.session, "internal", f"{type(e).__name__}: {e}", step)
-        return None
+        except Exception as e:
+            await self.relays.tell(session.owner, frame.session, *_failure(e), step)
 
     def _check_span(self, frame: wire.Frame) -> None:
         first, last = frame.first_block, frame.last_block
@@ -233,14 +280,27 @@ class NodeService:
 
     async def _step(self, session, frame: wire.Frame, x: np.ndarray) -> tuple[np.ndarray, float]:
         """x (T, dim) through the session's blocks at frame.position: (T, dim) and the compute seconds."""
-        first, last, T = frame.first_block, frame.last_block, x.shape[0]
-        self.cache.reserve(session, frame.position + T)
-        session.cache.truncate(frame.position)  # a step at an earlier position rewinds
-        session.last_used = time.monotonic()
+        self._begin_step(session, frame, x.shape[0])
         if compute.on_compute_thread():  # the node's own process: this loop's thread computes
             y, seconds = await self._compute_inline(session, x, frame.position)
         else:
             y, seconds = await self._compute_pieces(session, x, frame.position)
+        return self._end_step(session, frame, y, seconds)
+
+    def _step_now(self, session, frame: wire.Frame, x: np.ndarray) -> tuple[np.ndarray, float]:
+        """``_step`` for one row, from a caller that cannot await (relay_now)."""
+        self._begin_step(session, frame, x.shape[0])
+        y, seconds = compute.run(self._compute, session, x if x.dtype == np.float32 else x.astype(np.float32), frame.position,
+                                   frame.position)
+        return self._end_step(session, frame, y, seconds)
+
+    def _begin_step(self, session, frame: wire.Frame, T: int) -> None:
+        self.cache.reserve(session, frame.position + T)
+        session.cache.truncate(frame.position)  # a step at an earlier position rewinds
+        session.last_used = time.monotonic()
+
+    def _end_step(self, session, frame: wire.Frame, y: np.ndarray, seconds: float) -> tuple[np.ndarray, float]:
+        first, last, T = frame.first_block, frame.last_block, y.shape[0]
         session.last_used = time.monotonic()
         if T == 1:
             self._observe(seconds * 1000 / (last - first + 1))
@@ -332,6 +392,17 @@ class NodeService:
         return y, time.perf_counter() - t0
 
 
+def _failure(e: Exception) -> tuple[str, str]:
+    """(code, message) of a relayed step's failure once its session is known (told to its client)."""
+    if isinstance(e, (wire.WireError, LimitError)):
+        return e.code, str(e)
+    if isinstance(e, relay.RelayError):
+        return "relay", str(e)
+    if isinstance(e, ValueError):  # wire.encode: the rows overflow float16
+        return "overflow", str(e)
+    return "internal", f"{type(e).__name__}: {e}"  # a bug must not take the node down for everyone
+
+
 def _us(seconds: float) -> int:
     return min(int(seconds * 1e6), 2**32 - 1)
 
@@ -347,10 +418,16 @@ def make_app(service: NodeService, app: web.Application | None = None) -> web.Ap
                             max_msg_size=service.max_message + 4096, compress=False, timeout=5.0)
         await ws.prepare(request)
         gate = ws.gate
+        gate.fast, gate.fast_kind = service.relay_now, wire.RELAY  # decode steps skip the queue (relay_now)
         connections.add(ws)
         conn = ws  # the owner of the sessions this connection opens (relayed steps answer on it)
         try:
-            while (msg := await _receive(ws, gate, service.limits)) is not None:
+            while True:
+                gate.idle = True
+                msg = await _receive(ws, gate, service, conn)
+                gate.idle = False
+                if msg is None:
+                    break
                 if msg.type not in (WSMsgType.BINARY, WSMsgType.TEXT):  # ERROR, CLOSE: the connection is over
                     break
                 entry = gate.next()
@@ -400,16 +477,20 @@ async def _answer(service: NodeService, msg, entry, conn) -> bytes:
     return await service.handle(msg.data, conn)
 
 
-async def _receive(ws: web.WebSocketResponse, gate, limits):
-    """The next message, or None when the connection has timed out: silent for ``idle_s`` (its
-    sessions would have expired anyway), or a message begun and not finished within ``frame_s`` (a
-    client that stalls mid-frame would hold its share of the in-flight budget forever)."""
-    quiet_since = time.monotonic()
+async def _receive(ws: web.WebSocketResponse, gate, service: NodeService, conn):
+    """The next message, or None when the connection has timed out: silent for ``idle_s`` with no
+    session of its own used meanwhile (they would expire anyway), or a message begun and not
+    finished within ``frame_s`` (a client that stalls mid-frame would hold its share of the
+    in-flight budget forever). Silent is not idle: the fast lane takes relayed steps without a
+    message here (Gate.fast), and a client's connection to the last node of its route only
+    receives the answers of relayed steps, which use its sessions."""
+    limits, quiet_since = service.limits, time.monotonic()
     while True:
         try:
             return await ws.receive(timeout=min(limits.frame_s, limits.idle_s))
         except asyncio.TimeoutError:
             now = time.monotonic()
+            quiet_since = max(quiet_since, gate.fast_seen, service.cache.last_used_by(conn))
             if gate.began is not None and now - gate.began > limits.frame_s:
                 log.warning("closing a connection: a frame took over %gs to arrive", limits.frame_s)
                 return None

@@ -330,8 +330,8 @@ def test_a_relay_on_an_idle_link_is_sent_at_once_and_a_busy_one_queues(six_loade
             await links.send(*frame(0), told, b"\x01" * 16, 0)  # no link yet: queued, connects
             await until(lambda: len(told) >= 1)
             spawned = []
-            real_spawn = links._spawn
-            monkeypatch.setattr(links, "_spawn", lambda coro: (spawned.append(coro), real_spawn(coro)))
+            real_spawn = links.spawn
+            monkeypatch.setattr(links, "spawn", lambda coro: (spawned.append(coro), real_spawn(coro)))
             await links.send(*frame(1), told, b"\x01" * 16, 1)  # open and idle: written here
             assert spawned == [] and links.queues == {}
             await until(lambda: len(told) >= 2)

@@ -1,0 +1,121 @@
+"""The node's fast lane (NodeService.relay_now, Gate.fast): relayed decode steps are computed and
+passed on from the socket's read callback, with the same tokens; what it declines takes the usual
+path; connections it leaves silent are not closed as idle; and relay.write_now, the synchronous
+send it uses, writes what aiohttp's send_bytes would (its private writer has not moved)."""
+
+import asyncio
+import time
+
+import aiohttp
+from aiohttp import web
+
+from swarm import relay
+from swarm.client import distributed_text_model, timings
+from tests.swarm.conftest import PROMPT, greedy, start_node
+
+
+def count_fast(monkeypatch, nodes) -> list[bool]:
+    """Every relay_now verdict of ``nodes``, in order."""
+    verdicts = []
+    for node in nodes:
+        real = node.service.relay_now
+
+        def wrapped(data, real=real):
+            taken = real(data)
+            verdicts.append(taken)
+            return taken
+
+        monkeypatch.setattr(node.service, "relay_now", wrapped)
+    return verdicts
+
+
+def test_relayed_steps_take_the_fast_lane_with_the_same_tokens(six_loader, local_greedy, monkeypatch):
+    nodes = [start_node(six_loader, 0, 1), start_node(six_loader, 2, 3), start_node(six_loader, 4, 5)]
+    try:
+        verdicts = count_fast(monkeypatch, nodes)  # (set before the first connection: the gate reads it then)
+        tm = distributed_text_model(six_loader, [n.url for n in nodes])
+        with tm.open_session(64) as s:
+            assert greedy(s, PROMPT, 8) == local_greedy(PROMPT, 8)
+        assert timings(tm)["relayed_steps"] == 7
+        # 7 steps x 3 nodes; the first steps find no link to the next node yet and go the usual way
+        assert verdicts.count(True) >= 7 * 3 - 2 and len(verdicts) == 7 * 3
+        assert all(n.service.served > 0 for n in nodes)
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def test_a_relay_the_lane_declines_is_answered_on_the_usual_path(six_loader, local_greedy, monkeypatch):
+    """A node whose next hop does not take the output at once (its link is queued) declines, and
+    the step still goes through, bit for bit."""
+    nodes = [start_node(six_loader, 0, 2), start_node(six_loader, 3, 5)]
+    try:
+        verdicts = count_fast(monkeypatch, nodes)
+        monkeypatch.setattr(nodes[0].service.relays, "can_send_now", lambda hop, size: False)
+        tm = distributed_text_model(six_loader, [n.url for n in nodes])
+        with tm.open_session(64) as s:
+            assert greedy(s, PROMPT, 6) == local_greedy(PROMPT, 6)
+        assert timings(tm)["relayed_steps"] == 5 and timings(tm)["failovers"] == 0
+        assert verdicts.count(False) >= 5 and verdicts.count(True) >= 4  # node 1 declines, node 2 takes
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def test_connections_silent_because_of_the_lane_are_not_closed_as_idle(six_loader, local_greedy, monkeypatch):
+    """idle_s of 1 s, steps 0.4 s apart for over 3 s: the first node's connection from the client,
+    the second's from the first node, and the client's to the second (which only receives
+    answers) all see no message of their own, and all stay open: every step relayed, no failover."""
+    nodes = [start_node(six_loader, 0, 2, idle_s=1.0), start_node(six_loader, 3, 5, idle_s=1.0)]
+    try:
+        verdicts = count_fast(monkeypatch, nodes)
+        tm = distributed_text_model(six_loader, [n.url for n in nodes])
+        with tm.open_session(64) as s:
+            assert greedy(s, PROMPT, 9, lambda i: time.sleep(0.4)) == local_greedy(PROMPT, 9)
+        t = timings(tm)
+        assert t["relayed_steps"] == 8 and t["failovers"] == 0, t
+        assert verdicts.count(True) >= 8 * 2 - 1
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def test_write_now_sends_what_send_bytes_would_and_only_when_it_need_not_wait():
+    async def main():
+        got = []
+
+        async def handler(request):
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            async for msg in ws:
+                got.append(bytes(msg.data))
+                if len(got) == 2:
+                    break
+            await ws.close()
+            return ws
+
+        app = web.Application()
+        app.router.add_get("/swarm", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port = runner.addresses[0][1]
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(f"http://127.0.0.1:{port}/swarm")
+            assert relay.write_now(ws, b"\x01" * 1000)  # (a client's frame: masked)
+            transport = ws._writer.transport
+            transport.pause_reading()  # (unrelated to writing: still writes at once)
+            limit = transport.get_write_buffer_limits()[1]
+            too_big = not relay.write_now(ws, b"\x02" * (limit + 1))  # would not go to the socket at once
+            assert relay.write_now(ws, b"\x03" * 10)
+            for _ in range(100):
+                if len(got) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            await ws.close()
+            assert not relay.write_now(ws, b"late")  # closed
+        await runner.cleanup()
+        return got, too_big
+
+    got, too_big = asyncio.run(main())
+    assert got == [b"\x01" * 1000, b"\x03" * 10] and too_big
