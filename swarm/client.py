@@ -19,6 +19,7 @@ import aiohttp
 import numpy as np
 
 from swarm import trace, wire
+from swarm.tap import Tap
 
 CONNECT_TIMEOUT = 10.0
 STEP_TIMEOUT = 30.0        # one step's reply, beyond the allowance per position below
@@ -98,6 +99,12 @@ class Hub:
         self.loop.close()
 
 
+def tap(ws: aiohttp.ClientWebSocketResponse, deliver, max_size: int) -> None:
+    """Put a Tap (swarm/tap.py) between ``ws``'s socket and aiohttp's reader."""
+    protocol = ws._conn.protocol  # (aiohttp's private attributes, pinned in setup.cfg: see test_tap.py)
+    protocol._payload_parser = Tap(protocol._payload_parser, ws._reader, deliver, max_size)
+
+
 class NodeLink:
     """One WebSocket to one node; request() sends a frame and returns the checked reply."""
 
@@ -118,6 +125,7 @@ class NodeLink:
             self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT))
             limit = wire.HEADER.size + (self.max_rows or 0) * (self.dim or 0) * 4 + wire.MAC_LEN + wire.MAX_JSON
             ws = await self.http.ws_connect(self.url, max_msg_size=limit, compress=0, autoping=True)
+            tap(ws, self._deliver, limit)  # (before the first request: a node sends nothing unasked)
             self.reader = asyncio.ensure_future(self._read(ws))
             return ws
 
@@ -128,8 +136,13 @@ class NodeLink:
             raise NodeError(self.url, "unreachable", f"cannot connect ({_why_not_connected(e)})") from None
         return self
 
+    def _deliver(self, payload: bytes) -> None:
+        """A binary message the tap took (swarm/tap.py) into the hub's inbox."""
+        self.hub.inbox.put_nowait((self, aiohttp.WSMessage(aiohttp.WSMsgType.BINARY, payload, None)))
+
     async def _read(self, ws) -> None:
-        """Every message of this link into the hub's inbox, the connection's end included."""
+        """Every message of this link the tap left to aiohttp into the hub's inbox, the connection's
+        end included."""
         while True:
             msg = await ws.receive()
             self.hub.inbox.put_nowait((self, msg))
