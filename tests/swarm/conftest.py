@@ -84,3 +84,16 @@ def local_greedy(six_loader):
             return greedy(s, prompt, n)
 
     return run
+
+
+async def serve_ws(handler):
+    """An aiohttp server on 127.0.0.1 taking WebSockets at /swarm with ``handler``: (runner, port);
+    ``await runner.cleanup()`` stops it."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_get("/swarm", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, runner.addresses[0][1]
