@@ -36,7 +36,7 @@ from aiohttp._websocket.helpers import websocket_mask
 from swarm import trace
 from swarm.memory import Inflight
 
-OP_CONTINUATION, OP_TEXT, OP_BINARY = 0, 1, 2
+OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE = 0, 1, 2, 8
 REFUSED = b"\x82\x00"  # an empty final binary frame: stands in the reader's stream for a refused message
 SESSION_END = 24       # a frame's session id is bytes 8..24 of its payload (swarm/wire.py)
 
@@ -151,8 +151,8 @@ class Gate:
         elif length == 127:
             return None
         at += 4 if second & 0x80 else 0
-        if (at + length != n or first & 0x80 == 0 or (first & 0x0F) not in (OP_TEXT, OP_BINARY)
-                or length >= self.max_msg or not self.budget.take(length)):
+        if (at + length != n or first & 0xF0 != 0x80 or (first & 0x0F) not in (OP_TEXT, OP_BINARY)
+                or length >= self.max_msg or not self.budget.take(length)):  # (0xF0: final, no RSV bits)
             return None
         self.entries.append(Entry(length))
         self._at = at
@@ -215,6 +215,8 @@ class Gate:
     def _start_frame(self, header: bytes, out: list) -> bool:
         """Decide on a frame from its header: pass it, skip it, or (False) wait for the budget."""
         fin, opcode, length, mask = parse_header(header)
+        if opcode == OP_CLOSE:  # nothing after a close takes the fast lane (aiohttp ends the connection)
+            self.fast = None
         self._left, self._mask, self._offset = length, mask, 0
         self._frame_ends_message = fin and opcode < 8
         self._in_message |= opcode < 8

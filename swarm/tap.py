@@ -81,8 +81,8 @@ def _length(h: bytes) -> int:
 
 
 def _whole_binary(data: bytes, max_size: int) -> bytes | None:
-    """The payload if ``data`` is exactly one final, unmasked, uncompressed binary frame of at most
-    ``max_size`` bytes, else None."""
+    """The payload if ``data`` is exactly one final, unmasked, uncompressed binary frame of fewer
+    than ``max_size`` bytes, else None."""
     if len(data) < 2 or data[0] != 0x80 | OP_BINARY or data[1] & 0x80:  # (RSV bits: compression)
         return None
     n, at = data[1] & 0x7F, 2
@@ -90,6 +90,6 @@ def _whole_binary(data: bytes, max_size: int) -> bytes | None:
         n, at = int.from_bytes(data[2:4], "big"), 4
     elif n == 127:
         return None
-    if at + n != len(data) or n > max_size:
+    if at + n != len(data) or n >= max_size:  # (as aiohttp's reader: max_msg_size itself is too big)
         return None
     return data[at:]

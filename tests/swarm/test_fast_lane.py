@@ -1,17 +1,24 @@
 """The node's fast lane (NodeService.relay_now, Gate.fast): relayed decode steps are computed and
 passed on from the socket's read callback, with the same tokens; what it declines takes the usual
-path; connections it leaves silent are not closed as idle; and relay.write_now, the synchronous
-send it uses, writes what aiohttp's send_bytes would (its private writer has not moved)."""
+path; connections it leaves silent are not closed as idle; relay.write_now, the synchronous send
+it uses, writes what aiohttp's send_bytes would (its private writer has not moved); and frames
+aiohttp would refuse (reserved bits set, anything after a close) never take the lane."""
 
 import asyncio
+import os
+import secrets
+import socket
 import time
 
 import aiohttp
 from aiohttp import web
 
-from swarm import relay
+from swarm import relay, wire
 from swarm.client import distributed_text_model, timings
-from tests.swarm.conftest import PROMPT, greedy, serve_ws, start_node
+from swarm.inflight import Gate
+from tests.swarm.conftest import PROMPT, greedy, hidden, serve_ws, start_node
+from tests.swarm.test_inflight import Protocol, Reader, Roomy, ws_frame
+from tests.swarm.test_node_review import raw_websocket
 
 
 def count_fast(monkeypatch, nodes) -> list[list[bool]]:
@@ -117,3 +124,52 @@ def test_write_now_sends_what_send_bytes_would_and_only_when_it_need_not_wait():
 
     got, too_big = asyncio.run(main())
     assert got == [b"\x01" * 1000, b"\x03" * 10] and too_big
+
+
+# -- what the lane must not take ----------------------------------------------------------------------
+def test_a_frame_with_reserved_bits_is_refused_by_aiohttp_not_computed(six_loader):
+    """No extension is negotiated, so a frame with RSV bits set is a protocol error: the lane must
+    leave it to aiohttp, which closes the connection (1002), as for any other frame."""
+    def read_frame(s):
+        s.settimeout(10)
+        head = s.recv(2, socket.MSG_WAITALL)
+        n = head[1] & 0x7F
+        if n >= 126:
+            n = int.from_bytes(s.recv(2 if n == 126 else 8, socket.MSG_WAITALL), "big")
+        return head[0], s.recv(n, socket.MSG_WAITALL) if n else b""
+
+    node = start_node(six_loader, 0, 2)
+    try:
+        for first_byte in (0xC2, 0xF2):  # final, binary, with RSV1 (or all three)
+            s = raw_websocket(node.port)
+            sid = secrets.token_bytes(16)
+            s.sendall(ws_frame(wire.encode(wire.Frame(wire.FORWARD, sid, 0, hidden(3), first_block=0, last_block=2)),
+                               mask=os.urandom(4)))
+            op, data = read_frame(s)
+            assert op == 0x82 and wire.decode(data).type == wire.RESULT
+            time.sleep(0.2)  # the handler waits idle again
+            relay_frame = bytearray(ws_frame(wire.encode(wire.Frame(
+                wire.RELAY, sid, 3, hidden(1, seed=4), first_block=0, last_block=2,
+                body={"next": [], "elapsed_us": [], "step": 1})), mask=os.urandom(4)))
+            relay_frame[0] = first_byte
+            served = node.service.served
+            s.sendall(bytes(relay_frame))
+            op, data = read_frame(s)
+            assert op == 0x88 and int.from_bytes(data[:2], "big") == 1002, (hex(op), data)
+            assert node.service.served == served  # not computed
+            s.close()
+    finally:
+        node.stop()
+
+
+def test_nothing_after_a_close_frame_takes_the_lane():
+    taken = []
+    gate = Gate(Protocol(), Reader(), Roomy(10_000), 10_000, wait_s=1.0)
+    gate.fast, gate.fast_kind, gate.idle = (lambda payload: taken.append(bytes(payload)) or True), wire.RELAY, True
+    relay_payload = bytes(5) + bytes([wire.RELAY]) + bytes(30)
+    gate.feed_data(ws_frame(relay_payload, mask=b"\x01\x02\x03\x04"))
+    assert taken == [relay_payload] and not gate.entries  # (the lane took it: its entry is done)
+    gate.feed_data(ws_frame(b"\x03\xe8", opcode=8, mask=b"\x05\x06\x07\x08"))  # close
+    gate.next()  # (the handler takes the close)
+    gate.feed_data(ws_frame(relay_payload, mask=b"\x01\x02\x03\x04"))
+    assert taken == [relay_payload]  # the one after the close went to aiohttp's reader

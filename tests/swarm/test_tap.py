@@ -162,3 +162,18 @@ def test_a_link_still_reads_what_the_tap_leaves_to_aiohttp():
     assert kinds[-1] in ("CLOSE", "CLOSED") and "TEXT" in kinds and "BINARY" in kinds  # the 300 bytes: aiohttp's
     assert all(len(p) <= 100 for p in direct)
     assert [len(d) for k, d in got if k in ("direct", "BINARY")] == [5, 300]  # ("small" by either way)
+
+
+def test_a_frame_of_the_size_limit_goes_to_aiohttp_which_refuses_it():
+    """aiohttp refuses a message of max_msg_size bytes or more; the tap must not deliver one."""
+    loop = asyncio.new_event_loop()
+    try:
+        for size, direct_expected in ((99, True), (100, False)):
+            queue = WebSocketDataQueue(Protocol(), 2**20, loop=loop)
+            direct = []
+            tap = Tap(WebSocketReader(queue, 100, compress=False, decode_text=True), queue, direct.append, 100)
+            eof, _ = tap.feed_data(ws_frame(b"x" * size))
+            assert bool(direct) == direct_expected
+            assert eof == (not direct_expected)  # (aiohttp's reader: message too big, the connection ends)
+    finally:
+        loop.close()
