@@ -290,8 +290,8 @@ class NodeService:
     def _step_now(self, session, frame: wire.Frame, x: np.ndarray) -> tuple[np.ndarray, float]:
         """``_step`` for one row, from a caller that cannot await (relay_now)."""
         self._begin_step(session, frame, x.shape[0])
-        y, seconds = compute.run(self._compute, session, x if x.dtype == np.float32 else x.astype(np.float32), frame.position,
-                                   frame.position)
+        x = x if x.dtype == np.float32 else x.astype(np.float32)
+        y, seconds = compute.run(self._compute, session, x, frame.position, frame.position)
         return self._end_step(session, frame, y, seconds)
 
     def _begin_step(self, session, frame: wire.Frame, T: int) -> None:

@@ -14,8 +14,8 @@ boundaries, so that it never takes bytes from the middle of a frame.
     socket -> transport -> Tap.feed_data -(one whole binary frame)-> deliver(payload)
                                          '-(anything else)---------> aiohttp WebSocketReader -> ws.receive()
 
-This plugs into aiohttp (pinned in setup.cfg) at the connection protocol's ``_payload_parser`` and the queue's ``_buffer``;
-tests/swarm/test_tap.py fails if it moves.
+This plugs into aiohttp (pinned in setup.cfg) at the connection protocol's ``_payload_parser``
+and the queue's ``_buffer``; tests/swarm/test_tap.py fails if they move.
 """
 
 from __future__ import annotations
