@@ -3,6 +3,10 @@
 A store is a directory anyone can tamper with: a FIFO in place of a fragment blocks ``open``
 forever, a symlink to /dev/zero reads until memory runs out. So files are opened without blocking,
 refused unless they are regular files, and never read past the size the manifest promises.
+
+An output is written to a temporary name and renamed over its final name when complete; so the
+final name must be a regular file or nothing (``output_target``): renaming over /dev/null, a FIFO
+or a symlink would replace it with a file.
 """
 
 from __future__ import annotations
@@ -46,6 +50,32 @@ def read_regular(path: str | Path, limit: int) -> bytes:
             chunks.append(chunk)
             left -= len(chunk)
         return b"".join(chunks)
+
+
+def output_target(path: str | Path) -> Path:
+    """The file to write for the output path ``path`` (by temporary name and rename): ``path``
+    itself when it is new or a regular file, the regular file it names when it is a symlink (the
+    link stays, as with ``cp``); UserError naming it when it is anything else, which the rename
+    would replace: a device such as /dev/null, a FIFO, a socket, a directory, a dangling link."""
+    from common.errors import UserError
+
+    p = Path(path)
+    try:
+        mode = os.stat(p).st_mode  # (follows a symlink)
+    except FileNotFoundError:
+        if p.is_symlink():
+            raise UserError(f"{p}: a symlink to {os.readlink(p)}, which does not exist; give the path "
+                            f"of a file to write") from None
+        return p
+    except OSError as e:
+        raise UserError(f"{p}: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{p}: is a directory; give the path of a file to write")
+    if not stat.S_ISREG(mode):
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise UserError(f"{p}: is {kind}; outputs are written to a temporary name and then renamed, "
+                        f"which would replace it: give the path of a regular file")
+    return Path(os.path.realpath(p)) if p.is_symlink() else p
 
 
 def running(pid: int) -> bool:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from common.errors import UserError
+from common.files import output_target, read_regular
 from engine.chat import NAMED_TEMPLATES
 from generation.sampling import Sampler, SamplingParams
 from generation.stream import Generation, GenerationResult
@@ -181,6 +182,7 @@ class Conversation:
     def save(self, path: str, settings: dict | None = None) -> None:
         """Write the conversation to ``path`` (a temporary name first, renamed when complete)."""
         data = json.dumps(self.to_json(settings), ensure_ascii=False, indent=1).encode("utf-8")
+        path = str(output_target(path))  # (never renamed over a FIFO, a device, a symlink)
         folder = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
         try:
@@ -204,11 +206,19 @@ class Conversation:
         return data["settings"]
 
 
+def _check_unicode(path: str, where: str, text: str) -> None:
+    """JSON's escapes can carry a lone surrogate ("\\ud800"), which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{path}: {where} is not valid Unicode text (a lone surrogate at character "
+                        f"{e.start})") from None
+
+
 def read_saved(path: str) -> dict:
     """A saved conversation, checked field by field; a bad file is one clear error naming it."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(64 * 1024 * 1024 + 1)
+    try:  # (a FIFO would block until a writer came, past Ctrl-C; /dev/zero would never end)
+        raw = read_regular(path, 64 * 1024 * 1024)
     except OSError as e:
         raise UserError(f"{path}: {e.strerror or e}") from None
     if len(raw) > 64 * 1024 * 1024:
@@ -238,6 +248,9 @@ def read_saved(path: str) -> dict:
                 or not isinstance(m.get("content"), str)):
             raise UserError(f"{path}: messages[{i}] must be {{\"role\": \"user\" or \"assistant\", "
                             f"\"content\": string}}")
+        _check_unicode(path, f"messages[{i}].content", m["content"])
+    if system is not None:
+        _check_unicode(path, "system", system)
     model = data.get("model")
     return {"system": system, "template": template, "settings": settings,
             "model": model if isinstance(model, str) else None,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import StoreError, UserError, naming
-from common.files import remove_leftovers
+from common.files import output_target, remove_leftovers
 from common.hashing import BackgroundSHA256
 from common.progress import byte_progress
 from distribution.base import FragmentError, FragmentLoader, MissingFragment
@@ -50,9 +50,7 @@ def recombine(loader: FragmentLoader, out_path: str | Path, progress: bool | Non
     Only when it does not are the fragments hashed one by one, to name the damaged ones.
     """
     started = time.perf_counter()
-    out = Path(out_path)
-    if out.is_dir():
-        raise UserError(f"{out}: is a directory; give the path of the .gguf file to write")
+    out = output_target(out_path)
     if not out.parent.is_dir():
         raise UserError(f"{out.parent}: no such directory")
     _refuse_inside_store(loader, out)

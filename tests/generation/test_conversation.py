@@ -2,6 +2,8 @@
 continue the same context, a full context is an error and never a crash."""
 
 import json
+import os
+import stat
 import threading
 
 import pytest
@@ -81,6 +83,10 @@ def test_save_writes_through_a_temporary_name(text_model, tmp_path):
     (b'{"format": "gguf-fragments-conversation", "version": 1, "messages": [], "template": "klingon"}',
      '"template" must be null'),
     (b"[" * 100000 + b"]" * 100000, "invalid JSON"),
+    (b'{"format": "gguf-fragments-conversation", "version": 1, "messages": [{"role": "user", "content": "Hi '
+     b'\\ud800"}]}', "messages[0].content is not valid Unicode"),
+    (b'{"format": "gguf-fragments-conversation", "version": 1, "messages": [], "system": "\\udfff"}',
+     "system is not valid Unicode"),
 ])
 def test_bad_saved_files_are_one_clear_error(tmp_path, content, needle):
     path = tmp_path / "bad.json"
@@ -88,6 +94,31 @@ def test_bad_saved_files_are_one_clear_error(tmp_path, content, needle):
     with pytest.raises(UserError) as e:
         read_saved(str(path))
     assert str(path) in str(e.value) and needle in str(e.value)
+
+
+def test_special_files_are_neither_read_nor_replaced(text_model, tmp_path):
+    """A FIFO would block a load past Ctrl-C; a save renamed over a FIFO or a device would replace it."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match="not a regular file"):
+        read_saved(str(fifo))  # (returns at once: no writer is waited for)
+    conv = Conversation(text_model, 128)
+    for path in (fifo, tmp_path / "null-link"):
+        if path.name == "null-link":
+            path.symlink_to("/dev/null")
+        with pytest.raises(UserError, match="would replace it"):
+            conv.save(str(path))
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.path.islink(tmp_path / "null-link")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "null-link"]
+
+
+def test_a_save_through_a_symlink_writes_the_file_it_names(text_model, tmp_path):
+    conv = Conversation(text_model, 128, system="Be brief.")
+    (tmp_path / "real.json").write_text("old")
+    (tmp_path / "link.json").symlink_to("real.json")
+    conv.save(str(tmp_path / "link.json"))
+    assert os.path.islink(tmp_path / "link.json")
+    assert read_saved(str(tmp_path / "real.json"))["system"] == "Be brief."
 
 
 def test_a_failed_load_keeps_the_conversation(text_model, tmp_path):

@@ -1,8 +1,11 @@
 """Recombine refuses damaged stores and verify lists exactly what is damaged."""
 
+import os
+import stat
+
 import pytest
 
-from common.errors import StoreError
+from common.errors import StoreError, UserError
 from distribution.local import LocalLoader
 from fragmenter.fragment import fragment_file
 from recombiner.recombine import recombine, verify
@@ -84,3 +87,29 @@ def test_recombine_checks_whole_file_hash(store, tmp_path):
         recombine(LocalLoader(store_dir), out, progress=False)
     assert not out.exists()
     assert verify(LocalLoader(store_dir), progress=False).whole_file_ok is False
+
+
+def test_recombine_never_renames_over_a_special_file(store, tmp_path):
+    """The rebuild is renamed over its output path: a FIFO, a link to a device (/dev/null, run as
+    root) or a directory there would be replaced, so they are refused, unchanged."""
+    store_dir, _ = store
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "fifo")
+    (out / "null").symlink_to("/dev/null")
+    (out / "dangling").symlink_to("nowhere")
+    for name, needle in (("fifo", "is a FIFO"), ("null", "is a character device"), (".", "is a directory"),
+                         ("dangling", "does not exist")):
+        with pytest.raises(UserError, match=needle):
+            recombine(LocalLoader(store_dir), out / name, progress=False)
+    assert stat.S_ISFIFO(os.lstat(out / "fifo").st_mode) and os.readlink(out / "null") == "/dev/null"
+    assert sorted(p.name for p in out.iterdir()) == ["dangling", "fifo", "null"]
+
+
+def test_recombine_through_a_symlink_writes_the_file_it_names(store, factory_models, tmp_path):
+    store_dir, _ = store
+    (tmp_path / "real.gguf").write_bytes(b"old")
+    (tmp_path / "link.gguf").symlink_to("real.gguf")
+    recombine(LocalLoader(store_dir), tmp_path / "link.gguf", progress=False)
+    assert os.path.islink(tmp_path / "link.gguf")
+    assert (tmp_path / "real.gguf").read_bytes() == factory_models["q8_0-spm-gqa"].read_bytes()
