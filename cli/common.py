@@ -279,19 +279,28 @@ def decode_utf8(data: bytes, what: str) -> str:
         raise UserError(f"{what} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
+MAX_PROMPT_BYTES = 64 * 2**20  # far beyond any context window: more is a mistake (/dev/zero), not a prompt
+
+
+def _capped(data: bytes, what: str) -> bytes:
+    if len(data) > MAX_PROMPT_BYTES:
+        raise UserError(f"{what}: more than {MAX_PROMPT_BYTES // 2**20} MiB, too long for a prompt")
+    return data
+
+
 def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     """The prompt from --prompt TEXT, --prompt - (standard input) or --prompt-file FILE."""
     if (prompt is None) == (prompt_file is None):
         raise UserError("give the prompt with exactly one of --prompt TEXT, --prompt - (standard input) "
                         "or --prompt-file FILE")
     if prompt_file is not None:
-        try:
+        try:  # (a pipe is fine: --prompt-file <(cmd); /dev/zero ends at the cap)
             with open(prompt_file, "rb") as f:
-                return decode_utf8(f.read(), prompt_file)
+                return decode_utf8(_capped(f.read(MAX_PROMPT_BYTES + 1), prompt_file), prompt_file)
         except OSError as e:
             raise UserError(f"{prompt_file}: {e.strerror or e}") from None
     if prompt == "-":
-        return decode_utf8(sys.stdin.buffer.read(), "standard input")
+        return decode_utf8(_capped(sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1), "standard input"), "standard input")
     return check_utf8(prompt, "--prompt")
 
 

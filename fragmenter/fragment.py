@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import math
 import os
 import threading
 import time
@@ -51,6 +52,8 @@ def parse_size(text: str) -> int:
         raise UserError(f"fragment size {text!r}: expected a number with an optional unit (KB, MB, MiB, ...)")
     if unit not in _UNITS:
         raise UserError(f"fragment size {text!r}: unknown unit {unit!r} (use B, KB, MB, GB, KiB, MiB, GiB)")
+    if not math.isfinite(value * _UNITS[unit]):  # ("1e400", "nan", "inf")
+        raise UserError(f"fragment size {text!r}: not a finite number of bytes")
     return int(value * _UNITS[unit])
 
 

@@ -176,6 +176,7 @@ def test_prompt_from_stdin_and_from_a_file_equal_the_option(factory_models, tmp_
     ([], "exactly one of --prompt"),
     (["--prompt", "hi", "--prompt-file", "x.txt"], "exactly one of --prompt"),
     (["--prompt-file", "/nonexistent/p.txt"], "/nonexistent/p.txt"),
+    (["--prompt-file", "/dev/zero"], "/dev/zero: more than 64 MiB, too long for a prompt"),
     (["--prompt", "", "--no-chat"], "the prompt is empty"),
     (["--prompt", "hi", "--seed", "-2"], "--seed must be >= 0, or -1"),
 ])

@@ -183,7 +183,7 @@ def test_parse_size():
     assert parse_size("4MiB") == 4 * 2**20
     assert parse_size("65536") == 65536
     assert parse_size("1.5 KiB") == 1536
-    for bad in ("ten", "5XB", ""):
+    for bad in ("ten", "5XB", "", "1e400", "1e300GB", "nan", "inf"):
         with pytest.raises(UserError):
             parse_size(bad)
 
