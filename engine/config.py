@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,32 +40,51 @@ class LlamaConfig:
                 raise UserError(f"{where}: metadata {arch}.{key} is missing")
             return value
 
-        dim = int(get("embedding_length"))
-        n_heads = int(get("attention.head_count"))
+        def whole(key, default=None, least: int = 1) -> int:
+            """A count from the metadata: a whole number >= ``least``, or one line naming the key."""
+            return _whole(get(key, default), f"{where}: metadata {arch}.{key}", least)
+
+        def real(key, default) -> float:
+            value = get(key, default)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+                raise UserError(f"{where}: metadata {arch}.{key} must be a positive number, not {value!r:.40}")
+            return float(value)
+
+        dim = whole("embedding_length")
+        n_heads = whole("attention.head_count")
         n_kv = get("attention.head_count_kv", n_heads)
-        if hasattr(n_kv, "__len__"):  # per-layer list: LLaMA uses one value for all layers
-            if len(set(int(v) for v in n_kv)) != 1:
+        if hasattr(n_kv, "__len__") and not isinstance(n_kv, str):  # per-layer list: LLaMA uses one for all
+            if len(set(_whole(v, f"{where}: metadata {arch}.attention.head_count_kv", 1) for v in n_kv)) != 1:
                 raise UserError(f"{where}: per-layer KV head counts are not supported")
             n_kv = n_kv[0]
-        n_kv = int(n_kv)
-        head_dim = int(get("attention.key_length", dim // n_heads))
+        n_kv = _whole(n_kv, f"{where}: metadata {arch}.attention.head_count_kv", 1)
+        head_dim = whole("attention.key_length", dim // n_heads)
         if n_heads % n_kv:
             raise UserError(f"{where}: {n_heads} heads do not divide into {n_kv} KV heads")
         scale = 1.0
         scaling_type = md.get(f"{arch}.rope.scaling.type")
         if scaling_type == "linear":
-            scale = 1.0 / float(get("rope.scaling.factor"))
+            scale = 1.0 / real("rope.scaling.factor", None)
         elif scaling_type not in (None, "none"):
             raise UserError(f"{where}: rope scaling {scaling_type!r} is not supported (only linear)")
         elif f"{arch}.rope.scale_linear" in md:
-            scale = 1.0 / float(md[f"{arch}.rope.scale_linear"])
+            scale = 1.0 / real("rope.scale_linear", None)
         tokens = md.get("tokenizer.ggml.tokens")
-        vocab = int(md.get(f"{arch}.vocab_size", len(tokens) if tokens is not None else 0))
+        vocab = whole("vocab_size", len(tokens) if hasattr(tokens, "__len__") and len(tokens) else None)
         return cls(
-            n_layers=int(get("block_count")), dim=dim, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
-            ffn_dim=int(get("feed_forward_length")), vocab_size=vocab,
-            context_length=int(get("context_length", 2048)),
-            rms_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_base=float(get("rope.freq_base", 10000.0)),
-            rope_dim=int(get("rope.dimension_count", head_dim)), rope_scale=scale,
+            n_layers=whole("block_count"), dim=dim, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
+            ffn_dim=whole("feed_forward_length"), vocab_size=vocab,
+            context_length=whole("context_length", 2048),
+            rms_eps=real("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_base=real("rope.freq_base", 10000.0),
+            rope_dim=whole("rope.dimension_count", head_dim, least=0), rope_scale=scale,
         )
+
+
+def _whole(value, what: str, least: int) -> int:
+    """``value`` as an int if it is a whole number >= ``least`` (GGUF writers use any integer type,
+    some a float), else one line: a string, NaN, a negative or zero count must not reach a division."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value or int(value) != value \
+            or value < least:
+        raise UserError(f"{what} must be a whole number >= {least}, not {value!r:.40}")
+    return int(value)

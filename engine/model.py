@@ -16,6 +16,8 @@ so a node can serve part of a model; the embedding and the head live with the fi
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +34,7 @@ from engine.weights_source import WeightSource
 
 BLOCK_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 BLOCK_NORMS = ("attn_norm", "ffn_norm")
+_BLOCK_NAME = re.compile(r"blk\.(\d+)\.")
 _PLAIN_TYPES = {"F32", "F16"}
 PROMPT_CHUNK = 512  # positions per batched pass (llama.cpp's default batch)
 
@@ -169,6 +172,11 @@ class LlamaModel:
                 "token_embd": (c.vocab_size, c.dim), "output": (c.vocab_size, c.dim)}[kind]
 
     def _check_tensors(self, names: set[str]) -> None:
+        n = self.config.n_layers
+        beyond = sorted({int(m.group(1)) for m in map(_BLOCK_NAME.match, names) if m} - set(range(n)))
+        if beyond:  # the metadata undercounts the blocks: running fewer would give wrong text, silently
+            raise UserError(f"{self.loader.where}: the model holds tensors of block {beyond[0]}, but its metadata "
+                            f"{self.loader.metadata.get('general.architecture')}.block_count is {n}")
         for name in self._needed_tensors(names):
             if name not in names:
                 raise UserError(f"{self.loader.where}: tensor {name!r} is missing from the model")

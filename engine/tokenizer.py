@@ -15,6 +15,7 @@ Decoding works on bytes, so a streaming decoder can hold back a character split 
 from __future__ import annotations
 
 import codecs
+import numbers
 import re
 from functools import cached_property
 from typing import Any, Iterable
@@ -68,12 +69,18 @@ class Tokenizer:
         self.kind = md.get("tokenizer.ggml.model")
         if self.kind not in ("llama", "gpt2"):
             raise UserError(f"{where}: tokenizer {self.kind!r} is not supported (llama or gpt2)")
-        self.tokens: list[str] = list(md["tokenizer.ggml.tokens"])
+        tokens = md.get("tokenizer.ggml.tokens")
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+            raise UserError(f"{where}: metadata tokenizer.ggml.tokens is missing or not a list of strings")
+        self.tokens: list[str] = tokens
         types = md.get("tokenizer.ggml.token_type")
         self.types = [int(t) for t in types] if types is not None else [int(TokenType.NORMAL)] * len(self.tokens)
-        self.bos_id = _opt_int(md.get("tokenizer.ggml.bos_token_id"))
-        self.eos_id = _opt_int(md.get("tokenizer.ggml.eos_token_id"))
-        self.eot_id = _opt_int(md.get("tokenizer.ggml.eot_token_id"))
+        if len(self.types) != len(self.tokens):
+            raise UserError(f"{where}: metadata tokenizer.ggml.token_type has {len(self.types)} entries for "
+                            f"{len(self.tokens)} tokens")
+        self.bos_id = self._token_id(md, "bos")
+        self.eos_id = self._token_id(md, "eos")
+        self.eot_id = self._token_id(md, "eot")
         default_bos = self.kind == "llama"
         self.add_bos = bool(md.get("tokenizer.ggml.add_bos_token", default_bos)) and self.bos_id is not None
         self.add_space_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", self.kind == "llama"))
@@ -88,6 +95,16 @@ class Tokenizer:
         else:
             self._bpe = _bpe_from_vocab(self.tokens, md.get("tokenizer.ggml.merges"),
                                         md.get("tokenizer.ggml.pre", "default"), where)
+
+    def _token_id(self, md: dict[str, Any], which: str) -> int | None:
+        """tokenizer.ggml.<which>_token_id: None, or a token of the vocabulary (else one line)."""
+        value = md.get(f"tokenizer.ggml.{which}_token_id")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < len(self.tokens):
+            raise UserError(f"{self.where}: metadata tokenizer.ggml.{which}_token_id {value!r:.40} is not a token "
+                            f"of its {len(self.tokens)}-token vocabulary")
+        return int(value)
 
     @property
     def vocab_size(self) -> int:
@@ -186,8 +203,6 @@ class StreamDecoder:
         return self._utf8.decode(b"", final=True)
 
 
-def _opt_int(value) -> int | None:
-    return None if value is None else int(value)
 
 
 def _sentencepiece_from_vocab(tokens: list[str], scores, types: list[int]):

@@ -277,14 +277,19 @@ def parse_header(stream: BinaryIO, source: str = "<stream>", decode_strings: boo
         seen.add(name)
         tensors.append(TensorInfo(name, int(ggml_type), dims, offset))
 
-    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
-    if alignment <= 0 or alignment & (alignment - 1):
-        raise GGUFFormatError(f"{source}: general.alignment {alignment} is not a power of two")
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise GGUFFormatError(f"{source}: general.alignment {alignment!r:.40} is not a power of two")
     data_offset = -(-r.pos // alignment) * alignment
     header = GGUFHeader(version, metadata, tensors, alignment, data_offset, value_types, r.pos)
     for t in tensors:
         if t.offset % alignment:
             raise GGUFFormatError(f"{source}: tensor {t.name!r} data offset {t.offset} is not aligned to {alignment}")
+    ordered = sorted(tensors, key=lambda t: t.offset)
+    for a, b in zip(ordered, ordered[1:]):  # two tensors sharing bytes: one of them reads the other's weights
+        if a.offset + a.n_bytes > b.offset:
+            raise GGUFFormatError(f"{source}: tensor {b.name!r} at data offset {b.offset} overlaps tensor {a.name!r} "
+                                  f"({a.offset}-{a.offset + a.n_bytes})")
     return header
 
 

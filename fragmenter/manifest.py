@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,9 +265,12 @@ def model_summary(header: GGUFHeader) -> dict:
     md = header.metadata
     arch = md.get("general.architecture", "unknown")
 
-    def get(key):
+    def get(key):  # (a summary for people: a value that is no count is left out, the engine refuses it)
         value = md.get(f"{arch}.{key}")
-        return int(value) if value is not None and not hasattr(value, "__len__") else value
+        if hasattr(value, "__len__") and not isinstance(value, str):
+            return value
+        whole = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return int(value) if whole and int(value) == value else None
 
     tokens = md.get("tokenizer.ggml.tokens")
     vocab = get("vocab_size") or (len(tokens) if tokens is not None else None)

@@ -9,6 +9,8 @@ from gguf.constants import GGMLQuantizationType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.errors import UserError
+from distribution.gguf_file import GGUFFileLoader
 from distribution.local import LocalLoader
 from engine import kernels_numba
 from engine.model import LlamaModel
@@ -169,3 +171,33 @@ def test_every_loader_is_a_weight_source(factory_models, default_store):
 
     for loader in (GGUFFileLoader(factory_models["q8_0-spm-gqa"]), LocalLoader(default_store)):
         assert isinstance(loader, WeightSource), type(loader).__name__
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("llama.block_count", "two", "llama.block_count must be a whole number >= 1, not 'two'"),
+    ("llama.block_count", float("nan"), "llama.block_count must be a whole number >= 1, not nan"),
+    ("llama.block_count", True, "llama.block_count must be a whole number"),
+    ("llama.attention.head_count", 0, "llama.attention.head_count must be a whole number >= 1, not 0"),
+    ("llama.attention.head_count_kv", 0, "llama.attention.head_count_kv must be a whole number >= 1, not 0"),
+    ("llama.embedding_length", -64, "llama.embedding_length must be a whole number >= 1"),
+    ("llama.context_length", 2.5, "llama.context_length must be a whole number"),
+    ("llama.rope.freq_base", float("inf"), "llama.rope.freq_base must be a positive number"),
+    ("llama.attention.layer_norm_rms_epsilon", "tiny", "llama.attention.layer_norm_rms_epsilon must be a positive number"),
+])
+def test_metadata_of_the_wrong_kind_is_one_line_naming_the_key(factory_models, key, value, needle):
+    """A count that is a string, NaN or zero ended in a ValueError or ZeroDivisionError traceback."""
+    from engine.config import LlamaConfig
+
+    md = dict(GGUFFileLoader(factory_models["q8_0-spm-gqa"]).metadata, **{key: value})
+    with pytest.raises(UserError, match="m.gguf: metadata " + needle.replace("(", r"\(").replace(")", r"\)")):
+        LlamaConfig.from_metadata(md, "m.gguf")
+
+
+def test_blocks_beyond_the_metadatas_count_are_refused(factory_models):
+    """block_count 1 in a file of two blocks ran one block, and gave wrong text with exit 0."""
+    loader = GGUFFileLoader(factory_models["q8_0-spm-gqa"])
+    n = loader.metadata["llama.block_count"]
+    loader.metadata["llama.block_count"] = n - 1
+    with pytest.raises(UserError, match=f"holds tensors of block {n - 1}, but its metadata llama.block_count "
+                                        f"is {n - 1}"):
+        LlamaModel(loader)

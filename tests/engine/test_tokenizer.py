@@ -115,3 +115,23 @@ def test_piece_bytes_are_built_before_the_first_token_is_timed(default_gguf):
         else:
             continue
         assert tok.token_bytes(i) == expected, (i, text)
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("tokenizer.ggml.bos_token_id", 10**6, "bos_token_id 1000000 is not a token of its"),
+    ("tokenizer.ggml.eos_token_id", -1, "eos_token_id -1 is not a token of its"),
+    ("tokenizer.ggml.eot_token_id", "2", "eot_token_id '2' is not a token"),
+    ("tokenizer.ggml.tokens", None, "tokenizer.ggml.tokens is missing or not a list of strings"),
+    ("tokenizer.ggml.token_type", [1, 1], "token_type has 2 entries for"),
+])
+def test_bad_tokenizer_metadata_is_one_line(factory_models, key, value, needle):
+    """A BOS/EOS id past the vocabulary was an IndexError when the chat template ran; missing tokens a KeyError."""
+    from common.errors import UserError
+
+    md = dict(GGUFFileLoader(factory_models["q8_0-spm-gqa"]).metadata)
+    if value is None:
+        del md[key]
+    else:
+        md[key] = value
+    with pytest.raises(UserError, match="m.gguf: metadata .*" + needle):
+        Tokenizer(md, "m.gguf")

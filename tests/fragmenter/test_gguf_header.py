@@ -62,6 +62,40 @@ def test_not_gguf():
         parse_header(io.BytesIO(b"PK\x03\x04 this is a zip"), "x.gguf")
 
 
+def _two_tensor_file(tmp_path, **metadata) -> bytes:
+    from gguf import GGUFWriter
+
+    path = tmp_path / "two.gguf"
+    w = GGUFWriter(str(path), "llama")
+    for key, value in metadata.items():
+        w.add_string(key, value)
+    w.add_tensor("a", np.arange(32, dtype=np.float32))
+    w.add_tensor("b", np.arange(32, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path.read_bytes()
+
+
+def test_tensors_sharing_bytes_are_refused(tmp_path):
+    """llama.cpp refuses a tensor placed over another's bytes; so do we (the engine ran it, reading
+    one tensor's weights as another's, and said nothing)."""
+    data = bytearray(_two_tensor_file(tmp_path))
+    parse_header(io.BytesIO(bytes(data)), "ok.gguf")
+    at = data.index(struct.pack("<Q", 1) + b"b") + 9 + 4 + 8 + 4  # name, n_dims, one dim, type: then offset
+    assert struct.unpack_from("<Q", data, at)[0] == 128
+    struct.pack_into("<Q", data, at, 96)  # aligned, but inside "a" (0-128)
+    with pytest.raises(GGUFFormatError, match="overlap.gguf: tensor 'b' at data offset 96 overlaps tensor 'a'"):
+        parse_header(io.BytesIO(bytes(data)), "overlap.gguf")
+
+
+def test_an_alignment_that_is_not_a_number_is_named(tmp_path):
+    data = _two_tensor_file(tmp_path, **{"general.alignment": "x"})
+    with pytest.raises(GGUFFormatError, match="general.alignment 'x' is not a power of two"):
+        parse_header(io.BytesIO(data), "a.gguf")
+
+
 def test_unsupported_version():
     data = b"GGUF" + struct.pack("<IQQ", 7, 0, 0)
     with pytest.raises(GGUFFormatError, match="unsupported GGUF version 7"):
