@@ -48,12 +48,11 @@ class StopMatcher:
     def feed(self, text: str) -> str:
         """New text in; returns what is safe to print now."""
         self.pending += text
-        for s in self.stops:
-            i = self.pending.find(s)
-            if i >= 0:
-                self.done = True
-                out, self.pending = self.pending[:i], ""
-                return out
+        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if found:  # the earliest stop in the text wins, not the first in the list
+            self.done = True
+            out, self.pending = self.pending[:min(found)], ""
+            return out
         hold = 0
         for s in self.stops:
             for n in range(min(len(s) - 1, len(self.pending)), 0, -1):

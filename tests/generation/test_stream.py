@@ -3,13 +3,15 @@
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from common.errors import UserError
 from distribution.gguf_file import GGUFFileLoader
 from engine.model import LlamaModel
 from generation.sampling import Sampler, SamplingParams
 from engine.tokenizer import Tokenizer
-from generation.stream import Generation, generate
+from generation.stream import Generation, StopMatcher, generate
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -74,3 +76,25 @@ def test_decode_speed_counts_the_steps_run(model_and_tokenizer):
         assert gen.result.tokens == [5, 6, 7]
         assert gen.result.decode_steps == steps == len(gen.fed) - len(gen.result.prompt_tokens)
         assert gen.result.decode_tok_s == pytest.approx(steps / gen.result.decode_s)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet="abc ", max_size=30), stops=st.lists(st.text(alphabet="abc", min_size=1, max_size=3),
+                                                                 max_size=3),
+       cuts=st.lists(st.integers(0, 30), max_size=6))
+def test_stop_matcher_cuts_at_the_earliest_stop_however_the_text_arrives(text, stops, cuts):
+    """Whatever the pieces, the text shown is the text up to the earliest occurrence of any stop
+    string (OpenAI and llama.cpp's rule; the first stop in the list used to win even when another
+    came earlier in the text, which showed text past a stop), and all of it when none occurs."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    expected = text[:min(hits)] if hits else text
+    m = StopMatcher(stops)
+    shown, at = "", 0
+    for cut in sorted(cuts) + [len(text)]:
+        if m.done:
+            break
+        shown += m.feed(text[at:max(at, cut)])
+        at = max(at, cut)
+    if not m.done:
+        shown += m.flush()
+    assert shown == expected and m.done == bool(hits)
