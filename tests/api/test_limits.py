@@ -163,6 +163,23 @@ def test_stalled_bodies_are_capped_by_the_body_budget(factory_text_model):
         assert raw(s, "/v1/completions", {"prompt": "hi", "max_tokens": 1, **GREEDY}, timeout=30)[0] == 200
 
 
+def test_bodies_announced_but_not_sent_hold_no_budget(factory_text_model):
+    """The budget counts bytes received, not bytes announced: connections that each announce the
+    largest body and send one byte used to hold all of it, and every other client got 503 for 30 s."""
+    with running(factory_text_model, max_body=1000, body_budget=2000, limits=FAST) as s:
+        stalled = []
+        for _ in range(4):  # 4 x 1000 announced, far over the budget; 4 bytes sent
+            sock = socket.create_connection(("127.0.0.1", s.port), timeout=5)
+            sock.sendall(post("/v1/completions", b"x" * 1000, JSON)[:-999])
+            stalled.append(sock)
+        time.sleep(0.3)
+        try:
+            assert raw(s, "/v1/completions", {"prompt": "hi", "max_tokens": 1, **GREEDY}, timeout=30)[0] == 200
+        finally:
+            for sock in stalled:
+                sock.close()
+
+
 def test_expect_100_continue_with_a_too_large_body_gets_413_at_once(server):
     head = post("/v1/completions", b"", {**AUTH, "Expect": "100-continue"}).replace(
         b"Content-Length: 0", f"Content-Length: {10 * MAX_BODY}".encode())
