@@ -128,18 +128,36 @@ def _stops(body: dict) -> list[str]:
     return [_text(s, f"stop[{i}]") for i, s in enumerate(value) if s]
 
 
+# llama-server's own fields that change the output, with the values that change nothing: refused
+# otherwise, as OpenAI's own unsupported fields are (its users send them; ignoring them silently
+# would answer something other than what was asked)
+LLAMA_SERVER_FIELDS = {"grammar": (None, ""), "json_schema": (None, {}), "n_probs": (None, 0), "ignore_eos": (None, False),
+                       "mirostat": (None, 0), "typical_p": (None, 1, 1.0), "dry_multiplier": (None, 0, 0.0),
+                       "xtc_probability": (None, 0, 0.0), "dynatemp_range": (None, 0, 0.0)}
+
+
+def _neutral(value, allowed: tuple) -> bool:
+    """``value`` is one of ``allowed``, type for type: JSON's true is not 1, nor false 0."""
+    return any(value is a or (type(value) is type(a) and value == a) or
+               (type(value) in (int, float) and type(a) in (int, float) and value == a) for a in allowed)
+
+
 def _refuse_unsupported(body: dict) -> None:
     """Fields we know but cannot honour: refused rather than silently ignored."""
-    if body.get("n") not in (None, 1):
-        raise bad("n", f"only n=1 is supported, got {_show(body['n'])}", "unsupported_value")
-    if body.get("best_of") not in (None, 1):
-        raise bad("best_of", "only best_of=1 is supported", "unsupported_value")
+    for name in ("n", "best_of"):
+        if not _neutral(body.get(name), (None, 1)):
+            raise bad(name, f"only {name}=1 is supported, got {_show(body[name])}", "unsupported_value")
     for name in ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias"):
-        if body.get(name) not in (None, False, [], {}, ""):
+        if not _neutral(body.get(name), (None, False, [], {}, "")):  # (legacy logprobs 0 asks for them too)
             raise bad(name, "is not supported by this server", "unsupported_parameter")
     for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
+        if not _neutral(body.get(name), (None, 0)):
             raise bad(name, "is not supported by this server (use repeat_penalty)", "unsupported_parameter")
+    if body.get("n_predict") is not None:
+        raise bad("n_predict", "is llama-server's own name: send max_tokens", "unsupported_parameter")
+    for name, allowed in LLAMA_SERVER_FIELDS.items():
+        if not _neutral(body.get(name), allowed):
+            raise bad(name, "is not supported by this server", "unsupported_parameter")
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in (None, "text")):
         raise bad("response_format", "only {\"type\": \"text\"} is supported", "unsupported_value")
@@ -175,9 +193,9 @@ def _common(body, kind: str, context_length: int) -> Request:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("model", f"must be a string, got {_show(model)}", "invalid_type")
-    which = "max_completion_tokens" if kind == "chat" and body.get("max_completion_tokens") is not None \
-        else "max_tokens"  # the newer name wins when a chat request sends both, as OpenAI's
-    max_tokens = _integer(body, which, None, lo=1)
+    limits = {name: _integer(body, name, None, lo=1) for name in ("max_tokens", "max_completion_tokens")}
+    which = "max_completion_tokens" if limits["max_completion_tokens"] is not None else "max_tokens"
+    max_tokens = limits[which]  # the newer name wins when both are sent, as OpenAI's (both are checked)
     if max_tokens is not None and max_tokens > context_length:
         raise bad(which, f"{max_tokens} is more than the context window holds ({context_length} tokens)",
                   "context_length_exceeded")

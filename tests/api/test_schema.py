@@ -60,12 +60,39 @@ def test_defaults_follow_llama_server():
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
+    # JSON's true is not 1, nor false 0 (Python's == says they are)
+    ({"n": True}, "n"),
+    ({"best_of": True}, "best_of"),
+    ({"presence_penalty": False}, "presence_penalty"),
+    # both names of the limit are checked, whichever wins
+    ({"max_tokens": "x", "max_completion_tokens": 3}, "max_tokens"),
+    # llama-server's own fields that change the answer
+    ({"grammar": "root ::= \"a\""}, "grammar"),
+    ({"json_schema": {"type": "object"}}, "json_schema"),
+    ({"n_probs": 3}, "n_probs"),
+    ({"ignore_eos": True}, "ignore_eos"),
+    ({"n_predict": 5}, "n_predict"),
+    ({"mirostat": 2}, "mirostat"),
 ])
 def test_chat_refusals_name_the_field(body, param):
     body = {"messages": [{"role": "user", "content": "hi"}], **body}
     with pytest.raises(APIError) as e:
         parse_chat(body, CTX)
     assert e.value.status == 400 and e.value.param == param and param in e.value.message
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted():
+    req = parse_chat({"messages": [{"role": "user", "content": "hi"}], "n": 1, "best_of": 1, "logprobs": False,
+                      "presence_penalty": 0.0, "frequency_penalty": 0, "grammar": "", "ignore_eos": False,
+                      "typical_p": 1.0, "n_probs": 0, "max_completion_tokens": 3, "max_tokens": 9}, CTX)
+    assert req.max_tokens == 3
+
+
+def test_legacy_logprobs_zero_is_refused():
+    """In OpenAI's legacy completions, logprobs 0 still asks for the sampled tokens' logprobs."""
+    with pytest.raises(APIError) as e:
+        parse_completion({"prompt": "hi", "logprobs": 0}, CTX)
+    assert e.value.param == "logprobs"
 
 
 def test_chat_accepts_text_parts_developer_role_and_stop_string():
