@@ -143,6 +143,8 @@ async def _errors(request: web.Request, handler):
             raise
         response = _error_response(APIError(e.status, f"{request.method} {request.path}: {e.reason}",
                                             code=e.reason.lower().replace(" ", "_")))
+        if "Allow" in e.headers:  # a 405 says which methods the path takes (HTTP requires it)
+            response.headers["Allow"] = e.headers["Allow"]
     except UserError as e:
         response = _error_response(APIError(400, str(e)))
     except Exception as e:  # noqa: BLE001 - a bug must not take the server down: report it, keep serving
@@ -174,6 +176,8 @@ def _route_name(request: web.Request) -> str:
 def _error_response(e: APIError) -> web.Response:
     # 503 (loading, busy): when to ask again, as HTTP says (the OpenAI client's retries read it)
     headers = {"Retry-After": "1"} if e.status == 503 else None
+    if e.status == 401:  # how to authenticate, as HTTP requires of a 401
+        headers = {"WWW-Authenticate": "Bearer"}
     return web.json_response(e.body(), status=e.status, headers=headers)
 
 
@@ -264,6 +268,10 @@ async def _expect(request: web.Request):
             await _auth(request, _nothing)
     except APIError as e:
         return _error_response(e)
+    expect = request.headers.get("Expect", "")
+    if expect.lower() != "100-continue":  # (aiohttp's own answer to it is plain text)
+        return _error_response(APIError(417, f"Expect: {expect[:80]!r} is not supported (only 100-continue)",
+                                        code="expectation_failed"))
     return await _default_expect(request)
 
 
@@ -485,14 +493,20 @@ class _Reply:
     def _stream_object(self) -> str:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
+    def _streamed(self, choices: list) -> dict:
+        out = self._envelope(self._stream_object(), choices)
+        if self.req.include_usage:  # OpenAI's form: "usage": null on every chunk but the usage chunk
+            out["usage"] = None
+        return out
+
     def first_chunk(self) -> dict:
-        return self._envelope(self._stream_object(), [self._choice("", None, role=True)])
+        return self._streamed([self._choice("", None, role=True)])
 
     def chunk(self, text: str) -> dict:
-        return self._envelope(self._stream_object(), [self._choice(text, None)])
+        return self._streamed([self._choice(text, None)])
 
     def last_chunk(self, job: Job) -> dict:
-        out = self._envelope(self._stream_object(), [self._choice(None, _finish(job.result))])
+        out = self._streamed([self._choice(None, _finish(job.result))])
         out["timings"] = _timings(job)
         return out
 

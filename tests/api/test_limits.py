@@ -234,6 +234,20 @@ def test_bad_bodies_are_4xx(server, body, headers, status, code):
 def test_a_non_ascii_api_key_is_a_401(server, key):
     answer, _ = send(server, post("/v1/completions", b'{"prompt": "hi"}', {**JSON, "Authorization": key}))
     assert status_of(answer) == 401 and body_of(answer)["error"]["code"] == "invalid_api_key"
+    assert b"\r\nWWW-Authenticate: Bearer\r\n" in answer.split(b"\r\n\r\n")[0] + b"\r\n"
+
+
+def test_a_405_names_the_allowed_methods(server):
+    answer, _ = send(server, b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sesame\r\n"
+                             b"Connection: close\r\n\r\n")
+    head = answer.split(b"\r\n\r\n")[0].decode()
+    assert status_of(answer) == 405 and "error" in body_of(answer)
+    assert "Allow: POST" in head, head
+
+
+def test_an_unknown_expectation_is_a_json_417(server):
+    answer, _ = send(server, post("/v1/completions", b'{"prompt": "hi"}', {**AUTH, "Expect": "something-else"}))
+    assert status_of(answer) == 417 and body_of(answer)["error"]["code"] == "expectation_failed"
 
 
 @pytest.mark.parametrize("scheme", ["bearer", "BEARER", "Bearer"])

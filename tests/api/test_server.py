@@ -99,6 +99,17 @@ def test_sse_ends_with_done(server):
     assert last["object"] == "text_completion" and last["choices"][0]["finish_reason"] == "length"
 
 
+def test_with_include_usage_every_chunk_but_the_last_says_usage_null(server):
+    """OpenAI's wire form: "usage": null on each chunk, the counts on a last chunk with no choices."""
+    body = {"messages": HELLO, "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
+    req = urllib.request.Request(server.url + "/v1/chat/completions", method="POST", data=json.dumps(body).encode(),
+                                 headers=JSON)
+    with urllib.request.urlopen(req, timeout=30) as r:
+        chunks = [json.loads(e[6:]) for e in r.read().decode().split("\n\n") if e and e != "data: [DONE]"]
+    assert len(chunks) >= 3 and all("usage" in c and c["usage"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+
+
 def test_completions_streamed_and_not(server):
     c = client(server)
     whole = c.completions.create(model=server_model(server), prompt="The quick brown", max_tokens=12, **GREEDY)
