@@ -173,6 +173,11 @@ def _route_name(request: web.Request) -> str:
     return resource.canonical if resource is not None else "other"
 
 
+def _unparsable(status: int, message: str) -> web.Response:
+    """A request aiohttp could not parse (common/aio_server.py): in the same shape as every error."""
+    return _error_response(APIError(status, f"the request could not be parsed: {message}", code="invalid_request"))
+
+
 def _error_response(e: APIError) -> web.Response:
     # 503 (loading, busy): when to ask again, as HTTP says (the OpenAI client's retries read it)
     headers = {"Retry-After": "1"} if e.status == 503 else None
@@ -287,6 +292,10 @@ def _check_headers(request: web.Request) -> None:
                        code="unsupported_media_type")
     if request.content_length is not None and request.content_length > service.max_body:
         raise APIError(413, f"the request body is larger than {service.max_body} bytes", code="request_too_large")
+    coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding not in ("identity", "gzip"):  # (aiohttp waits out a bad deflate body, passes others on undecoded)
+        raise APIError(415, f"Content-Encoding {coding[:40]!r} is not supported: send gzip or no encoding",
+                       code="unsupported_media_type")
 
 
 async def _read_json(request: web.Request):
@@ -564,7 +573,8 @@ async def start(app: web.Application, host: str = "127.0.0.1", port: int = 8080,
     ``limits``: idle and silent connections, stalled bodies and the connection count are bounded.
     """
     try:
-        return await start_site(app, host, port, limits, handler_cancellation=True, access_log=None)
+        return await start_site(app, host, port, limits, error_reply=_unparsable, handler_cancellation=True,
+                                access_log=None)
     except OSError as e:  # unresolvable host, address in use, no permission for the port
         raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
 

@@ -11,7 +11,10 @@ and a healthy client cannot connect. ``start_site`` starts an ``AppRunner`` + ``
     body_timeout   seconds a request's body may take to arrive; past it the connection is closed
     max_connections  open connections; a connection beyond is answered 503 and closed at once
 
-and ``quiet_logs`` turns aiohttp's and asyncio's tracebacks (malformed requests, failed accepts)
+An application may also give ``error_reply(status, message)``: the response for a request aiohttp
+answers itself because it cannot parse it (a malformed request line, headers over the limit, a
+body in an encoding it cannot decode), which is otherwise aiohttp's plain text; an API answers
+those in its own error shape too. And ``quiet_logs`` turns aiohttp's and asyncio's tracebacks (malformed requests, failed accepts)
 into one line each, the same line at most once per ``every`` seconds with a count of the rest.
 
     runner, port = await start_site(app, "127.0.0.1", 0, Limits(keepalive=5))
@@ -27,8 +30,11 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Callable
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
 BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -49,13 +55,33 @@ def connection_cap(wanted: int) -> int:
     return max(1, min(wanted, soft // 2)) if soft > 0 else wanted
 
 
+class _Handler(RequestHandler):
+    """aiohttp's handler of one connection, answering what it cannot parse with ``error_reply``."""
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        reply = getattr(self._manager, "error_reply", None)
+        if reply is None or request.writer.output_size > 0:  # (aiohttp's own, or its "sent already")
+            return super().handle_error(request, status, exc, message)
+        self.log_exception("Error handling request from %s", request.remote, exc_info=exc)  # (as aiohttp's)
+        first = (message or "").strip().splitlines()[:1]
+        response = reply(status, first[0][:200] if first else HTTPStatus(status).phrase)
+        response.force_close()  # (as aiohttp's: the stream may be anywhere in the request)
+        return response
+
+
 class _LimitedServer(Server):
     """aiohttp's connection manager, refusing connections beyond the cap."""
 
-    def __init__(self, *args, max_connections: int, **kwargs):
+    def __init__(self, *args, max_connections: int,
+                 error_reply: Callable[[int, str], web.StreamResponse] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_connections = max_connections
+        self.error_reply = error_reply
         self.refused = 0
+
+    def __call__(self) -> RequestHandler:
+        return _Handler(self, loop=self._loop, **self._kwargs)
 
     def connection_made(self, handler, transport) -> None:
         if len(self._connections) >= self.max_connections:
@@ -68,9 +94,9 @@ class _LimitedServer(Server):
 
 
 class _LimitedRunner(web.AppRunner):
-    def __init__(self, app: web.Application, limits: Limits, **kwargs):
+    def __init__(self, app: web.Application, limits: Limits, error_reply=None, **kwargs):
         super().__init__(app, keepalive_timeout=limits.keepalive, **kwargs)
-        self.limits = limits
+        self.limits, self.error_reply = limits, error_reply
         self.cap = connection_cap(limits.max_connections)
         self._sweeper: asyncio.Task | None = None
 
@@ -78,7 +104,7 @@ class _LimitedRunner(web.AppRunner):
         plain = await super()._make_server()  # the app's handler and options, frozen app
         server = _LimitedServer(plain.request_handler, request_factory=plain.request_factory,
                                 handler_cancellation=plain.handler_cancellation, loop=plain._loop,
-                                max_connections=self.cap, **plain._kwargs)
+                                max_connections=self.cap, error_reply=self.error_reply, **plain._kwargs)
         self._sweeper = asyncio.ensure_future(_sweep(server, self.limits))
         return server
 
@@ -111,11 +137,13 @@ async def _sweep(server: _LimitedServer, limits: Limits) -> None:
 
 
 async def start_site(app: web.Application, host: str, port: int, limits: Limits = Limits(),
+                     error_reply: Callable[[int, str], web.StreamResponse] | None = None,
                      **runner_options) -> tuple[web.AppRunner, int]:
     """Listen on host:port (0: any free port) with ``limits``; returns the runner and the port.
-    ``runner_options`` go to ``web.AppRunner`` (access_log, handler_cancellation, ...). An address
-    that cannot be listened on raises OSError; the runner is cleaned up first."""
-    runner = _LimitedRunner(app, limits, **runner_options)
+    ``error_reply``: see above. ``runner_options`` go to ``web.AppRunner`` (access_log,
+    handler_cancellation, ...). An address that cannot be listened on raises OSError; the runner
+    is cleaned up first."""
+    runner = _LimitedRunner(app, limits, error_reply, **runner_options)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     try:

@@ -221,6 +221,9 @@ def test_token_id_prompts_are_refused_by_name(server):
     (gzip.compress(b'{"prompt": "hi", "max_tokens": 1, "temperature": 0}'), {"Content-Encoding": "gzip"}, 200, None),
     (b'{"prompt": "hi"}', {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
     (b'{"prompt": "hi"}', {"Content-Type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type"),
+    # an encoding aiohttp does not decode was read as it came
+    (b'{"prompt": "hi"}', {"Content-Encoding": "compress"}, 415, "unsupported_media_type"),
+    (b'{"prompt": "hi", "max_tokens": 1}', {"Content-Encoding": "identity"}, 200, None),
 ])
 def test_bad_bodies_are_4xx(server, body, headers, status, code):
     answer, _ = send(server, post("/v1/completions", body, {**AUTH, **headers}))
@@ -228,6 +231,39 @@ def test_bad_bodies_are_4xx(server, body, headers, status, code):
     if code:
         assert body_of(answer)["error"]["code"] == code
         assert body_of(answer)["error"]["type"] == "invalid_request_error"  # the client's mistake, not ours
+
+
+def test_a_deflate_body_is_refused_at_once_not_waited_out(server):
+    """aiohttp cannot tell that this deflate body is broken and waited for more until the 30 s
+    body deadline (408); sent with the headers, its parser refused it in plain text."""
+    head = post("/v1/completions", b"abcd", {**AUTH, "Content-Encoding": "deflate"})
+    split = head.index(b"\r\n\r\n") + 4
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head[:split])
+        time.sleep(0.3)
+        sock.sendall(head[split:])
+        t0 = time.monotonic()
+        answer = sock.recv(65536)  # (the reply comes at once; aiohttp then lingers, draining the body)
+    assert status_of(answer) == 415 and time.monotonic() - t0 < 5
+    assert body_of(answer)["error"]["code"] == "unsupported_media_type"
+    answer, _ = send(server, head)  # headers and body in one read
+    assert 400 <= status_of(answer) < 500 and "error" in body_of(answer)
+
+
+@pytest.mark.parametrize("data", [
+    b"GET /health HTTP/1.1 extra\r\nHost: x\r\n\r\n",  # a malformed request line
+    b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",  # a header over aiohttp's limit
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",  # a chunk size that is no number
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Encoding: zstd\r\n"
+    b"Content-Length: 2\r\n\r\n{}",  # an encoding aiohttp cannot decode here
+])
+def test_requests_aiohttp_cannot_parse_get_a_json_error(server, data):
+    """aiohttp answers these itself, before any handler; in plain text unless told otherwise."""
+    answer, _ = send(server, data)
+    assert status_of(answer) == 400 and b"application/json" in answer.split(b"\r\n\r\n")[0], answer[:300]
+    assert body_of(answer)["error"]["code"] == "invalid_request"
+    assert raw(server, "/health")[0] == 200  # and the server goes on
 
 
 @pytest.mark.parametrize("key", ["Bearer s\u00e9same", "Bearer \udcff\udcfe", "Bearer \u2603"])
