@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import threading
 
 import click
 
-from common.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
+from common.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, Terminated, UserError
 
 
 # Click exits 2 on usage errors, but 2 is this project's code for a damaged store
@@ -33,9 +35,13 @@ def user_errors(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
+            _terminate_like_ctrl_c()
             return func(*args, **kwargs)
         except UserError as e:
             _fail(str(e), e.exit_code)
+        except Terminated:
+            click.echo("terminated", err=True)
+            sys.exit(EXIT_TERMINATED)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
@@ -46,6 +52,19 @@ def user_errors(func):
             _fail("input nested too deeply to read", EXIT_USAGE)
 
     return wrapper
+
+
+def _terminate_like_ctrl_c() -> None:
+    """SIGTERM raises Terminated in the main thread, once (a second one kills at once, as the default
+    would). Servers that handle SIGTERM themselves (node, an event loop's handler) replace this."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminate)
 
 
 def _fail(message: str, code: int) -> None:

@@ -11,6 +11,7 @@ Exit codes (README, "Exit codes and time bounds"):
     2    a damaged store: a fragment missing or corrupt, a manifest that does not describe its file
     3    a network source or peer that cannot be reached or gives up (refused, timed out, too slow)
     130  interrupted (Ctrl-C)
+    143  terminated (SIGTERM: cleaned up as after Ctrl-C)
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ EXIT_USAGE = 1
 EXIT_DAMAGED_STORE = 2
 EXIT_UNREACHABLE = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process the signal killed
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that every ``finally``
+    and ``except KeyboardInterrupt`` that cleans up after Ctrl-C (temporary files, a first fetch's
+    directory) runs for ``kill`` too."""
 
 
 class UserError(Exception):

@@ -1,11 +1,18 @@
 """`fragment` and `recombine` from the command line: summaries on success, one clear line on bad input."""
 
 import json
+import signal
 import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import assert_one_line_error, run_cli
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -134,3 +141,38 @@ def test_hand_edited_manifest(store, tmp_path, edit, needle):
 def test_recombine_not_a_store(tmp_path):
     assert_one_line_error(run_cli("recombine", tmp_path, "--verify"), "manifest.json")
     assert_one_line_error(run_cli("recombine", tmp_path / "nope", "--verify"), "no such store")
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_cleans_up_like_ctrl_c(tmp_path, sig, code, word):
+    """`kill` ran no cleanup: a killed recombine left its .partial file (hundreds of MB), a first
+    fetch its directory. Every command's wrapper makes SIGTERM unwind the main thread as Ctrl-C
+    does, so the same ``finally`` blocks run; a command mid-write is stood in for by one here."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        from cli.common import user_errors
+
+        @user_errors
+        def work():
+            tmp = {str(tmp_path / '.out.partial')!r}
+            open(tmp, "w").close()
+            try:
+                print("writing", flush=True)
+                time.sleep(30)
+            finally:
+                import os
+                os.unlink(tmp)
+
+        work()
+        """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=str(ROOT))
+    try:
+        assert proc.stdout.readline() == "writing\n"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code and err.strip() == word, (proc.returncode, err)
+    assert list(tmp_path.iterdir()) == []
