@@ -74,9 +74,7 @@ def validate(source, gguf_path, prompts, positions, greedy_tokens, reference, no
     from validation.twin import is_float_model, write_f32_twin
 
     loader = open_store(source, allow_file=True)
-    header, _ = read_file_header(gguf_path)
-    if {t.name for t in header.tensors} != set(loader.manifest.tensor_names()):
-        raise UserError(f"{gguf_path}: holds different tensors than {source}; give the store's source file")
+    header = _same_model(loader, source, gguf_path)
     tokenizer = Tokenizer(loader.metadata, loader.where)
     quantized = not is_float_model([t.type_name for t in header.tensors])
     use_twin = reference == "twin" or (reference == "auto" and quantized)
@@ -119,6 +117,26 @@ def validate(source, gguf_path, prompts, positions, greedy_tokens, reference, no
     sys.exit(0 if report.passed else 1)
 
 
+def _same_model(loader, source, gguf_path):
+    """The header of ``gguf_path``, if it holds the store's tensors, each of the same type and shape
+    (another model, or another quantization of the same one, would be compared as if it were this)."""
+    from common.errors import UserError
+    from fragmenter.gguf_header import read_file_header
+
+    header, _ = read_file_header(gguf_path)
+    theirs = {(t.name, t.type_name, tuple(t.dims)) for t in header.tensors}
+    ours = {(t.name, t.ggml_type, tuple(t.gguf_shape)) for t in loader.manifest.tensors}
+    if theirs != ours:
+        name = sorted(ours ^ theirs)[0][0]
+        mine = next((t for t in ours if t[0] == name), None)
+        other = next((t for t in theirs if t[0] == name), None)
+        how = (f"only in {source}" if other is None else f"only in {gguf_path}" if mine is None else
+               f"{other[1]} {list(other[2])} there, {mine[1]} {list(mine[2])} in the store")
+        raise UserError(f"{gguf_path}: holds different tensors than {source} (tensor {name!r}: {how}); "
+                        f"give the store's source file")
+    return header
+
+
 def _announce_compiling(kernels: str, say) -> None:
     from cli.common import kernels_need_compiling
 
@@ -137,6 +155,7 @@ def _speed(source, gguf_path, kernels, tokens, prompt_tokens, rounds, threads, a
     from validation.speed import measure
 
     loader = open_store(source, allow_file=True)
+    _same_model(loader, source, gguf_path)
     tokenizer = Tokenizer(loader.metadata, loader.where)
     prompt = corpus_prompt(tokenizer, prompt_tokens)
     n_ctx = len(prompt) + tokens + 8

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.errors import UserError
+
 
 @contextlib.contextmanager
 def quiet_stderr():
@@ -36,10 +38,14 @@ def load_llama(path: str | Path, n_ctx: int = 2048, threads: int = 2, batch: int
                vocab_only: bool = False):
     from llama_cpp import Llama
 
-    with quiet_stderr():
-        return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=batch,
-                     n_ubatch=batch, logits_all=logits_all, vocab_only=vocab_only, flash_attn=False, verbose=False,
-                     seed=0)
+    try:
+        with quiet_stderr():
+            return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=batch,
+                         n_ubatch=batch, logits_all=logits_all, vocab_only=vocab_only, flash_attn=False,
+                         verbose=False, seed=0)
+    except ValueError as e:  # llama-cpp-python's "Failed to load model from file" (llama.cpp said why on stderr)
+        raise UserError(f"{path}: llama.cpp cannot load it ({e}); `infer {path}` without --backend "
+                        f"llama.cpp names what is wrong") from None
 
 
 def teacher_forced_logits(llm, tokens: list[int]) -> np.ndarray:
