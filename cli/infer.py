@@ -199,7 +199,7 @@ def _run_llama_cpp(source, request: Request, threads, as_json, say):
     from cli.common import open_store, resolve_source, usable_cores
     from engine.config import LlamaConfig
     from engine.tokenizer import Tokenizer
-    from generation.stream import check_fits
+    from generation.stream import StopMatcher, check_fits
     from validation.reference import load_llama, materialized
 
     started = time.perf_counter()
@@ -211,27 +211,48 @@ def _run_llama_cpp(source, request: Request, threads, as_json, say):
     with materialized(loader) as path:
         say("loading llama.cpp...")
         llm = load_llama(path, n_ctx=request.ctx, threads=threads or usable_cores())
-        check_fits(len(prompt_tokens), llm.n_ctx())
+        capacity = min(request.ctx, llm.n_ctx())  # (llama.cpp rounds the context up: --ctx is ours)
+        check_fits(len(prompt_tokens), capacity)
+        room = capacity - len(prompt_tokens)
+        limit = min(request.max_tokens, room)
         load_s = time.perf_counter() - started
         say("ready")
         emit = _stream(as_json)
-        t0 = time.perf_counter()
-        tokens, pieces, first_at = [], [], None
-        for chunk in llm.create_completion(prompt_tokens, max_tokens=request.max_tokens,
-                                           temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                                           min_p=params.min_p, repeat_penalty=params.repeat_penalty,
-                                           seed=params.seed, stop=request.stops or None, stream=True):
+        stops = StopMatcher(request.stops)  # ours, not llama.cpp's: the same rule as the engine's, and
+        t0 = time.perf_counter()            # it tells a stop string from the end of the turn
+        pieces, first_at, finish = [], None, None
+        stream = llm.create_completion(prompt_tokens, max_tokens=limit, temperature=params.temperature,
+                                       top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
+                                       repeat_penalty=params.repeat_penalty, seed=params.seed, stream=True)
+        for chunk in stream:
             if first_at is None:
                 first_at = time.perf_counter()
-            piece = chunk["choices"][0]["text"]
+            choice = chunk["choices"][0]
+            piece = stops.feed(choice["text"])
             pieces.append(piece)
             if emit and piece:
                 emit(piece)
+            finish = choice.get("finish_reason") or finish
+            if stops.done:
+                stream.close()
+                break
+        if not stops.done:
+            tail = stops.flush()
+            pieces.append(tail)
+            if emit and tail:
+                emit(tail)
         end = time.perf_counter()
         text = "".join(pieces)
         tokens = llm.tokenize(text.encode(), add_bos=False, special=True) if text else []
+    if stops.done:
+        stop_reason = "stop"
+    elif finish == "length":
+        stop_reason = "context" if request.max_tokens > room else "length"
+    else:
+        stop_reason = "eos"
     prefill_s = (first_at or end) - t0
     return {"prompt_tokens": len(prompt_tokens), "tokens": tokens, "text": text, "load_s": round(load_s, 3),
             "prefill_tok_s": round(len(prompt_tokens) / prefill_s, 2) if prefill_s else 0.0,
-            "decode_tok_s": round((len(tokens) - 1) / (end - first_at), 2) if first_at and len(tokens) > 1 else 0.0}
+            "decode_tok_s": round((len(tokens) - 1) / (end - first_at), 2) if first_at and len(tokens) > 1 else 0.0,
+            "stop_reason": stop_reason}
 

@@ -48,6 +48,22 @@ def test_llama_cpp_backend_gives_the_same_greedy_text(default_store):
     assert ours["text"][:12] == theirs["text"][:12]
 
 
+def test_llama_cpp_backend_keeps_ctx_and_says_why_it_stopped(factory_models):
+    """llama.cpp rounds its context up (--ctx 40 generated 100 tokens) and the JSON had no
+    stop_reason; stop strings now follow the engine's rule (the earliest in the text wins)."""
+    path = factory_models["q8_0-spm-gqa"]
+    base = [path, "--prompt", "The quick brown fox", "--no-chat", "--json", "--backend", "llama.cpp"]
+    full = json.loads(run_cli("infer", *base, "--ctx", "24", "--max-tokens", "100").stdout)
+    assert full["stop_reason"] == "context" and full["prompt_tokens"] + len(full["tokens"]) <= 24 + 1
+    short = json.loads(run_cli("infer", *base, "--max-tokens", "3").stdout)
+    assert short["stop_reason"] == "length"
+    long = json.loads(run_cli("infer", *base, "--max-tokens", "12").stdout)
+    stop = long["text"][4:6]
+    assert len(stop) == 2, long
+    cut = json.loads(run_cli("infer", *base, "--max-tokens", "12", "--stop", "\u2603", "--stop", stop).stdout)
+    assert cut["stop_reason"] == "stop" and cut["text"] == long["text"][:long["text"].index(stop)]
+
+
 def test_sampling_with_seed_is_reproducible(factory_models):
     path = factory_models["q8_0-spm-gqa"]
     args = [path, "--prompt", "hello", "--no-chat", "--temperature", "1.0", "--seed", "5", "--max-tokens", "16",
