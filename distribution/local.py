@@ -79,15 +79,18 @@ class LocalLoader(FragmentLoader):
             raise self.wrong_length(fragment_id, size)
         return f
 
-    def _partial(self) -> str:
-        """For a missing fragment's error: whether the store holds some whole blocks and lacks the
-        others entirely (a copy of some blocks, as `fetch --layers` makes), not a damaged store."""
+    def _partial(self, missing: str) -> str:
+        """For a missing fragment's error: whether the store looks like a copy of some blocks (as
+        `fetch --layers` makes: one run of whole blocks, the others entirely absent, the missing
+        fragment one of theirs), not a damaged store."""
         from distribution.spans import block_ranges, fragment_regions
 
         held = present_fragments(self.store, self.manifest)
         blocks = {int(r[4:]): set(ids) for r, ids in fragment_regions(self.manifest).items() if r.startswith("blk.")}
         whole = sorted(b for b, ids in blocks.items() if ids <= held)
-        if not whole or any(ids & held for b, ids in blocks.items() if b not in whole):
+        absent = [b for b in blocks if b not in whole]
+        if (not whole or not absent or whole != list(range(whole[0], whole[-1] + 1))
+                or any(blocks[b] & held for b in absent) or not any(missing in blocks[b] for b in absent)):
             return ""
         return f"; this store holds blocks {block_ranges(whole)} only (a copy of some blocks, as fetch --layers makes)"
 
@@ -97,7 +100,7 @@ class LocalLoader(FragmentLoader):
         try:
             return open_regular(self.fragment_dir / fragment_id)
         except FileNotFoundError:
-            raise MissingFragment(f"{self.where}: {self.describe(fragment_id)} is missing{self._partial()}") from None
+            raise MissingFragment(f"{self.where}: {self.describe(fragment_id)} is missing{self._partial(fragment_id)}") from None
         except OSError as e:
             raise FragmentError(f"{self.where}: {self.describe(fragment_id)} cannot be read ({e.strerror})") from None
 

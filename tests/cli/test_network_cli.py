@@ -1,5 +1,7 @@
 """`serve` and `fetch` refuse bad input with one clear line, before doing anything."""
 
+import json
+
 from fragmenter.fragment import fragment_file
 from tests.conftest import assert_one_line_error, run_cli
 
@@ -24,6 +26,13 @@ def test_fetch_copies_blocks_and_refuses_another_models_store(factory_models, tm
     assert_one_line_error(run_cli("fetch", tmp_path / "b", "-o", tmp_path / "copy"), "another model")
     # the copy of one block is not mistaken for a damaged store
     assert_one_line_error(run_cli("infer", tmp_path / "copy", "-p", "hi"), "is missing", "fetch --layers")
+    # a whole store missing its header fragment, or one block's in the middle, is damaged, not a copy
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    header = manifest["fragments"][0]["id"]
+    (tmp_path / "a" / "fragments" / header).unlink()
+    proc = run_cli("infer", tmp_path / "a", "-p", "hi")
+    assert_one_line_error(proc, header[:16], "is missing")
+    assert "fetch --layers" not in proc.stderr
     assert_one_line_error(run_cli("infer", "ftp://example.org/store", "-p", "hi"), "ftp:// is not a source")
 
 
