@@ -36,13 +36,16 @@ class QueueFull(Exception):
 class GenerationFailed(Exception):
     """A valid request that the model could not serve: a session that would not open (a route with
     no node for some blocks), a node lost mid-answer, or a bug. ``status``: 503 for a problem named
-    in one line (a ``UserError``: try again later), 500 for anything else."""
+    in one line (a ``UserError``: try again later), 500 for anything else; 400 for a prompt longer
+    than the session holds (a route's nodes may hold fewer positions than the model's context, which
+    the request was checked against: the request's fault, and no sign of ill health)."""
 
     def __init__(self, error: BaseException):
         from common.errors import UserError
+        from generation.stream import PromptTooLong
 
         super().__init__(str(error) or type(error).__name__)
-        self.status = 503 if isinstance(error, UserError) else 500
+        self.status = 400 if isinstance(error, PromptTooLong) else 503 if isinstance(error, UserError) else 500
 
 
 @dataclass

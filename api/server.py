@@ -474,6 +474,8 @@ async def _stream(request: web.Request, job: Job, reply: "_Reply", service: "Ser
 
 
 def _failed(e: GenerationFailed) -> APIError:
+    if e.status == 400:
+        return APIError(400, str(e), code="context_length_exceeded")
     return APIError(e.status, f"generation failed: {e}", code="generation_failed")
 
 

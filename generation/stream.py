@@ -68,11 +68,16 @@ class StopMatcher:
         return out
 
 
+class PromptTooLong(UserError):
+    """The prompt does not fit the session's capacity: the request's fault (an API answers 400),
+    not the model's or the route's."""
+
+
 def check_fits(prompt_len: int, capacity: int, where: str = "prompt", reason: str | None = None) -> None:
     """``reason``: what holds the capacity below the context asked for (a swarm's node limits), if
     something does; --ctx cannot raise that."""
     if prompt_len >= capacity:
-        raise UserError(f"{where} is {prompt_len} tokens; " + (reason or f"the context window holds {capacity} "
+        raise PromptTooLong(f"{where} is {prompt_len} tokens; " + (reason or f"the context window holds {capacity} "
                                                                            f"(shorten it or raise --ctx)"))
 
 

@@ -45,3 +45,24 @@ def test_distributed_route_answers_like_local_and_shows_its_route(six_store, nod
             route = json.load(r)["info"]["route"]
     assert [(hop["node"], hop["blocks"]) for hop in route] == [(nodes[0].url, "0-2"), (nodes[1].url, "3-5")]
     assert all(hop["ms_per_token"] > 0 for hop in route)
+
+
+def test_a_prompt_longer_than_the_route_holds_is_a_400_and_health_stays_ok(six_store, six_loader):  # noqa: F811
+    """The request is checked against the model's context, but a route's nodes may hold fewer
+    positions: the prompt is the client's fault (400), not a failed route (503, /health degraded)."""
+    short = [start_node(six_loader, 0, 2, max_positions=8),
+             start_node(six_loader, 3, 5, max_positions=8)]
+    try:
+        routed = model_loader(str(six_store), "numba", None, lambda line: None,
+                              {"nodes": [n.url for n in short], "key_file": None})(lambda *report: None)
+        with running(routed) as s:
+            c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            with pytest.raises(openai.BadRequestError) as e:
+                c.chat.completions.create(model=routed.name, **ASK)
+            assert e.value.body["code"] == "context_length_exceeded" and "tokens" in e.value.body["message"]
+            with urllib.request.urlopen(s.url + "/health", timeout=10) as r:
+                assert json.load(r)["status"] == "ok"
+            assert c.completions.create(model=routed.name, prompt="a", max_tokens=2, temperature=0).choices
+    finally:
+        for node in short:
+            node.stop()
