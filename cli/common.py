@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import select
 import signal
 import sys
 import threading
@@ -45,6 +46,12 @@ def user_errors(func):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except BrokenPipeError as e:
+            if not _stdout_closed():  # (a peer's socket: an error like any other)
+                _fail(e.strerror or str(e), EXIT_USAGE)
+            # `infer ... | head`: the reader has what it wanted; end quietly, as `yes | head` does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit)
+            sys.exit(EXIT_BROKEN_PIPE)
         except OSError as e:
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
             _fail(f"{where}{e.strerror or e}", EXIT_USAGE)
@@ -52,6 +59,19 @@ def user_errors(func):
             _fail("input nested too deeply to read", EXIT_USAGE)
 
     return wrapper
+
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a writer whose reader went away
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reading end has closed."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _terminate_like_ctrl_c() -> None:

@@ -46,4 +46,4 @@ def serve(store, host, port, p2p, listen, bootstrap, announce, layers):
     from distribution.spans import parse_spans
 
     serve_p2p(store, host, port, listen or default_listen(host), parse_bootstrap(bootstrap),
-              parse_spans(layers) if layers else None, announce=say, public=parse_announce(announce))
+              parse_spans(layers) if layers is not None else None, announce=say, public=parse_announce(announce))

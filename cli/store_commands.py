@@ -82,7 +82,7 @@ def fetch(source, output, layers, progress):
     from distribution.spans import parse_spans
     from distribution.store_copy import fetch_store
 
-    spans = parse_spans(layers) if layers else None
+    spans = parse_spans(layers) if layers is not None else None
     loader = open_store(source)
     try:
         if progress is not None and hasattr(loader, "fetcher"):

@@ -1,6 +1,7 @@
 """`infer` end to end: streams text from fragments; bad requests fail before any work starts."""
 
 import json
+import subprocess
 import re
 
 import pytest
@@ -62,6 +63,26 @@ def test_llama_cpp_backend_keeps_ctx_and_says_why_it_stopped(factory_models):
     assert len(stop) == 2, long
     cut = json.loads(run_cli("infer", *base, "--max-tokens", "12", "--stop", "\u2603", "--stop", stop).stdout)
     assert cut["stop_reason"] == "stop" and cut["text"] == long["text"][:long["text"].index(stop)]
+
+
+def test_a_reader_that_stops_early_ends_infer_quietly(factory_models):
+    """`infer ... | head -c 20`: "error: Broken pipe" and exit 1 before; now quiet, exit 141 as
+    `yes | head` (128 + SIGPIPE). The pipe's reading end is closed before infer writes anything."""
+    import os
+
+    from tests.conftest import BIN
+
+    read, write = os.pipe()
+    proc = subprocess.Popen([str(BIN / "infer"), str(factory_models["q8_0-spm-gqa"]), "--prompt", "hello",
+                             "--no-chat", "--max-tokens", "8"], stdout=write, stderr=subprocess.PIPE, text=True)
+    os.close(write)
+    os.close(read)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 141 and err == "", (proc.returncode, err)
 
 
 def test_sampling_with_seed_is_reproducible(factory_models):

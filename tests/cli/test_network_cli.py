@@ -15,6 +15,7 @@ def test_serve_option_misuse(factory_models, tmp_path):
     assert_one_line_error(run_cli("serve", tmp_path / "s", "--bootstrap", "/ip4/127.0.0.1/tcp/1/p2p/x"), "--p2p")
     assert_one_line_error(run_cli("serve", tmp_path / "s", "--p2p", "--layers", "five"), "--layers")
     assert_one_line_error(run_cli("serve", tmp_path / "s", "--p2p", "--layers", "3-1"), "--layers")
+    assert_one_line_error(run_cli("serve", tmp_path / "s", "--p2p", "--layers", ""), "--layers ''")
 
 
 def test_fetch_copies_blocks_and_refuses_another_models_store(factory_models, tmp_path):
@@ -24,6 +25,9 @@ def test_fetch_copies_blocks_and_refuses_another_models_store(factory_models, tm
     assert proc.returncode == 0 and "fetched" in proc.stdout, proc.stderr
     assert (tmp_path / "copy" / "manifest.json").read_bytes() == (tmp_path / "a" / "manifest.json").read_bytes()
     assert_one_line_error(run_cli("fetch", tmp_path / "b", "-o", tmp_path / "copy"), "another model")
+    # an empty --layers is a mistake, not "every block" (it copied the whole store)
+    assert_one_line_error(run_cli("fetch", tmp_path / "a", "-o", tmp_path / "empty", "--layers", ""), "--layers ''")
+    assert not (tmp_path / "empty").exists()
     # the copy of one block is not mistaken for a damaged store
     assert_one_line_error(run_cli("infer", tmp_path / "copy", "-p", "hi"), "is missing", "fetch --layers")
     # a whole store missing its header fragment, or one block's in the middle, is damaged, not a copy
