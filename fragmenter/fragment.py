@@ -162,7 +162,7 @@ def _copy_fragment(fd: int, start: int, length: int, frag_dir: Path, source: str
 class FragmentResult:
     manifest: Manifest
     store: Path
-    written: int
+    written: int  # fragments the store did not hold before (every fragment is rewritten: a damaged one is repaired)
     seconds: float
 
     def summary(self) -> str:
@@ -171,7 +171,7 @@ class FragmentResult:
         unique = len(m.unique_fragments())
         rate = size / self.seconds / 1e6 if self.seconds > 0 else float("inf")
         return (f"fragmented {m.source['name']}: {len(m.fragments)} fragments ({unique} unique, {self.written} "
-                f"written), {size / 1e6:.1f} MB in {self.seconds:.2f} s ({rate:.0f} MB/s) -> {self.store}")
+                f"new, {unique - self.written} rewritten), {size / 1e6:.1f} MB in {self.seconds:.2f} s ({rate:.0f} MB/s) -> {self.store}")
 
 
 def _check_existing_store(store: Path, size: int, source_sha256) -> Manifest | None:
