@@ -57,11 +57,12 @@ def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positi
     from common import compute
     from common.errors import UserError
     from distribution.addresses import other_manifests, parse_announce, parse_bootstrap
+    from common.aio_server import check_port
     from distribution.spans import parse_spans
     from engine.model import LlamaModel
     from swarm import manifest_sha
     from swarm.memory import Limits
-    from swarm.node import check_port, serve_node, store_of
+    from swarm.node import serve_node, store_of
     from swarm.server import NodeService
     from swarm.wire import load_key
 
@@ -81,6 +82,9 @@ def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positi
     boots = parse_bootstrap(bootstrap)
     say = lambda line: click.echo(line, err=True)  # noqa: E731
     loader = open_store(source, allow_file=True)
+    blocks = loader.manifest.model.get("block_count")
+    if isinstance(blocks, int) and spans[0][1] >= blocks:
+        raise UserError(f"--layers {layers}: {source} has blocks 0-{blocks - 1}")
     # Blocks only: clients hold the embedding and the head (engine/session.py RoutedSession). The
     # engine loads on this thread, the one that will step the model.
     model = LlamaModel(loader, backend=kernels, layers=spans[0], edges=False)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from typing import Callable
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
+
+from common.errors import UserError
 
 BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
@@ -153,6 +156,18 @@ async def start_site(app: web.Application, host: str, port: int, limits: Limits 
         raise
     bound = site._server.sockets[0].getsockname()[1]  # aiohttp keeps the listening socket here
     return runner, bound
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail early, before a model loads or a DHT is joined, when --port is taken (one line, naming it)."""
+    if port == 0:
+        return
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
 
 
 # -- logs -----------------------------------------------------------------------------------------

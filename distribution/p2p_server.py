@@ -28,6 +28,7 @@ def serve_p2p(store, host: str, port: int, listen: str, bootstrap: list[str], la
     ``public`` (--announce) is the host (and HTTP port) others reach us at; without it a wildcard
     ``host`` is announced as this machine's interface addresses. ``announce`` hears the lines
     the user sees, ending with the peer's address(es) ``p2p://<manifest sha256>@<multiaddr>``."""
+    from common.aio_server import check_port
     from distribution.server import make_app, quiet_logs, start
 
     quiet_logs()  # a malformed request is one log line, as with plain `serve`
@@ -38,10 +39,13 @@ def serve_p2p(store, host: str, port: int, listen: str, bootstrap: list[str], la
     if not held:
         raise UserError(f"{store}: holds none of the fragments to serve")
 
-    node = P2PNode(listen, bootstrap, seed=seed, announce=public).start()
+    check_port(host, port)  # before the DHT is joined
+    node, ready = P2PNode(listen, bootstrap, seed=seed, announce=public).start(), False
 
     async def main():
         import signal
+
+        nonlocal ready
 
         app = make_app(store, only=held)
         runner, bound = await start(app, host, port)
@@ -55,6 +59,7 @@ def serve_p2p(store, host: str, port: int, listen: str, bootstrap: list[str], la
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        ready = True  # (from here a signal stops it cleanly, with "stopped")
         try:
             await stop.wait()
         finally:
@@ -64,4 +69,5 @@ def serve_p2p(store, host: str, port: int, listen: str, bootstrap: list[str], la
         asyncio.run(main())
     finally:
         node.stop()
-        announce("stopped")
+        if ready:  # (one stopped while starting says only why)
+            announce("stopped")

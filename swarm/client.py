@@ -183,6 +183,10 @@ class NodeLink:
             try:
                 reply = wire.decode(raw, self.key, self.dim, self.max_rows)
             except wire.WireError as e:
+                if e.code == "auth":  # (the wording of wire.decode is the receiving node's)
+                    raise NodeError(self.url, "auth", "this node's swarm is open (its replies carry no HMAC): "
+                                    "drop --swarm-key" if not wire.carries_mac(raw) else
+                                    "its replies are signed with another swarm key (see --swarm-key)") from None
                 raise NodeError(self.url, "bad_reply", f"unusable reply: {e}") from None
             stale = reply.type == wire.RELAYED or (reply.type == wire.ERROR and (reply.body or {}).get("relay"))
             if not stale:

@@ -32,7 +32,7 @@ def serve_node(service: NodeService, host: str, port: int, listen: str, bootstra
     first, last = model.first_layer, model.last_layer
     toward = [h for h in map(multiaddr_host, bootstrap) if h]
     app, held = _fragment_app(store, first, last)
-    p2p = None
+    p2p, ready = None, False
 
     async def main():
         nonlocal p2p
@@ -45,6 +45,7 @@ def serve_node(service: NodeService, host: str, port: int, listen: str, bootstra
             await runner.cleanup()
 
     async def announce_and_wait(loop, runner, bound):
+        nonlocal ready
         url = ws_url(host, bound, public, toward)
         record = {"swarm": node_record(service, url)}
         if held:
@@ -65,6 +66,7 @@ def serve_node(service: NodeService, host: str, port: int, listen: str, bootstra
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        ready = True  # (from here a signal stops it cleanly, with "stopped")
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), REPUBLISH_S)
@@ -77,8 +79,9 @@ def serve_node(service: NodeService, host: str, port: int, listen: str, bootstra
     try:
         asyncio.run(main())
     finally:
-        if p2p is not None:  # a node that never listened never started: no "stopped" line
+        if p2p is not None:
             p2p.stop()
+        if ready:  # (a node stopped while starting says only why: the error, or "interrupted")
             say("stopped")
 
 
@@ -100,22 +103,6 @@ def node_limits(service: NodeService):
     from common.aio_server import Limits
 
     return Limits(max_connections=max(64, 8 * service.limits.max_sessions))
-
-
-def check_port(host: str, port: int) -> None:
-    """Fail before the model loads when --port is taken (one line, naming --port)."""
-    import socket
-
-    from common.errors import UserError
-
-    if port == 0:
-        return
-    try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((host, port))
-    except OSError as e:
-        raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
 
 
 def _fragment_app(store, first: int, last: int):

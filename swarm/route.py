@@ -319,10 +319,10 @@ class Swarm:
 
     def _problems(self) -> str:
         """The nodes found but not usable, and why: a 'no node serves' error is about the nodes that
-        answered, and these did not (dead, unreachable, or refusing this client's --swarm-key)."""
+        answered, and these could not be asked (dead, unreachable, or not of this client's --swarm-key)."""
         if not self.directory.problems:
             return ""
-        return "; nodes that did not answer: " + "; ".join(f"{u}: {m}" for u, m in self.directory.problems.items())
+        return "; nodes found but not usable: " + "; ".join(f"{u}: {m}" for u, m in self.directory.problems.items())
 
     def open_session(self, max_positions: int | None = None):
         from engine.session import RoutedSession

@@ -118,6 +118,11 @@ def encode(frame: Frame, key: bytes | None = None, before: np.ndarray | None = N
     return data + mac(key, data) if key else data
 
 
+def carries_mac(data) -> bool:
+    """Whether a frame's header says a MAC follows (for telling an open swarm's reply from a forged one)."""
+    return len(data) > 7 and bool(data[7] & FLAG_MAC)
+
+
 def decode(data: bytes, key: bytes | None = None, dim: int | None = None, max_rows: int | None = None) -> Frame:
     """Parse and check a frame; raise WireError for anything malformed, unauthenticated or too big.
 

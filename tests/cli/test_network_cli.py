@@ -132,3 +132,17 @@ def test_a_libp2p_port_already_listened_on_is_refused(factory_models, tmp_path):
         proc = run_cli("serve", tmp_path / "s", "--p2p", "--port", "0", "--listen", f"/ip4/127.0.0.1/tcp/{port}",
                        timeout=60)
     assert_one_line_error(proc, f"/ip4/127.0.0.1/tcp/{port}", "Address already in use")
+
+
+def test_serve_p2p_on_a_taken_port_is_one_line_before_joining_the_dht(factory_models, tmp_path):
+    """It joined the DHT first, then failed to bind, and printed 'stopped' before the error."""
+    import socket
+
+    fragment_file(str(factory_models["q8_0-spm-gqa"]), tmp_path / "s", 8192, progress=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_cli("serve", tmp_path / "s", "--p2p", "--port", port, timeout=60)
+    assert_one_line_error(proc, f"--port {port}: cannot listen there")
+    assert proc.stdout == ""  # no "stopped", no address: it never started

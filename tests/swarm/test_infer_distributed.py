@@ -75,14 +75,27 @@ def test_distributed_needs_a_p2p_address(default_store):
     assert_one_line_error(run_cli("infer", default_store, "--swarm-key", "k", *PROMPT), "--swarm-key goes with")
 
 
+def test_a_key_for_an_open_swarm_is_named_as_such(swarm, tmp_path):
+    """The client's decoder spoke as a node would: 'this swarm is private', of an open one."""
+    key = tmp_path / "swarm.key"
+    key.write_text("correct horse battery staple 42")
+    proc = run_cli("infer", swarm[0].address, "--distributed", "--swarm-key", key, *PROMPT)
+    assert_one_line_error(proc, "swarm is open (its replies carry no HMAC): drop --swarm-key")
+    assert "private" not in proc.stderr
+
+
 def test_private_swarm_key(default_store, tmp_path, local_tokens):
     key = tmp_path / "swarm.key"
     key.write_text("correct horse battery staple 42")
     node = NodeProcess(default_store, "0-29", "--swarm-key", key)
     try:
         refused = run_cli("infer", node.address, "--distributed", *PROMPT)
-        assert_one_line_error(refused, "refused", "--swarm-key", "nodes that did not answer")
+        assert_one_line_error(refused, "refused", "--swarm-key", "nodes found but not usable")
         assert refused.returncode == 3  # no usable node: as for peers that cannot be reached (it was 1)
+        other = tmp_path / "other.key"
+        other.write_text("another swarm's key, 32 bytes..")
+        assert_one_line_error(run_cli("infer", node.address, "--distributed", "--swarm-key", other, *PROMPT),
+                              "signed with another swarm key (see --swarm-key)")
         proc = run_cli("infer", node.address, "--distributed", "--swarm-key", key, *PROMPT, "--json")
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["tokens"] == local_tokens

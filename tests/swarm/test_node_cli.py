@@ -21,7 +21,8 @@ N = 8
 
 @pytest.mark.parametrize("args, needle", [
     (["--layers", "5-2"], "span 5-2 is empty"),
-    (["--layers", "0-40"], "layer span 0-40 is outside 0-29"),
+    (["--layers", "0-40"], "--layers 0-40: "),  # named as the option, with the blocks there are
+    (["--layers", "0-30"], "has blocks 0-29"),
     (["--layers", "0-9,20-29"], "one contiguous span"),
     (["--layers", "0-9", "--bootstrap", "/ip4/127.0.0.1/tcp/1"], "--bootstrap"),
 ])

@@ -190,7 +190,7 @@ def test_a_busy_swarm_is_asked_again_before_the_error(six_loader, local_greedy, 
         monkeypatch.setattr(route, "query_info", lambda url, key=None: (asked.append(url), real_query(url, key))[1])
         gone = "ws://127.0.0.1:9/swarm"  # unreachable (a black hole would take 10 s per look)
         tm = distributed_text_model(six_loader, [node.url, gone])
-        with pytest.raises(Busy, match=rf"is busy \({node.url}: all 1 sessions taken\); nodes that did not answer: {gone}: cannot connect"):
+        with pytest.raises(Busy, match=rf"is busy \({node.url}: all 1 sessions taken\); nodes found but not usable: {gone}: cannot connect"):
             tm.open_session(64)
         assert asked.count(node.url) == 3 and asked.count(gone) == 1  # only the busy one is asked again
     finally:
