@@ -11,7 +11,7 @@ import threading
 
 import click
 
-from common.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, Terminated, UserError
+from common.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, Terminated, UserError
 
 
 # Click exits 2 on usage errors, but 2 is this project's code for a damaged store
@@ -59,9 +59,6 @@ def user_errors(func):
             _fail("input nested too deeply to read", EXIT_USAGE)
 
     return wrapper
-
-
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a writer whose reader went away
 
 
 def _stdout_closed() -> bool:

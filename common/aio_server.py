@@ -14,8 +14,9 @@ and a healthy client cannot connect. ``start_site`` starts an ``AppRunner`` + ``
 An application may also give ``error_reply(status, message)``: the response for a request aiohttp
 answers itself because it cannot parse it (a malformed request line, headers over the limit, a
 body in an encoding it cannot decode), which is otherwise aiohttp's plain text; an API answers
-those in its own error shape too. And ``quiet_logs`` turns aiohttp's and asyncio's tracebacks (malformed requests, failed accepts)
-into one line each, the same line at most once per ``every`` seconds with a count of the rest.
+those in its own error shape too. And ``quiet_logs`` turns aiohttp's and asyncio's tracebacks
+(malformed requests, failed accepts) into one line each, the same line at most once per
+``every`` seconds with a count of the rest.
 
     runner, port = await start_site(app, "127.0.0.1", 0, Limits(keepalive=5))
     ...

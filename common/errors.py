@@ -11,6 +11,7 @@ Exit codes (README, "Exit codes and time bounds"):
     2    a damaged store: a fragment missing or corrupt, a manifest that does not describe its file
     3    a network source or peer that cannot be reached or gives up (refused, timed out, too slow)
     130  interrupted (Ctrl-C)
+    141  standard output's reader went away (`infer ... | head`): quiet, as `yes | head`
     143  terminated (SIGTERM: cleaned up as after Ctrl-C)
 """
 
@@ -23,6 +24,7 @@ EXIT_USAGE = 1
 EXIT_DAMAGED_STORE = 2
 EXIT_UNREACHABLE = 3
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: standard output's reader went away (`infer | head`), quietly
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process the signal killed
 
 
