@@ -131,8 +131,9 @@ class TerminalReader:
 
 
 def note(text: str) -> None:
-    """Messages about the session (not answers) go to stderr, so stdout holds only what was asked for."""
-    click.echo(text, err=True)
+    """Messages about the session (not answers) go to stderr, so stdout holds only what was asked for;
+    one line each (an error may quote text with newlines in it: a template's, a server's)."""
+    click.echo(" ".join(text.replace("\r", "\n").split("\n")), err=True)
 
 
 def say_out(text: str) -> None:

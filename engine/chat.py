@@ -7,6 +7,9 @@ guess from the special tokens in its vocabulary, falling back to ChatML.
 
 from __future__ import annotations
 
+import sys
+import time
+
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -62,15 +65,67 @@ def _raise(message):
     raise TemplateError(message)
 
 
+RENDER_SECONDS = 2.0        # a chat template renders in milliseconds; one that runs longer loops on purpose
+MAX_RENDERED = 16 * 2**20   # characters of prompt: far beyond any context window
+MAX_BUILT = 2**20           # characters (or items) one * may build: 'a' * 3000000000 took gigabytes
+
+
+class _TemplateBudget(Exception):
+    """A chat template past its time or size budget."""
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox (no Python internals, no mutation), with * and ** bounded: a model's template is
+    input from whoever made the file."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if hasattr(seq, "__len__") and isinstance(n, int) and len(seq) * n > MAX_BUILT:
+                    raise _TemplateBudget(f"it builds more than {MAX_BUILT} characters with *")
+        elif operator == "**" and isinstance(right, int) and abs(right) > 1024:
+            raise _TemplateBudget("it raises a number to a power above 1024")
+        return super().call_binop(context, operator, left, right)
+
+
 def render(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "",
            add_generation_prompt: bool = True) -> str:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    """The template rendered in the sandbox, within RENDER_SECONDS and MAX_RENDERED characters;
+    any failure of the template (its own raise_exception, a type error, a loop past the budget)
+    is one UserError line."""
+    env = _BoundedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise
+    deadline = time.monotonic() + RENDER_SECONDS
+
+    def tracer(frame, event, arg):  # (Jinja compiles to Python: its loops are Python lines)
+        if time.monotonic() > deadline:
+            raise _TemplateBudget(f"it ran past {RENDER_SECONDS:g} s")
+        return tracer
+
+    previous = sys.gettrace()
     try:
-        return env.from_string(template).render(messages=messages, bos_token=bos_token, eos_token=eos_token,
-                                                add_generation_prompt=add_generation_prompt)
-    except TemplateError as e:
-        raise UserError(f"chat template failed: {e}") from None
+        compiled = env.from_string(template)
+        pieces, size = [], 0
+        sys.settrace(tracer)
+        try:
+            for piece in compiled.generate(messages=messages, bos_token=bos_token, eos_token=eos_token,
+                                           add_generation_prompt=add_generation_prompt):
+                size += len(piece)
+                if size > MAX_RENDERED:
+                    raise _TemplateBudget(f"its output passed {MAX_RENDERED} characters")
+                pieces.append(piece)
+        finally:
+            sys.settrace(previous)
+        return "".join(pieces)
+    except (TemplateError, _TemplateBudget) as e:
+        message = str(e)
+    except RecursionError:
+        message = "it recurses too deeply"
+    except (ArithmeticError, TypeError, ValueError, LookupError, AttributeError, MemoryError) as e:
+        message = f"{type(e).__name__}: {e}"
+    raise UserError("chat template failed: " + " ".join(message.split()))
 
 
 def chat_prompt(tokenizer, user: str, system: str | None = None, template: str | None = None) -> tuple[str, str]:

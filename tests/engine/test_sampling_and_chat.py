@@ -1,5 +1,6 @@
 """Sampling rules, stop strings across token boundaries, and chat templates."""
 
+import time
 import warnings
 
 import numpy as np
@@ -112,3 +113,40 @@ def test_detection_and_unknown_template(factory_models):
         chat_prompt(tok, "hi", template="nope")
     text, used = chat_prompt(tok, "hi", template="alpaca")
     assert used == "alpaca" and "### Instruction:\nhi" in text
+
+
+@pytest.mark.parametrize("template, needle", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "it ran past 0.3 s"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "its output passed"),
+    ("{{ 'a' * 3000000000 }}", "builds more than"),
+    ("{{ 7 ** 123456789 }}", "power above 1024"),
+    ("{{ 1 + 'a' }}", "TypeError"),
+    ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recurses too deeply"),
+    ("{{ ''.__class__.__mro__ }}", "unsafe"),
+    ("{{ raise_exception('two\\nlines') }}", "two lines"),
+])
+def test_a_hostile_chat_template_is_one_line_within_a_budget(monkeypatch, template, needle):
+    """A model's template is input: it looped forever (chat and the API's threads spun), built
+    gigabytes (infer was killed), or raised a TypeError traceback."""
+    import engine.chat as chat
+
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 0.3)
+    monkeypatch.setattr(chat, "MAX_RENDERED", 100000)
+    t0 = time.monotonic()
+    with pytest.raises(UserError) as e:
+        chat.render(template, [{"role": "user", "content": "hi"}])
+    assert time.monotonic() - t0 < 5
+    assert str(e.value).startswith("chat template failed: ") and needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_budgeted_render_equals_jinjas_own():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "And?"}]
+    for name, template in NAMED_TEMPLATES.items():
+        plain = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template).render(
+            messages=messages, bos_token="<s>", eos_token="</s>", add_generation_prompt=True)
+        assert render(template, messages, "<s>", "</s>") == plain, name
