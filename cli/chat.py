@@ -408,6 +408,12 @@ def chat(source, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, s
     loop = Chat(conv, settings, TerminalReader() if interactive else PlainReader())
     if load_path:
         loop.load(load_path, keep=frozenset(explicit))
+        given = [f"--{name}" for name, value in (("system", system), ("template", template)) if value is not None]
+        for name, value in (("system", system), ("template", template)):  # (they win over the file too)
+            if value is not None:
+                setattr(conv, name, value)
+        if given:
+            note(f"{' and '.join(given)} from the command line, not from {load_path}")
     if interactive:
         note(banner(model, conv))
     try:

@@ -3,6 +3,7 @@
 The default model answers greedily (--temperature 0), so the answers are deterministic.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -249,6 +250,22 @@ def test_options_given_with_load_win_over_the_saved_settings(factory_models, tmp
     assert "(max_tokens from the command line)" in err
     shown = [line for line in proc.stdout.decode().splitlines() if line.startswith("temperature")][-1]  # /set
     assert "max_tokens 4" in shown and "temperature 0.7" in shown and "top_k 7" in shown, shown
+
+
+def test_system_and_template_given_with_load_win_over_the_file(factory_models, tmp_path):
+    """They were silently replaced by the file's (its null system, its template)."""
+    saved = tmp_path / "conv.json"
+    saved.write_text('{"format": "gguf-fragments-conversation", "version": 1, "system": null, "template": "zephyr", '
+                     '"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}')
+    again = tmp_path / "again.json"
+    proc = subprocess.run([str(BIN / "chat"), str(factory_models["q8_0-spm-gqa"]), "--load", str(saved), "-n", "2",
+                           "--system", "Be brief.", "--template", "llama3"], input=f"/save {again}\n".encode(),
+                          capture_output=True, timeout=300)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert "--system and --template from the command line" in err
+    data = json.loads(again.read_text())
+    assert data["system"] == "Be brief." and data["template"] == "llama3"
 
 
 def test_a_message_beginning_with_a_slash_is_sent_doubled(factory_models):
