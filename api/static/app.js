@@ -33,10 +33,11 @@ async function pollHealth() {
   }
   if (state.status === "ok" || state.status === "degraded") {  // degraded: the last answer lost its route
     $("loading").hidden = true;
-    if (state.status === "ok") setStatus("ready", "ok");
+    if (state.status === "ok") setStatus("ready", "ok"), $("status").title = "";
     else setStatus("degraded", "loading"), $("status").title = state.reason || "";
+    if (!ready) loadInfo();
     ready = true;
-    loadInfo();
+    setTimeout(pollHealth, 5000);  // and on: a server that stops or degrades later is shown so
     return;
   }
   if (state.status === "failed") {
@@ -172,8 +173,10 @@ function requestBody() {
   // prefills only the new messages (llama-server's cache_prompt).
   const body = { messages, stream: true, stream_options: { include_usage: true },
                  cache_prompt: conversation.length > 1 };
-  for (const k of ["temperature", "top_p", "min_p", "repeat_penalty"]) body[k] = number(k, parseFloat);
-  for (const k of ["top_k", "max_tokens", "seed"]) body[k] = number(k, (s) => parseInt(s, 10));
+  // Number, not parseInt: "1e3" is 1000 (parseInt read 1); "1.5" goes as is and the server names the field
+  for (const k of ["temperature", "top_p", "min_p", "repeat_penalty", "top_k", "max_tokens", "seed"]) {
+    body[k] = number(k, Number);
+  }
   return body;
 }
 
@@ -289,7 +292,7 @@ $("composer").addEventListener("submit", send);
 $("stop").addEventListener("click", stop);
 $("clear").addEventListener("click", clear);
 $("prompt").addEventListener("keydown", (e) => {
-  if (e.key === "Enter" && !e.shiftKey) send(e);
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) send(e);  // (Enter that ends an IME composition)
 });
 for (const input of document.querySelectorAll("aside input")) {
   input.addEventListener("input", () => { input.dataset.touched = "1"; });

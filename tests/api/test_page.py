@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import replace
@@ -170,3 +171,23 @@ def test_page_shows_loading_progress_then_the_route(factory_text_model, browser)
         rows = by_id(browser, "route").text.splitlines()
         assert rows[0].split() == ["node", "blocks", "ms_per_token"]
         assert rows[2].split() == ["ws://127.0.0.1:9102", "1-1", "2.25"]
+
+
+def test_numbers_ime_and_a_server_that_goes_away(factory_text_model, browser):
+    """From a hostile review: "1e3" in max_tokens was sent as 1 (parseInt); the Enter that ends an
+    IME composition sent the half-typed message; the badge said "ready" long after the server died."""
+    with running(factory_text_model, parallel=1) as server:
+        browser.get(server.url + "/")
+        wait(browser, lambda d: by_id(d, "status").text == "ready", 30)
+        set_field(browser, "max_tokens", "1e3")
+        set_field(browser, "top_k", "7")
+        body = browser.execute_script("return requestBody()")
+        assert body["max_tokens"] == 1000 and body["top_k"] == 7
+        set_field(browser, "prompt", "にほん")
+        browser.execute_script("document.getElementById('prompt').dispatchEvent(new KeyboardEvent('keydown', "
+                               "{key: 'Enter', isComposing: true, bubbles: true, cancelable: true}))")
+        time.sleep(0.5)
+        assert not answers(browser) and by_id(browser, "prompt").get_attribute("value") == "にほん"
+    # the server is gone: the page's health poll notices
+    wait(browser, lambda d: by_id(d, "status").text != "ready", 20)
+    assert "unreachable" in by_id(browser, "status").text
