@@ -62,6 +62,22 @@ def connection_cap(wanted: int) -> int:
 class _Handler(RequestHandler):
     """aiohttp's handler of one connection, answering what it cannot parse with ``error_reply``."""
 
+    _refused = False
+
+    def connection_made(self, transport) -> None:
+        """Beyond the cap: 503 and closed before aiohttp starts the connection's task (refused in
+        the manager's connection_made, that task started anyway and logged an AssertionError)."""
+        manager = self._manager
+        if isinstance(manager, _LimitedServer) and manager.full():
+            self._refused = True
+            manager.refuse(transport)
+            return
+        super().connection_made(transport)
+
+    def connection_lost(self, exc) -> None:
+        if not self._refused:
+            super().connection_lost(exc)
+
     def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         reply = getattr(self._manager, "error_reply", None)
@@ -87,14 +103,14 @@ class _LimitedServer(Server):
     def __call__(self) -> RequestHandler:
         return _Handler(self, loop=self._loop, **self._kwargs)
 
-    def connection_made(self, handler, transport) -> None:
-        if len(self._connections) >= self.max_connections:
-            self.refused += 1
-            transport.write(BUSY)
-            transport.close()  # handler.connection_lost follows; it was never counted
-            _log.warning("connection refused: %d connections open (the cap)", len(self._connections))
-            return
-        super().connection_made(handler, transport)
+    def full(self) -> bool:
+        return len(self._connections) >= self.max_connections
+
+    def refuse(self, transport) -> None:
+        self.refused += 1
+        transport.write(BUSY)
+        transport.close()
+        _log.warning("connection refused: %d connections open (the cap)", len(self._connections))
 
 
 class _LimitedRunner(web.AppRunner):

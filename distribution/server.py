@@ -26,16 +26,36 @@ from distribution.local import LocalLoader, present_fragments
 from fragmenter.manifest import FRAGMENT_ID, FRAGMENTS_DIR, MANIFEST_NAME
 
 MANIFEST = web.AppKey("manifest", object)  # the served store's Manifest (for the "serving ..." line)
-MAX_CONCURRENT = 64  # fragment responses in flight; further requests wait their turn
+MAX_CONCURRENT = 64  # fragments being sent at once; a request waits up to GATE_WAIT for a slot, then 503
+GATE_WAIT = 10.0          # s
+SEND_TIMEOUT = 30.0       # s, plus the fragment's size at MIN_SEND_RATE: the most one send may take
+MIN_SEND_RATE = 100_000   # bytes/s
 
 
 class FragmentResponse(web.FileResponse):
     """aiohttp's file response (sendfile, Range, 416 on bad ranges) whose ETag is always the
     fragment's id: aiohttp would otherwise set one made of mtime and size."""
 
-    def __init__(self, path: Path, fid: str, **kwargs):
+    def __init__(self, path: Path, fid: str, slot: asyncio.Semaphore | None = None, send_s: float | None = None,
+                 **kwargs):
         super().__init__(path, **kwargs)
-        self._fid = fid
+        self._fid, self._slot, self._send_s = fid, slot, send_s
+
+    async def prepare(self, request):
+        """Send the file, holding the sending slot until the last byte is written (it was freed as
+        soon as the response object existed, so slow readers were never counted), and within
+        ``send_s``: a client that stops reading loses its connection and its slot."""
+        try:
+            async with asyncio.timeout(self._send_s):
+                return await super().prepare(request)
+        except TimeoutError:
+            if request.transport is not None:
+                request.transport.abort()
+            return None
+        finally:
+            slot, self._slot = self._slot, None
+            if slot is not None:
+                slot.release()
 
     @property
     def etag(self):
@@ -74,8 +94,14 @@ def make_app(store: str | Path, only: set[str] | None = None, max_concurrent: in
         path = store / FRAGMENTS_DIR / fid
         if not _intact_size(path, sizes[fid]):  # missing, not a regular file, or truncated/padded
             raise web.HTTPNotFound(text="fragment not held here\n")
-        async with gate:
-            return FragmentResponse(path, fid, headers={"Cache-Control": "public, max-age=31536000, immutable"})
+        try:
+            async with asyncio.timeout(GATE_WAIT):
+                await gate.acquire()
+        except TimeoutError:
+            raise web.HTTPServiceUnavailable(text=f"busy: {max_concurrent} fragments being sent\n",
+                                             headers={"Retry-After": "1"}) from None
+        return FragmentResponse(path, fid, slot=gate, send_s=SEND_TIMEOUT + sizes[fid] / MIN_SEND_RATE,
+                                headers={"Cache-Control": "public, max-age=31536000, immutable"})
 
     app = web.Application(client_max_size=1024)
     app.router.add_get(f"/{MANIFEST_NAME}", get_manifest)

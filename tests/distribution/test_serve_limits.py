@@ -103,3 +103,37 @@ def test_connections_beyond_the_cap_get_503_and_the_server_recovers(store):
             except OSError:
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
+
+
+def test_a_sending_slot_is_held_until_the_fragment_is_sent(store, monkeypatch):
+    """The slot was freed as soon as the response object existed, so readers that never read
+    were not counted and could take every connection; now a send holds it, within a bound."""
+    import json
+    import urllib.error
+
+    from aiohttp import web
+
+    import distribution.server as server
+
+    original = web.FileResponse.prepare
+
+    async def slow_prepare(self, request):  # a send that takes a second (a slow reader)
+        await asyncio.sleep(1.0)
+        return await original(self, request)
+
+    monkeypatch.setattr(web.FileResponse, "prepare", slow_prepare)
+    monkeypatch.setattr(server, "MAX_CONCURRENT", 1)
+    monkeypatch.setattr(server, "GATE_WAIT", 0.3)
+    monkeypatch.setattr(server.make_app, "__defaults__", (None, 1))
+    fid = json.loads((store / "manifest.json").read_text())["fragments"][0]["id"]
+    with serving(store, Limits()) as port:
+        url = f"http://127.0.0.1:{port}/fragments/{fid}"
+        first = threading.Thread(target=lambda: urllib.request.urlopen(url, timeout=10).read())
+        first.start()
+        time.sleep(0.3)
+        with pytest.raises(urllib.error.HTTPError) as e:  # the one slot is taken while the first is sent
+            urllib.request.urlopen(url, timeout=10)
+        assert e.value.code == 503 and e.value.headers["Retry-After"] == "1"
+        first.join(10)
+        with urllib.request.urlopen(url, timeout=10) as r:  # and free again once it is sent
+            assert r.status == 200
