@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import threading
 from urllib.parse import urldefrag, urlsplit
 
 import aiohttp
@@ -91,6 +92,7 @@ class HTTPFetcher:
         # A tarpit (accepts, never answers) costs `attempts` silent waits: TIMEOUT in all.
         self.stall = self.timeout / attempts
         self.grace = self.timeout / attempts
+        self._lookup_lock = threading.Lock()  # source lookups (urls_for) go one at a time
 
     def deadline(self, size: int) -> float:
         """Seconds for every attempt at ``size`` bytes together: TIMEOUT, plus the bytes at MIN_RATE,
@@ -207,7 +209,9 @@ class HTTPFetcher:
         for attempt in range(self.attempts):
             if attempt:
                 await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
-            urls = urls_for(fid, attempt)
+            urls = await self._sources(urls_for, fid, attempt, end - loop.time())
+            if urls is None:
+                raise FetchFailed(f"{last}; gave up after {self.deadline(size):.0f} s (looking for sources)", network)
             if not urls:
                 last = "no peer provides it"
                 continue
@@ -227,6 +231,38 @@ class HTTPFetcher:
                     if warn is not None:
                         warn(url, str(e))
         raise FetchFailed(last, network)
+
+
+    async def _sources(self, urls_for, fid: str, attempt: int, left: float):
+        """urls_for(fid, attempt) on a thread, within ``left`` seconds (None past them): a P2P
+        loader's lookups walk the DHT for seconds per key, and run on the loop they blocked every
+        deadline, so a stalled peer held a fetch for many minutes. One lookup at a time, as before;
+        a daemon thread, so one still walking does not hold up the exit after the fetch gives up."""
+        if left <= 0:
+            return None
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def settle(setter, value):
+            if not done.done():
+                setter(value)
+
+        def work():
+            with self._lookup_lock:
+                try:
+                    result, setter = urls_for(fid, attempt), done.set_result
+                except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+                    result, setter = e, done.set_exception
+            try:
+                loop.call_soon_threadsafe(settle, setter, result)
+            except RuntimeError:  # the loop is gone: nobody waits any more
+                pass
+
+        threading.Thread(target=work, name="lookup", daemon=True).start()
+        try:
+            return await asyncio.wait_for(done, left)
+        except asyncio.TimeoutError:
+            return None
 
 
 def _after(problem: str, before: str) -> str:

@@ -316,3 +316,31 @@ def test_a_retried_download_is_counted_once_on_the_progress_bar(store, tmp_path)
     assert any(later < earlier for (earlier, _), (later, _) in zip(seen, seen[1:]))  # taken back once
     with byte_progress(1, "x", enabled=True) as bar:  # (on the captured stderr)
         assert bar.unit_divisor == 1000
+
+
+def test_a_source_lookup_that_hangs_does_not_outlast_the_deadline(tmp_path):
+    """A P2P loader's urls_for walks the DHT; run on the event loop, a stalled peer blocked every
+    deadline and a fetch printed nothing for 800 s. It now runs on a thread, within the bound."""
+    import threading
+
+    from distribution.cache import FragmentCache
+    from distribution.http import FetchFailed, HTTPFetcher
+
+    fetcher = HTTPFetcher(FragmentCache(tmp_path / "cache"), attempts=2, timeout=1.0, backoff=0.05)
+    release = threading.Event()
+
+    def stalled(fid, attempt):
+        release.wait(30)
+        return []
+
+    async def go():
+        async with fetcher.session() as session:
+            await fetcher.fetch_with_retries(session, stalled, "ab" * 32, 1000, None, asyncio.Semaphore(1))
+
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(FetchFailed, match="gave up after"):
+            asyncio.run(go())
+    finally:
+        release.set()
+    assert time.monotonic() - t0 < fetcher.deadline(1000) + 2
