@@ -49,11 +49,12 @@ def fetch_store(loader, out: Path, spans: list[tuple[int, int]] | None = None) -
         raise UserError(f"{out}: is inside the store being read ({here}); fetch into another directory")
     names = span_tensors(m, spans) if spans else m.tensor_names()
     loader.header()  # refuse to copy a manifest whose tensor table the header contradicts
-    created = not out.exists()
+    created, locked = not out.exists(), False
     try:
         with ExitStack() as stack:
             prepare_store(out)
             stack.enter_context(store_lock(out))
+            locked = True  # (a run that loses the lock must not remove what the winner is writing)
             if (out / MANIFEST_NAME).exists() and read_manifest_bytes(out) != loader.manifest_bytes:
                 raise UserError(f"{out}: already holds the store of another model; choose another -o")
             wanted = m.fragments_for(names, header=True)
@@ -67,7 +68,7 @@ def fetch_store(loader, out: Path, spans: list[tuple[int, int]] | None = None) -
             write_atomically(out / MANIFEST_NAME, loader.manifest_bytes)
             Manifest.load(out)  # what we wrote reads back as a valid store
     except BaseException:
-        if created:  # nothing of a failed first fetch is left behind (the fragment cache keeps what came)
+        if created and locked:  # nothing of a failed first fetch is left behind (the fragment cache keeps what came)
             shutil.rmtree(out, ignore_errors=True)
         raise
     return FetchResult(out, m.source["name"], len(wanted), len(m.unique_fragments()), len(todo),

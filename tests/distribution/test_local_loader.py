@@ -126,3 +126,35 @@ def test_manifest_that_is_not_json(store):
     (store / "manifest.json").write_text("{ nope")
     with pytest.raises(StoreError, match="bad JSON"):
         LocalLoader(store)
+
+
+def test_a_first_fetch_that_loses_the_lock_leaves_the_winners_directory(factory_models, tmp_path, monkeypatch):
+    """Two first fetches into one -o: the one that lost the store lock removed the directory the
+    other was writing (both had seen it absent)."""
+    import fcntl
+    import os
+
+    import distribution.store_copy as store_copy
+    from common.errors import UserError
+    from distribution.local import LocalLoader
+    from fragmenter.fragment import fragment_file
+
+    fragment_file(str(factory_models["q8_0-spm-gqa"]), tmp_path / "a", 8192, progress=False)
+    out, held = tmp_path / "copy", []
+    original = store_copy.prepare_store
+
+    def prepare_then_lose_the_race(path):  # the winner takes the lock between the check and ours
+        result = original(path)
+        fd = os.open(path, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.append(fd)
+        return result
+
+    monkeypatch.setattr(store_copy, "prepare_store", prepare_then_lose_the_race)
+    try:
+        with pytest.raises(UserError):
+            store_copy.fetch_store(LocalLoader(tmp_path / "a"), out)
+        assert (out / "fragments").is_dir()  # the winner's, left alone
+    finally:
+        for fd in held:
+            os.close(fd)
