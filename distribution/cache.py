@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 from common.errors import naming
@@ -52,7 +53,7 @@ class FragmentCache:
             data = b""
         if len(data) == size and hashlib.sha256(data).hexdigest() == fid:
             return data
-        p.unlink(missing_ok=True)
+        _remove(p)
         return None
 
     def temp_path(self, fid: str) -> Path:
@@ -61,3 +62,12 @@ class FragmentCache:
     def commit(self, fid: str, temp: Path) -> None:
         """Move a downloaded, already verified temporary file into place."""
         os.replace(temp, self.path(fid))
+
+
+def _remove(path: Path) -> None:
+    """A damaged cache entry, whatever it is: a directory planted under a fragment's name made
+    every fetch of it fail ("Is a directory") instead of being dropped and fetched again."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

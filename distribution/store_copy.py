@@ -36,7 +36,8 @@ class FetchResult:
             parts[0] += f" ({self.downloaded} downloaded, {self.written - self.downloaded} from the cache)"
         if self.kept:
             parts.append(f"{self.kept} already there")
-        return (f"fetched {self.wanted} of {self.total} fragments of {self.name} into {self.out}: "
+        name = self.name if self.name.isprintable() else repr(self.name)  # (the manifest is the server's text)
+        return (f"fetched {self.wanted} of {self.total} fragments of {name} into {self.out}: "
                 f"{', '.join(parts)}")
 
 

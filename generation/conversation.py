@@ -128,6 +128,7 @@ class Conversation:
     def clear(self) -> None:
         self.messages = []
         self.last = None
+        self.generated_total = 0  # (/stats after /clear counted the old conversation's tokens)
         self._forget_cache()
 
     def set_system(self, text: str | None) -> None:

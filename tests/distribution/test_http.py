@@ -344,3 +344,13 @@ def test_a_source_lookup_that_hangs_does_not_outlast_the_deadline(tmp_path):
     finally:
         release.set()
     assert time.monotonic() - t0 < fetcher.deadline(1000) + 2
+
+
+def test_a_directory_planted_in_the_cache_is_dropped_like_any_damaged_entry(tmp_path):
+    from distribution.cache import FragmentCache
+
+    cache = FragmentCache(tmp_path / "cache")
+    data = b"fragment bytes"
+    fid = __import__("hashlib").sha256(data).hexdigest()
+    (cache.path(fid) / "inside").mkdir(parents=True)
+    assert cache.get(fid, len(data)) is None and not cache.path(fid).exists()
