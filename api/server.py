@@ -59,6 +59,7 @@ class Service:
         self.model = model
         self.parallel, self.queue_size, self.context = parallel, queue_size, context
         self.api_key, self.max_body, self.body_budget = api_key, max_body, body_budget
+        self.loopback_only = False  # listening on a loopback address: requests must name it (start())
         self.metrics = Metrics()
         self.jobs: set[Job] = set()
         self.receiving = 0  # bytes of request bodies received so far by the requests still reading them
@@ -106,7 +107,7 @@ def make_app(model, parallel: int = 1, queue_size: int = 16, api_key: str | None
     """An aiohttp application serving ``model``: a ``TextModel``, or a ``LoadingModel`` still loading."""
     if not isinstance(model, LoadingModel):
         model = LoadingModel(text_model=model)
-    app = web.Application(client_max_size=max_body, middlewares=[_errors, _auth])
+    app = web.Application(client_max_size=max_body, middlewares=[_errors, _hosts, _auth])
     app[SERVICE] = Service(model, parallel, queue_size, context, api_key, max_body, body_budget)
     app.router.add_get("/", _page)
     app.router.add_get("/app.js", _page)
@@ -151,6 +152,24 @@ async def _errors(request: web.Request, handler):
         response = _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}"))
     service.metrics.count_http(_route_name(request), response.status)
     return response
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+@web.middleware
+async def _hosts(request: web.Request, handler):
+    """DNS rebinding: a web page elsewhere whose name resolves to 127.0.0.1 is same-origin to the
+    browser, and could use a server listening on loopback (without --api-key, read /info and ask the
+    model). Such a request names that page's host; one from this machine names a loopback one."""
+    if request.app[SERVICE].loopback_only:
+        name = (request.host or "").rsplit(":", 1)[0] if not (request.host or "").startswith("[") \
+            else (request.host or "").split("]")[0].lstrip("[")
+        if name.lower() not in LOOPBACK_NAMES and not name.lower().endswith(".localhost"):
+            raise APIError(403, f"Host {request.host[:80]!r} is not this server's: it listens on loopback and "
+                                f"answers requests addressed to localhost or 127.0.0.1 (start it with --host to "
+                                f"serve other names)", code="wrong_host")
+    return await handler(request)
 
 
 @web.middleware
@@ -574,11 +593,23 @@ async def start(app: web.Application, host: str = "127.0.0.1", port: int = 8080,
     the job's cancel event, so a request waiting in the queue or generating stops at once.
     ``limits``: idle and silent connections, stalled bodies and the connection count are bounded.
     """
+    app[SERVICE].loopback_only = _is_loopback(host)
     try:
         return await start_site(app, host, port, limits, error_reply=_unparsable, handler_cancellation=True,
                                 access_log=None)
     except OSError as e:  # unresolvable host, address in use, no permission for the port
         raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class ServerThread:

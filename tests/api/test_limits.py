@@ -58,7 +58,7 @@ def body_of(answer: bytes) -> dict:
 
 
 def post(path: str, body: bytes, headers: dict) -> bytes:
-    lines = [f"POST {path} HTTP/1.1", "Host: x", f"Content-Length: {len(body)}", "Connection: close"]
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}", "Connection: close"]
     head = "\r\n".join(lines + [f"{k}: {v}" for k, v in headers.items()]) + "\r\n\r\n"
     return head.encode("utf-8", "surrogateescape") + body
 
@@ -105,7 +105,7 @@ def test_the_character_bound_never_refuses_a_prompt_that_fits(server, factory_te
 def test_silent_dripping_and_stalled_connections_are_closed(server):
     socks = {name: socket.create_connection(("127.0.0.1", server.port), timeout=10) for name in
              ("silent", "headers", "body")}
-    socks["headers"].sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+    socks["headers"].sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
     socks["body"].sendall(post("/v1/chat/completions", b"", AUTH).replace(b"Content-Length: 0",
                                                                             b"Content-Length: 100") + b"{")
     t0, closed = time.monotonic(), {}
@@ -137,7 +137,7 @@ def test_connections_beyond_the_cap_are_refused_and_the_server_recovers(factory_
     with running(factory_text_model, limits=Limits(keepalive=30, max_connections=4)) as s:
         idle = [socket.create_connection(("127.0.0.1", s.port), timeout=5) for _ in range(4)]
         time.sleep(0.2)
-        answer, _ = send(s, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", timeout=5)
+        answer, _ = send(s, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", timeout=5)
         assert status_of(answer) == 503  # refused at once, not left to time out
         for sock in idle:
             sock.close()
@@ -251,11 +251,11 @@ def test_a_deflate_body_is_refused_at_once_not_waited_out(server):
 
 
 @pytest.mark.parametrize("data", [
-    b"GET /health HTTP/1.1 extra\r\nHost: x\r\n\r\n",  # a malformed request line
-    b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",  # a header over aiohttp's limit
-    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"GET /health HTTP/1.1 extra\r\nHost: 127.0.0.1\r\n\r\n",  # a malformed request line
+    b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",  # a header over aiohttp's limit
+    b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",  # a chunk size that is no number
-    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Encoding: zstd\r\n"
+    b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Encoding: zstd\r\n"
     b"Content-Length: 2\r\n\r\n{}",  # an encoding aiohttp cannot decode here
 ])
 def test_requests_aiohttp_cannot_parse_get_a_json_error(server, data):
@@ -274,7 +274,7 @@ def test_a_non_ascii_api_key_is_a_401(server, key):
 
 
 def test_a_405_names_the_allowed_methods(server):
-    answer, _ = send(server, b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sesame\r\n"
+    answer, _ = send(server, b"GET /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer sesame\r\n"
                              b"Connection: close\r\n\r\n")
     head = answer.split(b"\r\n\r\n")[0].decode()
     assert status_of(answer) == 405 and "error" in body_of(answer)
@@ -411,3 +411,14 @@ def test_no_character_bound_when_unknown_text_has_no_bound():
     _too_long(model([2, 1, 1]), req, context=4)  # no BYTE (6) token: not refused here
     with pytest.raises(Exception, match="characters"):
         _too_long(model([2, 1, 1, 6]), req, context=4)  # with byte fallback: 4 tokens cover <= 2 * 4 * 5 chars
+
+
+@pytest.mark.parametrize("host, status", [("evil.example:8080", 403), ("localhost:1", 200), ("127.0.0.1", 200),
+                                          ("[::1]:8080", 200), ("app.localhost", 200)])
+def test_a_loopback_server_answers_only_requests_addressed_to_loopback(server, host, status):
+    """DNS rebinding: a page at evil.example resolving to 127.0.0.1 is same-origin to the browser;
+    its requests name evil.example. The server checked no Host and answered them."""
+    answer, _ = send(server, f"GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+    assert status_of(answer) == status, answer[:200]
+    if status == 403:
+        assert body_of(answer)["error"]["code"] == "wrong_host"
