@@ -163,9 +163,11 @@ async def _hosts(request: web.Request, handler):
     browser, and could use a server listening on loopback (without --api-key, read /info and ask the
     model). Such a request names that page's host; one from this machine names a loopback one."""
     if request.app[SERVICE].loopback_only:
-        name = (request.host or "").rsplit(":", 1)[0] if not (request.host or "").startswith("[") \
-            else (request.host or "").split("]")[0].lstrip("[")
-        if name.lower() not in LOOPBACK_NAMES and not name.lower().endswith(".localhost"):
+        try:
+            name = (request.url.host or "").lower()  # (yarl parses the Host header: port, [::1])
+        except ValueError:
+            name = ""
+        if name not in LOOPBACK_NAMES and not name.endswith(".localhost"):
             raise APIError(403, f"Host {request.host[:80]!r} is not this server's: it listens on loopback and "
                                 f"answers requests addressed to localhost or 127.0.0.1 (start it with --host to "
                                 f"serve other names)", code="wrong_host")
