@@ -8,6 +8,7 @@ import select
 import signal
 import sys
 import threading
+import time
 
 import click
 
@@ -71,15 +72,27 @@ def _stdout_closed() -> bool:
         return False
 
 
+# A second SIGTERM this soon after the first is the same request delivered twice (`timeout`
+# signals its child, then the child's whole process group), not an order to skip the cleanup.
+SIGTERM_REPEAT_S = 1.0
+
+
 def _terminate_like_ctrl_c() -> None:
-    """SIGTERM raises Terminated in the main thread, once (a second one kills at once, as the default
-    would). Servers that handle SIGTERM themselves (node, an event loop's handler) replace this."""
+    """SIGTERM raises Terminated in the main thread, once. A repeat within SIGTERM_REPEAT_S is
+    ignored, so the cleanup the first one started finishes; a later one kills at once, as the
+    default would. Servers that handle SIGTERM themselves (node, an event loop's handler) replace this."""
     if threading.current_thread() is not threading.main_thread():
         return
+    first: list[float] = []
 
     def terminate(signum, frame):
+        if not first:
+            first.append(time.monotonic())
+            raise Terminated()
+        if time.monotonic() - first[0] < SIGTERM_REPEAT_S:
+            return
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        raise Terminated()
+        os.kill(os.getpid(), signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, terminate)
 

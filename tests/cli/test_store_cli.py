@@ -6,6 +6,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,64 @@ def test_a_signal_cleans_up_like_ctrl_c(tmp_path, sig, code, word):
             proc.kill()
     assert proc.returncode == code and err.strip() == word, (proc.returncode, err)
     assert list(tmp_path.iterdir()) == []
+
+
+def _cleaning_up(tmp_path, cleanup_s: float) -> subprocess.Popen:
+    """A command whose cleanup takes ``cleanup_s``; it prints "cleaning" when the cleanup starts."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        from cli.common import user_errors
+
+        @user_errors
+        def work():
+            tmp = {str(tmp_path / '.out.partial')!r}
+            open(tmp, "w").close()
+            try:
+                print("writing", flush=True)
+                time.sleep(30)
+            finally:
+                print("cleaning", flush=True)
+                time.sleep({cleanup_s})
+                import os
+                os.unlink(tmp)
+
+        work()
+        """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=str(ROOT))
+    assert proc.stdout.readline() == "writing\n"
+    return proc
+
+
+def test_a_repeated_sigterm_lets_the_cleanup_finish(tmp_path):
+    """`timeout` sends SIGTERM to its child and then to the child's process group: a command got two,
+    and the second killed it mid-cleanup, leaving its partial output. A repeat within a second is
+    the same request; the cleanup finishes."""
+    proc = _cleaning_up(tmp_path, cleanup_s=0.5)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stdout.readline() == "cleaning\n"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143 and err.strip() == "terminated", (proc.returncode, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_later_sigterm_still_kills_a_stuck_cleanup(tmp_path):
+    """Whoever sends SIGTERM again after a while wants the process gone: it dies at once."""
+    from cli.common import SIGTERM_REPEAT_S
+
+    proc = _cleaning_up(tmp_path, cleanup_s=30)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stdout.readline() == "cleaning\n"
+        time.sleep(SIGTERM_REPEAT_S + 0.3)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGTERM
