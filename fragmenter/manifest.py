@@ -34,6 +34,11 @@ FRAGMENT_ID = re.compile(r"^[0-9a-f]{64}$")
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 # Far above the 46,000-fragment model's manifest (about 10 MB); stops a huge or endless file early.
 MAX_MANIFEST_BYTES = 256 << 20
+# JSON expands in memory: 256 MiB of `[],` is 6.7 GB of lists. Every value but the first follows a
+# `[`, `,` or `:`, so counting those bounds the values (at about 72 bytes each in Python) before
+# parsing. An 810 GB file in 10 MB fragments (81,000) has a manifest of 1.0 million; this allows
+# eight times that, and bounds a parse well under 1 GB (8 million empty lists take 0.55 GB).
+MAX_MANIFEST_VALUES = 8_000_000
 
 
 def layer_of(tensor_name: str) -> int | None:
@@ -152,6 +157,10 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str | bytes, path: str = MANIFEST_NAME) -> "Manifest":
+        marks = ("[", ",", ":") if isinstance(text, str) else (b"[", b",", b":")
+        if sum(text.count(m) for m in marks) > MAX_MANIFEST_VALUES:
+            raise StoreError(f"{path}: not a valid manifest (more than {MAX_MANIFEST_VALUES:,} JSON values, "
+                             f"far more than any manifest holds)")
         try:
             doc = json.loads(text)
         except (ValueError, UnicodeDecodeError) as e:

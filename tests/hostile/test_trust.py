@@ -118,6 +118,51 @@ def test_manifest_nested_200k_levels_is_one_line(store):
         assert proc.returncode == EXIT_DAMAGED_STORE
 
 
+def test_a_manifest_of_millions_of_tiny_values_is_refused_before_parsing(store, monkeypatch):
+    """256 MiB of `[],` parses into 6.7 GB of lists: counting the values first refuses it unparsed."""
+    from fragmenter import manifest
+
+    (store / "manifest.json").write_bytes(b"[" + b"[]," * manifest.MAX_MANIFEST_VALUES + b"[]]")
+    assert_one_line_error(run_cli("recombine", store, "--verify"), "manifest.json", "JSON values")
+    monkeypatch.setattr(manifest.json, "loads", lambda *a, **k: pytest.fail("parsed"))
+    with pytest.raises(StoreError, match="manifest.json.*JSON values"):
+        LocalLoader(store)
+
+
+def test_the_value_bound_leaves_room_for_the_largest_manifests():
+    """A 405B-shaped F16 file (126 blocks, 810 GB) cut into 10 MB fragments: 81,000 fragments, the
+    manifest the fragmenter writes for it, parsed back; its values are far inside the bound."""
+    import hashlib
+
+    from fragmenter import manifest
+    from fragmenter.fragment import build_manifest, plan_fragments
+    from fragmenter.gguf_header import GGUFHeader, TensorInfo
+
+    d, ff, kv, vocab = 16384, 53248, 1024, 128256
+    shapes = [("token_embd.weight", (d, vocab))]
+    for b in range(126):
+        shapes += [(f"blk.{b}.attn_norm.weight", (d,)), (f"blk.{b}.attn_q.weight", (d, d)),
+                   (f"blk.{b}.attn_k.weight", (d, kv)), (f"blk.{b}.attn_v.weight", (d, kv)),
+                   (f"blk.{b}.attn_output.weight", (d, d)), (f"blk.{b}.ffn_norm.weight", (d,)),
+                   (f"blk.{b}.ffn_gate.weight", (d, ff)), (f"blk.{b}.ffn_up.weight", (d, ff)),
+                   (f"blk.{b}.ffn_down.weight", (ff, d))]
+    shapes += [("output_norm.weight", (d,)), ("output.weight", (d, vocab))]
+    tensors, offset = [], 0
+    for name, dims in shapes:
+        tensors.append(TensorInfo(name, 1, dims, offset))  # F16
+        offset += 2 * int(np.prod(dims))
+    header = GGUFHeader(3, {"general.architecture": "llama"}, tensors, 32, 4096)
+    size = header.data_offset + offset
+    cuts = plan_fragments(header, size, 10_000_000)
+    fragments = [manifest.Fragment(hashlib.sha256(str(i).encode()).hexdigest(), e - s, s)
+                 for i, (s, e) in enumerate(cuts)]
+    text = build_manifest(header, {"name": "big.gguf", "size": size, "sha256": "0" * 64}, 10_000_000,
+                          fragments).to_json()
+    values = sum(text.count(m) for m in ("[", ",", ":"))
+    assert len(fragments) > 80_000 and values * 4 < manifest.MAX_MANIFEST_VALUES, (len(fragments), values)
+    assert len(manifest.Manifest.from_json(text).fragments) == len(fragments)
+
+
 @pytest.mark.parametrize("dim", [0, 1 << 63, (1 << 64) - 1])
 def test_fragment_and_infer_refuse_impossible_dimensions_naming_the_tensor(factory_models, tmp_path, dim):
     bad = set_dim(factory_models[MODEL], tmp_path / "bad.gguf", "blk.0.ffn_up.weight", 1, dim)
