@@ -208,8 +208,14 @@ def _error_response(e: APIError) -> web.Response:
 
 
 # -- pages, health, info --------------------------------------------------------------------------
+# The page runs only its own files, and no other site may show it in a frame (where a click
+# meant for that site could land on Send or Stop).
+PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
+                "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; base-uri 'none'"}
+
+
 async def _page(request: web.Request) -> web.StreamResponse:
-    return web.FileResponse(STATIC / PAGES[request.path], headers={"Cache-Control": "no-cache"})
+    return web.FileResponse(STATIC / PAGES[request.path], headers=PAGE_HEADERS)
 
 
 async def _health(request: web.Request) -> web.Response:

@@ -5,11 +5,13 @@ A screenshot is kept in tests/artifacts/ (git-ignored; docs/chat-page.png is a c
 
 from __future__ import annotations
 
+import http.server
 import json
 import threading
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -191,3 +193,56 @@ def test_numbers_ime_and_a_server_that_goes_away(factory_text_model, browser):
     # the server is gone: the page's health poll notices
     wait(browser, lambda d: by_id(d, "status").text != "ready", 20)
     assert "unreachable" in by_id(browser, "status").text
+
+
+@contextmanager
+def framing_site(target: str):
+    """Another origin on loopback whose page shows ``target`` in an iframe."""
+    html = f"<!doctype html><iframe id=f width=600 height=400 src='{target}'></iframe>".encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(html)))
+            self.end_headers()
+            self.wfile.write(html)
+
+        def log_message(self, *args):
+            pass
+
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=site.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{site.server_address[1]}/"
+    finally:
+        site.shutdown()
+        site.server_close()
+
+
+def framed(driver) -> list:
+    """The framed document's URL and whether it holds the chat page's prompt, once it has loaded."""
+    driver.switch_to.frame(by_id(driver, "f"))
+    try:
+        return driver.execute_script("return document.readyState == 'complete' && document.URL != 'about:blank' "
+                                     "&& [document.URL, !!document.getElementById('prompt')]")
+    finally:
+        driver.switch_to.default_content()
+
+
+def test_no_other_site_can_frame_the_page(factory_text_model, browser):
+    """From a hostile review: another site could show the page in an invisible frame and have a
+    user's clicks land on Send. The page refuses frames (X-Frame-Options, CSP frame-ancestors); the
+    same site framing /health, which sends neither, shows the harness sees a framed page load."""
+    with running(factory_text_model, parallel=1) as server:
+        with framing_site(server.url + "/health") as site:
+            browser.get(site)
+            url, _ = wait(browser, framed, 30)
+            assert url == server.url + "/health"
+        with framing_site(server.url + "/") as site:
+            browser.get(site)
+            url, has_prompt = wait(browser, framed, 30)
+            assert url.startswith("chrome-error://") and not has_prompt
+        browser.get(server.url + "/")  # the page itself still runs under its policy
+        wait(browser, lambda d: by_id(d, "status").text == "ready", 30)
