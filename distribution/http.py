@@ -200,16 +200,21 @@ class HTTPFetcher:
             if shown:  # a failed attempt's bytes come off the bar: a retry counts them again
                 bar.update(-shown)
 
-    async def fetch_with_retries(self, session, urls_for, fid: str, size: int, bar, gate, warn=None) -> None:
+    async def fetch_with_retries(self, session, urls_for, fid: str, size: int, bar, gate, warn=None,
+                                 lookups_block: bool = True) -> None:
         """Try each source URL in turn, several rounds with backoff, until the fragment is cached,
-        all within deadline(size); FetchFailed(network=...) naming the last source if not."""
+        all within deadline(size); FetchFailed(network=...) naming the last source if not.
+        ``lookups_block``: urls_for may take long (a DHT walk), so it runs on a thread."""
         loop = asyncio.get_running_loop()
         end = loop.time() + self.deadline(size)
         last, network = "no source", True
         for attempt in range(self.attempts):
             if attempt:
                 await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
-            urls = await self._sources(urls_for, fid, attempt, end - loop.time())
+            if lookups_block:
+                urls = await self._sources(urls_for, fid, attempt, end - loop.time())
+            else:  # (a string join: a thread per fragment would cost more than the lookup)
+                urls = urls_for(fid, attempt)
             if urls is None:
                 raise FetchFailed(f"{last}; gave up after {self.deadline(size):.0f} s (looking for sources)", network)
             if not urls:
@@ -282,6 +287,7 @@ def _describe_error(e: BaseException) -> str:
 
 class HTTPLoader(FragmentLoader):
     fetch_verifies = True  # the cache hands out only bytes whose SHA-256 it has just checked
+    lookups_block = False  # fragment_urls only joins strings (P2PLoader's walks the DHT)
 
     def __init__(self, url: str, cache_dir=None, concurrency: int = 8, attempts: int = 4,
                  timeout: float | None = None, progress: bool | None = None, min_rate: float = MIN_RATE):
@@ -327,7 +333,8 @@ class HTTPLoader(FragmentLoader):
         with byte_progress(total, f"fetch {len(ids)} fragments", self.fetcher.progress) as bar:
             async with self.fetcher.session() as session:
                 jobs = [asyncio.ensure_future(self.fetcher.fetch_with_retries(
-                    session, self.fragment_urls, f, self._sizes[f], bar, gate, self.warn)) for f in ids]
+                    session, self.fragment_urls, f, self._sizes[f], bar, gate, self.warn, self.lookups_block))
+                    for f in ids]
                 try:  # the first fragment that cannot be had ends the run: the store is unusable without it
                     await asyncio.wait(jobs, timeout=bound, return_when=asyncio.FIRST_EXCEPTION)
                 finally:  # also on Ctrl-C: no download outlives its session, and every failure is retrieved

@@ -28,6 +28,8 @@ from distribution.spans import regions_of_fragments
 class P2PLoader(HTTPLoader):
     """Fetches a store's fragments from whichever peers provide them, verified, with failover."""
 
+    lookups_block = True  # fragment_urls walks the DHT on a retry: on a thread, within the deadline
+
     def __init__(self, address: str, cache_dir=None, concurrency: int = 8, attempts: int = 4, timeout: float | None = None,
                  progress: bool | None = None, listen: str = "/ip4/127.0.0.1/tcp/0", warn=None):
         digest, boots = parse_address(address)

@@ -346,6 +346,31 @@ def test_a_source_lookup_that_hangs_does_not_outlast_the_deadline(tmp_path):
     assert time.monotonic() - t0 < fetcher.deadline(1000) + 2
 
 
+def test_plain_http_looks_up_sources_without_a_thread_per_fragment(store, tmp_path, monkeypatch):
+    """Only a P2P loader's lookups can block (a DHT walk); a plain store's URL is a string join, and a
+    thread for each of its fragments cost more than the lookup."""
+    import threading
+
+    from distribution import http
+    from distribution.p2p_loader import P2PLoader
+
+    started = []
+
+    class Recorded(threading.Thread):
+        def start(self):
+            started.append(self.name)
+            super().start()
+
+    monkeypatch.setattr(http.threading, "Thread", Recorded)
+    with serving(store, "--port", "0") as server:
+        loader = HTTPLoader(server.url, cache_dir=tmp_path / "cache")
+        ids = [f.id for f in loader.manifest.fragments]
+        loader.prefetch(ids)
+        assert all(loader.fetcher.cache.has(f, loader._sizes[f]) for f in ids) and len(ids) > 3
+    assert "lookup" not in started
+    assert P2PLoader.lookups_block and not HTTPLoader.lookups_block
+
+
 def test_a_directory_planted_in_the_cache_is_dropped_like_any_damaged_entry(tmp_path):
     from distribution.cache import FragmentCache
 
