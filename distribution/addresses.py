@@ -98,6 +98,24 @@ def parse_announce(text: str | None) -> Announce | None:
     return Announce(host, port)
 
 
+def peer_fragment_base(url) -> str | None:
+    """A peer record's fragment server as ``http(s)://HOST[:PORT]/``, or None for anything else
+    (another scheme, a user, a path, a query). Anyone can put a record in the DHT and the bytes are
+    hash-checked anyway; this keeps what a record makes us ask for to /fragments/<sha256> of some host."""
+    from yarl import URL
+
+    if not isinstance(url, str) or not url.isprintable():
+        return None
+    try:
+        u = URL(url)
+        if (u.scheme not in ("http", "https") or not u.host or u.user is not None or u.password is not None
+                or u.query_string or u.fragment or u.raw_path not in ("", "/")):
+            return None
+        return str(u.origin()) + "/"
+    except (ValueError, TypeError):  # (yarl: a bad port, a bad IDNA name)
+        return None
+
+
 def host_protocol(host: str) -> str:
     """The multiaddr protocol of a host others dial: ip4 or ip6 for an address, else dns4."""
     try:

@@ -19,7 +19,7 @@ import sys
 from tqdm import tqdm
 
 from common.errors import NetworkError, StoreError, UserError
-from distribution.addresses import parse_address
+from distribution.addresses import parse_address, peer_fragment_base
 from distribution.dht import P2PNode
 from distribution.http import HTTPLoader
 from distribution.spans import regions_of_fragments
@@ -69,8 +69,7 @@ class P2PLoader(HTTPLoader):
     def _peer_url(self, peer: str) -> str | None:
         if peer not in self._urls:
             record = self.node.get_peer_record(peer)
-            url = record.get("http") if record else None
-            self._urls[peer] = url.rstrip("/") + "/" if isinstance(url, str) and url else None
+            self._urls[peer] = peer_fragment_base(record.get("http")) if isinstance(record, dict) else None
         return self._urls[peer]
 
     def _lookup(self, fids: list[str], thorough: bool = False) -> dict[str, list[str]]:

@@ -9,6 +9,8 @@ its manifest; the route planner then asks each node directly (INFO) for its curr
 
 from __future__ import annotations
 
+from swarm.wire import is_node_url
+
 
 def ws_url(host: str, port: int, public=None, toward: list[str] = ()) -> str:
     """The activation address others reach a node bound to host:port at (never a wildcard)."""
@@ -40,7 +42,7 @@ def dht_finder(p2p, manifest_sha: str, n_layers: int):
         for peer in dict.fromkeys(p for peers in found.values() for p in peers):
             record = p2p.get_peer_record(peer)  # fresh each time: the capacity changes
             swarm = (record or {}).get("swarm")
-            if isinstance(swarm, dict) and swarm.get("manifest") == manifest_sha and isinstance(swarm.get("ws"), str):
+            if isinstance(swarm, dict) and swarm.get("manifest") == manifest_sha and is_node_url(swarm.get("ws")):
                 records[peer] = swarm
                 urls.append(swarm["ws"])
         return urls

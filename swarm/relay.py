@@ -27,7 +27,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import aiohttp
-from yarl import URL
 
 from swarm import wire
 
@@ -79,11 +78,10 @@ def _checked_hop(url: str, sid: str, first: int, last: int) -> Hop:
     next; measured with benchmarks/pipeline.py --trace). Only valid hops are kept (an error is not
     cached), and the arguments' types were checked before (True is not 1 here)."""
     try:
-        parsed = URL(url)
         session = bytes.fromhex(sid)
     except ValueError:
-        raise wire.WireError("bad_frame", "unreadable url or session") from None
-    if parsed.scheme not in ("ws", "wss") or not parsed.host or parsed.path != wire.WS_PATH or len(url) > 512:
+        raise wire.WireError("bad_frame", "unreadable session") from None
+    if not wire.is_node_url(url):
         raise wire.WireError("bad_frame", f"{url[:80]!r} is not a node's ws://host:port{wire.WS_PATH}")
     if len(session) != 16 or session == bytes(16):
         raise wire.WireError("bad_frame", "a session id is 128 random bits")

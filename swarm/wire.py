@@ -34,6 +34,22 @@ from dataclasses import dataclass
 import numpy as np
 
 WS_PATH = "/swarm"  # where a node takes its WebSocket: ws://HOST:PORT/swarm
+MAX_URL = 512
+
+
+def is_node_url(url) -> bool:
+    """Whether ``url`` is a node's activation address, ``ws(s)://HOST[:PORT]/swarm`` and nothing more
+    (no user, query or fragment): what a DHT record or a RELAY's hop may make a client or node dial."""
+    from yarl import URL
+
+    if not isinstance(url, str) or len(url) > MAX_URL or not url.isprintable():
+        return False
+    try:
+        u = URL(url)
+        return (u.scheme in ("ws", "wss") and bool(u.host) and u.port is not None and u.raw_path == WS_PATH
+                and u.user is None and u.password is None and not u.query_string and not u.fragment)
+    except (ValueError, TypeError):
+        return False
 MAGIC = b"GFSW"
 VERSION = 1
 HEADER = struct.Struct("<4sBBBB16sIIIHHII")

@@ -101,3 +101,28 @@ def test_default_listen_follows_the_http_host():
     assert default_listen("::1") == "/ip6/::1/tcp/0"
     with pytest.raises(UserError, match="999.1.1.1: cannot listen"):
         default_listen("999.1.1.1")
+
+
+@pytest.mark.parametrize("url, base", [
+    ("http://10.0.0.5:8001/", "http://10.0.0.5:8001/"),
+    ("http://10.0.0.5:8001", "http://10.0.0.5:8001/"),
+    ("https://peer.example:443/", "https://peer.example/"),
+    ("http://[fd00::1]:8001/", "http://[fd00::1]:8001/"),
+    ("http://10.0.0.5:8001/admin/", None),              # a path: the record steers our GETs elsewhere
+    ("http://10.0.0.5:8001/?x=fragments/", None),
+    ("http://user:pw@10.0.0.5:8001/", None),
+    ("http://10.0.0.5:8001/#frag", None),
+    ("file:///etc/passwd", None), ("ftp://10.0.0.5/", None), ("gopher://10.0.0.5:70/", None),
+    ("http://10.0.0.5:99999/", None), ("http:///", None), ("", None), ("http://a\nb:1/", None),
+    (None, None), (5, None), (["http://10.0.0.5:8001/"], None),
+])
+def test_a_peer_record_names_only_a_fragment_server(url, base):
+    """Anyone can put a peer record in the DHT: a fetch follows only an http(s) origin from it."""
+    assert addresses.peer_fragment_base(url) == base
+
+
+@given(st.text(max_size=80))
+def test_a_peer_record_never_yields_more_than_an_origin(text):
+    base = addresses.peer_fragment_base(text)
+    assert base is None or (base.startswith(("http://", "https://")) and base.endswith("/")
+                            and base.count("/") == 3 and "@" not in base and "?" not in base and "#" not in base)

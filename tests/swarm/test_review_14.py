@@ -164,6 +164,18 @@ def _onward(rows_in: int, step: int, pad_urls: list[str]) -> int:
     return len(wire.encode(frame))
 
 
+def _padded_url(length: int) -> str:
+    """A node address of exactly ``length`` characters, padded in its host name (labels of 'p')."""
+    host, rest = [], length - len("ws://:9/swarm")
+    while rest > 0:
+        label = min(rest, 60) if rest != 61 else 59  # (never an empty last label)
+        host.append("p" * label)
+        rest -= label + 1
+    url = "ws://" + ".".join(host) + ":9/swarm"
+    assert len(url) == length and wire.is_node_url(url), url
+    return url
+
+
 def test_a_deaf_next_node_does_not_hold_up_the_connection_a_relay_came_in_on(wide_loader, monkeypatch):
     """End to end: node b relays a stranger's steps to a next node that stops reading. Once b's
     socket to it is full (here: filled behind asyncio's back, the state a frame that fills it
@@ -183,8 +195,8 @@ def test_a_deaf_next_node_does_not_hold_up_the_connection_a_relay_came_in_on(wid
     rng = np.random.default_rng(14)
     relays, mine, other = b.service.relays, secrets.token_bytes(16), secrets.token_bytes(16)
     rows_in, target = 62, 65532
-    pad = ["ws://127.0.0.1:9/swarm?" + "p" * 400, "ws://127.0.0.1:9/swarm?"]  # later hops: passed on by b,
-    pad[1] += "p" * (target - _onward(rows_in, 1, pad))                   # never contacted (the deaf one drops them)
+    pad = [_padded_url(420), _padded_url(30)]  # later hops: passed on by b, never contacted (the deaf one drops them)
+    pad[1] = _padded_url(30 + target - _onward(rows_in, 1, pad))
     assert _onward(rows_in, 1, pad) == target and len(pad[1]) <= 512
     try:
         for sid in (mine, other):

@@ -194,3 +194,15 @@ def test_relay_hops_are_checked_once_per_session_and_refusals_are_not_remembered
         for _ in range(2):
             with pytest.raises(wire.WireError, match=r"next\[1\]"):
                 relay.parse_hops({"next": [good, variant]})
+
+
+@pytest.mark.parametrize("url, ok", [
+    ("ws://10.0.0.5:9000/swarm", True), ("wss://node.example:443/swarm", True), ("ws://[fd00::2]:9000/swarm", True),
+    ("ws://10.0.0.5:9000/other", False), ("ws://10.0.0.5:9000/swarm/", False), ("ws://10.0.0.5:9000/swarm?x=1", False),
+    ("ws://u:p@10.0.0.5:9000/swarm", False), ("ws://10.0.0.5:9000/swarm#f", False), ("http://10.0.0.5:9000/swarm", False),
+    ("ws://10.0.0.5:99999/swarm", False), ("ws:///swarm", False), ("ws://" + "a" * 600 + ":1/swarm", False),
+    ("ws://a\nb:1/swarm", False), (None, False), (7, False),
+])
+def test_only_a_nodes_own_address_is_dialled(url, ok):
+    """What a DHT record or a RELAY's hop may make a client or node dial."""
+    assert wire.is_node_url(url) is ok
