@@ -61,24 +61,38 @@ class LlamaConfig:
         head_dim = whole("attention.key_length", dim // n_heads)
         if n_heads % n_kv:
             raise UserError(f"{where}: {n_heads} heads do not divide into {n_kv} KV heads")
-        scale = 1.0
-        scaling_type = md.get(f"{arch}.rope.scaling.type")
-        if scaling_type == "linear":
-            scale = 1.0 / real("rope.scaling.factor", None)
-        elif scaling_type not in (None, "none"):
-            raise UserError(f"{where}: rope scaling {scaling_type!r} is not supported (only linear)")
-        elif f"{arch}.rope.scale_linear" in md:
-            scale = 1.0 / real("rope.scale_linear", None)
+        scale = _rope_scale(md, arch, where)
         tokens = md.get("tokenizer.ggml.tokens")
-        vocab = whole("vocab_size", len(tokens) if hasattr(tokens, "__len__") and len(tokens) else None)
+        # The embedding has a row per token of the list, as llama.cpp requires (a padded one is refused);
+        # vocab_size counts only for a file without a token list.
+        vocab = len(tokens) if hasattr(tokens, "__len__") and len(tokens) else whole("vocab_size")
+        rope_dim = whole("rope.dimension_count", head_dim)
+        if rope_dim != head_dim:  # llama.cpp refuses partial rotation for LLaMA ("invalid n_rot")
+            raise UserError(f"{where}: metadata {arch}.rope.dimension_count is {rope_dim}, but a LLaMA rotates "
+                            f"whole heads of {head_dim}")
         return cls(
             n_layers=whole("block_count"), dim=dim, n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
             ffn_dim=whole("feed_forward_length"), vocab_size=vocab,
-            context_length=whole("context_length", 2048),
-            rms_eps=real("attention.layer_norm_rms_epsilon", 1e-5),
-            rope_base=real("rope.freq_base", 10000.0),
-            rope_dim=whole("rope.dimension_count", head_dim, least=0), rope_scale=scale,
-        )
+            # (both required, as llama.cpp requires them: a default would run a model differently)
+            context_length=whole("context_length"), rms_eps=real("attention.layer_norm_rms_epsilon", None),
+            rope_base=real("rope.freq_base", 10000.0), rope_dim=rope_dim, rope_scale=scale,
+    )
+
+
+def _rope_scale(md: dict[str, Any], arch: str, where: str) -> float:
+    """What positions are multiplied by, as llama.cpp reads it: rope.scaling.factor (or the older
+    rope.scale_linear) F means 1/F, 0 or absent means 1; the type defaults to linear, and only
+    linear and none are run here (YaRN, LongRoPE and the like are refused)."""
+    scaling_type = md.get(f"{arch}.rope.scaling.type", "linear")
+    if scaling_type not in ("linear", "none"):
+        raise UserError(f"{where}: rope scaling {scaling_type!r:.40} is not supported (only linear)")
+    key = next((k for k in ("rope.scaling.factor", "rope.scale_linear") if f"{arch}.{k}" in md), None)
+    if key is None or scaling_type == "none":
+        return 1.0
+    factor = md[f"{arch}.{key}"]
+    if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not math.isfinite(factor) or factor < 0:
+        raise UserError(f"{where}: metadata {arch}.{key} must be a positive number, not {factor!r:.40}")
+    return 1.0 if factor == 0 else 1.0 / float(factor)
 
 
 def _whole(value, what: str, least: int) -> int:

@@ -34,6 +34,7 @@ from engine.weights_source import WeightSource
 
 BLOCK_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 BLOCK_NORMS = ("attn_norm", "ffn_norm")
+GLOBAL_TENSORS = frozenset({"token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"})
 _BLOCK_NAME = re.compile(r"blk\.(\d+)\.")
 _PLAIN_TYPES = {"F32", "F16"}
 PROMPT_CHUNK = 512  # positions per batched pass (llama.cpp's default batch)
@@ -177,20 +178,31 @@ class LlamaModel:
         if beyond:  # the metadata undercounts the blocks: running fewer would give wrong text, silently
             raise UserError(f"{self.loader.where}: the model holds tensors of block {beyond[0]}, but its metadata "
                             f"{self.loader.metadata.get('general.architecture')}.block_count is {n}")
+        known = GLOBAL_TENSORS | {f"blk.{i}.{t}.weight" for i in range(n) for t in BLOCK_MATRICES + BLOCK_NORMS}
+        unknown = [name for name in self.loader.manifest.tensor_names() if name not in known]
+        if unknown:  # a tensor the pass would not apply (a bias, an expert): the text would be wrong, silently
+            name = unknown[0]
+            what = "biases are" if name.endswith(".bias") else "this tensor is"
+            raise UserError(f"{self.loader.where}: tensor {name!r} is not part of the LLaMA this engine runs "
+                            f"({what} not supported; running without it would give wrong text)")
+        if "rope_freqs.weight" in names:
+            self._check_tensor("rope_freqs.weight", (self.config.rope_dim // 2,))
         for name in self._needed_tensors(names):
             if name not in names:
                 raise UserError(f"{self.loader.where}: tensor {name!r} is missing from the model")
-            entry = self.loader.tensor_entry(name)
-            if not _computable(entry.ggml_type):
-                raise UserError(f"{self.loader.where}: tensor {name!r} has type {entry.ggml_type}, which this "
-                                f"engine cannot compute with")
-            expected = self._expected_shape(name)
-            if tuple(entry.shape) != expected:  # a wrong shape would crash or silently misread later
-                raise UserError(f"{self.loader.where}: tensor {name!r} has shape {tuple(entry.shape)}, but the "
-                                f"model's metadata implies {expected}")
+            self._check_tensor(name, self._expected_shape(name))
         # Fragments in the order the tensors load (blocks, then the edges), for the read-ahead.
         order = {f: None for name in self._needed_tensors(names) for f in self.loader.manifest.fragments_for([name])}
         self.loader.prefetch(list(order))
+
+    def _check_tensor(self, name: str, expected: tuple[int, ...]) -> None:
+        entry = self.loader.tensor_entry(name)
+        if not _computable(entry.ggml_type):
+            raise UserError(f"{self.loader.where}: tensor {name!r} has type {entry.ggml_type}, which this "
+                            f"engine cannot compute with")
+        if tuple(entry.shape) != expected:  # a wrong shape would crash or silently misread later
+            raise UserError(f"{self.loader.where}: tensor {name!r} has shape {tuple(entry.shape)}, but the "
+                            f"model's metadata implies {expected}")
 
     def _load_block(self, i: int) -> Block:
         get = self.loader.load_tensor

@@ -32,7 +32,8 @@ _GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 _LLAMA3_REGEX = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {
-    "default": ["gpt2"],
+    # (also for a file without tokenizer.ggml.pre, as llama.cpp does)
+    "default": [r"[\p{P}\$\+<=>\^~\|]+", "gpt2", r"\p{N}+", "[0-9][0-9][0-9]"],
     "gpt-2": ["gpt2"],
     "smollm": [r"\p{N}", "gpt2"],
     "starcoder": [r"\p{N}", "gpt2"],
@@ -41,6 +42,9 @@ PRE_TOKENIZERS = {
     "llama-bpe": [_LLAMA3_REGEX],
     "llama-v3": [_LLAMA3_REGEX],
 }
+# llama.cpp's LLaMA-3 family: a word that is one token of the vocabulary is that token, whatever
+# the merges would build (ignore_merges), and BOS is added unless the metadata says otherwise.
+LLAMA3_FAMILY = ("llama3", "llama-bpe", "llama-v3")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -81,8 +85,10 @@ class Tokenizer:
         self.bos_id = self._token_id(md, "bos")
         self.eos_id = self._token_id(md, "eos")
         self.eot_id = self._token_id(md, "eot")
-        default_bos = self.kind == "llama"
+        pre = md.get("tokenizer.ggml.pre", "default")
+        default_bos = self.kind == "llama" or pre in LLAMA3_FAMILY
         self.add_bos = bool(md.get("tokenizer.ggml.add_bos_token", default_bos)) and self.bos_id is not None
+        self.add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False)) and self.eos_id is not None
         self.add_space_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", self.kind == "llama"))
         self.chat_template = md.get("tokenizer.chat_template")
         self.special = sorted((i for i, t in enumerate(self.types) if t in SPECIAL_TYPES),
@@ -93,8 +99,7 @@ class Tokenizer:
         if self.kind == "llama":
             self._sp = _sentencepiece_from_vocab(self.tokens, md.get("tokenizer.ggml.scores"), self.types)
         else:
-            self._bpe = _bpe_from_vocab(self.tokens, md.get("tokenizer.ggml.merges"),
-                                        md.get("tokenizer.ggml.pre", "default"), where)
+            self._bpe = _bpe_from_vocab(self.tokens, md.get("tokenizer.ggml.merges"), pre, where)
 
     def _token_id(self, md: dict[str, Any], which: str) -> int | None:
         """tokenizer.ggml.<which>_token_id: None, or a token of the vocabulary (else one line)."""
@@ -121,9 +126,11 @@ class Tokenizer:
         return frozenset(ids)
 
     # -- encoding ---------------------------------------------------------------------------------
-    def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text``; with ``add_special``, BOS and EOS around them where the metadata asks
+        (llama.cpp's add_special: a continuation of a conversation passes False)."""
         out: list[int] = []
-        if self.add_bos if add_bos is None else add_bos:
+        if add_special and self.add_bos:
             out.append(self.bos_id)
         prev_special = True
         for piece, special_id in self._partition(text, parse_special):
@@ -138,6 +145,8 @@ class Tokenizer:
             else:
                 out.extend(self._bpe.encode(piece, add_special_tokens=False).ids)
             prev_special = False
+        if add_special and self.add_eos:
+            out.append(self.eos_id)
         return out
 
     def _partition(self, text: str, parse_special: bool) -> Iterable[tuple[str, int | None]]:
@@ -238,18 +247,20 @@ def _bpe_from_vocab(tokens: list[str], merges, pre: str, where: str):
 
     if merges is None:
         raise UserError(f"{where}: gpt2 tokenizer without tokenizer.ggml.merges")
-    if pre not in PRE_TOKENIZERS:
+    if not isinstance(pre, str) or pre not in PRE_TOKENIZERS:
         raise UserError(f"{where}: pre-tokenizer {pre!r} is not supported "
                         f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})")
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False,
+                                 ignore_merges=pre in LLAMA3_FAMILY))
     steps = []
-    for rule in PRE_TOKENIZERS[pre]:
-        if rule == "gpt2":
+    rules = PRE_TOKENIZERS[pre]
+    for i, rule in enumerate(rules):
+        if rule == "gpt2" and i == len(rules) - 1:  # the split and the byte mapping in one step
             steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
-        else:
-            steps.append(pre_tokenizers.Split(Regex(rule), behavior="isolated"))
+        else:  # (bytes are mapped only after the last split: a later \p{N} must see the text's digits)
+            steps.append(pre_tokenizers.Split(Regex(_GPT2_REGEX if rule == "gpt2" else rule), behavior="isolated"))
     if PRE_TOKENIZERS[pre][-1] != "gpt2":
         steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence(steps)

@@ -46,7 +46,7 @@ def check_against_llama_cpp(path):
     assert len(texts) >= 200
     mismatches = []
     for text in texts:
-        ref = llm.tokenize(text.encode(), add_bos=tok.add_bos, special=True)
+        ref = llm.tokenize(text.encode(), add_bos=True, special=True)  # (add_special: BOS, EOS as the file says)
         ours = tok.encode(text)
         if ref != ours:
             mismatches.append((text, ref, ours))
@@ -76,7 +76,7 @@ def test_special_tokens_become_ids(default_gguf):
 def test_stream_decoder_never_splits_a_character(factory_models, model):
     tok = Tokenizer(GGUFFileLoader(factory_models[model]).metadata)
     text = "emoji 🙂🚀 and 日本語 and café"
-    ids = tok.encode(text, add_bos=False)
+    ids = tok.encode(text, add_special=False)
     multi_byte_tokens = [t for t in ids if len(tok.token_bytes(t)) and not tok.token_bytes(t).decode("utf-8", "ignore")]
     assert multi_byte_tokens, "the test text must split some character across tokens"
     decoder = tok.stream_decoder()

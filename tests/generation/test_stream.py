@@ -45,7 +45,7 @@ def test_cancel_stops_the_stream(model_and_tokenizer):
 def test_continuing_a_session_equals_one_long_prompt(model_and_tokenizer):
     """A second turn fed after the first one's cache gives what a fresh run of the whole gives."""
     model, tok = model_and_tokenizer
-    first, second = tok.encode("The quick brown"), tok.encode(" fox jumps", add_bos=False)
+    first, second = tok.encode("The quick brown"), tok.encode(" fox jumps", add_special=False)
     whole = generate(model.open_session(64), tok, first + second, 8, Sampler(GREEDY))
     s = model.open_session(64)
     s.feed(first)
