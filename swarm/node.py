@@ -71,6 +71,7 @@ def serve_node(service: NodeService, host: str, port: int, listen: str, bootstra
             try:
                 await asyncio.wait_for(stop.wait(), REPUBLISH_S)
             except asyncio.TimeoutError:
+                service.remeasure_if_idle()  # (on the compute thread: a node process's main thread)
                 record["swarm"] = node_record(service, url)
                 await loop.run_in_executor(None, p2p.put_peer_record, record)
                 if pin:
