@@ -6,8 +6,8 @@ field, so a client never silently gets something other than what it asked for. F
 are ignored, as OpenAI's own API and llama-server do (clients send ``user``, ``metadata``, ``store``...).
 
 Sampling defaults follow llama-server's: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05.
-Ranges: temperature 0 (greedy) or in [0.01, 2]; repeat_penalty in [0.01, 100]; top_p in (0, 1];
-min_p in [0, 1). Text must be valid Unicode (no lone surrogates, which JSON's \ud800 escapes allow).
+Ranges: temperature 0 (greedy) or in [0.01, 2]; repeat_penalty in [0.01, 100]; repeat_last_n >= -1
+(llama-server's: 0 none, -1 the whole context; default 64); top_p in (0, 1]; min_p in [0, 1). Text must be valid Unicode (no lone surrogates, which JSON's \ud800 escapes allow).
 """
 
 from __future__ import annotations
@@ -133,7 +133,9 @@ def _stops(body: dict) -> list[str]:
 # would answer something other than what was asked)
 LLAMA_SERVER_FIELDS = {"grammar": (None, ""), "json_schema": (None, {}), "n_probs": (None, 0), "ignore_eos": (None, False),
                        "mirostat": (None, 0), "typical_p": (None, 1, 1.0), "dry_multiplier": (None, 0, 0.0),
-                       "xtc_probability": (None, 0, 0.0), "dynatemp_range": (None, 0, 0.0)}
+                       "xtc_probability": (None, 0, 0.0), "dynatemp_range": (None, 0, 0.0),
+                       "top_n_sigma": (None, -1, -1.0), "samplers": (None,), "min_keep": (None, 0, 1),
+                       "n_indent": (None, 0), "t_max_predict_ms": (None, 0), "lora": (None, [])}
 
 
 def _neutral(value, allowed: tuple) -> bool:
@@ -171,6 +173,7 @@ def _sampling(body: dict) -> SamplingParams:
         top_p=_number(body, "top_p", 0.95, lo=0, hi=1, lo_open=True),
         min_p=_number(body, "min_p", 0.05, lo=0, hi=0.999999),
         repeat_penalty=_number(body, "repeat_penalty", 1.0, lo=MIN_REPEAT_PENALTY, hi=MAX_REPEAT_PENALTY),
+        repeat_last_n=_integer(body, "repeat_last_n", 64, lo=-1),  # (llama-server's: 0 none, -1 the whole context)
         seed=None if seed in (None, -1) else seed % (1 << 64),  # -1: random, as in llama-server
     )
 

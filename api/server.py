@@ -234,7 +234,8 @@ async def _info(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     state = service.model.snapshot()
     out = {"state": state, "parallel": service.parallel, "queue_size": service.queue_size,
-           "defaults": {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0}}
+           "defaults": {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0,
+                        "repeat_last_n": 64}}
     tm = service.model.text_model
     if tm is not None:
         out.update(model=tm.name, info=_described(tm.info),

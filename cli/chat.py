@@ -24,8 +24,8 @@ HELP = """\
 /exit                 leave (also Ctrl-D, or Ctrl-C twice at an empty prompt)
 /clear                start a new conversation (keeps the system message and settings)
 /system TEXT          set the system message (no TEXT: remove it)
-/set NAME VALUE       temperature, top_k, top_p, min_p, repeat_penalty, seed (-1: random) or max_tokens;
-                      /set alone shows them
+/set NAME VALUE       temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed (-1: random)
+                      or max_tokens; /set alone shows them
 /save FILE            save the conversation and settings as JSON
 /load FILE            continue a saved conversation
 /stats                tokens, speed, context used, prompt tokens processed for the last turn
@@ -42,6 +42,7 @@ class Settings:
     top_p: float = 0.95
     min_p: float = 0.05
     repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
     seed: int = -1
     max_tokens: int = 1024
 
@@ -49,7 +50,8 @@ class Settings:
         from generation.sampling import SamplingParams
 
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-                              repeat_penalty=self.repeat_penalty, seed=None if self.seed == -1 else self.seed)
+                              repeat_penalty=self.repeat_penalty, repeat_last_n=self.repeat_last_n,
+                              seed=None if self.seed == -1 else self.seed)
 
     def set(self, name: str, value: str) -> None:
         """One setting from text, checked; a bad name or value is a UserError saying what is allowed."""
@@ -78,6 +80,7 @@ RULES = {  # name: (parse, check, what is allowed)
     "top_p": (float, lambda x: 0 < x <= 1, "a number in (0, 1]"),
     "min_p": (float, lambda x: 0 <= x < 1, "a number in [0, 1)"),
     "repeat_penalty": (float, lambda x: _finite(x) and x > 0, "a number > 0 (1: off)"),
+    "repeat_last_n": (int, lambda x: x >= -1, "an integer >= 0 (0: none), or -1 for the whole context"),
     "seed": (int, lambda x: x >= -1, "an integer >= 0, or -1 for random"),
     "max_tokens": (int, lambda x: x >= 1, "an integer >= 1"),
 }
@@ -360,8 +363,8 @@ def banner(model, conv) -> str:
 @click.option("--load", "load_path", type=click.Path(dir_okay=False), help="Continue a conversation saved with /save.")
 @distributed_options
 @user_errors
-def chat(source, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, system, template, ctx, threads,
-         kernels, load_path, distributed, nodes, swarm_key):
+def chat(source, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, system, template, ctx,
+         threads, kernels, load_path, distributed, nodes, swarm_key):
     """Talk to SOURCE (a store directory, a .gguf file, an http:// store address or a p2p://
     address; default: the default model's store) in the terminal.
 
@@ -378,7 +381,8 @@ def chat(source, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, s
 
     settings, explicit = Settings(), set()
     for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p),
-                        ("repeat_penalty", repeat_penalty), ("seed", -1 if seed is None else seed),
+                        ("repeat_penalty", repeat_penalty), ("repeat_last_n", repeat_last_n),
+                        ("seed", -1 if seed is None else seed),
                         ("max_tokens", max_tokens)):
         try:
             settings.set(name, str(value))

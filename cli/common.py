@@ -388,6 +388,8 @@ def sampling_options(temperature: float, max_tokens: int):
                          help="Drop tokens below this share of the best."),
             click.option("--repeat-penalty", default=1.0, show_default=True, type=float,
                          help="Penalize recent tokens (1: off)."),
+            click.option("--repeat-last-n", default=64, show_default=True, type=int,
+                         help="How many recent tokens, prompt included, the penalty looks at (0: none, -1: all)."),
             click.option("--seed", type=int, help="Random seed: the same seed repeats a sampled run (-1: random)."),
         ]
         for option in reversed(options):

@@ -38,8 +38,8 @@ from common.errors import UserError
 @click.option("--timings", is_flag=True,
               help="Timings on stderr: load, prefill and decode speed (with --distributed, per node).")
 @user_errors
-def infer(source, prompt, prompt_file, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop,
-          system, template, no_chat, ctx, threads, backend, kernels, as_json, distributed, swarm_key, timings):
+def infer(source, prompt, prompt_file, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed,
+          stop, system, template, no_chat, ctx, threads, backend, kernels, as_json, distributed, swarm_key, timings):
     """Generate text from SOURCE: a store directory, a .gguf file, an http:// store address or a
     p2p:// address.
 
@@ -56,7 +56,8 @@ def infer(source, prompt, prompt_file, max_tokens, temperature, top_k, top_p, mi
     from generation.sampling import SamplingParams
 
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                            repeat_penalty=repeat_penalty, seed=seed_option(seed)).validate()
+                            repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                            seed=seed_option(seed)).validate()
     text = read_prompt(prompt, prompt_file)
     system = check_utf8(system, "--system") if system is not None else None
     stops = [check_utf8(s, "--stop") for s in stop]
@@ -70,6 +71,10 @@ def infer(source, prompt, prompt_file, max_tokens, temperature, top_k, top_p, mi
         if template not in NAMED_TEMPLATES:
             raise UserError(f"unknown template {template!r} (choose from: {', '.join(sorted(NAMED_TEMPLATES))})")
     request = Request(text, system, template, no_chat, max_tokens, params, stops, ctx)
+    if backend == "llama.cpp" and params.repeat_penalty != 1.0:  # (llama-cpp-python's own rule, not llama.cpp's)
+        raise UserError("--backend llama.cpp cannot apply --repeat-penalty as llama.cpp's server and CLI do: "
+                        "llama-cpp-python counts only the generated tokens, not the prompt's (the engine "
+                        "counts both, as they do)")
     if distributed and backend != "engine":
         raise UserError(f"--backend {backend} runs the whole model here: it cannot be combined with --distributed")
     if swarm_key and not distributed:
@@ -194,6 +199,14 @@ def _run_engine(source, request: Request, kernels, as_json, say):
     return out
 
 
+def _llama_cpp_seed(seed: int | None) -> int:
+    """A seed for llama-cpp-python: no seed means a fresh random one each run (given None, it derives
+    the same one from the model's load-time seed every run)."""
+    import random
+
+    return random.SystemRandom().randrange(2**31) if seed is None else seed % 2**32
+
+
 def _run_llama_cpp(source, request: Request, threads, as_json, say):
     """The seed's bridge: the same request through llama.cpp, from a verified rebuild of the store."""
     from cli.common import open_store, resolve_source, usable_cores
@@ -223,7 +236,7 @@ def _run_llama_cpp(source, request: Request, threads, as_json, say):
         pieces, first_at, finish = [], None, None
         stream = llm.create_completion(prompt_tokens, max_tokens=limit, temperature=params.temperature,
                                        top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
-                                       repeat_penalty=params.repeat_penalty, seed=params.seed, stream=True)
+                                       repeat_penalty=1.0, seed=_llama_cpp_seed(params.seed), stream=True)
         for chunk in stream:
             if first_at is None:
                 first_at = time.perf_counter()

@@ -22,7 +22,7 @@ class SamplingParams:
     top_p: float = 0.95
     min_p: float = 0.05
     repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
+    repeat_last_n: int = 64  # tokens the penalty looks back over, prompt included (0: none, -1: all)
     seed: int | None = None
 
     def validate(self) -> "SamplingParams":
@@ -36,6 +36,8 @@ class SamplingParams:
             raise UserError(f"--min-p must be in [0, 1), got {self.min_p}")
         if not np.isfinite(self.repeat_penalty) or self.repeat_penalty <= 0:
             raise UserError(f"--repeat-penalty must be > 0, got {self.repeat_penalty}")
+        if self.repeat_last_n < -1:
+            raise UserError(f"--repeat-last-n must be >= 0, or -1 for the whole context, got {self.repeat_last_n}")
         return self
 
 
@@ -50,8 +52,9 @@ class Sampler:
 
     def _choose(self, logits: np.ndarray, history: list[int]) -> int:
         logits = np.array(logits, dtype=np.float64)  # (vocab,)
-        if self.p.repeat_penalty != 1.0 and history:
-            recent = np.unique(np.asarray(history[-self.p.repeat_last_n:]))
+        if self.p.repeat_penalty != 1.0 and history and self.p.repeat_last_n != 0:
+            window = history if self.p.repeat_last_n == -1 else history[-self.p.repeat_last_n:]
+            recent = np.unique(np.asarray(window))
             vals = logits[recent]
             logits[recent] = np.where(vals > 0, vals / self.p.repeat_penalty, vals * self.p.repeat_penalty)
         np.clip(logits, -_BIG, _BIG, out=logits)  # a huge or tiny penalty overflows to +-inf

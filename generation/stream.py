@@ -142,8 +142,8 @@ class Generation:
                     break
                 if len(result.tokens) >= self.max_tokens:
                     break
-                if session.position >= session.capacity:
-                    result.stop_reason = "context"
+                if session.position + 1 >= session.capacity:  # the token just drawn takes the last
+                    result.stop_reason = "context"              # position, as llama.cpp counts it
                     break
                 if self.cancel.is_set():
                     result.stop_reason = "cancelled"

@@ -73,6 +73,9 @@ def test_defaults_follow_llama_server():
     ({"ignore_eos": True}, "ignore_eos"),
     ({"n_predict": 5}, "n_predict"),
     ({"mirostat": 2}, "mirostat"),
+    ({"top_n_sigma": 0.01}, "top_n_sigma"), ({"samplers": ["temperature"]}, "samplers"), ({"min_keep": 5}, "min_keep"),
+    ({"t_max_predict_ms": 100}, "t_max_predict_ms"), ({"repeat_last_n": -2}, "repeat_last_n"),
+    ({"repeat_last_n": 4.5}, "repeat_last_n"),
 ])
 def test_chat_refusals_name_the_field(body, param):
     body = {"messages": [{"role": "user", "content": "hi"}], **body}
@@ -84,8 +87,17 @@ def test_chat_refusals_name_the_field(body, param):
 def test_neutral_values_of_unsupported_fields_are_accepted():
     req = parse_chat({"messages": [{"role": "user", "content": "hi"}], "n": 1, "best_of": 1, "logprobs": False,
                       "presence_penalty": 0.0, "frequency_penalty": 0, "grammar": "", "ignore_eos": False,
-                      "typical_p": 1.0, "n_probs": 0, "max_completion_tokens": 3, "max_tokens": 9}, CTX)
+                      "typical_p": 1.0, "n_probs": 0, "max_completion_tokens": 3, "max_tokens": 9,
+                      "top_n_sigma": -1, "min_keep": 0}, CTX)
     assert req.max_tokens == 3
+
+
+@pytest.mark.parametrize("value", [0, 4, -1, 64])
+def test_repeat_last_n_is_taken_as_llama_server_takes_it(value):
+    """It was ignored (the window stayed 64): with repeat_last_n 0 llama-server turns the penalty off."""
+    req = parse_chat({"messages": [{"role": "user", "content": "hi"}], "repeat_penalty": 1.5,
+                      "repeat_last_n": value}, CTX)
+    assert req.sampling.repeat_last_n == value and req.sampling.repeat_penalty == 1.5
 
 
 def test_legacy_logprobs_zero_is_refused():

@@ -55,7 +55,7 @@ def test_llama_cpp_backend_keeps_ctx_and_says_why_it_stopped(factory_models):
     path = factory_models["q8_0-spm-gqa"]
     base = [path, "--prompt", "The quick brown fox", "--no-chat", "--json", "--backend", "llama.cpp"]
     full = json.loads(run_cli("infer", *base, "--ctx", "24", "--max-tokens", "100").stdout)
-    assert full["stop_reason"] == "context" and full["prompt_tokens"] + len(full["tokens"]) <= 24 + 1
+    assert full["stop_reason"] == "context" and full["prompt_tokens"] + len(full["tokens"]) <= 24
     short = json.loads(run_cli("infer", *base, "--max-tokens", "3").stdout)
     assert short["stop_reason"] == "length"
     long = json.loads(run_cli("infer", *base, "--max-tokens", "12").stdout)
@@ -63,6 +63,37 @@ def test_llama_cpp_backend_keeps_ctx_and_says_why_it_stopped(factory_models):
     assert len(stop) == 2, long
     cut = json.loads(run_cli("infer", *base, "--max-tokens", "12", "--stop", "\u2603", "--stop", stop).stdout)
     assert cut["stop_reason"] == "stop" and cut["text"] == long["text"][:long["text"].index(stop)]
+
+
+def test_both_backends_stop_where_the_context_ends(factory_models):
+    """The engine drew one token past the window (65 positions of 64: the last token drawn is never
+    fed) where llama.cpp, its bridge and the API stop with prompt + tokens = context."""
+    base = [factory_models["q8_0-spm-gqa"], "--prompt", "The quick brown fox", "--no-chat", "--json",
+            "--ctx", "24", "--max-tokens", "100"]
+    out = json.loads(run_cli("infer", *base).stdout)
+    assert out["stop_reason"] == "context" and out["prompt_tokens"] + len(out["tokens"]) == 24, out
+    # (the bridge's "tokens" are its text tokenized again, so only their bound can be checked)
+    theirs = json.loads(run_cli("infer", *base, "--backend", "llama.cpp").stdout)
+    assert theirs["stop_reason"] == "context" and theirs["prompt_tokens"] + len(theirs["tokens"]) <= 24
+
+
+def test_the_bridge_refuses_a_repeat_penalty_it_would_apply_otherwise(factory_models):
+    """llama-cpp-python counts only generated tokens in the penalty's window; llama.cpp's server and
+    CLI, and the engine, count the prompt too: other text for the same request."""
+    proc = run_cli("infer", factory_models["q8_0-spm-gqa"], "--prompt", "x", "--backend", "llama.cpp",
+                   "--repeat-penalty", "1.3")
+    assert_one_line_error(proc, "--repeat-penalty", "llama-cpp-python")
+
+
+def test_the_bridge_draws_a_new_seed_each_run_without_one(factory_models):
+    """Given no seed, llama-cpp-python derived the same one every run from its load-time seed."""
+    base = [factory_models["q8_0-spm-gqa"], "--prompt", "The quick brown fox", "--no-chat", "--json",
+            "--backend", "llama.cpp", "--temperature", "1.5", "--top-k", "0", "--top-p", "1", "--min-p", "0",
+            "--max-tokens", "16"]
+    texts = {json.loads(run_cli("infer", *base).stdout)["text"] for _ in range(3)}
+    assert len(texts) > 1, texts
+    seeded = {json.loads(run_cli("infer", *base, "--seed", "7").stdout)["text"] for _ in range(2)}
+    assert len(seeded) == 1
 
 
 def test_a_reader_that_stops_early_ends_infer_quietly(factory_models):

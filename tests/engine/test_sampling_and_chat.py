@@ -43,9 +43,17 @@ def test_repetition_penalty_steers_away():
     assert s(LOGITS, [1]) == 5  # 3.0 / 2 = 1.5 falls below 2.9
 
 
+@pytest.mark.parametrize("last_n, best", [(0, 1), (1, 1), (2, 5), (-1, 5), (64, 5)])  # history [1, 4]
+def test_the_penalty_looks_back_repeat_last_n_tokens(last_n, best):
+    """0: no penalty; N: the last N tokens of the history (prompt included); -1: all of it."""
+    s = Sampler(SamplingParams(temperature=0, repeat_penalty=2.0, repeat_last_n=last_n))
+    assert s(LOGITS, [1, 4]) == best
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"temperature": -0.1}, "--temperature"), ({"top_p": 0.0}, "--top-p"), ({"top_p": 1.5}, "--top-p"),
     ({"top_k": -1}, "--top-k"), ({"min_p": 1.0}, "--min-p"), ({"repeat_penalty": 0}, "--repeat-penalty"),
+    ({"repeat_last_n": -2}, "--repeat-last-n"),
 ])
 def test_nonsense_values_are_refused(kwargs, message):
     with pytest.raises(UserError, match=message):
