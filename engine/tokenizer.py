@@ -230,8 +230,10 @@ def _sentencepiece_from_vocab(tokens: list[str], scores, types: list[int]):
     proto.normalizer_spec.add_dummy_prefix = False
     proto.normalizer_spec.remove_extra_whitespaces = False
     proto.normalizer_spec.escape_whitespaces = True
+    # GGUF token types share SentencePiece's numbers; UNUSED pieces are NORMAL here, since llama.cpp
+    # merges into any piece of the vocabulary (SentencePiece would never produce an UNUSED one)
     known = {int(t) for t in (TokenType.NORMAL, TokenType.UNKNOWN, TokenType.CONTROL, TokenType.USER_DEFINED,
-                              TokenType.UNUSED, TokenType.BYTE)}  # GGUF token types share SentencePiece's numbers
+                              TokenType.BYTE)}
     for i, (text, t) in enumerate(zip(tokens, types)):
         piece = proto.pieces.add()
         piece.piece = text
