@@ -149,32 +149,14 @@ def test_a_signal_cleans_up_like_ctrl_c(tmp_path, sig, code, word):
     """`kill` ran no cleanup: a killed recombine left its .partial file (hundreds of MB), a first
     fetch its directory. Every command's wrapper makes SIGTERM unwind the main thread as Ctrl-C
     does, so the same ``finally`` blocks run; a command mid-write is stood in for by one here."""
-    script = textwrap.dedent(f"""
-        import sys, time
-        from cli.common import user_errors
-
-        @user_errors
-        def work():
-            tmp = {str(tmp_path / '.out.partial')!r}
-            open(tmp, "w").close()
-            try:
-                print("writing", flush=True)
-                time.sleep(30)
-            finally:
-                import os
-                os.unlink(tmp)
-
-        work()
-        """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=str(ROOT))
+    proc = _cleaning_up(tmp_path, cleanup_s=0)
     try:
-        assert proc.stdout.readline() == "writing\n"
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=20)
+        out, err = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert out == "cleaning\n"
     assert proc.returncode == code and err.strip() == word, (proc.returncode, err)
     assert list(tmp_path.iterdir()) == []
 
