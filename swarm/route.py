@@ -160,7 +160,10 @@ class Segment:
         self._capacity = capacity
         self.spans = spans
         self.taken = self.describe()       # the chain in use (kept after close, for the report)
-        self.history: list[np.ndarray] = []  # inputs to block ``first``, chunk by chunk, from position 0
+        # Inputs to block ``first``, chunk by chunk from position 0, as (chunk, rows in use): a rewind
+        # into a chunk keeps the whole chunk, since a chunk's rows are computed together and its first
+        # k rows alone would give a cache that differs in the last bits.
+        self.history: list[tuple[np.ndarray, int]] = []
         self._position = 0
 
     @property
@@ -187,7 +190,7 @@ class Segment:
                                   f"{MAX_FAILOVERS} failovers (last: {e})") from None
                 self.swarm.failed(e)
                 lost = e
-        self.history.append(hidden)
+        self.history.append((hidden, hidden.shape[0]))
         self._position += hidden.shape[0]
         return out
 
@@ -206,12 +209,17 @@ class Segment:
         except NoRoute as e:
             raise NoRoute(f"{e} (lost {lost.url}: {lost.message})") from None
         self.taken = self.describe()
-        for chunk in self.history:  # the same chunks as the original steps: the same cache, bit for bit
+        at = 0
+        for chunk, used in self.history:  # the same chunks as the original steps: the same cache, bit for bit
             self._through(chunk)
+            at += used
+            if used < len(chunk):  # (a rewind went into this chunk: back to where it went)
+                for span in self.spans:
+                    span.rewind(at)
 
     def relayed(self, hidden: np.ndarray) -> None:
         """A decode step its spans ran inside a relayed step; ``hidden`` (1, dim) was its input."""
-        self.history.append(hidden)
+        self.history.append((hidden, 1))
         self._position += 1
 
     def rewind(self, position: int) -> None:
@@ -219,12 +227,12 @@ class Segment:
             raise ValueError(f"cannot rewind blocks {self.first_layer}-{self.last_layer} at "
                              f"{self._position} to {position}")
         kept, at = [], 0
-        for chunk in self.history:
-            if at + len(chunk) <= position:
-                kept.append(chunk)
+        for chunk, used in self.history:
+            if at + used <= position:
+                kept.append((chunk, used))
             elif at < position:
-                kept.append(chunk[:position - at])
-            at += len(chunk)
+                kept.append((chunk, position - at))
+            at += used
         self.history, self._position = kept, position
         for span in self.spans:
             span.rewind(position)

@@ -317,3 +317,4 @@ def test_after_a_rewind_one_step_goes_hop_by_hop_then_relaying_resumes(six_loade
     finally:
         for n in nodes:
             n.stop()
+

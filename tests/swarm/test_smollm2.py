@@ -103,3 +103,33 @@ def test_no_spare_is_one_clear_error(loader, edges):
         assert "\n" not in str(e.value)
     finally:
         middle.stop()
+
+
+def test_a_failover_after_a_rewind_into_a_prompt_rebuilds_the_cache_bit_for_bit(loader, edges):
+    """From a chaos test: a rewind into the middle of a prefill chunk (chat re-rendering, the API's
+    prompt cache) kept the chunk's first rows, and the replay sent those alone; computed apart
+    from their chunk's other rows, their K/V differed in the last bits (logits up to 0.02 apart).
+    The replay now sends the whole chunk, then rewinds."""
+    import numpy as np
+
+    middle, spare = node(loader, "10-19"), None
+    try:
+        tm = distributed(loader, [edges[0].url, middle.url, edges[1].url])
+        prompt = prompt_tokens(tm, "Tell me a long story about a dragon and a knight who live in a castle.")
+        logits = []
+        for fail in (False, True):
+            with tm.open_session(256) as s:
+                s.feed(prompt)
+                s.rewind(6)  # into the prompt's chunk: the next turn shares only its start
+                s.feed(prompt_tokens(tm, "Write a poem about autumn leaves.")[-12:])
+                if fail:
+                    middle.stop()
+                    spare = node(loader, "10-19")
+                    tm.open_session.__self__.directory.urls.append(spare.url)
+                logits.append(s.feed([42]))
+        assert timings(tm)["failovers"] == 1
+        np.testing.assert_array_equal(logits[1], logits[0])
+    finally:
+        for n in (middle, spare):
+            if n:
+                n.stop()
