@@ -23,7 +23,18 @@ from swarm.tap import Tap
 
 CONNECT_TIMEOUT = 10.0
 STEP_TIMEOUT = 30.0        # one step's reply, beyond the allowance per position below
-PER_POSITION_S = 0.5       # a prefill of T positions may take this much longer
+PER_POSITION_S = 0.5       # a prefill of T positions may take this much longer (at most; see per_row_s)
+ROW_ALLOWANCE = 20         # a prefill row may take this many times the node's advertised ms per token
+MIN_PER_POSITION_S = 0.01  # (a prefill row costs less than a decode step; 20x leaves room for a queue)
+
+
+def per_row_s(ms_per_token: float | None) -> float:
+    """The time a prefill frame may take per row beyond the step's bound: from the node's advertised
+    speed when known, so a node frozen during a 1136-row prompt is given up on after about a
+    minute, not after 10 (0.5 s a row)."""
+    if ms_per_token is None or not ms_per_token > 0:
+        return PER_POSITION_S
+    return min(PER_POSITION_S, max(MIN_PER_POSITION_S, ROW_ALLOWANCE * ms_per_token / 1000))
 QUIET_S = 1.0              # a link unused this long may have been closed by the node as idle
 
 
@@ -253,10 +264,11 @@ class RemoteSpanSession:
 
     def __init__(self, url: str, first_layer: int, last_layer: int, capacity: int, dim: int,
                  key: bytes | None = None, dtype: str = "float32", step_timeout: float = STEP_TIMEOUT,
-                 hub: Hub | None = None):
+                 hub: Hub | None = None, ms_per_token: float | None = None):
         self.url, self.first_layer, self.last_layer = url, first_layer, last_layer
         self._capacity, self.dim, self.dtype = capacity, dim, wire.DTYPE_CODES[dtype]
-        self.step_timeout = step_timeout  # a decode step's bound; a prefill gets PER_POSITION_S more per row
+        self.step_timeout = step_timeout  # a decode step's bound; a prefill gets per_row more per row
+        self.per_row = per_row_s(ms_per_token)  # (ms_per_token: the node's advertised, for these blocks)
         self.sid = secrets.token_bytes(16)
         self._position = 0
         self.key = key
@@ -283,7 +295,7 @@ class RemoteSpanSession:
         t0 = time.perf_counter()
         quiet = t0 - self.last_used
         try:
-            reply = self.link.request(frame, self.step_timeout + PER_POSITION_S * (T - 1))
+            reply = self.link.request(frame, self.step_timeout + self.per_row * (T - 1))
         except ValueError as e:  # wire.encode: the hidden states overflow the wire dtype (float16)
             raise NodeError(self.url, "overflow", f"{e}: this route needs float32 on the wire") from None
         except NodeError as e:

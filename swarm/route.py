@@ -307,7 +307,8 @@ class Swarm:
         try:
             for node, a, b in hops:
                 spans.append(RemoteSpanSession(node.url, a, b, min(capacity, node.max_positions), self.dim,
-                                               self.key, self.dtype, self.step_timeout, hub))
+                                               self.key, self.dtype, self.step_timeout, hub,
+                                               node.per_block_ms * (b - a + 1)))
         except NodeError:
             for s in spans:
                 s.close()

@@ -224,3 +224,26 @@ def test_a_long_prefill_goes_in_pieces_exactly_and_steps_run_between(six_loader,
         b.abort()
     finally:
         node.stop()
+
+
+def test_a_prefill_is_given_time_by_the_nodes_speed_not_half_a_second_a_row(six_loader):
+    """From a chaos test: a node frozen during a 1136-row prompt held the client 11 minutes (30 s
+    plus 0.5 s a row). A prefill frame now gets 20 times the node's advertised ms per token a row
+    (at least 10 ms, at most 0.5 s)."""
+    from swarm.client import NodeError, RemoteSpanSession, per_row_s
+
+    assert per_row_s(None) == 0.5 and per_row_s(1.5) == pytest.approx(0.03)
+    assert per_row_s(0.01) == 0.01 and per_row_s(1000.0) == 0.5 and per_row_s(float("nan")) == 0.5
+    node, slow = slow_node(six_loader, 0.0)
+    try:
+        speed = node.service.ms_per_token
+        fast = RemoteSpanSession(node.url, 0, 2, 32, 96, step_timeout=1.0, ms_per_token=speed)
+        assert fast.per_row == per_row_s(speed) < 0.1
+        slow.seconds = 3.0  # a frozen node, as far as a 30-row frame is concerned
+        t0 = time.monotonic()
+        with pytest.raises(NodeError, match="timed out|no reply|time"):
+            fast.forward(hidden(30))
+        assert time.monotonic() - t0 < 2.9  # (0.5 s a row allowed 15.5 s: the frame came back at 3 s)
+        fast.close()
+    finally:
+        node.stop()
