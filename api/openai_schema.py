@@ -7,7 +7,8 @@ are ignored, as OpenAI's own API and llama-server do (clients send ``user``, ``m
 
 Sampling defaults follow llama-server's: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05.
 Ranges: temperature 0 (greedy) or in [0.01, 2]; repeat_penalty in [0.01, 100]; repeat_last_n >= -1
-(llama-server's: 0 none, -1 the whole context; default 64); top_p in (0, 1]; min_p in [0, 1). Text must be valid Unicode (no lone surrogates, which JSON's \ud800 escapes allow).
+(llama-server's: 0 none, -1 the whole context; default 64); top_p in (0, 1]; min_p in [0, 1).
+Text must be valid Unicode (no lone surrogates, which JSON's \ud800 escapes allow).
 """
 
 from __future__ import annotations

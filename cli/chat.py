@@ -363,8 +363,8 @@ def banner(model, conv) -> str:
 @click.option("--load", "load_path", type=click.Path(dir_okay=False), help="Continue a conversation saved with /save.")
 @distributed_options
 @user_errors
-def chat(source, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, system, template, ctx,
-         threads, kernels, load_path, distributed, nodes, swarm_key):
+def chat(source, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, system, template,
+         ctx, threads, kernels, load_path, distributed, nodes, swarm_key):
     """Talk to SOURCE (a store directory, a .gguf file, an http:// store address or a p2p://
     address; default: the default model's store) in the terminal.
 

@@ -38,8 +38,8 @@ from common.errors import UserError
 @click.option("--timings", is_flag=True,
               help="Timings on stderr: load, prefill and decode speed (with --distributed, per node).")
 @user_errors
-def infer(source, prompt, prompt_file, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed,
-          stop, system, template, no_chat, ctx, threads, backend, kernels, as_json, distributed, swarm_key, timings):
+def infer(source, prompt, prompt_file, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
+          seed, stop, system, template, no_chat, ctx, threads, backend, kernels, as_json, distributed, swarm_key, timings):
     """Generate text from SOURCE: a store directory, a .gguf file, an http:// store address or a
     p2p:// address.
 

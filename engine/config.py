@@ -91,7 +91,7 @@ def _rope_scale(md: dict[str, Any], arch: str, where: str) -> float:
         return 1.0
     factor = md[f"{arch}.{key}"]
     if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not math.isfinite(factor) or factor < 0:
-        raise UserError(f"{where}: metadata {arch}.{key} must be a positive number, not {factor!r:.40}")
+        raise UserError(f"{where}: metadata {arch}.{key} must be a number >= 0 (0: no scaling), not {factor!r:.40}")
     return 1.0 if factor == 0 else 1.0 / float(factor)
 
 

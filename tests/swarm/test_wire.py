@@ -199,7 +199,8 @@ def test_relay_hops_are_checked_once_per_session_and_refusals_are_not_remembered
 @pytest.mark.parametrize("url, ok", [
     ("ws://10.0.0.5:9000/swarm", True), ("wss://node.example:443/swarm", True), ("ws://[fd00::2]:9000/swarm", True),
     ("ws://10.0.0.5:9000/other", False), ("ws://10.0.0.5:9000/swarm/", False), ("ws://10.0.0.5:9000/swarm?x=1", False),
-    ("ws://u:p@10.0.0.5:9000/swarm", False), ("ws://10.0.0.5:9000/swarm#f", False), ("http://10.0.0.5:9000/swarm", False),
+    ("ws://u:p@10.0.0.5:9000/swarm", False), ("ws://10.0.0.5:9000/swarm#f", False),
+    ("http://10.0.0.5:9000/swarm", False),
     ("ws://10.0.0.5:99999/swarm", False), ("ws:///swarm", False), ("ws://" + "a" * 600 + ":1/swarm", False),
     ("ws://a\nb:1/swarm", False), (None, False), (7, False),
 ])
