@@ -147,7 +147,8 @@ def test_piped_lines_commands_and_mistakes(factory_models, tmp_path):
     other.write_text('{"format": "gguf-fragments-conversation", "version": 1, "model": "another model", '
                      '"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], '
                      '"settings": {"max_tokens": 3}}')
-    lines = [b"/set temperature 0", b"/set top_p 7", b"/set top_k x", b"/frobnicate", b"hello \xff there",
+    lines = [b"/set temperature 0", b"/set top_p 7", b"/set top_k x", b"/set repeat_last_n -2", b"/set repeat_last_n 0",
+             b"/frobnicate", b"hello \xff there",
              b"The quick brown", b"/system Be brief.", b"/stats", b"/route", b"/help", b"/save", b"/load /nonexistent.json",
              b"/load " + str(other).encode()]
     proc = subprocess.run([str(BIN / "chat"), str(factory_models["q8_0-spm-gqa"]), "--max-tokens", "5"],
@@ -156,6 +157,8 @@ def test_piped_lines_commands_and_mistakes(factory_models, tmp_path):
     assert proc.returncode == 0, err
     assert "Traceback" not in err
     for needle in ("temperature = 0.0", "top_p must be a number in (0, 1], got '7'", "top_k must be an integer",
+                   "repeat_last_n must be an integer >= 0 (0: none), or -1 for the whole context, got '-2'",
+                   "repeat_last_n = 0",
                    "unknown command /frobnicate", "not valid UTF-8 (byte 0xff at offset 6); ignored",
                    "system message set", "/save needs a file name", "/nonexistent.json", "loaded 2 messages",
                    "max_tokens 3", "saved with 'another model'; continuing with"):
@@ -166,6 +169,8 @@ def test_piped_lines_commands_and_mistakes(factory_models, tmp_path):
 def test_bad_options_are_one_line(factory_models, tmp_path):
     model = factory_models["q8_0-spm-gqa"]
     assert_one_line_error(run_cli("chat", model, "--temperature", "-1"), "temperature must be a number >= 0")
+    assert_one_line_error(run_cli("chat", model, "--repeat-last-n", "-2"), "--repeat-last-n")
+    assert_one_line_error(run_cli("infer", model, "--prompt", "x", "--repeat-last-n", "-2"), "--repeat-last-n")
     bad = tmp_path / "conv.json"
     bad.write_text('{"format": "something else"}')
     assert_one_line_error(run_cli("chat", model, "--load", bad), str(bad), "not a saved conversation")
