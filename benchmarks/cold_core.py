@@ -50,12 +50,13 @@ def framing_work() -> dict:
     """A node's per-relay Python, piece by piece: decode and check a RELAY, parse its hops, frame one."""
     x = np.random.default_rng(0).standard_normal((2, 576)).astype(np.float32)  # SmolLM2's width
     sid = bytes(range(1, 17))
-    body = {"next": [["ws://127.0.0.1:40001/swarm", sid.hex(), 20, 29]], "elapsed_us": [2200], "step": 12345}
+    hops = relay.pack_hops((relay.Hop("ws://127.0.0.1:40001/swarm", sid, 20, 29),))
+    body = wire.Trailer(12345, [2200], hops)
     data = wire.encode(wire.Frame(wire.RELAY, sid, 40, x, first_block=10, last_block=19, body=body))
     frame = wire.decode(data, None, 576, 4096)
     return {
         "wire.decode of a relay": lambda: wire.decode(data, None, 576, 4096),
-        "relay.parse_hops": lambda: relay.parse_hops(frame.body),
+        "relay.parse_hops": lambda: relay.parse_hops(frame.body.hops),
         "wire.encode of a relay": lambda: wire.encode(frame),
         "wire.Frame()": lambda: wire.Frame(wire.RELAY, sid, 40),
         "np.isfinite(a).all()": lambda: np.isfinite(x).all(),

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import aiohttp
 import numpy as np
 
-from swarm import trace, wire
+from swarm import relay, trace, wire
 from swarm.tap import Tap
 
 CONNECT_TIMEOUT = 10.0
@@ -270,6 +270,7 @@ class RemoteSpanSession:
         self.step_timeout = step_timeout  # a decode step's bound; a prefill gets per_row more per row
         self.per_row = per_row_s(ms_per_token)  # (ms_per_token: the node's advertised, for these blocks)
         self.sid = secrets.token_bytes(16)
+        self._hop: relay.Hop | None = None
         self._position = 0
         self.key = key
         self.link = NodeLink(url, key, dim, capacity, hub).connect()
@@ -286,6 +287,13 @@ class RemoteSpanSession:
     @property
     def capacity(self) -> int:
         return self._capacity
+
+    @property
+    def hop(self) -> relay.Hop:
+        """This span as a relay names it (made once: relay_step names it at every step)."""
+        if self._hop is None or self._hop.url != self.url:
+            self._hop = relay.Hop(self.url, self.sid, self.first_layer, self.last_layer)
+        return self._hop
 
     def forward(self, hidden: np.ndarray) -> np.ndarray:
         # hidden: (T, dim) -> (T, dim)
@@ -370,11 +378,11 @@ def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray, timeout: floa
         raise RelayFailed("a span of the route is closed or out of step")
     position, hub, links = first.position, first.link.hub, {s.link for s in spans}
     step = secrets.randbelow(2**63)  # echoed in the answer and in errors: a late relay's are not this step's
-    body = {"next": [[s.url, s.sid.hex(), s.first_layer, s.last_layer] for s in spans[1:]], "elapsed_us": [],
-            "step": step}
+    hops = relay.pack_hops(tuple(s.hop for s in spans[1:]))
     try:
         data = wire.encode(wire.Frame(wire.RELAY, first.sid, position, hidden, first_block=first.first_layer,
-                                      last_block=first.last_layer, dtype=first.dtype, body=body), first.key)
+                                      last_block=first.last_layer, dtype=first.dtype,
+                                      body=wire.Trailer(step, [], hops)), first.key)
     except ValueError as e:  # float16 overflow: the hop-by-hop step says so, naming the node
         raise RelayFailed(str(e)) from None
 
@@ -391,11 +399,10 @@ def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray, timeout: floa
                 reply = wire.decode(msg.data, link.key, link.dim, len(spans) + 1)
             except wire.WireError as e:
                 raise RelayFailed(f"{link.url}: unusable reply: {e}") from None
-            body = reply.body or {}
-            if reply.type == wire.ERROR and body.get("step", step) == step:  # (no step: the frame itself)
-                raise RelayFailed(f"{link.url}: {body.get('message', 'error')}")
+            if reply.type == wire.ERROR and (reply.body or {}).get("step", step) == step:  # (none: the frame itself)
+                raise RelayFailed(f"{link.url}: {(reply.body or {}).get('message', 'error')}")
             if (reply.type == wire.RELAYED and link is last.link and reply.session == last.sid
-                    and reply.position == position and body.get("step") == step):
+                    and reply.position == position and reply.body.step == step):
                 trace.mark("answer", step)
                 return reply
             # anything else is left over from an earlier step: skip it
@@ -409,9 +416,9 @@ def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray, timeout: floa
     except (aiohttp.ClientError, OSError, ConnectionError) as e:
         raise RelayFailed(f"{first.url}: connection lost ({type(e).__name__})") from None
     round_s = time.perf_counter() - t0
-    elapsed = (reply.body or {}).get("elapsed_us")
+    elapsed = reply.body.elapsed_us
     rows = reply.array
-    if rows.shape != (len(spans) + 1, first.dim) or not isinstance(elapsed, list) or len(elapsed) != len(spans):
+    if rows.shape != (len(spans) + 1, first.dim) or len(elapsed) != len(spans):
         raise RelayFailed(f"{last.url}: the relayed answer does not match the route")
     node_s = [float(t) / 1e6 for t in elapsed]
     crossing = max(round_s - sum(node_s), 0.0) / len(spans)  # each hop's share of the time between nodes

@@ -7,7 +7,8 @@ one crosses it once per node plus once back:
     client <--RELAYED(x, y1, y2, y3, compute times)-- node 3   (on the client's own connection)
 
 Each RELAY names the node's session (opened by the client with a FORWARD, as for any step) and
-carries, as a JSON trailer, the hops still to run: [url, session id, first block, last block].
+carries, in its binary trailer (wire.Trailer), the hops still to run, packed: session id, first
+block, last block, URL.
 The rows grow by one per hop, so the client gets every span's input back with the output: the
 replay history that failover needs. A node that cannot run or pass on a step tells the client
 with an ERROR on the client's own connection to it; the client then runs that step hop by hop,
@@ -30,7 +31,7 @@ import aiohttp
 
 from swarm import wire
 
-MAX_HOPS = 64           # hops one relay may name (a route of single-block nodes over a 64-block model)
+MAX_HOPS = wire.MAX_HOPS  # hops one relay may name
 CONNECT_TIMEOUT = 5.0   # to the next node: a dead one refuses at once, a black hole takes this long
 SEND_TIMEOUT = 5.0      # a next node that stops reading loses its link after this long
 REMEMBERED = 4096       # next-hop sessions whose errors can still be passed back to their client
@@ -48,72 +49,56 @@ class Hop:
     first: int
     last: int
 
-    def as_json(self) -> list:
-        return [self.url, self.session.hex(), self.first, self.last]
-
-
-def parse_hops(body: dict) -> list[Hop]:
-    """The trailer's ``next`` list, checked: WebSocket URLs of nodes (ws:// or wss://, path /swarm),
-    128-bit session ids, block ranges. Raises WireError("bad_frame") naming the field."""
-    raw = body.get("next")
-    if not isinstance(raw, list) or len(raw) > MAX_HOPS:
-        raise wire.WireError("bad_frame", f"a RELAY needs 'next': a list of at most {MAX_HOPS} hops")
-    hops = []
-    for i, hop in enumerate(raw):
-        if not (isinstance(hop, list) and len(hop) == 4 and isinstance(hop[0], str) and isinstance(hop[1], str)
-                and all(isinstance(b, int) and not isinstance(b, bool) for b in hop[2:])):
-            raise wire.WireError("bad_frame", f"next[{i}]: a hop is [url, session hex, first block, last block]")
-        try:
-            hops.append(_checked_hop(*hop))
-        except wire.WireError as e:
-            raise wire.WireError(e.code, f"next[{i}]: {e}") from None
-    return hops
+    @functools.cached_property
+    def packed(self) -> bytes:
+        """This hop as a RELAY's trailer carries it: session, first and last block, URL (docs/wire.md)."""
+        url = self.url.encode()
+        return wire.HOP_HEAD.pack(self.session, self.first, self.last, len(url)) + url
 
 
 @functools.lru_cache(maxsize=1024)
-def _checked_hop(url: str, sid: str, first: int, last: int) -> Hop:
-    """One hop's fields, checked. Every decode step of a session names the same hops, so a node
-    checks each once: parsing the URL was a tenth of a relaying node's own time per token (after
-    the compute, on this 2-core VM, the first run of any code is several times slower than the
-    next; measured with benchmarks/pipeline.py --trace). Only valid hops are kept (an error is not
-    cached), and the arguments' types were checked before (True is not 1 here)."""
-    try:
-        session = bytes.fromhex(sid)
-    except ValueError:
-        raise wire.WireError("bad_frame", "unreadable session") from None
-    if not wire.is_node_url(url):
-        raise wire.WireError("bad_frame", f"{url[:80]!r} is not a node's ws://host:port{wire.WS_PATH}")
-    if len(session) != 16 or session == bytes(16):
-        raise wire.WireError("bad_frame", "a session id is 128 random bits")
-    if not 0 <= first <= last < 2**16:
-        raise wire.WireError("bad_frame", f"blocks {first}-{last}")
-    return Hop(url, session, first, last)
+def pack_hops(hops: tuple[Hop, ...]) -> bytes:
+    """The hops still to run, as a RELAY's trailer carries them (a route names the same ones each step)."""
+    return b"".join(h.packed for h in hops)
 
 
-def step_of(body: dict) -> int:
-    """The step's number, chosen by the client and echoed in the answer and in errors, so that a
-    client never takes a late relay's answer (or error) for a later step's."""
-    step = body.get("step")
-    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**63:
-        raise wire.WireError("bad_frame", "a RELAY needs 'step': a number below 2**63 its client chose")
-    return step
+@functools.lru_cache(maxsize=1024)
+def parse_hops(raw: bytes) -> tuple[Hop, ...]:
+    """A RELAY's packed hops, checked: WebSocket URLs of nodes (ws:// or wss://, path /swarm),
+    128-bit session ids, block ranges, at most MAX_HOPS. Raises WireError("bad_frame") naming the
+    hop. Every decode step of a session names the same hops, so a node checks them once per
+    session (cached by their bytes; an error is not cached): parsing a URL was a tenth of a relaying
+    node's own time per token (after the compute, on this 2-core VM, the first run of any code is
+    several times slower than the next; measured with benchmarks/pipeline.py --trace)."""
+    hops, at = [], 0
+    while at < len(raw):
+        i = len(hops)
+        if i == MAX_HOPS:
+            raise wire.WireError("bad_frame", f"a RELAY names at most {MAX_HOPS} hops")
+        if len(raw) - at < wire.HOP_HEAD.size:
+            raise wire.WireError("bad_frame", f"next[{i}]: truncated hop")
+        session, first, last, n = wire.HOP_HEAD.unpack_from(raw, at)
+        at += wire.HOP_HEAD.size
+        if n > len(raw) - at:
+            raise wire.WireError("bad_frame", f"next[{i}]: truncated hop")
+        try:
+            url = raw[at:at + n].decode()
+        except UnicodeDecodeError:
+            raise wire.WireError("bad_frame", f"next[{i}]: the URL is not UTF-8") from None
+        at += n
+        if not wire.is_node_url(url):
+            raise wire.WireError("bad_frame", f"next[{i}]: {url[:80]!r} is not a node's ws://host:port{wire.WS_PATH}")
+        if session == bytes(16):
+            raise wire.WireError("bad_frame", f"next[{i}]: a session id is 128 random bits")
+        if first > last:
+            raise wire.WireError("bad_frame", f"next[{i}]: blocks {first}-{last}")
+        hops.append(Hop(url, session, first, last))
+    return tuple(hops)
 
 
 def step_or_none(frame) -> int | None:
     """The step of a decoded RELAY (for its error reply), or None."""
-    try:
-        return step_of(frame.body) if frame is not None and frame.type == wire.RELAY else None
-    except wire.WireError:
-        return None
-
-
-def elapsed_list(body: dict) -> list[int]:
-    """The compute times of the hops run so far (microseconds), as the trailer carries them."""
-    raw = body.get("elapsed_us", [])
-    if not (isinstance(raw, list) and len(raw) <= MAX_HOPS
-            and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in raw)):
-        raise wire.WireError("bad_frame", "'elapsed_us' is a list of microsecond counts")
-    return raw
+    return frame.body.step if frame is not None and frame.type == wire.RELAY else None
 
 
 class RelayError(Exception):

@@ -242,29 +242,29 @@ class NodeService:
         return True
 
     def _relay_checks(self, frame: wire.Frame):
-        """A RELAY's trailer and session, checked: (step, hops, elapsed, session), or WireError."""
-        step = relay.step_of(frame.body)
+        """A RELAY's compute times, hops and session, checked (its trailer's sizes were, by
+        wire.decode): (step, hops, elapsed, session), or WireError."""
         self._check_span(frame)
-        hops, elapsed = relay.parse_hops(frame.body), relay.elapsed_list(frame.body)
-        if len(elapsed) + 1 != frame.array.shape[0]:
-            raise wire.WireError("bad_frame", f"a RELAY of {frame.array.shape[0]} rows carries "
-                                              f"{len(elapsed)} compute times, not {frame.array.shape[0] - 1}")
-        return step, hops, elapsed, self._session(frame, None)
+        trailer, rows = frame.body, frame.array.shape[0]
+        if len(trailer.elapsed_us) != rows - 1:
+            raise wire.WireError("bad_frame", f"a RELAY of {rows} rows carries {len(trailer.elapsed_us)} compute "
+                                              f"times, not {rows - 1}")
+        return trailer.step, relay.parse_hops(trailer.hops), trailer.elapsed_us, self._session(frame, None)
 
-    def _relay_output(self, frame: wire.Frame, step: int, hops: list, elapsed: list, y, seconds: float):
+    def _relay_output(self, frame: wire.Frame, step: int, hops: tuple, elapsed: list, y, seconds: float):
         """(next hop, its RELAY) or, at the last hop, (None, the RELAYED answer to the client)."""
         # every hop's input, then the output: the rows received (checked, in the wire's dtype) go
-        # out as they came, with y after them
+        # out as they came, with y after them; the hops after the next one as they came too
         elapsed = elapsed + [_us(seconds)]
         if hops:
-            nxt = wire.Frame(wire.RELAY, hops[0].session, frame.position, y, first_block=hops[0].first,
-                             last_block=hops[0].last, dtype=frame.dtype,
-                             body={"next": [h.as_json() for h in hops[1:]], "elapsed_us": elapsed, "step": step})
+            nxt, rest = hops[0], frame.body.hops[len(hops[0].packed):]
+            out = wire.Frame(wire.RELAY, nxt.session, frame.position, y, first_block=nxt.first, last_block=nxt.last,
+                             dtype=frame.dtype, body=wire.Trailer(step, elapsed, rest))
         else:
-            nxt = wire.Frame(wire.RELAYED, frame.session, frame.position, y, first_block=frame.first_block,
+            out = wire.Frame(wire.RELAYED, frame.session, frame.position, y, first_block=frame.first_block,
                              last_block=frame.last_block, elapsed_us=_us(seconds), dtype=frame.dtype,
-                             body={"elapsed_us": elapsed, "step": step})
-        data = wire.encode(nxt, self.key, before=frame.array)
+                             body=wire.Trailer(step, elapsed))
+        data = wire.encode(out, self.key, before=frame.array)
         trace.mark("framed", step)
         return (hops[0] if hops else None), data
 

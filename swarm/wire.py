@@ -2,7 +2,7 @@
 
     offset size  field
     0      4     magic        b"GFSW"
-    4      1     version      1
+    4      1     version      2 (1 carried RELAY trailers as JSON)
     5      1     type         INFO_REQ, INFO, FORWARD, RESULT, CLOSE, CLOSED, ERROR, RELAY, RELAYED
     6      1     dtype        0 none (body is UTF-8 JSON or empty), 1 float32, 2 float16
     7      1     flags        bit 0: a 32-byte HMAC-SHA256 follows the body
@@ -16,8 +16,10 @@
     44     4     body_len     bytes of body; for arrays exactly rows * cols * itemsize
     48     ...   body, then the MAC over header + body when flags bit 0 is set
 
-RELAY and RELAYED frames carry both: the array, then a JSON object (the rest of the body, at most
-MAX_JSON bytes): the hops still to run (RELAY), the nodes' compute times (RELAYED).
+RELAY and RELAYED frames carry the array, then a binary trailer (``Trailer``): the step's number,
+the compute times of the hops run so far, and (RELAY) the hops still to run, packed by
+swarm/relay.py. Binary, not JSON: a relayed decode step crosses every node's Python once per
+token, and on a core just woken JSON's parse and dump were a third of a node's time per frame.
 
 All integers little-endian. Nothing is evaluated or unpickled: JSON bodies go through json.loads,
 arrays through np.frombuffer after every size has been checked against the caller's limits.
@@ -51,10 +53,14 @@ def is_node_url(url) -> bool:
     except (ValueError, TypeError):
         return False
 MAGIC = b"GFSW"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("<4sBBBB16sIIIHHII")
 MAC_LEN = 32
 MAX_JSON = 64 * 1024  # a JSON body (info, error) is never larger
+MAX_HOPS = 64         # hops one relay may name (a route of single-block nodes over a 64-block model)
+TRAILER_HEAD = struct.Struct("<QH")  # a RELAY's or RELAYED's step, then how many compute times follow
+HOP_HEAD = struct.Struct("<16sHHH")  # a packed hop: session, first block, last block, URL length; the URL
+MAX_HOPS_BYTES = MAX_HOPS * (HOP_HEAD.size + MAX_URL)
 F16_MAX = 65504.0     # float16's largest finite value: beyond it a cast gives infinity
 
 INFO_REQ, INFO, FORWARD, RESULT, CLOSE, CLOSED, ERROR, RELAY, RELAYED = range(1, 10)
@@ -80,12 +86,27 @@ class WireError(Exception):
 
 
 @dataclass
+class Trailer:
+    """What a RELAY or RELAYED frame carries after its array (docs/wire.md, *Relayed steps*)."""
+    step: int                  # chosen by the client at random, below 2**63, passed on unchanged
+    elapsed_us: list[int]      # the compute time of each hop run so far: one fewer than the rows
+    hops: bytes = b""          # RELAY: the hops still to run, packed (relay.pack_hops); RELAYED: none
+
+    def pack(self) -> bytes:
+        n = len(self.elapsed_us)
+        if not 0 <= self.step < 2**63 or n > MAX_HOPS or len(self.hops) > MAX_HOPS_BYTES:
+            raise ValueError(f"a relay's step {self.step} (below 2**63), {n} compute times (at most {MAX_HOPS}) "
+                             f"or {len(self.hops)} bytes of hops (at most {MAX_HOPS_BYTES})")
+        return TRAILER_HEAD.pack(self.step, n) + struct.pack(f"<{n}I", *self.elapsed_us) + self.hops
+
+
+@dataclass
 class Frame:
     type: int
     session: bytes = bytes(16)
     position: int = 0
     array: np.ndarray | None = None   # (T, dim) for FORWARD / RESULT; (rows, dim) for RELAY / RELAYED
-    body: dict | None = None          # JSON for INFO / ERROR, the trailer of RELAY / RELAYED
+    body: dict | Trailer | None = None  # JSON for INFO / ERROR; RELAY / RELAYED: their Trailer
     first_block: int = 0
     last_block: int = 0
     elapsed_us: int = 0
@@ -123,7 +144,10 @@ def encode(frame: Frame, key: bytes | None = None, before: np.ndarray | None = N
                                  f"of {DTYPES[dtype].name}")
             parts, rows = [np.ascontiguousarray(before), array], rows + before.shape[0]
         if frame.type in TRAILER_TYPES:
-            parts.append(_JSON.encode(frame.body or {}).encode())
+            if not isinstance(frame.body, Trailer):
+                raise ValueError(f"a {TYPE_NAMES[frame.type]} frame's body is a Trailer, "
+                                 f"not {type(frame.body).__name__}")
+            parts.append(frame.body.pack())
         body = b"".join(parts)
     else:
         body = _JSON.encode(frame.body).encode() if frame.body is not None else b""
@@ -178,7 +202,7 @@ def decode(data: bytes, key: bytes | None = None, dim: int | None = None, max_ro
         if len(body) < size:
             raise WireError("bad_frame", f"body is {len(body)} bytes, shape ({rows}, {cols}) needs at least {size}")
         frame.array = _array(dtype, rows, cols, body[:size], dim, max_rows)
-        frame.body = _json(body[size:]) or {}
+        frame.body = _trailer(ftype, body[size:])
     elif ftype in ARRAY_TYPES:
         frame.array = _array(dtype, rows, cols, body, dim, max_rows)
     else:
@@ -205,6 +229,28 @@ def _array(dtype: int, rows: int, cols: int, body: memoryview, dim: int | None, 
     if not np.isfinite(array).all():
         raise WireError("bad_frame", "activations hold NaN or infinity")
     return array
+
+
+def _trailer(ftype: int, raw: memoryview) -> Trailer:
+    """A RELAY's or RELAYED's trailer, its sizes checked. Its receiver checks the rest (one compute
+    time per row but the last, the hops' contents: relay.parse_hops), the step known by then, so
+    that its error names the step."""
+    name = TYPE_NAMES[ftype]
+    if len(raw) < TRAILER_HEAD.size:
+        raise WireError("bad_frame", f"a {name}'s trailer is {len(raw)} bytes, at least {TRAILER_HEAD.size}")
+    step, n = TRAILER_HEAD.unpack_from(raw)
+    if step >= 2**63:
+        raise WireError("bad_frame", f"a {name}'s step must be below 2**63")
+    if n > MAX_HOPS:
+        raise WireError("bad_frame", f"a {name} carries {n} compute times, at most {MAX_HOPS}")
+    at = TRAILER_HEAD.size + 4 * n
+    if len(raw) < at:
+        raise WireError("bad_frame", f"a {name}'s trailer is {len(raw)} bytes, its {n} compute times need {at}")
+    hops = bytes(raw[at:])
+    if hops and ftype == RELAYED or len(hops) > MAX_HOPS_BYTES:
+        raise WireError("bad_frame", f"{len(hops)} bytes of hops in a {name} (at most "
+                                     f"{0 if ftype == RELAYED else MAX_HOPS_BYTES})")
+    return Trailer(step, list(struct.unpack_from(f"<{n}I", raw, TRAILER_HEAD.size)), hops)
 
 
 def _json(body: memoryview) -> dict | None:

@@ -150,7 +150,7 @@ def test_a_frame_with_reserved_bits_is_refused_by_aiohttp_not_computed(six_loade
             time.sleep(0.2)  # the handler waits idle again
             relay_frame = bytearray(ws_frame(wire.encode(wire.Frame(
                 wire.RELAY, sid, 3, hidden(1, seed=4), first_block=0, last_block=2,
-                body={"next": [], "elapsed_us": [], "step": 1})), mask=os.urandom(4)))
+                body=wire.Trailer(1, []))), mask=os.urandom(4)))
             relay_frame[0] = first_byte
             served = node.service.served
             s.sendall(bytes(relay_frame))

@@ -32,7 +32,7 @@ def relay_to_nowhere(step: int):
     session's id, and the frame's bytes."""
     sid = secrets.token_bytes(16)
     data = wire.encode(wire.Frame(wire.RELAY, sid, 3, hidden(2), first_block=0, last_block=0,
-                                  body={"next": [], "elapsed_us": [1], "step": step}))
+                                  body=wire.Trailer(step, [1])))
     return sid, data
 
 
@@ -229,9 +229,12 @@ def test_ctrl_c_mid_step_then_close_frees_the_session(six_loader):
 
 
 def relay_frame(session, position, rows, hops=(), elapsed=None, first=0, last=2, step=41):
+    """A RELAY; ``hops`` as (url, session hex, first, last), packed unchecked (the node checks)."""
     elapsed = [7] * (rows.shape[0] - 1) if elapsed is None else elapsed
+    packed = b"".join(wire.HOP_HEAD.pack(bytes.fromhex(sid), a, b, len(url.encode())) + url.encode()
+                      for url, sid, a, b in hops)
     return wire.Frame(wire.RELAY, session, position, rows, first_block=first, last_block=last,
-                      body={"next": list(hops), "elapsed_us": elapsed, "step": step})
+                      body=wire.Trailer(step, elapsed, packed))
 
 
 def test_relayed_steps_answer_the_client_and_bad_ones_get_errors(node, reference):
@@ -247,8 +250,8 @@ def test_relayed_steps_answer_the_client_and_bad_ones_get_errors(node, reference
         assert (reply.type, reply.session, reply.position) == (wire.RELAYED, owner.sid, 5)
         np.testing.assert_array_equal(reply.array[:2], carried)
         np.testing.assert_array_equal(reply.array[2:], mirror.forward(x))
-        assert reply.body["elapsed_us"][0] == 7 and len(reply.body["elapsed_us"]) == 2
-        assert reply.body["step"] == 41  # echoed: the client matches the answer to its step
+        assert reply.body.elapsed_us[0] == 7 and len(reply.body.elapsed_us) == 2
+        assert reply.body.step == 41  # echoed: the client matches the answer to its step
 
         # about the frame itself: an error back where it came from, marked as a relay's
         sid_hex = secrets.token_bytes(16).hex()
@@ -263,8 +266,11 @@ def test_relayed_steps_answer_the_client_and_bad_ones_get_errors(node, reference
             body = error_of(other, wire.encode(frame_))
             assert body["code"] == code and words in body["message"] and body["relay"] is True, body
             assert body["step"] == 41, body
-        body = error_of(other, wire.encode(relay_frame(owner.sid, 6, x, step="x")))
-        assert body["code"] == "bad_frame" and "'step'" in body["message"] and "step" not in body
+        bad_step = bytearray(wire.encode(relay_frame(owner.sid, 6, x)))
+        at = wire.HEADER.size + x.nbytes  # the trailer: the step first
+        bad_step[at:at + 8] = (2**63).to_bytes(8, "little")
+        body = error_of(other, bytes(bad_step))
+        assert body["code"] == "bad_frame" and "step must be below" in body["message"] and "step" not in body
 
         # a next hop that cannot be reached: the client hears it, on its own connection
         gone = [["ws://127.0.0.1:9/swarm", sid_hex, 3, 5]]

@@ -29,9 +29,21 @@ def node(six_loader):
     n.stop()
 
 
-def relay_frame(session, position, rows, body, first=0, last=2):
-    body = {"step": 5, **body}  # the step number a client gives every relay (unless the case overrides it)
-    return wire.Frame(wire.RELAY, session, position, rows, first_block=first, last_block=last, body=body)
+def relay_frame(session, position, rows, hops=(), elapsed=(), step=5, first=0, last=2):
+    """A RELAY: ``hops`` as (url, session hex or bytes, first, last) tuples, or already packed."""
+    if not isinstance(hops, bytes):
+        hops = relay.pack_hops(tuple(relay.Hop(url, bytes.fromhex(sid) if isinstance(sid, str) else sid, a, b)
+                                     for url, sid, a, b in hops))
+    return wire.Frame(wire.RELAY, session, position, rows, first_block=first, last_block=last,
+                      body=wire.Trailer(step, list(elapsed), hops))
+
+
+def with_trailer(session, position, rows, trailer: bytes, first=0, last=2) -> bytes:
+    """A RELAY's bytes whose trailer is ``trailer``, whatever it holds."""
+    frame = relay_frame(session, position, rows, first=first, last=last, elapsed=[0] * (len(rows) - 1))
+    data = bytearray(wire.encode(frame))
+    data[44:48] = (rows.nbytes + len(trailer)).to_bytes(4, "little")
+    return bytes(data[:wire.HEADER.size + rows.nbytes]) + trailer
 
 
 def next_error(link, timeout=10) -> dict:
@@ -45,31 +57,30 @@ def test_garbage_trailers_get_one_relay_error_each(node, reference):
     stranger = NodeLink(node.url, dim=96, max_rows=32).connect()
     try:
         owner.forward(hidden(3))
-        x, sid = hidden(1, seed=5), secrets.token_bytes(16).hex()
-        good = ["ws://127.0.0.1:9/swarm", sid, 3, 5]
-        for body, words in (
-                ({}, "'next'"),
-                ({"next": "ws://127.0.0.1:9/swarm"}, "'next'"),
-                ({"next": [good] * (relay.MAX_HOPS + 1)}, "'next'"),
-                ({"next": [[good[0], sid, True, 5]]}, "next[0]"),
-                ({"next": [[good[0], sid, 3]]}, "next[0]"),
-                ({"next": [["ws://127.0.0.1:9/other", sid, 3, 5]]}, "next[0]"),
-                ({"next": [["file:///etc/passwd", sid, 3, 5]]}, "next[0]"),
-                ({"next": [[good[0], "zz" * 16, 3, 5]]}, "next[0]"),
-                ({"next": [[good[0], "00" * 16, 3, 5]]}, "next[0]"),
-                ({"next": [[good[0], sid[:8], 3, 5]]}, "next[0]"),
-                ({"next": [[good[0], sid, 5, 3]]}, "next[0]"),
-                ({"next": [[good[0], sid, 0, 2**16]]}, "next[0]"),
-                ({"next": [["ws://127.0.0.1:9/swarm" + "x" * 600, sid, 3, 5]]}, "next[0]"),
-                ({"next": [], "elapsed_us": [-1]}, "elapsed_us"),
-                ({"next": [], "elapsed_us": "7"}, "elapsed_us"),
-                ({"next": [], "elapsed_us": [1]}, "compute times"),  # one row carries no earlier hop
-                ({"next": [], "step": -1}, "'step'"),
-                ({"next": [], "step": True}, "'step'"),
-                ({"next": [], "step": 2**63}, "'step'")):
-            reply = wire.decode(stranger.exchange(wire.encode(relay_frame(owner.sid, 3, x, body)), 10))
-            assert reply.type == wire.ERROR and reply.body["relay"] is True, (body, reply)
-            assert reply.body["code"] == "bad_frame" and words in reply.body["message"], (body, reply.body)
+        x, sid = hidden(1, seed=5), secrets.token_bytes(16)
+        head = wire.TRAILER_HEAD.pack(5, 0)
+
+        def hop(url=b"ws://127.0.0.1:9/swarm", session=sid, first=3, last=5) -> bytes:
+            return wire.HOP_HEAD.pack(session, first, last, len(url)) + url
+
+        for trailer, words in (
+                (b"", "trailer is 0 bytes"),
+                (head[:-1], "trailer is 9 bytes"),
+                (wire.TRAILER_HEAD.pack(5, 1) + bytes(4), "compute times"),  # one row carries no earlier hop
+                (wire.TRAILER_HEAD.pack(2**63, 0), "step"),
+                (wire.TRAILER_HEAD.pack(2**64 - 1, 0), "step"),
+                (head + hop() * (relay.MAX_HOPS + 1), "at most 64 hops"),
+                (head + hop(b"ws://127.0.0.1:9/other"), "next[0]"),
+                (head + hop(b"file:///etc/passwd"), "next[0]"),
+                (head + hop(session=bytes(16)), "next[0]"),
+                (head + hop(first=5, last=3), "next[0]"),
+                (head + hop(b"ws://127.0.0.1:9/swarm" + b"x" * 600), "next[0]"),
+                (head + hop(b"ws://127.0.0.1:9/sw\xffrm"), "next[0]"),
+                (head + hop()[:-3], "next[0]"),
+                (head + hop() + hop()[:5], "next[1]")):
+            reply = wire.decode(stranger.exchange(with_trailer(owner.sid, 3, x, trailer), 10))
+            assert reply.type == wire.ERROR and reply.body["relay"] is True, (trailer, reply)
+            assert reply.body["code"] == "bad_frame" and words in reply.body["message"], (trailer, reply.body)
         # nothing reached the owner's connection, and its session is where it was
         assert node.service.cache.sessions[owner.sid].position == 3
         local = LocalSpanSession(reference, 32)
@@ -87,8 +98,8 @@ def test_a_hop_naming_the_node_itself_ends_with_one_error(node, reference):
     owner = RemoteSpanSession(node.url, 0, 2, 32, 96)
     try:
         owner.forward(hidden(3))
-        me = [node.url, owner.sid.hex(), 0, 2]
-        data = wire.encode(relay_frame(owner.sid, 3, hidden(1, seed=4), {"next": [me] * 5, "elapsed_us": []}))
+        me = (node.url, owner.sid, 0, 2)
+        data = wire.encode(relay_frame(owner.sid, 3, hidden(1, seed=4), [me] * 5))
         owner.link.run(owner.link.ws.send_bytes(data), 5)
         body = next_error(owner.link)
         assert body["code"] == "position" and body["relay"] is True and node.url in body["message"], body
@@ -113,7 +124,7 @@ def test_a_next_hop_that_never_answers_the_handshake(node, reference):
         hop = [url, secrets.token_bytes(16).hex(), 3, 5]
         t0 = time.monotonic()
         owner.link.run(owner.link.ws.send_bytes(wire.encode(
-            relay_frame(owner.sid, 3, hidden(1, seed=4), {"next": [hop], "elapsed_us": []}))), 5)
+            relay_frame(owner.sid, 3, hidden(1, seed=4), [hop]))), 5)
         other = RemoteSpanSession(node.url, 0, 2, 32, 96)  # another client, meanwhile
         local = LocalSpanSession(reference, 32)
         try:
@@ -148,7 +159,7 @@ def test_private_swarm_relays_need_the_key_and_errors_come_back_signed(six_loade
             for key in (None, b"another-key-of-enough-length-000"):
                 stranger = NodeLink(a.url, key=key, dim=96, max_rows=32).connect()
                 try:
-                    frame = relay_frame(sa.sid, 4, hidden(1), {"next": [], "elapsed_us": []})
+                    frame = relay_frame(sa.sid, 4, hidden(1))
                     raw = stranger.exchange(wire.encode(frame, key), 10)
                     with pytest.raises(wire.WireError):
                         wire.decode(raw, key) if key else wire.decode(raw, KEY[::-1])
@@ -157,8 +168,8 @@ def test_private_swarm_relays_need_the_key_and_errors_come_back_signed(six_loade
                     stranger.abort()
             assert a.service.cache.sessions[sa.sid].position == 4
             # the next node's error (a session it does not have) reaches the client signed with the key
-            hop = [b.url, secrets.token_bytes(16).hex(), 3, 5]
-            data = wire.encode(relay_frame(sa.sid, 4, hidden(1, seed=8), {"next": [hop], "elapsed_us": []}), KEY)
+            hop = (b.url, secrets.token_bytes(16), 3, 5)
+            data = wire.encode(relay_frame(sa.sid, 4, hidden(1, seed=8), [hop]), KEY)
             sa.link.run(sa.link.ws.send_bytes(data), 5)
             body = next_error(sa.link)  # decoded with the key: a forged or unsigned one would raise
             assert body["code"] == "unknown_session" and b.url in body["message"] and body["relay"] is True
@@ -360,10 +371,9 @@ def test_a_strangers_black_hole_hop_does_not_stall_others_relays(six_loader):
     hole.listen(8)
     try:
         with victim_and_stranger(six_loader, 32, seed=1) as (a, b, (va, vb), (ta, tb), x):
-            hops = [[b.url, tb.sid.hex(), 3, 5], [f"ws://127.0.0.1:{hole.getsockname()[1]}/swarm",
-                                                  secrets.token_bytes(16).hex(), 0, 0]]
-            frame = wire.Frame(wire.RELAY, ta.sid, 3, x(), first_block=0, last_block=2,
-                               body={"next": hops, "elapsed_us": [], "step": 7})
+            hole_url = f"ws://127.0.0.1:{hole.getsockname()[1]}/swarm"
+            hops = [(b.url, tb.sid, 3, 5), (hole_url, secrets.token_bytes(16), 0, 0)]
+            frame = relay_frame(ta.sid, 3, x(), hops, step=7)
             ta.link.run(ta.link.ws.send_bytes(wire.encode(frame)), 5)
             time.sleep(0.3)
             t0 = time.monotonic()
@@ -426,10 +436,9 @@ def test_a_next_hop_that_stops_reading_does_not_stall_a_node_link_forever(six_lo
     deaf = DeafWebSocket()
     try:
         with victim_and_stranger(six_loader, 4096, seed=2) as (a, b, (va, vb), (ta, tb), x):
-            hops = [[b.url, tb.sid.hex(), 3, 5], [deaf.url, secrets.token_bytes(16).hex(), 0, 0]]
+            hops = [(b.url, tb.sid, 3, 5), (deaf.url, secrets.token_bytes(16), 0, 0)]
             for i in range(600):  # ~26 KB per frame to the deaf hop (65 rows + 1): ~15 MB at most
-                frame = wire.Frame(wire.RELAY, ta.sid, 3 + i, x(64), first_block=0, last_block=2,
-                                   body={"next": hops, "elapsed_us": [1] * 63, "step": i})
+                frame = relay_frame(ta.sid, 3 + i, x(64), hops, elapsed=[1] * 63, step=i)
                 try:
                     ta.link.run(ta.link.ws.send_bytes(wire.encode(frame)), 5)
                 except asyncio.TimeoutError:  # the stranger's own connection to a backs up: enough sent

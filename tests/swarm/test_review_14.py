@@ -158,7 +158,8 @@ def wide_loader(tmp_path_factory):
 def _onward(rows_in: int, step: int, pad_urls: list[str]) -> int:
     """The bytes of the RELAY a node builds from a ``rows_in``-row relay (server.NodeService.relay:
     one row more, its own compute time appended, the hops after the next one passed on)."""
-    body = {"next": [[u, "ab" * 16, 0, 1] for u in pad_urls], "elapsed_us": [1] * (rows_in - 1) + [777], "step": step}
+    hops = relay.pack_hops(tuple(relay.Hop(u, b"\xab" * 16, 0, 1) for u in pad_urls))
+    body = wire.Trailer(step, [1] * (rows_in - 1) + [777], hops)
     frame = wire.Frame(wire.RELAY, bytes(range(16)), 1, np.zeros((rows_in + 1, WIDE), np.float32), first_block=0,
                        last_block=1, body=body)
     return len(wire.encode(frame))
@@ -203,12 +204,13 @@ def test_a_deaf_next_node_does_not_hold_up_the_connection_a_relay_came_in_on(wid
             link.request(wire.Frame(wire.FORWARD, sid, 0, rng.standard_normal((1, WIDE)).astype(np.float32),
                                     first_block=0, last_block=1), 30)
         deaf_session = secrets.token_bytes(16)
-        hops = [[deaf.url, deaf_session.hex(), 0, 1]] + [[u, secrets.token_bytes(16).hex(), 0, 1] for u in pad]
+        hops = relay.pack_hops((relay.Hop(deaf.url, deaf_session, 0, 1),)
+                               + tuple(relay.Hop(u, secrets.token_bytes(16), 0, 1) for u in pad))
 
         def relay_once(step):
             frame = wire.Frame(wire.RELAY, mine, step, rng.standard_normal((rows_in, WIDE)).astype(np.float32),
                                first_block=0, last_block=1,
-                               body={"next": hops, "elapsed_us": [1] * (rows_in - 1), "step": step})
+                               body=wire.Trailer(step, [1] * (rows_in - 1), hops))
             link.run(link.ws.send_bytes(wire.encode(frame)), 5)
 
         def sent_all(step, timeout=10.0):
@@ -277,7 +279,7 @@ def test_a_client_that_stops_reading_does_not_hold_up_another_nodes_link(six_loa
         for i in range(600):  # ~15 MB of answers at most
             frame = wire.Frame(wire.RELAY, mine, 1 + i, rng.standard_normal((rows, 96)).astype(np.float32),
                                first_block=3, last_block=5,
-                               body={"next": [], "elapsed_us": [1] * (rows - 1), "step": i})
+                               body=wire.Trailer(i, [1] * (rows - 1)))
             try:
                 carrier.run(carrier.ws.send_bytes(wire.encode(frame)), 5)
             except asyncio.TimeoutError:  # b stopped reading the carrier: enough sent

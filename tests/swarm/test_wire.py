@@ -1,5 +1,7 @@
 """The swarm framing: every frame round-trips; anything else is a WireError, never a crash."""
 
+from struct import error as struct_error
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -20,9 +22,34 @@ def array_frames(draw):
     first = draw(st.integers(0, 100))
     last = first + draw(st.integers(0, 50))
     ftype = draw(st.sampled_from([wire.FORWARD, wire.RESULT, wire.RELAY, wire.RELAYED]))
-    trailer = draw(st.dictionaries(st.text(max_size=8), json_values, max_size=5)) if ftype in wire.TRAILER_TYPES else None
+    trailer = draw(trailers(rows, ftype)) if ftype in wire.TRAILER_TYPES else None
     return wire.Frame(ftype, draw(sessions), draw(st.integers(0, 2**32 - 1)), array, body=trailer,
                       first_block=first, last_block=last, elapsed_us=draw(st.integers(0, 2**32 - 1)), dtype=dtype)
+
+
+hop_urls = st.builds("ws://{}:{}/swarm".format, st.sampled_from(["127.0.0.1", "10.0.0.5", "node.example", "[fd00::2]"]),
+                     st.integers(1, 65535))
+
+
+@st.composite
+def hops(draw, max_size: int = 4):
+    from swarm import relay
+
+    def hop(url, sid, first, span):
+        return relay.Hop(url, sid, first, min(first + span, 2**16 - 1))
+
+    nonzero = st.binary(min_size=16, max_size=16).filter(lambda b: b != bytes(16))
+    return tuple(draw(st.lists(st.builds(hop, hop_urls, nonzero, st.integers(0, 2**16 - 1), st.integers(0, 50)),
+                               max_size=max_size)))
+
+
+@st.composite
+def trailers(draw, rows: int, ftype: int):
+    from swarm import relay
+
+    elapsed = draw(st.lists(st.integers(0, 2**32 - 1), min_size=rows - 1, max_size=rows - 1))
+    packed = relay.pack_hops(draw(hops())) if ftype == wire.RELAY else b""
+    return wire.Trailer(draw(st.integers(0, 2**63 - 1)), elapsed, packed)
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.text(max_size=20),
@@ -46,7 +73,7 @@ def test_round_trip(frame, key):
         assert (back.position, back.first_block, back.last_block, back.elapsed_us, back.dtype) == \
             (frame.position, frame.first_block, frame.last_block, frame.elapsed_us, frame.dtype)
         np.testing.assert_array_equal(back.array.astype(np.float32), frame.array)  # exact in f16 too
-        if frame.type in wire.TRAILER_TYPES:  # RELAY, RELAYED: the array, then the JSON trailer
+        if frame.type in wire.TRAILER_TYPES:  # RELAY, RELAYED: the array, then the binary trailer
             assert back.body == frame.body
     else:
         assert back.body == frame.body
@@ -57,11 +84,18 @@ def test_round_trip(frame, key):
 def test_rows_passed_on_before_new_ones_frame_as_the_whole_array(frame, split, key):
     """A relaying node sends the rows it received (a checked view, in the wire's dtype) ahead of its
     output: the bytes are those of one frame holding every row."""
-    received = wire.decode(wire.encode(wire.Frame(frame.type, frame.session, array=frame.array[:max(split, 1)],
-                                                  dtype=frame.dtype, body=frame.body), key), key).array
+    def body(rows):  # a trailer's compute times are one fewer than the rows
+        if frame.type not in wire.TRAILER_TYPES:
+            return frame.body
+        return wire.Trailer(frame.body.step, list(range(rows - 1)), frame.body.hops)
+
+    first = frame.array[:max(split, 1)]
+    received = wire.decode(wire.encode(wire.Frame(frame.type, frame.session, array=first, dtype=frame.dtype,
+                                                  body=body(len(first))), key), key).array
     new = frame.array[max(split, 1):]
     if not len(new):
         new = frame.array[-1:]
+    frame.body = body(len(received) + len(new))
     whole = wire.Frame(frame.type, frame.session, frame.position, np.concatenate([received.astype(np.float32), new]),
                        body=frame.body, first_block=frame.first_block, last_block=frame.last_block,
                        elapsed_us=frame.elapsed_us, dtype=frame.dtype)
@@ -148,52 +182,118 @@ def test_nan_and_text_refused():
 
 
 @settings(max_examples=300, deadline=None)
-@given(body=st.dictionaries(st.sampled_from(["next", "elapsed_us", "x"]),
-                            json_values | st.lists(st.lists(json_values, max_size=5), max_size=3), max_size=3))
-def test_relay_trailers_are_checked_or_refused_with_a_wire_error(body):
+@given(raw=st.binary(max_size=200), good=hops(max_size=2), cut=st.integers(0, 200), flip=st.integers(0, 255))
+def test_packed_hops_parse_back_and_anything_else_is_a_wire_error(raw, good, cut, flip):
+    """pack_hops and parse_hops are inverse; random bytes, a cut or a flipped byte are either
+    read as hops that pass every check or refused with bad_frame, never a crash."""
     from swarm import relay
 
-    for check in (relay.parse_hops, relay.elapsed_list):
+    packed = relay.pack_hops(good)
+    assert relay.parse_hops(packed) == good
+    damaged = bytearray(packed)
+    if damaged:
+        damaged[cut % len(damaged)] ^= flip
+    for data in (raw, packed[:cut], bytes(damaged)):
         try:
-            check(body)
+            parsed = relay.parse_hops(data)
         except wire.WireError as e:
-            assert e.code == "bad_frame"
+            assert e.code == "bad_frame" and "next[" in str(e) or "at most" in str(e)
+        else:
+            assert relay.pack_hops(parsed) == data
+            assert all(wire.is_node_url(h.url) and h.session != bytes(16) and h.first <= h.last for h in parsed)
 
 
 def test_relay_hops_parse_and_bad_ones_name_the_hop():
     from swarm import relay
 
-    sid = "ab" * 16
-    hops = relay.parse_hops({"next": [["ws://127.0.0.1:4001/swarm", sid, 10, 19]]})
-    assert hops == [relay.Hop("ws://127.0.0.1:4001/swarm", bytes.fromhex(sid), 10, 19)]
-    assert relay.parse_hops({"next": []}) == []
-    for bad, why in (([["http://127.0.0.1:4001/swarm", sid, 0, 1]], "not a node's"),
-                     ([["ws://127.0.0.1:4001/elsewhere", sid, 0, 1]], "not a node's"),
-                     ([["ws://127.0.0.1:4001/swarm", "00" * 16, 0, 1]], "128 random bits"),
-                     ([["ws://127.0.0.1:4001/swarm", "zz", 0, 1]], "unreadable"),
-                     ([["ws://127.0.0.1:4001/swarm", sid, 5, 1]], "blocks 5-1"),
-                     ([["ws://127.0.0.1:4001/swarm", sid, 0]], "a hop is"),
-                     ("ws://x", "a list")):
+    sid = bytes.fromhex("ab" * 16)
+    good = relay.Hop("ws://127.0.0.1:4001/swarm", sid, 10, 19)
+    assert relay.parse_hops(relay.pack_hops((good,))) == (good,)
+    assert relay.parse_hops(b"") == ()
+
+    def packed(url: bytes, session=sid, first=0, last=1):
+        return wire.HOP_HEAD.pack(session, first, last, len(url)) + url
+
+    for bad, why in ((packed(b"http://127.0.0.1:4001/swarm"), "not a node's"),
+                     (packed(b"ws://127.0.0.1:4001/elsewhere"), "not a node's"),
+                     (packed(b"ws://127.0.0.1:4001/swarm", session=bytes(16)), "128 random bits"),
+                     (packed(b"ws://127.0.0.1:4001/swarm", first=5, last=1), "blocks 5-1"),
+                     (packed(b"ws://127.0.0.1:4001/swarm\xff"), "not UTF-8"),
+                     (packed(b"ws://127.0.0.1:4001/swarm")[:-1], "truncated"),
+                     (packed(b"ws://127.0.0.1:4001/swarm")[:10], "truncated")):
         with pytest.raises(wire.WireError, match=why) as e:
-            relay.parse_hops({"next": bad})
-        assert "next" in str(e.value)
+            relay.parse_hops(good.packed + bad)
+        assert "next[1]" in str(e.value)
+    with pytest.raises(wire.WireError, match="at most 64 hops"):
+        relay.parse_hops(good.packed * 65)
 
 
 def test_relay_hops_are_checked_once_per_session_and_refusals_are_not_remembered():
-    """A session's decode steps all name the same hops: the second parse takes the checked hop
-    from the cache (the same object); a bad hop is refused every time, and a good hop's cached
-    check does not let a variant of it (another session id, other blocks) through."""
+    """A session's decode steps all name the same hops: the second parse takes the checked hops
+    from the cache (the same object); a bad hop is refused every time, and good hops' cached
+    check does not let a variant of them (another session id, other blocks, URL) through."""
     from swarm import relay
 
-    good = ["ws://127.0.0.1:4002/swarm", "cd" * 16, 3, 7]
-    first = relay.parse_hops({"next": [good]})[0]
-    hits = relay._checked_hop.cache_info().hits
-    assert relay.parse_hops({"next": [list(good)]})[0] is first
-    assert relay._checked_hop.cache_info().hits == hits + 1
-    for variant in ([good[0], "00" * 16, 3, 7], [good[0], good[1], 7, 3], ["ws://127.0.0.1:4002/other", good[1], 3, 7]):
+    good = relay.Hop("ws://127.0.0.1:4002/swarm", bytes.fromhex("cd" * 16), 3, 7)
+    first = relay.parse_hops(good.packed)
+    hits = relay.parse_hops.cache_info().hits
+    assert relay.parse_hops(bytes(bytearray(good.packed))) is first
+    assert relay.parse_hops.cache_info().hits == hits + 1
+    for variant in (relay.Hop(good.url, bytes(16), 3, 7), relay.Hop(good.url, good.session, 7, 3),
+                    relay.Hop("ws://127.0.0.1:4002/other", good.session, 3, 7)):
         for _ in range(2):
             with pytest.raises(wire.WireError, match=r"next\[1\]"):
-                relay.parse_hops({"next": [good, variant]})
+                relay.parse_hops(good.packed + variant.packed)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=st.integers(1, 4), trailer=st.binary(max_size=64), key=st.none() | st.just(KEY),
+       ftype=st.sampled_from([wire.RELAY, wire.RELAYED]))
+def test_any_trailer_bytes_decode_or_are_refused_with_bad_frame(rows, trailer, key, ftype):
+    """Whatever follows a relay's array is a trailer that re-encodes to the same bytes, or a
+    bad_frame."""
+    x = np.zeros((rows, 4), np.float32)
+    good = wire.encode(wire.Frame(ftype, b"s" * 16, 0, x, body=wire.Trailer(1, [0] * (rows - 1))))
+    header = bytearray(good[:wire.HEADER.size])
+    header[44:48] = (rows * 16 + len(trailer)).to_bytes(4, "little")
+    data = bytes(header) + x.tobytes() + trailer
+    if key:
+        header[7] = wire.FLAG_MAC
+        data = bytes(header) + x.tobytes() + trailer
+        data += wire.mac(key, data)
+    try:
+        frame = wire.decode(data, key)
+    except wire.WireError as e:
+        assert e.code == "bad_frame"
+    else:
+        assert len(frame.body.elapsed_us) <= wire.MAX_HOPS and frame.body.step < 2**63
+        assert frame.body.pack() == trailer
+        assert ftype == wire.RELAY or not frame.body.hops
+
+
+def test_trailers_refused_name_what_is_wrong():
+    x = np.zeros((2, 4), np.float32)
+
+    def frame(trailer: bytes, ftype=wire.RELAY) -> bytes:
+        good = bytearray(wire.encode(wire.Frame(ftype, b"s" * 16, 0, x, body=wire.Trailer(1, [5]))))
+        good[44:48] = (x.nbytes + len(trailer)).to_bytes(4, "little")
+        return bytes(good[:wire.HEADER.size]) + x.tobytes() + trailer
+
+    for trailer, why in ((b"", "trailer is 0 bytes"),
+                         (wire.TRAILER_HEAD.pack(2**63, 1) + bytes(4), r"step must be below 2\*\*63"),
+                         (wire.TRAILER_HEAD.pack(1, 65) + bytes(260), "carries 65 compute times, at most 64"),
+                         (wire.TRAILER_HEAD.pack(1, 1) + bytes(3), "compute times need 14")):
+        with pytest.raises(wire.WireError, match=why):
+            wire.decode(frame(trailer))
+    with pytest.raises(wire.WireError, match="bytes of hops in a RELAYED"):
+        wire.decode(frame(wire.TRAILER_HEAD.pack(1, 1) + bytes(4) + b"x", wire.RELAYED))
+    with pytest.raises(wire.WireError, match="bytes of hops in a RELAY "):
+        wire.decode(frame(wire.TRAILER_HEAD.pack(1, 1) + bytes(4) + bytes(wire.MAX_HOPS_BYTES + 1)))
+    for bad in (wire.Trailer(-1, []), wire.Trailer(2**63, []), wire.Trailer(0, [0] * 65), wire.Trailer(0, [2**32])):
+        with pytest.raises((ValueError, struct_error)):
+            bad.pack()
+    with pytest.raises(ValueError, match="Trailer, not dict"):
+        wire.encode(wire.Frame(wire.RELAY, b"s" * 16, 0, x[:1], body={"step": 1}))
 
 
 @pytest.mark.parametrize("url, ok", [
