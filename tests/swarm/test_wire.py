@@ -296,6 +296,18 @@ def test_trailers_refused_name_what_is_wrong():
         wire.encode(wire.Frame(wire.RELAY, b"s" * 16, 0, x[:1], body={"step": 1}))
 
 
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(st.floats(width=32) | st.sampled_from([np.inf, -np.inf, np.nan, 3e38, -3e38, 1e-45]),
+                       min_size=1, max_size=64), f16=st.booleans(), cols=st.integers(1, 8), readonly=st.booleans())
+def test_all_finite_agrees_with_numpy(values, f16, cols, readonly):
+    with np.errstate(over="ignore"):
+        flat = np.array(values, np.float16 if f16 else np.float32)
+    array = flat[:len(flat) // cols * cols].reshape(-1, cols) if len(flat) >= cols else flat.reshape(1, -1)
+    array.flags.writeable = not readonly
+    assert wire.all_finite(array) == bool(np.isfinite(array).all())
+    assert wire.all_finite(array[:, ::2]) == bool(np.isfinite(array[:, ::2]).all())  # (any layout)
+
+
 @pytest.mark.parametrize("url, ok", [
     ("ws://10.0.0.5:9000/swarm", True), ("wss://node.example:443/swarm", True), ("ws://[fd00::2]:9000/swarm", True),
     ("ws://10.0.0.5:9000/other", False), ("ws://10.0.0.5:9000/swarm/", False), ("ws://10.0.0.5:9000/swarm?x=1", False),
