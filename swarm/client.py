@@ -56,18 +56,86 @@ class Hub:
     def __init__(self):
         self.loop = asyncio.new_event_loop()
         self.inbox: asyncio.Queue = asyncio.Queue()
+        self.watch = None      # while ``wait`` runs: sees each message before the inbox would
+        self._outcome = None   # what the watch took (or raised), which ends ``wait``
+
+    def offer(self, link, msg) -> None:
+        """A link's message: to the watch of a ``wait`` if one runs, else into the inbox."""
+        watch = self.watch
+        if watch is None:
+            self.inbox.put_nowait((link, msg))
+            return
+        try:
+            taken = watch(link, msg)
+        except Exception as e:  # (raised again by wait, on its caller's side)
+            taken = e
+        if taken is not None:
+            self.watch, self._outcome = None, taken
+            self.loop.stop()
+
+    def wait(self, watch, timeout: float, send=None):
+        """Run the loop until ``watch(link, message)`` returns something other than None, and return
+        that (or raise what it raised); asyncio.TimeoutError after ``timeout``. The watch sees the
+        messages already in the inbox, then each as it is delivered, in the delivery callback itself
+        (the tap's, swarm/tap.py), which stops the loop when it is taken: no task woken, no turn of
+        the loop after the answer, on a step's critical path. Messages the watch does not take are
+        dropped. ``send``: a coroutine to run first (its error ends the wait too)."""
+        while not self.inbox.empty():
+            link, msg = self.inbox.get_nowait()
+            try:
+                taken = watch(link, msg)
+            except BaseException:
+                if send is not None:
+                    send.close()  # (never to run: no "never awaited" warning)
+                raise
+            if taken is not None:
+                if send is not None:
+                    send.close()
+                return taken
+        return self._here(self._wait_here, watch, timeout, send)
+
+    def _wait_here(self, watch, timeout: float, send):
+        async def sending():
+            try:
+                await send
+            except Exception as e:
+                self.watch, self._outcome = None, e
+                self.loop.stop()
+
+        self.watch, self._outcome = watch, None
+        task = self.loop.create_task(sending()) if send is not None else None
+        timer = self.loop.call_later(timeout, self.loop.stop)
+        try:
+            self.loop.run_forever()
+        finally:
+            timer.cancel()
+            self.watch = None
+            if task is not None and not task.done():
+                task.cancel()
+        outcome, self._outcome = self._outcome, None
+        if outcome is None:
+            raise asyncio.TimeoutError()
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     def run(self, coro, timeout: float):
         """Run ``coro`` on this hub's loop, here; from inside a running loop, on a helper thread."""
+        return self._here(self._run_here, coro, timeout)
+
+    @staticmethod
+    def _here(fn, *args):
+        """``fn(*args)`` here, or from inside a running loop (the API server's) on a helper thread:
+        this hub's loop cannot run inside another."""
         try:
             asyncio.get_running_loop()
             inside = True
         except RuntimeError:
             inside = False
         if not inside:  # (outside the except: errors raised here carry no "no running event loop")
-            return self._run_here(coro, timeout)
+            return fn(*args)
         with ThreadPoolExecutor(1) as helper:
-            return helper.submit(self._run_here, coro, timeout).result()
+            return helper.submit(fn, *args).result()
 
     def _run_here(self, coro, timeout: float):
         # One task and a timer, not asyncio.wait_for (a second task and more loop turns per call:
@@ -149,14 +217,14 @@ class NodeLink:
 
     def _deliver(self, payload: bytes) -> None:
         """A binary message the tap took (swarm/tap.py) into the hub's inbox."""
-        self.hub.inbox.put_nowait((self, aiohttp.WSMessage(aiohttp.WSMsgType.BINARY, payload, None)))
+        self.hub.offer(self, aiohttp.WSMessage(aiohttp.WSMsgType.BINARY, payload, None))
 
     async def _read(self, ws) -> None:
         """Every message of this link the tap left to aiohttp into the hub's inbox, the connection's
         end included."""
         while True:
             msg = await ws.receive()
-            self.hub.inbox.put_nowait((self, msg))
+            self.hub.offer(self, msg)
             if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                 return
 
@@ -386,31 +454,35 @@ def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray, timeout: floa
     except ValueError as e:  # float16 overflow: the hop-by-hop step says so, naming the node
         raise RelayFailed(str(e)) from None
 
-    async def go():
-        trace.mark("send", step)
-        await first.link.ws.send_bytes(data)
-        while True:
-            link, msg = await hub.inbox.get()
-            if link not in links:
-                continue  # a link of a chain this session has left
-            if msg.type != aiohttp.WSMsgType.BINARY:
-                raise RelayFailed(f"{link.url}: connection closed")
-            try:
-                reply = wire.decode(msg.data, link.key, link.dim, len(spans) + 1)
-            except wire.WireError as e:
-                raise RelayFailed(f"{link.url}: unusable reply: {e}") from None
-            if reply.type == wire.ERROR and (reply.body or {}).get("step", step) == step:  # (none: the frame itself)
-                raise RelayFailed(f"{link.url}: {(reply.body or {}).get('message', 'error')}")
-            if (reply.type == wire.RELAYED and link is last.link and reply.session == last.sid
-                    and reply.position == position and reply.body.step == step):
-                trace.mark("answer", step)
-                return reply
-            # anything else is left over from an earlier step: skip it
+    # written here when the socket takes it at once (relay.write_now), before the event loop is
+    # entered: the loop's setup for the wait then overlaps the nodes' work instead of delaying it
+    trace.mark("send", step)
+    try:
+        sent = relay.write_now(first.link.ws, data)
+    except (aiohttp.ClientError, OSError, ConnectionError) as e:
+        raise RelayFailed(f"{first.url}: connection lost ({type(e).__name__})") from None
+
+    def answer(link, msg):  # the step's answer, an error naming it (raised), or None: not for this step
+        if link not in links:
+            return None  # a link of a chain this session has left
+        if msg.type != aiohttp.WSMsgType.BINARY:
+            raise RelayFailed(f"{link.url}: connection closed")
+        try:
+            reply = wire.decode(msg.data, link.key, link.dim, len(spans) + 1)
+        except wire.WireError as e:
+            raise RelayFailed(f"{link.url}: unusable reply: {e}") from None
+        if reply.type == wire.ERROR and (reply.body or {}).get("step", step) == step:  # (none: the frame itself)
+            raise RelayFailed(f"{link.url}: {(reply.body or {}).get('message', 'error')}")
+        if (reply.type == wire.RELAYED and link is last.link and reply.session == last.sid
+                and reply.position == position and reply.body.step == step):
+            trace.mark("answer", step)
+            return reply
+        return None  # left over from an earlier step: skip it
 
     timeout = last.step_timeout if timeout is None else timeout
     t0 = time.perf_counter()
     try:
-        reply = hub.run(go(), timeout)
+        reply = hub.wait(answer, timeout, None if sent else first.link.ws.send_bytes(data))
     except asyncio.TimeoutError:
         raise RelayFailed(f"no answer within {timeout:.1f} s") from None
     except (aiohttp.ClientError, OSError, ConnectionError) as e:

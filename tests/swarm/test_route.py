@@ -52,6 +52,30 @@ def test_steps_hop_by_hop_give_the_same_tokens(six_loader, local_greedy):
             n.stop()
 
 
+def test_relays_go_through_the_loop_when_the_socket_would_not_take_them_at_once(six_loader, local_greedy,
+                                                                                monkeypatch):
+    """relay_step writes a RELAY before entering the loop only when the socket takes it whole
+    (relay.write_now); otherwise it is sent from the loop, with the same tokens."""
+    from swarm import relay
+
+    calls = []
+
+    def refuse(ws, data):
+        calls.append(len(data))
+        return False
+
+    monkeypatch.setattr(relay, "write_now", refuse)
+    nodes = [start_node(six_loader, a, b) for a, b in [(0, 1), (2, 3), (4, 5)]]
+    try:
+        tm = text_model(six_loader, nodes)
+        with tm.open_session(64) as s:
+            assert greedy(s, PROMPT, N) == local_greedy(PROMPT, N)
+        assert timings(tm)["relayed_steps"] == N - 1 and len(calls) >= N - 1
+    finally:
+        for n in nodes:
+            n.stop()
+
+
 @pytest.mark.parametrize("spare_span", [(2, 3), (2, 5)])
 def test_middle_node_killed_mid_generation(six_loader, local_greedy, spare_span):
     a, b, c = (start_node(six_loader, *s) for s in [(0, 1), (2, 3), (4, 5)])
