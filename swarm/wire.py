@@ -19,10 +19,11 @@
 RELAY and RELAYED frames carry the array, then a binary trailer (``Trailer``): the step's number,
 the compute times of the hops run so far, and (RELAY) the hops still to run, packed by
 swarm/relay.py. Binary, not JSON: a relayed decode step crosses every node's Python once per
-token, and on a core just woken JSON's parse and dump were a third of a node's time per frame.
+token, on a core just woken, where JSON's parse and dump were a large part of the frame's handling.
 
 All integers little-endian. Nothing is evaluated or unpickled: JSON bodies go through json.loads,
-arrays through np.frombuffer after every size has been checked against the caller's limits.
+arrays are read-only numpy views of the received bytes, made after every size has been checked
+against the caller's limits.
 """
 
 from __future__ import annotations
