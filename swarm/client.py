@@ -79,25 +79,19 @@ class Hub:
         messages already in the inbox, then each as it is delivered, in the delivery callback itself
         (the tap's, swarm/tap.py), which stops the loop when it is taken: no task woken, no turn of
         the loop after the answer, on a step's critical path. Messages the watch does not take are
-        dropped. ``send``: a coroutine to run first (its error ends the wait too)."""
+        dropped. ``send``: a function making a coroutine to run first (its error ends the wait too),
+        called only if the wait runs the loop."""
         while not self.inbox.empty():
             link, msg = self.inbox.get_nowait()
-            try:
-                taken = watch(link, msg)
-            except BaseException:
-                if send is not None:
-                    send.close()  # (never to run: no "never awaited" warning)
-                raise
+            taken = watch(link, msg)
             if taken is not None:
-                if send is not None:
-                    send.close()
                 return taken
         return self._here(self._wait_here, watch, timeout, send)
 
     def _wait_here(self, watch, timeout: float, send):
         async def sending():
             try:
-                await send
+                await send()
             except Exception as e:
                 self.watch, self._outcome = None, e
                 self.loop.stop()
@@ -110,8 +104,12 @@ class Hub:
         finally:
             timer.cancel()
             self.watch = None
-            if task is not None and not task.done():
+            if task is not None and not task.done():  # (Ctrl-C, a timeout): nothing left pending
                 task.cancel()
+                try:
+                    self.loop.run_until_complete(task)
+                except BaseException:
+                    pass
         outcome, self._outcome = self._outcome, None
         if outcome is None:
             raise asyncio.TimeoutError()
@@ -482,7 +480,7 @@ def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray, timeout: floa
     timeout = last.step_timeout if timeout is None else timeout
     t0 = time.perf_counter()
     try:
-        reply = hub.wait(answer, timeout, None if sent else first.link.ws.send_bytes(data))
+        reply = hub.wait(answer, timeout, None if sent else lambda: first.link.ws.send_bytes(data))
     except asyncio.TimeoutError:
         raise RelayFailed(f"no answer within {timeout:.1f} s") from None
     except (aiohttp.ClientError, OSError, ConnectionError) as e:

@@ -60,6 +60,7 @@ class NodeSession:
     cache: KVCache
     last_used: float = field(default_factory=time.monotonic)
     opened: float = field(default_factory=time.monotonic)
+    relay_hops: tuple = (b"", ())      # its relays' packed hops and their parse (every step names the same)
 
     @property
     def position(self) -> int:

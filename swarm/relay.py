@@ -62,14 +62,11 @@ def pack_hops(hops: tuple[Hop, ...]) -> bytes:
     return b"".join(h.packed for h in hops)
 
 
-@functools.lru_cache(maxsize=1024)
 def parse_hops(raw: bytes) -> tuple[Hop, ...]:
-    """A RELAY's packed hops, checked: WebSocket URLs of nodes (ws:// or wss://, path /swarm),
-    128-bit session ids, block ranges, at most MAX_HOPS. Raises WireError("bad_frame") naming the
-    hop. Every decode step of a session names the same hops, so a node checks them once per
-    session (cached by their bytes; an error is not cached): parsing a URL was a tenth of a relaying
-    node's own time per token (after the compute, on this 2-core VM, the first run of any code is
-    several times slower than the next; measured with benchmarks/pipeline.py --trace)."""
+    """A RELAY's packed hops, checked: WebSocket URLs of nodes (ws:// or wss://, path /swarm, at
+    most MAX_URL bytes), 128-bit session ids, block ranges, at most MAX_HOPS. Raises
+    WireError("bad_frame") naming the hop. (Every decode step of a session names the same hops:
+    a node keeps their parse with the session, server.NodeService._relay_checks.)"""
     hops, at = [], 0
     while at < len(raw):
         i = len(hops)
@@ -79,6 +76,8 @@ def parse_hops(raw: bytes) -> tuple[Hop, ...]:
             raise wire.WireError("bad_frame", f"next[{i}]: truncated hop")
         session, first, last, n = wire.HOP_HEAD.unpack_from(raw, at)
         at += wire.HOP_HEAD.size
+        if n > wire.MAX_URL:
+            raise wire.WireError("bad_frame", f"next[{i}]: a URL of {n} bytes, at most {wire.MAX_URL}")
         if n > len(raw) - at:
             raise wire.WireError("bad_frame", f"next[{i}]: truncated hop")
         try:

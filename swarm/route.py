@@ -28,6 +28,7 @@ import numpy as np
 from common.errors import EXIT_UNREACHABLE, UserError
 from distribution.spans import block_ranges
 from swarm.client import Hub, NodeError, RelayFailed, RemoteSpanSession, query_info, relay_step, relay_timeout
+from swarm.wire import MAX_HOPS
 
 MAX_FAILOVERS = 4      # per step: then the error is the user's to see
 MAX_RELAY_FAILURES = 3  # relayed steps failing in a row: then this session's steps go hop by hop
@@ -399,7 +400,8 @@ class SwarmRoute:
         # hidden: (T, dim) -> (T, dim)
         hidden = np.ascontiguousarray(hidden, dtype=np.float32)
         spans = [span for seg in self.segments for span in seg.spans]
-        relay = self.swarm.relay and len(spans) > 1 and not self.rewound and self.relay_failures < MAX_RELAY_FAILURES
+        relay = (self.swarm.relay and 1 < len(spans) <= MAX_HOPS and not self.rewound
+                 and self.relay_failures < MAX_RELAY_FAILURES)
         self.rewound = False
         if hidden.shape[0] == 1 and relay:
             t0 = time.perf_counter()

@@ -249,7 +249,17 @@ class NodeService:
         if len(trailer.elapsed_us) != rows - 1:
             raise wire.WireError("bad_frame", f"a RELAY of {rows} rows carries {len(trailer.elapsed_us)} compute "
                                               f"times, not {rows - 1}")
-        return trailer.step, relay.parse_hops(trailer.hops), trailer.elapsed_us, self._session(frame, None)
+        session = self._session(frame, None)
+        # A session's relays all name the same hops: checked once and kept with the session (so
+        # their memory goes with it, and a frame naming no open session costs no parse at all).
+        raw, hops = session.relay_hops
+        if trailer.hops != raw:
+            hops = relay.parse_hops(trailer.hops)
+            session.relay_hops = (trailer.hops, hops)
+        if rows + len(hops) > relay.MAX_HOPS:  # (every hop run so far, this one, those to come)
+            raise wire.WireError("bad_frame", f"a relayed step runs at most {relay.MAX_HOPS} hops; this one "
+                                              f"{rows + len(hops)}")
+        return trailer.step, hops, trailer.elapsed_us, session
 
     def _relay_output(self, frame: wire.Frame, step: int, hops: tuple, elapsed: list, y, seconds: float):
         """(next hop, its RELAY) or, at the last hop, (None, the RELAYED answer to the client)."""

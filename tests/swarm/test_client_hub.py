@@ -82,26 +82,44 @@ def test_the_send_runs_first_and_its_failure_ends_the_wait(hub):
         order.append("sent")
         hub.loop.call_soon(hub.offer, "link", "answer")
 
-    assert hub.wait(watch, 5, send_ok()) == "answer" and order == ["sent"]
+    assert hub.wait(watch, 5, send_ok) == "answer" and order == ["sent"]
 
     async def send_fails():
         raise ConnectionResetError("gone")
 
     with pytest.raises(ConnectionResetError):
-        hub.wait(watch, 5, send_fails())
+        hub.wait(watch, 5, send_fails)
 
 
-def test_a_send_never_run_is_closed_not_left_unawaited(hub, recwarn):
+def test_no_send_is_made_when_the_answer_was_queued(hub):
     watch, _ = taking("answer")
-    hub.offer("link", "answer")  # the answer is queued already (it cannot be, for a fresh step: still)
+    hub.offer("link", "answer")  # (it cannot be, for a fresh step: still)
+    made = []
+    assert hub.wait(watch, 5, lambda: made.append(1)) == "answer" and not made
+
+
+def test_ctrl_c_during_the_wait_leaves_nothing_pending(hub, recwarn):
+    """KeyboardInterrupt while the loop runs, the send not yet started: no coroutine left never
+    awaited, no task pending, and the hub serves the session's close afterwards."""
+    watch, _ = taking("answer")
+
+    def interrupt():
+        raise KeyboardInterrupt
 
     async def send():
-        raise AssertionError("not to run")
+        await asyncio.sleep(0)
 
-    assert hub.wait(watch, 5, send()) == "answer"
-    hub.offer("link", "boom")
-    with pytest.raises(Boom):
-        hub.wait(watch, 5, send())
+    for delay in (None, 0.01):  # before the send's first step, and while the loop waits
+        if delay is None:
+            hub.loop.call_soon(interrupt)
+        else:
+            hub.loop.call_later(delay, interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            hub.wait(watch, 5, send)
+        assert hub.watch is None and not hub.loop.is_running()
+        assert not [t for t in asyncio.all_tasks(hub.loop) if not t.done()]
+    hub.loop.call_later(0.01, hub.offer, "link", "answer")
+    assert hub.wait(watch, 5) == "answer"
     assert not [w for w in recwarn if "never awaited" in str(w.message)]
 
 

@@ -70,6 +70,8 @@ def test_garbage_trailers_get_one_relay_error_each(node, reference):
                 (wire.TRAILER_HEAD.pack(2**63, 0), "step"),
                 (wire.TRAILER_HEAD.pack(2**64 - 1, 0), "step"),
                 (head + hop() * (relay.MAX_HOPS + 1), "at most 64 hops"),
+                (head + hop() * relay.MAX_HOPS, "runs at most 64 hops; this one 65"),  # with this one's
+                (head + hop(b"ws://127.0.0.1:9/swarm" + b"x" * 500), "at most 512"),
                 (head + hop(b"ws://127.0.0.1:9/other"), "next[0]"),
                 (head + hop(b"file:///etc/passwd"), "next[0]"),
                 (head + hop(session=bytes(16)), "next[0]"),

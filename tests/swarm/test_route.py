@@ -76,6 +76,43 @@ def test_relays_go_through_the_loop_when_the_socket_would_not_take_them_at_once(
             n.stop()
 
 
+def test_a_sessions_hops_are_parsed_once_and_relays_for_no_session_never(six_loader, local_greedy, monkeypatch):
+    """Every relayed step of a session names the same hops: each node parses them at the session's
+    first relay and keeps them with the session. A RELAY naming no open session is refused before
+    its hops are looked at (a stranger cannot make a node hold parsed hops)."""
+    import secrets
+
+    import numpy as np
+
+    from swarm import relay, wire
+    from swarm.client import NodeLink
+
+    parsed = []
+    real = relay.parse_hops
+    monkeypatch.setattr(relay, "parse_hops", lambda raw: parsed.append(len(raw)) or real(raw))
+    nodes = [start_node(six_loader, a, b) for a, b in [(0, 1), (2, 3), (4, 5)]]
+    try:
+        tm = text_model(six_loader, nodes)
+        with tm.open_session(64) as s:
+            assert greedy(s, PROMPT, N) == local_greedy(PROMPT, N)
+        assert timings(tm)["relayed_steps"] == N - 1
+        assert len(parsed) == 2  # nodes 1 and 2 (node 3's relays name no next hop), once each
+        hops = relay.pack_hops(tuple(relay.Hop(nodes[1].url, secrets.token_bytes(16), 2, 3) for _ in range(8)))
+        stranger = NodeLink(nodes[0].url, dim=96, max_rows=32).connect()
+        try:
+            for i in range(5):
+                frame = wire.Frame(wire.RELAY, secrets.token_bytes(16), 3, np.zeros((1, 96), np.float32),
+                                   first_block=0, last_block=1, body=wire.Trailer(i, [], hops))
+                reply = wire.decode(stranger.exchange(wire.encode(frame), 10))
+                assert reply.type == wire.ERROR and reply.body["code"] == "unknown_session", reply.body
+        finally:
+            stranger.abort()
+        assert len(parsed) == 2
+    finally:
+        for n in nodes:
+            n.stop()
+
+
 @pytest.mark.parametrize("spare_span", [(2, 3), (2, 5)])
 def test_middle_node_killed_mid_generation(six_loader, local_greedy, spare_span):
     a, b, c = (start_node(six_loader, *s) for s in [(0, 1), (2, 3), (4, 5)])

@@ -228,22 +228,15 @@ def test_relay_hops_parse_and_bad_ones_name_the_hop():
         relay.parse_hops(good.packed * 65)
 
 
-def test_relay_hops_are_checked_once_per_session_and_refusals_are_not_remembered():
-    """A session's decode steps all name the same hops: the second parse takes the checked hops
-    from the cache (the same object); a bad hop is refused every time, and good hops' cached
-    check does not let a variant of them (another session id, other blocks, URL) through."""
+def test_a_hops_url_is_at_most_512_bytes_not_characters():
     from swarm import relay
 
-    good = relay.Hop("ws://127.0.0.1:4002/swarm", bytes.fromhex("cd" * 16), 3, 7)
-    first = relay.parse_hops(good.packed)
-    hits = relay.parse_hops.cache_info().hits
-    assert relay.parse_hops(bytes(bytearray(good.packed))) is first
-    assert relay.parse_hops.cache_info().hits == hits + 1
-    for variant in (relay.Hop(good.url, bytes(16), 3, 7), relay.Hop(good.url, good.session, 7, 3),
-                    relay.Hop("ws://127.0.0.1:4002/other", good.session, 3, 7)):
-        for _ in range(2):
-            with pytest.raises(wire.WireError, match=r"next\[1\]"):
-                relay.parse_hops(good.packed + variant.packed)
+    sid = bytes.fromhex("cd" * 16)
+    host = "\u00e9" * 300  # 300 characters, 600 bytes
+    url = f"ws://{host}.example:9/swarm".encode()
+    assert len(url.decode()) <= wire.MAX_URL < len(url)
+    with pytest.raises(wire.WireError, match=r"next\[0\]: a URL of \d+ bytes, at most 512"):
+        relay.parse_hops(wire.HOP_HEAD.pack(sid, 0, 1, len(url)) + url)
 
 
 @settings(max_examples=300, deadline=None)
