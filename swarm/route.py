@@ -283,7 +283,13 @@ class Swarm:
         While the only nodes for some block are busy (full), it looks again after BUSY_WAITS."""
         waits, attempts, skip = list(BUSY_WAITS), MAX_FAILOVERS + 1, frozenset()
         while attempts:
-            nodes = self.directory.nodes(skip)
+            # A node that failed a moment ago is passed over anyway: it is not asked for its INFO
+            # either (a frozen one takes the query's whole timeout, at every look of a failover).
+            failed = {u: why for u, (why, full) in self._excluded().items() if not full}
+            nodes = self.directory.nodes(skip | failed.keys())
+            for url, why in failed.items():
+                if url in self.directory.problems:
+                    self.directory.problems[url] = f"failed a moment ago ({why})"
             skip = frozenset()
             try:
                 hops = plan(nodes, first, last, self._excluded(), capacity)

@@ -294,6 +294,39 @@ def test_node_that_stops_answering_times_out_and_is_replaced(six_loader, local_g
             n.stop()
 
 
+def test_a_failed_node_is_not_asked_again_while_it_is_passed_over(six_loader, monkeypatch):
+    """A failover's look at the directory skips the nodes that failed a moment ago (plan passes
+    over them anyway): a frozen node would hold each look for the INFO query's whole timeout. A
+    node passed over only for being full is asked again: it may have room by now."""
+    from swarm import route
+    from swarm.client import NodeError
+
+    a, b, spare = (start_node(six_loader, *s) for s in [(0, 2), (3, 5), (3, 5)])
+    asked = []
+    real = route.query_info
+    monkeypatch.setattr(route, "query_info", lambda url, key=None: asked.append(url) or real(url, key))
+    try:
+        swarm = text_model(six_loader, [a, b, spare]).open_session.__self__
+        swarm.exclude(NodeError(b.url, "timeout", "no reply within 1 s"))
+        chain = swarm.open_chain(3, 5, 64)
+        assert [s.url for s in chain] == [spare.url] and b.url not in asked and spare.url in asked
+        for s in chain:
+            s.close()
+        spare.stop()
+        with pytest.raises(NoRoute, match="no node serves blocks 3-5") as e:
+            swarm.open_chain(3, 5, 64)
+        assert f"{b.url}: failed a moment ago (no reply within 1 s)" in str(e.value) and b.url not in asked
+        swarm.excluded.clear()
+        swarm.exclude(NodeError(b.url, "full", "node full"))
+        with pytest.raises(Busy):  # asked, full (for 1 s): awaited, then asked again
+            monkeypatch.setattr(route, "BUSY_WAITS", ())
+            swarm.open_chain(3, 5, 64)
+        assert b.url in asked
+    finally:
+        for n in (a, b, spare):
+            n.stop()
+
+
 def test_plan_prefers_idle_nodes_and_those_that_hold_the_session():
     busy, idle = info("busy", 0, 9, ms=10, free=1), info("idle", 0, 9, ms=12, free=4)
     assert [n.url for n, _, _ in plan([busy, idle], 0, 9)] == ["idle"]
