@@ -32,7 +32,7 @@ import hashlib
 import hmac
 import json
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -63,6 +63,7 @@ MAX_HOPS = 64         # hops one relay may name (a route of single-block nodes o
 TRAILER_HEAD = struct.Struct("<QH")  # a RELAY's or RELAYED's step, then how many compute times follow
 HOP_HEAD = struct.Struct("<16sHHH")  # a packed hop: session, first block, last block, URL length; the URL
 MAX_HOPS_BYTES = MAX_HOPS * (HOP_HEAD.size + MAX_URL)
+_TIMES = [struct.Struct(f"<{n}I") for n in range(MAX_HOPS + 1)]  # a trailer's n compute times
 F16_MAX = 65504.0     # float16's largest finite value: beyond it a cast gives infinity
 
 INFO_REQ, INFO, FORWARD, RESULT, CLOSE, CLOSED, ERROR, RELAY, RELAYED = range(1, 10)
@@ -87,10 +88,9 @@ class WireError(Exception):
         self.code = code
 
 
-@dataclass
-class Trailer:
+class Trailer(NamedTuple):
     """What a RELAY or RELAYED frame carries after its array (docs/wire.md, *Relayed steps*)."""
-    step: int                  # chosen by the client at random, below 2**63, passed on unchanged
+    step: int                  # below 2**63, never repeated by the client, passed on unchanged
     elapsed_us: list[int]      # the compute time of each hop run so far: one fewer than the rows
     hops: bytes = b""          # RELAY: the hops still to run, packed (relay.pack_hops); RELAYED: none
 
@@ -99,11 +99,12 @@ class Trailer:
         if not 0 <= self.step < 2**63 or n > MAX_HOPS or len(self.hops) > MAX_HOPS_BYTES:
             raise ValueError(f"a relay's step {self.step} (below 2**63), {n} compute times (at most {MAX_HOPS}) "
                              f"or {len(self.hops)} bytes of hops (at most {MAX_HOPS_BYTES})")
-        return TRAILER_HEAD.pack(self.step, n) + struct.pack(f"<{n}I", *self.elapsed_us) + self.hops
+        return TRAILER_HEAD.pack(self.step, n) + _TIMES[n].pack(*self.elapsed_us) + self.hops
 
 
-@dataclass
-class Frame:
+# Plain records, made in one call: a relayed token decodes and encodes one of each in every process
+# of its route, on a core that has just woken (a dataclass's __init__ runs a line per field).
+class Frame(NamedTuple):
     type: int
     session: bytes = bytes(16)
     position: int = 0
@@ -139,24 +140,25 @@ def encode(frame: Frame, key: bytes | None = None, before: np.ndarray | None = N
             raise ValueError(f"activations hold NaN or infinity in {DTYPES[frame.dtype].name} "
                              f"(float16 holds at most +-{F16_MAX:g})")
         dtype, (rows, cols) = frame.dtype, array.shape
-        parts = [array]
+        parts, body_len = [b"", array], array.nbytes  # (the header goes first, once the body's size is known)
         if before is not None:
             if before.dtype != DTYPES[dtype] or before.ndim != 2 or before.shape[1] != cols:
                 raise ValueError(f"rows {before.shape} of {before.dtype} cannot go before ({rows}, {cols}) "
                                  f"of {DTYPES[dtype].name}")
-            parts, rows = [np.ascontiguousarray(before), array], rows + before.shape[0]
+            parts, rows, body_len = [b"", np.ascontiguousarray(before), array], rows + before.shape[0], \
+                body_len + before.nbytes
         if frame.type in TRAILER_TYPES:
             if not isinstance(frame.body, Trailer):
                 raise ValueError(f"a {TYPE_NAMES[frame.type]} frame's body is a Trailer, "
                                  f"not {type(frame.body).__name__}")
             parts.append(frame.body.pack())
-        body = b"".join(parts)
+            body_len += len(parts[-1])
     else:
-        body = _JSON.encode(frame.body).encode() if frame.body is not None else b""
-        dtype, rows, cols = NONE, 0, 0
-    header = HEADER.pack(MAGIC, VERSION, frame.type, dtype, FLAG_MAC if key else 0, frame.session,
-                         frame.position, rows, cols, frame.first_block, frame.last_block, frame.elapsed_us, len(body))
-    data = header + body
+        parts = [b"", _JSON.encode(frame.body).encode() if frame.body is not None else b""]
+        dtype, rows, cols, body_len = NONE, 0, 0, len(parts[1])
+    parts[0] = HEADER.pack(MAGIC, VERSION, frame.type, dtype, FLAG_MAC if key else 0, frame.session,
+                           frame.position, rows, cols, frame.first_block, frame.last_block, frame.elapsed_us, body_len)
+    data = b"".join(parts)
     return data + mac(key, data) if key else data
 
 
@@ -197,21 +199,19 @@ def decode(data: bytes, key: bytes | None = None, dim: int | None = None, max_ro
             raise WireError("auth", "this swarm is private: frames must carry the swarm key's HMAC")
         if not hmac.compare_digest(bytes(data[-MAC_LEN:]), mac(key, data[:-MAC_LEN])):
             raise WireError("auth", "HMAC mismatch: the frame was not made with this swarm's key")
-    body = data[HEADER.size:HEADER.size + body_len]
-    frame = Frame(ftype, session, position, first_block=first, last_block=last, elapsed_us=elapsed, dtype=dtype)
+    start, end = HEADER.size, HEADER.size + body_len
     if ftype in TRAILER_TYPES:
         size = rows * cols * DTYPES[dtype].itemsize if dtype in DTYPES else 0
-        if len(body) < size:
-            raise WireError("bad_frame", f"body is {len(body)} bytes, shape ({rows}, {cols}) needs at least {size}")
-        frame.array = _array(dtype, rows, cols, body[:size], dim, max_rows)
-        frame.body = _trailer(ftype, body[size:])
-    elif ftype in ARRAY_TYPES:
-        frame.array = _array(dtype, rows, cols, body, dim, max_rows)
-    else:
-        if dtype != NONE or rows or cols:
-            raise WireError("bad_frame", f"a {TYPE_NAMES[ftype]} frame carries no array")
-        frame.body = _json(body)
-    return frame
+        if body_len < size:
+            raise WireError("bad_frame", f"body is {body_len} bytes, shape ({rows}, {cols}) needs at least {size}")
+        return Frame(ftype, session, position, _array(dtype, rows, cols, data[start:start + size], dim, max_rows),
+                     _trailer(ftype, data[start + size:end]), first, last, elapsed, dtype)
+    if ftype in ARRAY_TYPES:
+        return Frame(ftype, session, position, _array(dtype, rows, cols, data[start:end], dim, max_rows), None,
+                     first, last, elapsed, dtype)
+    if dtype != NONE or rows or cols:
+        raise WireError("bad_frame", f"a {TYPE_NAMES[ftype]} frame carries no array")
+    return Frame(ftype, session, position, None, _json(data[start:end]), first, last, elapsed, dtype)
 
 
 def _array(dtype: int, rows: int, cols: int, body: memoryview, dim: int | None, max_rows: int | None) -> np.ndarray:
@@ -228,7 +228,7 @@ def _array(dtype: int, rows: int, cols: int, body: memoryview, dim: int | None, 
                                      f"{rows * cols * DTYPES[dtype].itemsize}")
     # a read-only view of the received message (of a bytearray too), made in one call
     array = np.ndarray((rows, cols), DTYPES[dtype], buffer=body.toreadonly())
-    if not all_finite(array):
+    if not (_finite_rows(array) if dtype == F32 and rows * cols <= SMALL else np.isfinite(array).all()):  # all_finite
         raise WireError("bad_frame", "activations hold NaN or infinity")
     return array
 
@@ -275,7 +275,7 @@ def _trailer(ftype: int, raw: memoryview) -> Trailer:
     if hops and ftype == RELAYED or len(hops) > MAX_HOPS_BYTES:
         raise WireError("bad_frame", f"{len(hops)} bytes of hops in a {name} (at most "
                                      f"{0 if ftype == RELAYED else MAX_HOPS_BYTES})")
-    return Trailer(step, list(struct.unpack_from(f"<{n}I", raw, TRAILER_HEAD.size)), hops)
+    return Trailer(step, list(_TIMES[n].unpack_from(raw, TRAILER_HEAD.size)), hops)
 
 
 def _json(body: memoryview) -> dict | None:

@@ -95,7 +95,7 @@ def test_rows_passed_on_before_new_ones_frame_as_the_whole_array(frame, split, k
     new = frame.array[max(split, 1):]
     if not len(new):
         new = frame.array[-1:]
-    frame.body = body(len(received) + len(new))
+    frame = frame._replace(body=body(len(received) + len(new)))
     whole = wire.Frame(frame.type, frame.session, frame.position, np.concatenate([received.astype(np.float32), new]),
                        body=frame.body, first_block=frame.first_block, last_block=frame.last_block,
                        elapsed_us=frame.elapsed_us, dtype=frame.dtype)
