@@ -10,6 +10,7 @@ builds the ``TextModel`` that `infer --distributed` (and chat, the API) use.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import secrets
 import time
@@ -58,6 +59,8 @@ class Hub:
         self.inbox: asyncio.Queue = asyncio.Queue()
         self.watch = None      # while ``wait`` runs: sees each message before the inbox would
         self._outcome = None   # what the watch took (or raised), which ends ``wait``
+        self._deadline = 0.0   # while ``wait`` runs: when it gives up (the loop's clock)
+        self._alarm = None     # the timer that ends a wait at its deadline (``_ring``)
 
     def offer(self, link, msg) -> None:
         """A link's message: to the watch of a ``wait`` if one runs, else into the inbox."""
@@ -97,12 +100,16 @@ class Hub:
                 self.loop.stop()
 
         self.watch, self._outcome = watch, None
+        self._deadline = self.loop.time() + timeout
+        if self._alarm is not None and self._alarm.when() > self._deadline:  # (a shorter wait than before)
+            self._alarm.cancel()
+            self._alarm = None
+        if self._alarm is None:
+            self._alarm = self.loop.call_at(self._deadline, self._ring)
         task = self.loop.create_task(sending()) if send is not None else None
-        timer = self.loop.call_later(timeout, self.loop.stop)
         try:
             self.loop.run_forever()
         finally:
-            timer.cancel()
             self.watch = None
             if task is not None and not task.done():  # (Ctrl-C, a timeout): nothing left pending
                 task.cancel()
@@ -116,6 +123,20 @@ class Hub:
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
+
+    def _ring(self) -> None:
+        """The alarm: ends the wait running at its deadline, or sets itself for that wait's deadline.
+        One timer serves every wait until one of them runs out (a decode step waits about 10 ms,
+        its timeout is seconds): a timer made and cancelled for each step cost the client's loop
+        about 40 lines of Python per token (heap, handle, cancel), on a core just woken."""
+        self._alarm = None
+        if self.watch is None:  # no wait runs (the loop runs for something else): the next wait sets it
+            return
+        if self.loop.time() >= self._deadline - 0.001:
+            self.watch = None
+            self.loop.stop()
+        else:
+            self._alarm = self.loop.call_at(self._deadline, self._ring)
 
     def run(self, coro, timeout: float):
         """Run ``coro`` on this hub's loop, here; from inside a running loop, on a helper thread."""
@@ -431,6 +452,12 @@ def relay_timeout(step_timeout: float, recent_s: list[float]) -> float:
     return min(step_timeout, max(RELAY_MIN_S, RELAY_PATIENCE * typical))
 
 
+# Relayed steps' numbers: a counter from a random start, so every step of a process has its own
+# (all a step number is for) without a call into the OS's random source at every token.
+_STEPS = itertools.count(secrets.randbits(62))
+STEP_MASK = 2**63 - 1  # (the wire takes numbers below 2**63)
+
+
 def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray, timeout: float | None = None) -> np.ndarray:
     """One decode step through every span, passed node to node (swarm/relay.py); the spans share
     a hub. Returns (len(spans) + 1, dim): each span's input, then the last one's output; each span
@@ -443,7 +470,7 @@ def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray, timeout: floa
     if any(s.closed or s.link.ws is None or s.link.ws.closed or s.position != first.position for s in spans):
         raise RelayFailed("a span of the route is closed or out of step")
     position, hub, links = first.position, first.link.hub, {s.link for s in spans}
-    step = secrets.randbelow(2**63)  # echoed in the answer and in errors: a late relay's are not this step's
+    step = next(_STEPS) & STEP_MASK  # echoed in the answer and in errors: a late relay's are not this step's
     hops = relay.pack_hops(tuple(s.hop for s in spans[1:]))
     try:
         data = wire.encode(wire.Frame(wire.RELAY, first.sid, position, hidden, first_block=first.first_layer,
@@ -454,7 +481,8 @@ def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray, timeout: floa
 
     # written here when the socket takes it at once (relay.write_now), before the event loop is
     # entered: the loop's setup for the wait then overlaps the nodes' work instead of delaying it
-    trace.mark("send", step)
+    if trace.ON:
+        trace.mark("send", step)
     try:
         sent = relay.write_now(first.link.ws, data)
     except (aiohttp.ClientError, OSError, ConnectionError) as e:
@@ -473,7 +501,8 @@ def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray, timeout: floa
             raise RelayFailed(f"{link.url}: {(reply.body or {}).get('message', 'error')}")
         if (reply.type == wire.RELAYED and link is last.link and reply.session == last.sid
                 and reply.position == position and reply.body.step == step):
-            trace.mark("answer", step)
+            if trace.ON:
+                trace.mark("answer", step)
             return reply
         return None  # left over from an earlier step: skip it
 
@@ -494,7 +523,7 @@ def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray, timeout: floa
     crossing = max(round_s - sum(node_s), 0.0) / len(spans)  # each hop's share of the time between nodes
     for span, s in zip(spans, node_s):
         span.relayed(s, s + crossing)
-    return rows.astype(np.float32)
+    return rows if rows.dtype == np.float32 else rows.astype(np.float32)  # (a read-only view of the answer)
 
 
 def distributed_text_model(loader, nodes: list[str] | None = None, key: bytes | None = None, find=None,

@@ -192,11 +192,13 @@ class NodeService:
         client, or the node before, which passes them on); once the session is known, every error
         goes to its client, which then runs the step hop by hop."""
         step, hops, elapsed, session = self._relay_checks(frame)
-        trace.mark("read", step)
-        try:
+        if trace.ON:
+            trace.mark("read", step)
             trace.mark("compute", step)
+        try:
             y, seconds = await self._step(session, frame, frame.array[-1:])
-            trace.mark("computed", step)
+            if trace.ON:
+                trace.mark("computed", step)
             hop, data = self._relay_output(frame, step, hops, elapsed, y, seconds)
         except Exception as e:
             return await self.relays.tell(session.owner, frame.session, *_failure(e), step)
@@ -223,11 +225,14 @@ class NodeService:
         size = len(data) + self.dim * wire.DTYPES[frame.dtype].itemsize + 16  # the output, at most
         if not (self.relays.can_send_now(hops[0], size) if hops else self.relays.can_answer_now(session.owner, size)):
             return False
-        trace.mark("read", step)
-        try:  # from here on the step is taken: its errors go to its client, as on the usual path
+        if trace.ON:
+            trace.mark("read", step)
             trace.mark("compute", step)
+        try:  # from here on the step is taken: its errors go to its client, as on the usual path
             y, seconds = self._step_now(session, frame, frame.array[-1:])
-            trace.mark("computed", step)
+            if trace.ON:
+                trace.mark("computed", step)
+            self._check_output(frame, y)
             hop, out = self._relay_output(frame, step, hops, elapsed, y, seconds)
         except Exception as e:
             self.relays.spawn(self.relays.tell(session.owner, frame.session, *_failure(e), step))
@@ -239,6 +244,7 @@ class NodeService:
             sent = False
         if not sent:  # (or the estimate above was short: the output goes the usual way)
             self.relays.spawn(self._pass_on(frame, step, session, hop, out))
+        self._count_step(session, frame, y, seconds)  # (after the output left: off the token's path)
         return True
 
     def _relay_checks(self, frame: wire.Frame):
@@ -275,7 +281,8 @@ class NodeService:
                              last_block=frame.last_block, elapsed_us=_us(seconds), dtype=frame.dtype,
                              body=wire.Trailer(step, elapsed))
         data = wire.encode(out, self.key, before=frame.array)
-        trace.mark("framed", step)
+        if trace.ON:
+            trace.mark("framed", step)
         return (hops[0] if hops else None), data
 
     async def _pass_on(self, frame: wire.Frame, step: int, session, hop, data: bytes) -> None:
@@ -305,11 +312,11 @@ class NodeService:
         return self._end_step(session, frame, y, seconds)
 
     def _step_now(self, session, frame: wire.Frame, x: np.ndarray) -> tuple[np.ndarray, float]:
-        """``_step`` for one row, from a caller that cannot await (relay_now)."""
+        """``_step``'s compute for one row, from a caller that cannot await (relay_now), which
+        checks and counts the step itself (``_check_output``; ``_count_step`` once the output left)."""
         self._begin_step(session, frame, x.shape[0])
         x = x if x.dtype == np.float32 else x.astype(np.float32)
-        y, seconds = compute.run(self._compute, session, x, frame.position, frame.position)
-        return self._end_step(session, frame, y, seconds)
+        return compute.run(self._compute, session, x, frame.position, frame.position)
 
     def _begin_step(self, session, frame: wire.Frame, T: int) -> None:
         self.cache.reserve(session, frame.position + T)
@@ -317,15 +324,21 @@ class NodeService:
         session.last_used = time.monotonic()
 
     def _end_step(self, session, frame: wire.Frame, y: np.ndarray, seconds: float) -> tuple[np.ndarray, float]:
+        self._count_step(session, frame, y, seconds)
+        self._check_output(frame, y)
+        return y, seconds
+
+    def _count_step(self, session, frame: wire.Frame, y: np.ndarray, seconds: float) -> None:
         first, last, T = frame.first_block, frame.last_block, y.shape[0]
         session.last_used = time.monotonic()
         if T == 1:
             self._observe(seconds * 1000 / (last - first + 1))
         self.served += T
+
+    def _check_output(self, frame: wire.Frame, y: np.ndarray) -> None:
         if frame.dtype == wire.F16 and not np.all(np.abs(y) <= wire.F16_MAX):
-            raise wire.WireError("overflow", f"blocks {first}-{last} computed values beyond float16's range "
-                                             f"(+-{wire.F16_MAX:g}); send this session as float32")
-        return y, seconds
+            raise wire.WireError("overflow", f"blocks {frame.first_block}-{frame.last_block} computed values beyond "
+                                             f"float16's range (+-{wire.F16_MAX:g}); send this session as float32")
 
     def _observe(self, ms_per_block: float) -> None:
         """A real decode step's time: the advertised speed is the median of the recent ones, scaled
