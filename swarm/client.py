@@ -470,6 +470,7 @@ def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray, timeout: floa
     if any(s.closed or s.link.ws is None or s.link.ws.closed or s.position != first.position for s in spans):
         raise RelayFailed("a span of the route is closed or out of step")
     position, hub, links = first.position, first.link.hub, {s.link for s in spans}
+    t0 = time.perf_counter()  # (the round trip counts the framing and the write, as a FORWARD's does)
     step = next(_STEPS) & STEP_MASK  # echoed in the answer and in errors: a late relay's are not this step's
     hops = relay.pack_hops(tuple(s.hop for s in spans[1:]))
     try:
@@ -507,7 +508,6 @@ def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray, timeout: floa
         return None  # left over from an earlier step: skip it
 
     timeout = last.step_timeout if timeout is None else timeout
-    t0 = time.perf_counter()
     try:
         reply = hub.wait(answer, timeout, None if sent else lambda: first.link.ws.send_bytes(data))
     except asyncio.TimeoutError:

@@ -380,8 +380,9 @@ class Swarm:
 class SwarmRoute:
     """The whole route as one ``SpanSession`` over blocks 0..L-1, made of segments.
 
-    A decode step through two nodes or more is relayed node to node when it can be (swarm/relay.py):
-    one crossing per node instead of two, and the answer brings every segment's input back for its replay history. Any
+    A decode step is relayed node to node when it can be (swarm/relay.py): one crossing per node
+    instead of two, and the answer brings every segment's input back for its replay history (a
+    route of one node relays too: both ends then take the step in their read callbacks). Any
     other step, and a relayed one that fails (a node died, errs or is slow), goes segment by
     segment, where a failure is pinned on its node and failed over. After MAX_RELAY_FAILURES
     failed relays in a row (say, nodes that cannot reach each other) the session stops relaying.
@@ -406,7 +407,7 @@ class SwarmRoute:
         # hidden: (T, dim) -> (T, dim)
         hidden = np.ascontiguousarray(hidden, dtype=np.float32)
         spans = [span for seg in self.segments for span in seg.spans]
-        relay = (self.swarm.relay and 1 < len(spans) <= MAX_HOPS and not self.rewound
+        relay = (self.swarm.relay and 0 < len(spans) <= MAX_HOPS and not self.rewound
                  and self.relay_failures < MAX_RELAY_FAILURES)
         self.rewound = False
         if hidden.shape[0] == 1 and relay:

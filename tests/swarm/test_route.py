@@ -139,6 +139,55 @@ def test_middle_node_killed_mid_generation(six_loader, local_greedy, spare_span)
                 n.stop()
 
 
+def test_a_one_node_route_relays_and_fails_over_to_a_spare(six_loader, local_greedy):
+    """A route of one node relays its decode steps too (the node answers its own RELAY: both ends
+    take the step in their read callbacks); the node killed mid-generation, a spare that joined
+    since takes the whole span, the history replayed, and the tokens are local greedy's."""
+    only, spare = start_node(six_loader, 0, 5), None
+    try:
+        tm = text_model(six_loader, [only])
+        with tm.open_session(64) as s:
+            def kill(i):
+                nonlocal spare
+                if i == 4:
+                    only.stop()
+                    spare = start_node(six_loader, 0, 5)
+                    tm.open_session.__self__.directory.urls.append(spare.url)
+            assert greedy(s, PROMPT, N, kill) == local_greedy(PROMPT, N)
+        t = timings(tm)
+        assert t["failovers"] == 1 and t["route"] == [{"blocks": "0-5", "node": spare.url}]
+        assert t["relayed_steps"] == N - 2  # all but the step that found the node gone
+        assert not spare.service.cache.sessions
+    finally:
+        for n in (only, spare):
+            if n:
+                n.stop()
+
+
+def test_a_relayed_round_trip_counts_the_clients_framing_and_write(six_loader, monkeypatch):
+    """hop_overhead_ms compares relayed and hop-by-hop routes: both count the client's framing and
+    write of the step, as a FORWARD's round trip does (a relay's once left them out)."""
+    import swarm.client as swarm_client
+
+    encode = swarm_client.wire.encode
+
+    def slow_relay_encode(frame, *args, **kw):
+        if frame.type == swarm_client.wire.RELAY:
+            time.sleep(0.05)
+        return encode(frame, *args, **kw)
+
+    node = start_node(six_loader, 0, 5)
+    try:
+        tm = text_model(six_loader, [node])
+        monkeypatch.setattr(swarm_client.wire, "encode", slow_relay_encode)
+        with tm.open_session(64) as s:
+            greedy(s, PROMPT, 4)
+        t = timings(tm)
+        assert t["relayed_steps"] == 3 and t["hop_overhead_ms"] >= 50, t
+    finally:
+        node.stop()
+
+
 def test_no_spare_names_the_lost_blocks(six_loader):
     a, b, c = (start_node(six_loader, *s) for s in [(0, 1), (2, 3), (4, 5)])
     try:
