@@ -101,10 +101,11 @@ class Hub:
 
         self.watch, self._outcome = watch, None
         self._deadline = self.loop.time() + timeout
-        if self._alarm is not None and self._alarm.when() > self._deadline:  # (a shorter wait than before)
-            self._alarm.cancel()
+        alarm = self._alarm
+        if alarm is None or alarm.cancelled() or alarm.when() > self._deadline:  # (or a shorter wait than before)
             self._alarm = None
-        if self._alarm is None:
+            if alarm is not None:
+                alarm.cancel()
             self._alarm = self.loop.call_at(self._deadline, self._ring)
         task = self.loop.create_task(sending()) if send is not None else None
         try:

@@ -324,8 +324,8 @@ class NodeService:
         session.last_used = time.monotonic()
 
     def _end_step(self, session, frame: wire.Frame, y: np.ndarray, seconds: float) -> tuple[np.ndarray, float]:
+        self._check_output(frame, y)  # (a step refused is not counted: served, nor in the advertised speed)
         self._count_step(session, frame, y, seconds)
-        self._check_output(frame, y)
         return y, seconds
 
     def _count_step(self, session, frame: wire.Frame, y: np.ndarray, seconds: float) -> None:

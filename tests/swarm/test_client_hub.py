@@ -74,6 +74,22 @@ def test_no_answer_is_a_timeout_within_its_bound(hub):
     assert hub.wait(watch, 5) == "answer"
 
 
+def test_a_wait_times_out_whatever_alarm_the_last_one_left(hub):
+    """One alarm serves every wait (Hub._ring): a later wait with a shorter timeout, and one that
+    finds the alarm cancelled (as Ctrl-C at the wrong moment could leave it), still time out."""
+    watch, _ = taking("answer")
+    for before, left in ((30, "as it was"), (0.3, "cancelled")):
+        hub.loop.call_later(0.01, hub.offer, "link", "answer")
+        assert hub.wait(watch, before) == "answer"  # leaves an alarm ``before`` s out
+        if left == "cancelled":
+            hub._alarm.cancel()
+            hub.loop.call_later(3, hub.offer, "link", "answer")  # (bounds the wait if no alarm rings)
+        t0 = time.monotonic()
+        with pytest.raises(asyncio.TimeoutError):
+            hub.wait(watch, 0.5)
+        assert 0.45 < time.monotonic() - t0 < 2.5, left
+
+
 def test_the_send_runs_first_and_its_failure_ends_the_wait(hub):
     watch, _ = taking("answer")
     order = []

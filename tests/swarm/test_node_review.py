@@ -91,9 +91,12 @@ def test_float16_overflow_is_an_error_reply_and_the_node_goes_on(six_loader):
     node, _ = slow_node(six_loader, 0.0, scale=1e6)
     try:
         link = NodeLink(node.url).connect()
+        served = node.service.served
         reply = ask(link, forward(2, dtype=wire.F16))
         assert reply.type == wire.ERROR and reply.body["code"] == "overflow", reply.body
+        assert node.service.served == served  # a step refused is not counted as served
         assert link.request(forward(2), 10).type == wire.RESULT  # float32 holds it
+        assert node.service.served == served + 2
         link.abort()
     finally:
         node.stop()
