@@ -4,8 +4,8 @@
                                             [--delay-ms D]
 
 For each model and route (1, 2 and 3 node processes on 127.0.0.1, spans split evenly, decode
-steps relayed node to node as swarm/relay.py does; then 3 nodes hop by hop, every step back to
-the client after each node): prefill and decode tok/s of pairs of runs, the local engine (every
+steps relayed node to node as swarm/relay.py does; then 1 and 3 nodes hop by hop, every step a
+FORWARD and its RESULT, back to the client after each node): prefill and decode tok/s of pairs of runs, the local engine (every
 block in this process) then the same greedy run routed, back to back, and the median of the
 pairs' ratios; the per-hop overhead in ms per decode token (the client's round trip minus the
 nodes' own compute, per hop); and each node's RSS. The nodes share this
@@ -150,7 +150,7 @@ def bench_model(label: str, source: str, loader, prompt_len: int, decode: int, r
 
     expected = warm(model.open_session)
     rows = []
-    for k, relay in ((1, True), (2, True), (3, True), (3, False)):
+    for k, relay in ((1, True), (2, True), (3, True), (1, False), (3, False)):
         nodes = [Node(source, a, b) for a, b in splits(n_layers, k)]
         proxy = Delayed([n.url for n in nodes], delay_ms) if delay_ms else None
         try:
@@ -159,7 +159,7 @@ def bench_model(label: str, source: str, loader, prompt_len: int, decode: int, r
                 raise SystemExit(f"{label}, {k} nodes: tokens differ from local")
             measured = pairs(tm.open_session)
             t = timings(tm)
-            if relay and k > 1 and t["relayed_steps"] == 0:
+            if relay and t["relayed_steps"] == 0:
                 raise SystemExit(f"{label}, {k} nodes: no decode step was relayed")
             rss = " ".join(f"{n.rss_mb():.0f}" for n in nodes)
         finally:
