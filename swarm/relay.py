@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -39,6 +40,12 @@ MAX_LINKS = 64          # connections to next nodes kept open; the least recentl
 QUEUE_DEPTH = 64        # relays waiting to be sent to one next node (one per session at most); more are refused
 MAX_WAITING = 1024      # relays waiting to be sent, all next nodes together
 WS_OVERHEAD = 14        # a WebSocket frame's header and mask, at most, on top of its payload
+# aiohttp writes an unmasked frame (a server's: a node's answer to its client) of more than 16 KiB
+# in two pieces, header then payload. The client's read callback may then get the header alone,
+# which its tap (swarm/tap.py) leaves to aiohttp's reader, queue and task: a relayed answer of
+# TinyLlama's width (8 KiB a row, two rows and more) took that slow path at 2-8 of 15 steps
+# (ad hoc, one in-process node, 1 Dec 16:56 UTC). write_now writes such frames in one piece.
+ONE_WRITE = 2**14
 log = logging.getLogger("aiohttp.server")
 
 
@@ -347,7 +354,13 @@ def write_now(ws, data: bytes) -> bool:
     writer = getattr(ws, "_writer", None)
     if writer is None or ws.closed or writer._closing or not _writes_at_once(ws, len(data)):
         return False
-    writer._write_websocket_frame(data, aiohttp.WSMsgType.BINARY, 0)
+    if writer.use_mask or len(data) <= ONE_WRITE:
+        writer._write_websocket_frame(data, aiohttp.WSMsgType.BINARY, 0)
+    else:  # (aiohttp writes a server's frame over 16 KiB as header, then payload: see ONE_WRITE)
+        n = len(data)
+        header = (struct.pack("!BBH", 0x82, 126, n) if n < 65536 else struct.pack("!BBQ", 0x82, 127, n))
+        writer.transport.write(header + data)
+        writer._output_size += len(header) + n
     return True
 
 

@@ -126,6 +126,43 @@ def test_write_now_sends_what_send_bytes_would_and_only_when_it_need_not_wait():
     assert got == [b"\x01" * 1000, b"\x03" * 10] and too_big
 
 
+def test_write_now_writes_a_servers_large_frame_in_one_piece():
+    """A node's answer of more than 16 KiB goes to its transport in one write (aiohttp's writer
+    makes two, header then payload, and the client's tap then may see the header alone), and the
+    client reads it as the one binary message it is."""
+    async def main():
+        writes, sizes = [], (10, 2**14, 2**14 + 1, 70_000)
+
+        async def handler(request):
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            transport = ws._writer.transport
+            transport.set_write_buffer_limits(high=2**20)  # (so that 70,000 bytes go at once too)
+            write = transport.write
+            transport.write = lambda data: (writes.append(len(data)), write(data))
+            for n in sizes:
+                assert relay.write_now(ws, bytes([n % 251]) * n)
+            await ws.receive()  # (the client's close)
+            return ws
+
+        runner, port = await serve_ws(handler)
+        got = []
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(f"http://127.0.0.1:{port}/swarm", max_msg_size=2**20)
+            for _ in sizes:
+                msg = await ws.receive(timeout=10)
+                assert msg.type == aiohttp.WSMsgType.BINARY
+                got.append(bytes(msg.data))
+            await ws.close()
+        await runner.cleanup()
+        return writes, got, sizes
+
+    writes, got, sizes = asyncio.run(main())
+    assert got == [bytes([n % 251]) * n for n in sizes]
+    # one write per frame, header (2, 4 or 10 bytes) and payload together (then the close's reply)
+    assert writes[:len(sizes)] == [12, 16388, 16389, 70010], writes
+
+
 # -- what the lane must not take ----------------------------------------------------------------------
 def test_a_frame_with_reserved_bits_is_refused_by_aiohttp_not_computed(six_loader):
     """No extension is negotiated, so a frame with RSV bits set is a protocol error: the lane must
