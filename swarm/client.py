@@ -483,8 +483,7 @@ def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray, timeout: floa
 
     # written here when the socket takes it at once (relay.write_now), before the event loop is
     # entered: the loop's setup for the wait then overlaps the nodes' work instead of delaying it
-    if trace.ON:
-        trace.mark("send", step)
+    trace.mark("send", step)
     try:
         sent = relay.write_now(first.link.ws, data)
     except (aiohttp.ClientError, OSError, ConnectionError) as e:
@@ -503,8 +502,7 @@ def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray, timeout: floa
             raise RelayFailed(f"{link.url}: {(reply.body or {}).get('message', 'error')}")
         if (reply.type == wire.RELAYED and link is last.link and reply.session == last.sid
                 and reply.position == position and reply.body.step == step):
-            if trace.ON:
-                trace.mark("answer", step)
+            trace.mark("answer", step)
             return reply
         return None  # left over from an earlier step: skip it
 

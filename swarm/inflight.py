@@ -100,8 +100,7 @@ class Gate:
 
     # -- aiohttp's side: the protocol feeds raw bytes here instead of to its reader --------------------
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
-        if trace.ON:
-            trace.mark("arrive", -1)
+        trace.mark("arrive", -1)
         if self.held is not None:  # waiting: keep this read, stop the next ones
             self.held.append(data)
             self._pause()

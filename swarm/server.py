@@ -192,13 +192,11 @@ class NodeService:
         client, or the node before, which passes them on); once the session is known, every error
         goes to its client, which then runs the step hop by hop."""
         step, hops, elapsed, session = self._relay_checks(frame)
-        if trace.ON:
-            trace.mark("read", step)
-            trace.mark("compute", step)
+        trace.mark("read", step)
+        trace.mark("compute", step)
         try:
             y, seconds = await self._step(session, frame, frame.array[-1:])
-            if trace.ON:
-                trace.mark("computed", step)
+            trace.mark("computed", step)
             hop, data = self._relay_output(frame, step, hops, elapsed, y, seconds)
         except Exception as e:
             return await self.relays.tell(session.owner, frame.session, *_failure(e), step)
@@ -225,13 +223,11 @@ class NodeService:
         size = len(data) + self.dim * wire.DTYPES[frame.dtype].itemsize + 16  # the output, at most
         if not (self.relays.can_send_now(hops[0], size) if hops else self.relays.can_answer_now(session.owner, size)):
             return False
-        if trace.ON:
-            trace.mark("read", step)
-            trace.mark("compute", step)
+        trace.mark("read", step)
+        trace.mark("compute", step)
         try:  # from here on the step is taken: its errors go to its client, as on the usual path
             y, seconds = self._step_now(session, frame, frame.array[-1:])
-            if trace.ON:
-                trace.mark("computed", step)
+            trace.mark("computed", step)
             self._check_output(frame, y)
             hop, out = self._relay_output(frame, step, hops, elapsed, y, seconds)
         except Exception as e:
@@ -281,8 +277,7 @@ class NodeService:
                              last_block=frame.last_block, elapsed_us=_us(seconds), dtype=frame.dtype,
                              body=wire.Trailer(step, elapsed))
         data = wire.encode(out, self.key, before=frame.array)
-        if trace.ON:
-            trace.mark("framed", step)
+        trace.mark("framed", step)
         return (hops[0] if hops else None), data
 
     async def _pass_on(self, frame: wire.Frame, step: int, session, hop, data: bytes) -> None:

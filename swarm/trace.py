@@ -41,4 +41,3 @@ def _nothing(stage: str, step: int) -> None:
 
 
 mark = _write if PREFIX else _nothing
-ON = bool(PREFIX)  # (callers on a relayed token's path test this before calling mark)

@@ -228,7 +228,7 @@ def _array(dtype: int, rows: int, cols: int, body: memoryview, dim: int | None, 
                                      f"{rows * cols * DTYPES[dtype].itemsize}")
     # a read-only view of the received message (of a bytearray too), made in one call
     array = np.ndarray((rows, cols), DTYPES[dtype], buffer=body.toreadonly())
-    if not (_finite_rows(array) if dtype == F32 and rows * cols <= SMALL else np.isfinite(array).all()):  # all_finite
+    if not all_finite(array):
         raise WireError("bad_frame", "activations hold NaN or infinity")
     return array
 
