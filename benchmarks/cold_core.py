@@ -5,7 +5,8 @@ little Python: reading a frame, framing the next; then it computes its span. Thi
 one run, the same work done back to back and after a pause of a token's length: the framing, a
 node's compute (ten blocks of the default model, and the first parallel region alone, which
 wakes the OpenMP worker thread), and a round trip between two processes over a raw TCP socket and
-over aiohttp's WebSocket (what the swarm uses). The README's "Where a token's time goes" quotes it.
+over aiohttp's WebSocket (what the swarm uses). docs/distributed-performance.md ("Where a token's
+time goes") quotes it.
 
     .venv/bin/python benchmarks/cold_core.py [--pause-ms 6] [--repeat 200]
 """

@@ -207,7 +207,8 @@ class NodeService:
         ``Gate.fast``), computed and passed on before this returns: no message queued for the
         connection's handler, no task woken, no turn of the event loop between the frame's arrival
         and its output's departure. On a route sharing two cores, each of those costs tens of
-        microseconds of cold Python per node and token (README, "Where a token's time goes").
+        microseconds of cold Python per node and token (docs/distributed-performance.md, "Where a
+        token's time goes").
 
         Returns False, having changed nothing, unless ``data`` is a well-formed RELAY for a session
         open here, computed on this thread, whose output the next node (or the client) takes at
