@@ -289,6 +289,10 @@ def run_infer(source):
         return type(e.__cause__).__name__
 
 
+# A mutated header can point a quantized tensor's scales at bytes that read as an infinite float16;
+# dequantizing then multiplies inf by a zero quant (numpy's "invalid value" warning). The file and
+# the store must still give the same values, NaN included, which is what the test checks.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
 @settings(**{**SETTINGS, "max_examples": 40})
 @given(data=st.data())
 def test_mutated_gguf_headers_fail_cleanly_or_agree_everywhere(baseline, tmp_path, data):
