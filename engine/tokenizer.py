@@ -60,6 +60,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+LONG_PIECE = 4096  # characters: above it, BPE encodes without holding the interpreter's lock (_bpe_ids)
 _UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
 # The same map for str.translate (each character to the one whose code is its byte), and its domain:
 # a token's text all in the domain becomes its bytes in two C calls, not a Python loop per character.
@@ -143,11 +144,21 @@ class Tokenizer:
                     piece = " " + piece
                 out.extend(self._sp.encode(piece))
             else:
-                out.extend(self._bpe.encode(piece, add_special_tokens=False).ids)
+                out.extend(self._bpe_ids(piece))
             prev_special = False
         if add_special and self.add_eos:
             out.append(self.eos_id)
         return out
+
+    def _bpe_ids(self, piece: str) -> list[int]:
+        # `tokenizers` holds the interpreter's lock through encode() but releases it in
+        # encode_batch() (same ids): a long prompt tokenized on a server's worker thread then no
+        # longer stalls the model's thread and the event loop (a 640K-character prompt held them
+        # 0.4 s each time; tests/engine/test_tokenizer_threads.py). Short pieces skip the batch's
+        # hand-over to the library's thread pool.
+        if len(piece) < LONG_PIECE:
+            return self._bpe.encode(piece, add_special_tokens=False).ids
+        return self._bpe.encode_batch([piece], add_special_tokens=False)[0].ids
 
     def _partition(self, text: str, parse_special: bool) -> Iterable[tuple[str, int | None]]:
         """Split text into (run, None) and (token text, special id), longest special token first."""

@@ -1,11 +1,13 @@
 """Our tokenizers give llama.cpp's token ids (llama-cpp-python, vocab_only) on a varied corpus."""
 
 import random
+import threading
+import time
 
 import pytest
 
 from distribution.gguf_file import GGUFFileLoader
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import LONG_PIECE, Tokenizer
 from validation.reference import load_llama
 
 BASE = [
@@ -36,6 +38,9 @@ def corpus() -> list[str]:
         n = rng.randint(1, 14)
         sep = rng.choice([" ", "  ", "", "\n", " \n", "\t"])
         out.append(sep.join(rng.choice(words) for _ in range(n)))
+    # pieces over LONG_PIECE characters take the tokenizer's other call (engine/tokenizer.py, _bpe_ids)
+    out += [" ".join(out[:200]), "\n".join(out) * 2]
+    assert max(map(len, out)) > 2 * LONG_PIECE
     return out
 
 
@@ -135,3 +140,22 @@ def test_bad_tokenizer_metadata_is_one_line(factory_models, key, value, needle):
         md[key] = value
     with pytest.raises(UserError, match="m.gguf: metadata .*" + needle):
         Tokenizer(md, "m.gguf")
+
+
+def test_a_long_prompt_is_tokenized_without_holding_the_interpreter(default_gguf):
+    """A server tokenizes on a worker thread so that its model thread and event loop go on; with
+    `tokenizers`' encode() they stood still until a 640K-character prompt was done (0.4 s here, each
+    time: a client sending such prompts slowed everyone's tokens a thousandfold). While the long
+    encode runs, this thread must get to run again and again; holding the lock, it got one turn."""
+    tok = Tokenizer(GGUFFileLoader(default_gguf).metadata)
+    text = "The capital of France is Paris. " * 20_000
+    done, ids = threading.Event(), []
+    worker = threading.Thread(target=lambda: (ids.append(tok.encode(text)), done.set()))
+    turns = 0
+    worker.start()
+    while not done.is_set():
+        time.sleep(0.0005)
+        turns += 1
+    worker.join()
+    assert len(ids[0]) > 100_000
+    assert turns >= 5, f"this thread ran {turns} times during the encode"
