@@ -418,9 +418,17 @@ def _too_long(text_model, req: Request, context: int) -> None:
                        param=where, code="context_length_exceeded")
 
 
+QUEUED_TOKENIZING = 64 * 1024  # characters: longer prompts are tokenized one at a time
+
+
 async def _tokenize(service: Service, text_model, req: Request) -> tuple[list[int], list[str]]:
-    """The prompt's tokens, one request at a time: tokenizing holds the interpreter's lock, so
-    two at once would only take twice as long to let anything else (/health) run."""
+    """The prompt's tokens, on a worker thread. Long prompts one at a time: their encoding lets go
+    of the interpreter's lock, but the rest of the work (the special-token split, the id lists, a
+    chat template) holds it, and a client sending megabyte prompts on many connections would take
+    all of it. A short prompt does not wait behind them (it waited a second behind each such
+    prompt, its tokens 100 ms away)."""
+    if _prompt_chars(req) < QUEUED_TOKENIZING:
+        return await asyncio.to_thread(_prompt, text_model, req)
     if service.tokenizing is None:
         service.tokenizing = asyncio.Semaphore(1)
     async with service.tokenizing:
@@ -429,7 +437,10 @@ async def _tokenize(service: Service, text_model, req: Request) -> tuple[list[in
 
 def _prompt(text_model, req: Request) -> tuple[list[int], list[str]]:
     if req.kind == "chat":
-        return text_model.chat_prompt(req.messages)
+        try:
+            return text_model.chat_prompt(req.messages)
+        except UserError as e:  # (the model's chat template refused them, or ran too long on them)
+            raise APIError(400, f"messages: {e}", param="messages") from None
     return text_model.raw_prompt(req.prompt), []
 
 
