@@ -83,11 +83,19 @@ def test_decode_speed_counts_the_steps_run(model_and_tokenizer):
                                                                  max_size=3),
        cuts=st.lists(st.integers(0, 30), max_size=6))
 def test_stop_matcher_cuts_at_the_earliest_stop_however_the_text_arrives(text, stops, cuts):
-    """Whatever the pieces, the text shown is the text up to the earliest occurrence of any stop
-    string (OpenAI and llama.cpp's rule; the first stop in the list used to win even when another
-    came earlier in the text, which showed text past a stop), and all of it when none occurs."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    expected = text[:min(hits)] if hits else text
+    """Whatever the pieces, generation stops with the first piece after which a stop string has
+    appeared, and the text shown is the text up to the earliest of the stop strings that have
+    appeared by then (OpenAI and llama.cpp's rule; the first stop in the list used to win even when
+    another came earlier in the text, which showed text past a stop); all of it when none appears.
+    (A stop string that would have begun earlier but ends later never appears: nothing is generated
+    after the stop.)"""
+    ends = sorted({max(0, min(c, len(text))) for c in cuts} | {len(text)})
+    expected, stopped = text, False
+    for end in ends:
+        hits = [i for i in (text[:end].find(s) for s in stops) if i >= 0]
+        if hits:
+            expected, stopped = text[:min(hits)], True
+            break
     m = StopMatcher(stops)
     shown, at = "", 0
     for cut in sorted(cuts) + [len(text)]:
@@ -97,4 +105,20 @@ def test_stop_matcher_cuts_at_the_earliest_stop_however_the_text_arrives(text, s
         at = max(at, cut)
     if not m.done:
         shown += m.flush()
-    assert shown == expected and m.done == bool(hits)
+    assert shown == expected and m.done == stopped
+
+
+def test_a_stop_string_completed_first_wins_over_one_begun_earlier():
+    """"ab" then "c" with stops "abc" and "b": "b" completes first, generation stops there."""
+    m = StopMatcher(["abc", "b"])
+    assert m.feed("ab") == "a" and m.done
+    m = StopMatcher(["abc", "b"])
+    assert m.feed("abc") == "" and m.done
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet="ab", max_size=40), stop=st.text(alphabet="ab", min_size=1, max_size=12))
+def test_held_back_text_is_the_longest_end_a_stop_string_begins_with(text, stop):
+    from generation.stream import _could_begin
+    longest = max((n for n in range(1, min(len(stop) - 1, len(text)) + 1) if text.endswith(stop[:n])), default=0)
+    assert _could_begin(text, stop) == longest
