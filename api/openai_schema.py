@@ -153,6 +153,14 @@ def _refuse_unsupported(body: dict) -> None:
     for name in ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias"):
         if not _neutral(body.get(name), (None, False, [], {}, "")):  # (legacy logprobs 0 asks for them too)
             raise bad(name, "is not supported by this server", "unsupported_parameter")
+    for name in ("tool_choice", "function_call"):  # (without tools: "none" and "auto" change nothing)
+        if not _neutral(body.get(name), (None, "none", "auto")):
+            raise bad(name, f"{_show(body[name])} asks for a tool call; tools are not supported by this server",
+                      "unsupported_value")
+    if not _neutral(body.get("modalities"), (None, ["text"])):
+        raise bad("modalities", f"only [\"text\"] is supported, got {_show(body['modalities'])}", "unsupported_value")
+    if body.get("audio") is not None:
+        raise bad("audio", "is not supported by this server", "unsupported_parameter")
     for name in ("presence_penalty", "frequency_penalty"):
         if not _neutral(body.get(name), (None, 0)):
             raise bad(name, "is not supported by this server (use repeat_penalty)", "unsupported_parameter")
@@ -206,8 +214,11 @@ def _common(body, kind: str, context_length: int) -> Request:
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad("stream_options", "must be an object", "invalid_type")
+    stream = _boolean(body, "stream")
+    if options is not None and not stream:  # (as OpenAI answers it)
+        raise bad("stream_options", "is only allowed when stream is true")
     return Request(kind=kind, max_tokens=max_tokens, sampling=_sampling(body), stop=_stops(body),
-                   stream=_boolean(body, "stream"),
+                   stream=stream,
                    include_usage=_boolean(options or {}, "include_usage", where="stream_options."),
                    cache_prompt=_boolean(body, "cache_prompt"), model=model)
 
@@ -247,6 +258,9 @@ def parse_chat(body, context_length: int) -> Request:
         role = m.get("role")
         if role not in ROLES:
             raise bad(f"{where}.role", f"must be one of system, developer, user, assistant; got {_show(role)}")
+        for name in ("tool_calls", "function_call"):  # (an answer's tool calls would be left out of the prompt)
+            if not _neutral(m.get(name), (None, [])):
+                raise bad(f"{where}.{name}", "tool calls are not supported by this server", "unsupported_parameter")
         req.messages.append({"role": ROLES[role], "content": _content(m, where)})
     return req
 

@@ -76,6 +76,17 @@ def test_defaults_follow_llama_server():
     ({"top_n_sigma": 0.01}, "top_n_sigma"), ({"samplers": ["temperature"]}, "samplers"), ({"min_keep": 5}, "min_keep"),
     ({"t_max_predict_ms": 100}, "t_max_predict_ms"), ({"repeat_last_n": -2}, "repeat_last_n"),
     ({"repeat_last_n": 4.5}, "repeat_last_n"),
+    # tool calls and other outputs this server cannot make: refused, not answered with plain text
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+    ({"function_call": {"name": "f"}}, "function_call"),
+    ({"modalities": ["text", "audio"]}, "modalities"), ({"audio": {"voice": "alloy"}}, "audio"),
+    ({"messages": [{"role": "user", "content": "hi"},
+                   {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]}]},
+     "messages[1].tool_calls"),
+    # OpenAI's rule: usage chunks belong to a stream
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"stream": False, "stream_options": {}}, "stream_options"),
 ])
 def test_chat_refusals_name_the_field(body, param):
     body = {"messages": [{"role": "user", "content": "hi"}], **body}
@@ -88,8 +99,9 @@ def test_neutral_values_of_unsupported_fields_are_accepted():
     req = parse_chat({"messages": [{"role": "user", "content": "hi"}], "n": 1, "best_of": 1, "logprobs": False,
                       "presence_penalty": 0.0, "frequency_penalty": 0, "grammar": "", "ignore_eos": False,
                       "typical_p": 1.0, "n_probs": 0, "max_completion_tokens": 3, "max_tokens": 9,
-                      "top_n_sigma": -1, "min_keep": 0}, CTX)
-    assert req.max_tokens == 3
+                      "top_n_sigma": -1, "min_keep": 0, "tool_choice": "none", "function_call": "auto",
+                      "modalities": ["text"], "stream": True, "stream_options": {"include_usage": True}}, CTX)
+    assert req.max_tokens == 3 and req.stream and req.include_usage
 
 
 @pytest.mark.parametrize("value", [0, 4, -1, 64])
@@ -122,3 +134,56 @@ def test_completion_prompt_forms():
         with pytest.raises(APIError) as e:
             parse_completion({"prompt": prompt}, CTX)
         assert e.value.param == param
+
+
+def test_a_chat_template_that_fails_on_the_messages_is_a_400_naming_them():
+    """The model's own template refusing (or running too long on) the messages is the request's
+    fault: a 400 whose param is messages, not a bare message."""
+    from api.server import _prompt
+    from common.errors import UserError
+
+    class Refusing:
+        def chat_prompt(self, messages):
+            raise UserError("chat template failed: it ran past 2 s")
+
+    req = parse_chat({"messages": [{"role": "user", "content": "hi"}]}, CTX)
+    with pytest.raises(APIError) as e:
+        _prompt(Refusing(), req)
+    assert e.value.status == 400 and e.value.param == "messages" and "ran past 2 s" in e.value.message
+
+
+def test_long_prompts_are_tokenized_one_at_a_time_and_short_ones_do_not_wait_behind_them():
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from api.server import QUEUED_TOKENIZING, _tokenize
+
+    release, inside, most = threading.Event(), [0], [0]
+    lock = threading.Lock()
+
+    class TextModel:
+        def raw_prompt(self, text):
+            if len(text) >= QUEUED_TOKENIZING:
+                with lock:
+                    inside[0] += 1
+                    most[0] = max(most[0], inside[0])
+                release.wait(20)
+                with lock:
+                    inside[0] -= 1
+            return [1, 2]
+
+    async def scenario():
+        service, tm = SimpleNamespace(tokenizing=None), TextModel()
+        long_req = parse_completion({"prompt": "x" * QUEUED_TOKENIZING}, CTX)
+        longs = [asyncio.create_task(_tokenize(service, tm, long_req)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        short = await asyncio.wait_for(_tokenize(service, tm, parse_completion({"prompt": "hi"}, CTX)), 10)
+        waiting = [t.done() for t in longs]
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*longs), 20)
+        return short, waiting
+
+    short, waiting = asyncio.run(scenario())
+    assert short == ([1, 2], []) and waiting == [False, False]
+    assert most[0] == 1
