@@ -195,7 +195,14 @@ def _route_name(request: web.Request) -> str:
 
 
 def _unparsable(status: int, message: str) -> web.Response:
-    """A request aiohttp could not parse (common/aio_server.py): in the same shape as every error."""
+    """A request aiohttp could not parse (common/aio_server.py): in the same shape as every error.
+    aiohttp's parser itself refuses a body in an encoding it has no decoder for (br, zstd), before
+    the handler's own 415 for encodings other than gzip: the same 415 here, not its 400 asking to
+    install a package."""
+    if "Can not decode content-encoding" in message:
+        return _error_response(APIError(415, f"Content-Encoding {message.rsplit(':', 1)[-1].split('.')[0].strip()[:40]}"
+                                             " is not supported: send gzip or no encoding",
+                                        code="unsupported_media_type"))
     return _error_response(APIError(status, f"the request could not be parsed: {message}", code="invalid_request"))
 
 
