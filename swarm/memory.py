@@ -61,6 +61,7 @@ class NodeSession:
     last_used: float = field(default_factory=time.monotonic)
     opened: float = field(default_factory=time.monotonic)
     relay_hops: tuple = (b"", ())      # its relays' packed hops and their parse (every step names the same)
+    busy: bool = False                 # a step is part-way through (a multi-row pass yields between blocks)
 
     @property
     def position(self) -> int:

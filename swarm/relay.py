@@ -241,7 +241,12 @@ class RelayLinks:
             self.links.move_to_end(url)
             return ws
         if self.http is None:
-            self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT))
+            # No pool limit (aiohttp's default is 100 connections): a stranger's relays naming a hundred
+            # black holes held every slot for CONNECT_TIMEOUT, and a new link to an honest node waited
+            # for one. Connections are bounded here instead: one connect per next node with relays
+            # waiting (MAX_WAITING in all), MAX_LINKS kept open.
+            self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT),
+                                              connector=aiohttp.TCPConnector(limit=0))
         try:
             ws = await asyncio.wait_for(self.http.ws_connect(url, max_msg_size=wire.HEADER.size + wire.MAX_JSON
                                                              + wire.MAC_LEN, compress=0), CONNECT_TIMEOUT)
@@ -362,6 +367,25 @@ def write_now(ws, data: bytes) -> bool:
         writer.transport.write(header + data)
         writer._output_size += len(header) + n
     return True
+
+
+async def within(ws, sending, seconds: float) -> bool:
+    """Await ``sending`` (a send on ``ws``, a client's connection) for at most ``seconds``: a client
+    that stops reading its replies would otherwise hold the handler, and with it the in-flight
+    budget of the frame being answered, forever. Past that, the connection is cut (its sessions
+    close with it). False when the reply was not sent."""
+    try:
+        await asyncio.wait_for(sending, seconds)
+        return True
+    except asyncio.TimeoutError:
+        log.warning("cutting a client's connection: a reply waited %gs to be sent", seconds)
+        transport = _transport(ws)
+        if transport is not None:
+            transport.abort()
+        return False
+    except (ConnectionError, RuntimeError, OSError, aiohttp.ClientError) as e:
+        log.debug("a reply was not delivered: %s", e)
+        return False
 
 
 async def send_quietly(ws, data: bytes) -> bool:

@@ -301,10 +301,14 @@ class NodeService:
     async def _step(self, session, frame: wire.Frame, x: np.ndarray) -> tuple[np.ndarray, float]:
         """x (T, dim) through the session's blocks at frame.position: (T, dim) and the compute seconds."""
         self._begin_step(session, frame, x.shape[0])
-        if compute.on_compute_thread():  # the node's own process: this loop's thread computes
-            y, seconds = await self._compute_inline(session, x, frame.position)
-        else:
-            y, seconds = await self._compute_pieces(session, x, frame.position)
+        session.busy = True  # (the pass gives the loop back between blocks: _session refuses steps meanwhile)
+        try:
+            if compute.on_compute_thread():  # the node's own process: this loop's thread computes
+                y, seconds = await self._compute_inline(session, x, frame.position)
+            else:
+                y, seconds = await self._compute_pieces(session, x, frame.position)
+        finally:
+            session.busy = False
         return self._end_step(session, frame, y, seconds)
 
     def _step_now(self, session, frame: wire.Frame, x: np.ndarray) -> tuple[np.ndarray, float]:
@@ -356,6 +360,9 @@ class NodeService:
             return self.cache.open(sid, conn, frame.first_block, frame.last_block, frame.array.shape[0])
         if conn is not None and session.owner is not conn:
             raise wire.WireError("wrong_session", f"session {sid.hex()} belongs to another connection")
+        if session.busy:  # (a relay, from another connection, during its own client's multi-row step:
+            # computed in between, it wrote into the cache the step was filling; its client never sends one then)
+            raise wire.WireError("position", f"session {sid.hex()} is part-way through a step")
         if (session.first_block, session.last_block) != (frame.first_block, frame.last_block):
             raise wire.WireError("wrong_session", f"session {sid.hex()} runs blocks {session.first_block}-"
                                                   f"{session.last_block}, not {frame.first_block}-{frame.last_block}")
@@ -440,7 +447,7 @@ def make_app(service: NodeService, app: web.Application | None = None) -> web.Ap
     async def swarm(request: web.Request) -> web.WebSocketResponse:
         # Each frame's bytes are taken from the node's in-flight budget before they are read
         # (swarm/inflight.py), and given back once its reply has been sent.
-        ws = GatedWebSocket(service.inflight, service.limits.inflight_wait_s,
+        ws = GatedWebSocket(service.inflight, service.limits.inflight_wait_s, autoping=False,  # (_receive pongs)
                             max_msg_size=service.max_message + 4096, compress=False, timeout=5.0)
         await ws.prepare(request)
         gate = ws.gate
@@ -460,8 +467,9 @@ def make_app(service: NodeService, app: web.Application | None = None) -> web.Ap
                 try:
                     reply = await _answer(service, msg, entry, conn)
                     msg = None
-                    if reply is not None and not await relay.send_quietly(ws, reply):  # (a relayed
-                        break                                                 # step answers elsewhere)
+                    if reply is not None and not await relay.within(ws, ws.send_bytes(reply),  # (a relayed
+                                                                    service.limits.frame_s):  # step answers
+                        break                                                                  # elsewhere)
                 finally:
                     gate.done(entry)
         finally:
@@ -513,15 +521,24 @@ async def _receive(ws: web.WebSocketResponse, gate, service: NodeService, conn):
     limits, quiet_since = service.limits, time.monotonic()
     while True:
         try:
-            return await ws.receive(timeout=min(limits.frame_s, limits.idle_s))
+            msg = await ws.receive(timeout=min(limits.frame_s, limits.idle_s))
         except asyncio.TimeoutError:
-            now = time.monotonic()
-            quiet_since = max(quiet_since, gate.fast_seen, service.cache.last_used_by(conn))
-            if gate.began is not None and now - gate.began > limits.frame_s:
-                log.warning("closing a connection: a frame took over %gs to arrive", limits.frame_s)
-                return None
-            if now - quiet_since > limits.idle_s and gate.held is None:  # (not while waiting for the budget)
-                return None
+            msg = None
+        if msg is not None and msg.type not in (WSMsgType.PING, WSMsgType.PONG):
+            return msg
+        # PINGs are answered here, not by aiohttp: its receive() starts its timeout afresh after each
+        # one, so a client pinging every few seconds kept a half-sent frame's share of the budget, or
+        # an idle connection, for ever. A PING or PONG is not activity.
+        if msg is not None and msg.type == WSMsgType.PING and not await relay.within(ws, ws.pong(msg.data),
+                                                                                     limits.frame_s):
+            return None
+        now = time.monotonic()
+        quiet_since = max(quiet_since, gate.fast_seen, service.cache.last_used_by(conn))
+        if gate.began is not None and now - gate.began > limits.frame_s:
+            log.warning("closing a connection: a frame took over %gs to arrive", limits.frame_s)
+            return None
+        if now - quiet_since > limits.idle_s and gate.held is None:  # (not while waiting for the budget)
+            return None
 
 
 class NodeThread:
