@@ -39,6 +39,7 @@ REMEMBERED = 4096       # next-hop sessions whose errors can still be passed bac
 MAX_LINKS = 64          # connections to next nodes kept open; the least recently used closes beyond
 QUEUE_DEPTH = 64        # relays waiting to be sent to one next node (one per session at most); more are refused
 MAX_WAITING = 1024      # relays waiting to be sent, all next nodes together
+OWNER_WAITING = 64      # of those, the relays of one client connection (its sessions' steps, one each at most)
 WS_OVERHEAD = 14        # a WebSocket frame's header and mask, at most, on top of its payload
 # aiohttp writes an unmasked frame (a server's: a node's answer to its client) of more than 16 KiB
 # in two pieces, header then payload. The client's read callback may then get the header alone,
@@ -129,6 +130,7 @@ class RelayLinks:
         self.tasks: set[asyncio.Task] = set()   # readers and senders
         self.queues: dict[str, asyncio.Queue] = {}  # next node -> relays waiting to be sent to it
         self.waiting = 0
+        self.waiting_by_owner: dict = {}  # client connection -> its relays waiting (OWNER_WAITING)
         self.back: OrderedDict[bytes, tuple] = OrderedDict()  # next session -> (owner ws, own session, step)
         self.late: set = set()  # clients whose connection did not take an answer at once: one is on its way
 
@@ -185,6 +187,9 @@ class RelayLinks:
         """Queue ``data`` for ``hop``; raises RelayError when too many relays wait already."""
         if self.waiting >= MAX_WAITING:
             raise RelayError(f"{hop.url}: {self.waiting} relays already wait to be sent from this node")
+        if self.waiting_by_owner.get(owner, 0) >= OWNER_WAITING:  # (one client naming black holes cannot
+            # take the whole of MAX_WAITING from the others: each relay holds its slot up to CONNECT_TIMEOUT)
+            raise RelayError(f"{hop.url}: {OWNER_WAITING} relays of this client already wait to be sent")
         queue = self.queues.get(hop.url)
         if queue is None:
             queue = self.queues[hop.url] = asyncio.Queue(QUEUE_DEPTH)
@@ -194,6 +199,14 @@ class RelayLinks:
         except asyncio.QueueFull:
             raise RelayError(f"{hop.url}: {QUEUE_DEPTH} relays already wait to be sent there") from None
         self.waiting += 1
+        self.waiting_by_owner[owner] = self.waiting_by_owner.get(owner, 0) + 1
+
+    def _taken(self, owner) -> None:
+        """One of ``owner``'s waiting relays left its queue (sent, failed or dropped)."""
+        self.waiting -= 1
+        left = self.waiting_by_owner.pop(owner, 0) - 1
+        if left > 0:
+            self.waiting_by_owner[owner] = left
 
     def spawn(self, coro) -> None:
         """Run ``coro`` as a task of these links (cancelled by close)."""
@@ -205,7 +218,7 @@ class RelayLinks:
         try:
             while not queue.empty():  # (ends when idle: no await between this check and the removal)
                 hop, data, owner, own_session, step = queue.get_nowait()
-                self.waiting -= 1
+                self._taken(owner)
                 try:
                     await self._deliver(hop, data, owner, own_session, step)
                 except RelayError as e:
@@ -213,7 +226,8 @@ class RelayLinks:
         finally:
             if self.queues.get(url) is queue:
                 del self.queues[url]
-                self.waiting -= queue.qsize()
+                while not queue.empty():  # (cancelled: the node is stopping)
+                    self._taken(queue.get_nowait()[2])
 
     async def _deliver(self, hop: Hop, data: bytes, owner, own_session: bytes, step: int) -> None:
         ws = await self._link(hop.url)
@@ -327,6 +341,9 @@ class RelayLinks:
     async def close(self) -> None:
         for task in list(self.tasks):
             task.cancel()
+        # (a sender cancelled before its first step never runs its own accounting)
+        self.queues.clear()
+        self.waiting, self.waiting_by_owner = 0, {}
         for url, ws in list(self.links.items()):
             await self._drop(url, ws)
         if self.http is not None:

@@ -201,3 +201,49 @@ def test_black_hole_next_hops_do_not_hold_up_a_new_link_to_an_honest_node(six_lo
         b.stop()
         for hole in holes:
             hole.close()
+
+
+def test_one_clients_waiting_relays_cannot_take_the_whole_queue():
+    """Relays to a next node without an open link wait in its queue while the link connects (up to
+    5 s for a black hole). One client naming sixteen black holes filled all 1024 places: every other
+    client's relays needing a new link were refused ('1024 relays already wait')."""
+    import asyncio
+
+    import pytest
+
+    from swarm import relay
+
+    class Owner:  # a client's connection, as the links see it
+        def __init__(self):
+            self.sent = []
+
+        async def send_bytes(self, data):
+            self.sent.append(data)
+
+    async def scenario():
+        links, stranger, victim = relay.RelayLinks(), Owner(), Owner()
+        closed = []
+        for _ in range(16):  # ports nothing listens on: a connect is refused at once
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                closed.append(s.getsockname()[1])
+        holes = [relay.Hop(f"ws://127.0.0.1:{port}/swarm", secrets.token_bytes(16), 3, 5) for port in closed]
+        for i in range(relay.OWNER_WAITING):
+            links.submit(holes[i % 16], b"x", stranger, bytes(16), i)
+        with pytest.raises(relay.RelayError, match="of this client already wait"):
+            links.submit(holes[0], b"x", stranger, bytes(16), 99)
+        links.submit(holes[1], b"y", victim, bytes(16), 100)  # another client's relay still queues
+        counts = (links.waiting, dict(links.waiting_by_owner))
+        for _ in range(200):  # the ports refuse: every relay fails, is told to its client, leaves its place
+            if not links.waiting:
+                break
+            await asyncio.sleep(0.05)
+        after = (links.waiting, links.waiting_by_owner)
+        await links.close()
+        return counts, after, (stranger, victim)
+
+    (waiting, by_owner), after, (stranger, victim) = asyncio.run(scenario())
+    assert waiting == relay.OWNER_WAITING + 1
+    assert by_owner == {stranger: relay.OWNER_WAITING, victim: 1}
+    assert after == (0, {})
+    assert len(stranger.sent) == relay.OWNER_WAITING and len(victim.sent) == 1  # each told its relay failed
