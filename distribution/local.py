@@ -41,9 +41,12 @@ class LocalLoader(FragmentLoader):
         # One byte more than the fragment's size is enough to tell it is too long: never read on
         # (a fragment replaced by a 100 GB file, or one that keeps growing).
         want = self._sizes[fragment_id] + 1
-        buf = self._buffer(want)
         got = 0
         with self._open(fragment_id) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != want - 1:  # (before memory is taken for it: a manifest may claim 10^30 bytes)
+                raise self.wrong_length(fragment_id, size)
+            buf = self._buffer(want)
             while got < want and (n := f.readinto(buf[got:want])):
                 got += n
         return buf[:got].toreadonly()  # as immutable as bytes: it may be cached and shared

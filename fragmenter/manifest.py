@@ -366,6 +366,14 @@ def _check_contiguous(pieces: tuple[Piece, ...], start: int, length: int, offset
         raise StoreError(f"{path}: {what} pieces hold {pos - start} bytes, its length is {length}")
 
 
+def _check_file_name(name, path: str) -> None:
+    """source.name is shown, and names files the tools write (fetch's store, a temporary GGUF): a plain
+    file name, never a path (``../x`` or ``/home/you/.bashrc`` from a server's manifest would write there)."""
+    if (not isinstance(name, str) or not name or len(name) > 255 or name in (".", "..")
+            or any(c in name for c in "/\\\0")):
+        raise StoreError(f"{path}: source.name {str(name)[:80]!r} is not a plain file name")
+
+
 def _parse(doc: dict, path: str) -> Manifest:
     if doc.get("format") != FORMAT_NAME:
         raise StoreError(f"{path}: not a fragment-store manifest (format {doc.get('format')!r})")
@@ -374,6 +382,7 @@ def _parse(doc: dict, path: str) -> Manifest:
         raise StoreError(f"{path}: unknown manifest format version {version!r} (this tool reads {FORMAT_VERSION})")
 
     source = doc["source"]
+    _check_file_name(source["name"], path)
     source_size = _int(source["size"], "source.size", path)
     if not isinstance(source.get("sha256"), str) or not FRAGMENT_ID.match(source["sha256"]):
         raise StoreError(f"{path}: source.sha256 is not a SHA-256 hex digest")
@@ -441,7 +450,7 @@ def _parse(doc: dict, path: str) -> Manifest:
         tensors.append(TensorEntry(name, qtype.name, gguf_shape, shape, offset, length, pieces))
 
     return Manifest(
-        source={"name": str(source["name"]), "size": source_size, "sha256": source["sha256"]},
+        source={"name": source["name"], "size": source_size, "sha256": source["sha256"]},
         fragment_size=fragment_size, gguf=dict(gguf), model=dict(doc["model"]),
         header_pieces=header_pieces, tensors=tensors, fragments=fragments, path=path,
     )

@@ -80,6 +80,6 @@ def materialized(loader):
         yield loader.path
         return
     with tempfile.TemporaryDirectory(prefix="gguf-fragments-") as tmp:
-        out = Path(tmp) / loader.manifest.source["name"]
+        out = Path(tmp) / "model.gguf"  # (not the manifest's source.name: a name is no path to trust)
         recombine(loader, out, progress=False)
         yield out

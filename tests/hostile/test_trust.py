@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -237,3 +238,43 @@ def test_swapped_tensors_are_refused_over_http_and_by_serve(store, tmp_path):
     proc = run_cli("serve", store, "--port", "0", timeout=60)
     assert_one_line_error(proc, A, "GGUF header")
     assert proc.returncode == EXIT_DAMAGED_STORE
+
+
+@pytest.mark.parametrize("name", ["../escaped.gguf", "/tmp/escaped.gguf", "sub/model.gguf", "..", "", "a\\b.gguf",
+                                  "x\u0000y.gguf", 7, None])
+def test_a_source_name_that_is_not_a_plain_file_name_is_refused(store, tmp_path, name):
+    """source.name named the temporary GGUF that `infer --backend llama.cpp` and validation rebuild:
+    `../x` or an absolute path in a server's manifest wrote a file of the server's choosing there."""
+    import tempfile
+    import uuid
+
+    escaping = name == "../escaped.gguf"
+    if escaping:  # where the rebuilt GGUF went: beside its temporary directory, under a name of this run's
+        name = f"../escaped-{uuid.uuid4().hex}.gguf"
+    edit_manifest(store, lambda d: d["source"].__setitem__("name", name))
+    with pytest.raises(StoreError, match="source.name .* is not a plain file name"):
+        LocalLoader(store)
+    if escaping:
+        target = Path(tempfile.gettempdir()) / name[3:]
+        proc = run_cli("infer", store, "--backend", "llama.cpp", "--prompt", "hi", "--max-tokens", "2", "--no-chat")
+        assert_one_line_error(proc, "source.name")
+        assert proc.returncode == EXIT_DAMAGED_STORE and not target.exists()
+
+
+@pytest.mark.parametrize("size", [2**40, 10**30])
+def test_a_fragment_claimed_huge_is_one_line_naming_it_before_any_memory_is_taken(store, size):
+    """The local loader took a buffer of the claimed size before looking at the file: 10^30 bytes
+    was an OverflowError traceback, 2^40 'Cannot allocate memory' naming nothing, exit 1."""
+    def huge_last(doc):
+        last = doc["fragments"][-1]
+        doc["source"]["size"] += size - last["size"]
+        last["size"] = size
+        doc["fragment_size"] = max(doc["fragment_size"], size)
+
+    last_id = json.loads((store / "manifest.json").read_text())["fragments"][-1]["id"]
+    edit_manifest(store, huge_last)
+    for command in (("fetch", store, "-o", store.parent / "copy"),
+                    ("infer", store, "--prompt", "hi", "--max-tokens", "2", "--no-chat")):
+        proc = run_cli(*command)
+        assert_one_line_error(proc, last_id[:16], "truncated or padded")
+        assert proc.returncode == EXIT_DAMAGED_STORE
