@@ -13,6 +13,7 @@ Modes (``target`` says whether the manifest, the fragments or both misbehave):
 from __future__ import annotations
 
 import asyncio
+import gzip
 import threading
 import time
 from contextlib import contextmanager
@@ -41,7 +42,7 @@ class HostileServer:
 
     async def _serve(self, reader, writer) -> None:
         while True:
-            head = await reader.readuntil(b"\r\n\r\n")
+            head = self.head = await reader.readuntil(b"\r\n\r\n")
             path = head.split(b" ", 2)[1].decode()
             self.requests.append(path)
             if path == "/manifest.json":
@@ -90,6 +91,18 @@ class HostileServer:
             writer.write(chunk)
             self.bytes_sent += len(chunk)
             await writer.drain()
+
+    async def _gzip_if_asked(self, writer, body):
+        """As a web server with compression on (nginx's gzip on): compressed when the request accepts it."""
+        accepts = [ln for ln in self.head.lower().split(b"\r\n") if ln.startswith(b"accept-encoding:")]
+        if accepts and b"gzip" in accepts[0]:
+            packed = gzip.compress(body)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(packed)
+                         + packed)
+            self.gzipped = getattr(self, "gzipped", 0) + 1
+            await writer.drain()
+        else:
+            await self._send(writer, body, len(body))
 
     async def _html(self, writer, body):
         await self._send(writer, HTML, len(HTML), b"text/html")

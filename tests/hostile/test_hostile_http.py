@@ -145,3 +145,61 @@ def test_downloads_of_killed_runs_are_removed_from_the_cache(tmp_path):
     live.write_bytes(b"in progress")
     FragmentCache(cache)
     assert not leftover.exists() and live.exists()
+
+
+def test_a_server_that_compresses_when_asked_is_never_asked(store, tmp_path):
+    """The loader reads fragments as stored (aiohttp's decompression off, so a gzip bomb is only its
+    bytes) but sent aiohttp's default Accept-Encoding: gzip, deflate; a web server with compression on
+    then sent gzip, and the manifest was 'not a valid manifest', every fragment a short body."""
+    with hostile_server(store, "gzip_if_asked", target="both") as (server, url):
+        got = loader(url, tmp_path).load_tensor(NAME)
+        assert getattr(server, "gzipped", 0) == 0
+    np.testing.assert_array_equal(got, LocalLoader(store).load_tensor(NAME))
+
+
+def test_wrong_bytes_after_a_redirect_name_the_peer_that_sent_them(store, tmp_path):
+    """A store that redirects its fragments to another host: when that host's bytes are wrong, the
+    error named the first server only, not the one that sent them."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Wrong(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "8192")
+            self.end_headers()
+            self.wfile.write(bytes(8192))
+
+        def log_message(self, *args):
+            pass
+
+    other = ThreadingHTTPServer(("127.0.0.2", 0), Wrong)
+    other_peer = f"127.0.0.2:{other.server_port}"
+
+    class Redirecting(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/manifest.json":
+                body = (store / "manifest.json").read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            else:
+                self.send_response(302)
+                self.send_header("Location", f"http://{other_peer}{self.path}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    first = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    for server in (first, other):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(FragmentError, match=f"redirected to {other_peer}"):
+            loader(f"http://127.0.0.1:{first.server_port}/", tmp_path, attempts=1).load_tensor(NAME)
+    finally:
+        for server in (first, other):
+            server.shutdown()
+            server.server_close()
