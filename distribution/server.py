@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import signal
 import stat
 from pathlib import Path
@@ -30,6 +31,9 @@ MAX_CONCURRENT = 64  # fragments being sent at once; a request waits up to GATE_
 GATE_WAIT = 10.0          # s
 SEND_TIMEOUT = 30.0       # s, plus the fragment's size at MIN_SEND_RATE: the most one send may take
 MIN_SEND_RATE = 100_000   # bytes/s
+
+
+log = logging.getLogger("aiohttp.server")  # (quiet_logs gives it one rate-limited line)
 
 
 class FragmentResponse(web.FileResponse):
@@ -66,6 +70,49 @@ class FragmentResponse(web.FileResponse):
         web.FileResponse.etag.fset(self, self._fid)
 
 
+class CheckedFiles:
+    """Which fragment files hold the bytes their ids say, each version of a file (inode, size,
+    mtime) hashed once, on a worker thread, before it is first served. A fragment damaged on disk
+    is not served (404: clients go to another peer), never with its id as ETag and a year's cache
+    lifetime: an HTTP cache between would have kept the wrong bytes for that long."""
+
+    def __init__(self):
+        self.good: dict[str, tuple] = {}   # fragment id -> the file version whose bytes matched
+        self.locks: dict[str, asyncio.Lock] = {}
+
+    async def intact(self, path: Path, fid: str, size: int) -> bool:
+        version = _version(path, size)
+        if version is None:  # missing, not a regular file, or truncated/padded
+            return False
+        if self.good.get(fid) == version:
+            return True
+        async with self.locks.setdefault(fid, asyncio.Lock()):  # (one hashing per fragment at a time)
+            if self.good.get(fid) != version:
+                if not await asyncio.to_thread(_bytes_match, path, fid):
+                    log.warning("not serving fragment %s: its bytes do not match its id", fid[:16])
+                    return False
+                self.good[fid] = version
+        return True
+
+
+def _version(path: Path, size: int) -> tuple | None:
+    """A regular file of the fragment's size, as (inode, size, mtime), else None: serving a FIFO
+    would hang a worker, a device or a grown file would stream without end."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) and st.st_size == size else None
+
+
+def _bytes_match(path: Path, fid: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest() == fid
+    except OSError:
+        return False
+
+
 def make_app(store: str | Path, only: set[str] | None = None, max_concurrent: int = MAX_CONCURRENT) -> web.Application:
     """The aiohttp application serving ``store`` (or only the fragment ids in ``only``)."""
     store = Path(store)
@@ -81,6 +128,7 @@ def make_app(store: str | Path, only: set[str] | None = None, max_concurrent: in
     sizes = manifest.unique_fragments()
     allowed = set(sizes) if only is None else set(only) & set(sizes)
     gate = asyncio.Semaphore(max_concurrent)
+    checked = CheckedFiles()
 
     async def get_manifest(request: web.Request) -> web.StreamResponse:
         if request.headers.get("If-None-Match") == manifest_etag:
@@ -92,7 +140,7 @@ def make_app(store: str | Path, only: set[str] | None = None, max_concurrent: in
         if not FRAGMENT_ID.match(fid) or fid not in allowed:
             raise web.HTTPNotFound(text="no such fragment\n")
         path = store / FRAGMENTS_DIR / fid
-        if not _intact_size(path, sizes[fid]):  # missing, not a regular file, or truncated/padded
+        if not await checked.intact(path, fid, sizes[fid]):
             raise web.HTTPNotFound(text="fragment not held here\n")
         try:
             async with asyncio.timeout(GATE_WAIT):
@@ -110,16 +158,6 @@ def make_app(store: str | Path, only: set[str] | None = None, max_concurrent: in
     return app
 
 
-def _intact_size(path: Path, size: int) -> bool:
-    """A regular file of the fragment's size: serving a FIFO would hang a worker, a device or a
-    grown file would stream without end (clients verify the bytes; this spares them the wait)."""
-    try:
-        st = path.stat()
-    except OSError:
-        return False
-    return stat.S_ISREG(st.st_mode) and st.st_size == size
-
-
 async def start(app: web.Application, host: str, port: int, limits: Limits = Limits()) -> tuple[web.AppRunner, int]:
     """Start serving; returns the runner and the bound port (port 0 picks a free one). ``limits``:
     idle/silent connections, stalled bodies and the connection count are bounded (common/aio_server.py)."""
@@ -131,7 +169,8 @@ async def start(app: web.Application, host: str, port: int, limits: Limits = Lim
 
 def held_fragments(store: Path, manifest, layers: list[tuple[int, int]] | None = None) -> set[str]:
     """The fragments of ``store`` on disk at their manifest size (``present_fragments``), limited to
-    ``layers`` (and the header) if given. Their bytes are checked as they are served."""
+    ``layers`` (and the header) if given. Their bytes are checked before each is first served
+    (``CheckedFiles``)."""
     from distribution.spans import span_tensors
 
     held = present_fragments(store, manifest)

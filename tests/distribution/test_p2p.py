@@ -2,6 +2,7 @@
 that knows one peer and the manifest's hash fetches everything, verified, with failover."""
 
 import json
+import os
 import shutil
 import time
 from dataclasses import replace
@@ -79,13 +80,23 @@ def test_three_overlapping_peers_one_killed_mid_fetch(store, tmp_path, monkeypat
 
 
 def test_corrupt_peer_is_named_and_bytes_come_from_elsewhere(store, tmp_path, monkeypatch):
+    """A peer that sends wrong bytes. `serve` hashes each fragment file before it first serves it
+    (a fragment damaged on disk is a 404), so this one's file goes bad after that check: the same
+    size and modification time, other bytes (bit rot; or a peer that lies)."""
+    import urllib.request
+
     bad_store = copy_store(store, tmp_path, "bad")
     victim = LocalLoader(store).manifest.tensor("blk.2.ffn_down.weight").pieces[0].fragment
-    data = bytearray((bad_store / "fragments" / victim).read_bytes())
-    data[100] ^= 0xFF
-    (bad_store / "fragments" / victim).write_bytes(bytes(data))
+    path = bad_store / "fragments" / victim
     warnings = []
     with peer(bad_store) as bad, peer(store, bootstrap=boot_of(bad)) as good:
+        with urllib.request.urlopen(f"{bad.url.rstrip('/')}/fragments/{victim}", timeout=30) as r:
+            assert r.status == 200  # checked, and remembered as good
+        st = os.stat(path)
+        data = bytearray(path.read_bytes())
+        data[100] ^= 0xFF
+        path.write_bytes(bytes(data))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
         # Ask the corrupting peer first, every time.
         monkeypatch.setattr(p2p_loader.random, "shuffle", lambda urls: urls.sort(key=lambda u: not u.startswith(bad.url)))
         # The client enters through the bad peer, which lists itself and the good one as providers.

@@ -137,3 +137,29 @@ def test_a_sending_slot_is_held_until_the_fragment_is_sent(store, monkeypatch):
         first.join(10)
         with urllib.request.urlopen(url, timeout=10) as r:  # and free again once it is sent
             assert r.status == 200
+
+
+def test_a_fragment_damaged_on_disk_is_not_served_as_its_id(store, tmp_path):
+    """serve sent the bytes of a fragment file without looking at them, under its id as ETag and
+    'immutable' for a year: clients refused them, but an HTTP cache between would have kept them."""
+    import json
+    import shutil
+    import urllib.error
+
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    fragments = [f["id"] for f in json.loads((copy / "manifest.json").read_text())["fragments"]]
+    bad, good = fragments[-1], fragments[-2]
+    path = copy / "fragments" / bad
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40  # same size, one bit
+    path.write_bytes(bytes(data))
+    with serving(copy, Limits()) as port:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/fragments/{bad}", timeout=10)
+        assert e.value.code == 404
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/fragments/{good}", timeout=10) as r:
+            assert r.read() == (copy / "fragments" / good).read_bytes() and r.headers["ETag"] == f'"{good}"'
+        path.write_bytes(bytes(data[:len(data) // 2]) + bytes([data[len(data) // 2] ^ 0x40]) + bytes(data[len(data) // 2 + 1:]))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/fragments/{bad}", timeout=10) as r:  # repaired: served
+            assert r.status == 200
