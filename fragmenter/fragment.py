@@ -198,12 +198,39 @@ def fragment_file(model_path: str, store_dir: str | Path | None = None,
     if not os.path.isfile(model_path):
         raise UserError(f"{model_path}: " + ("not a regular file" if os.path.exists(model_path) else "no such file"))
     stat_before = os.stat(model_path)
-    stop = threading.Event()
-    jobs = []
     if store_dir is None and Path(model_path).suffix.lower() != ".gguf":
         raise UserError(f"{model_path}: no -o given, and the name has no .gguf to drop for the store's; "
                         f"pass -o DIRECTORY")
     store = Path(store_dir) if store_dir is not None else Path(model_path).with_suffix("")
+    created = [d for d in (store / FRAGMENTS_DIR, store) if not os.path.lexists(d)]  # (innermost first)
+    partial: dict = {}  # while a new store's fragments are written, what to take back if the run fails
+    try:
+        return _fragment(model_path, store, fragment_size, progress, started, stat_before, partial)
+    except BaseException:  # Ctrl-C included: a new store is left as it was found, not half written
+        if partial:
+            _take_back(partial["frag_dir"], partial["existing"], created)
+        raise
+
+
+def _take_back(frag_dir: Path, existing: set[str], created: list[Path]) -> None:
+    """Remove the fragments a failed run wrote into a store that had no manifest, and the
+    directories it created. (A store that had one keeps its fragments: each was rewritten with the
+    same bytes, and its manifest still describes them.)"""
+    try:
+        for name in set(os.listdir(frag_dir)) - existing:
+            (frag_dir / name).unlink(missing_ok=True)
+    except OSError:
+        pass
+    for d in created:
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+
+
+def _fragment(model_path, store: Path, fragment_size: int, progress, started: float, stat_before,
+              partial: dict) -> FragmentResult:
+    stop, jobs = threading.Event(), []
     with ThreadPoolExecutor(2, thread_name_prefix="fragment") as pool, ExitStack() as locked:
         # The whole-file hash is one sequential chain: start it first, on a core of its own.
         whole = pool.submit(sha256_file, model_path, stop)
@@ -213,6 +240,8 @@ def fragment_file(model_path: str, store_dir: str | Path | None = None,
             locked.enter_context(store_lock(store))  # held until the manifest is written
             old = _check_existing_store(store, size, whole.result)
             existing = set(os.listdir(frag_dir))
+            if old is None:
+                partial.update(frag_dir=frag_dir, existing=existing)
             cuts = plan_fragments(header, size, fragment_size)
             with open(model_path, "rb", buffering=0) as f, \
                     byte_progress(size, f"fragment {Path(model_path).name}", progress) as bar:
@@ -237,6 +266,7 @@ def fragment_file(model_path: str, store_dir: str | Path | None = None,
         manifest = build_manifest(header, source, fragment_size, fragments)
         manifest.path = str(store / MANIFEST_NAME)
         write_atomically(store / MANIFEST_NAME, manifest.to_json().encode())
+        partial.clear()  # (the store is whole: nothing to take back any more)
         if old is not None:  # re-cut with another fragment size: drop what only the old cut used
             for fid in set(old.unique_fragments()) - set(manifest.unique_fragments()):
                 (frag_dir / fid).unlink(missing_ok=True)

@@ -280,3 +280,35 @@ def test_roundtrip_random_tensor_sets(spec, fragment_size, seed):
             ours = loader.load_tensor(t.name)
             np.testing.assert_array_equal(ours.reshape(expected.shape), expected)
         assert len(m.tensors) == len(tensors)
+
+
+@pytest.mark.parametrize("where", ["new", "empty_dir", "same_model"])
+def test_an_interrupted_fragment_run_leaves_the_output_as_it_found_it(factory_models, tmp_path, monkeypatch, where):
+    """Ctrl-C half-way through left a new store's directory with some of its fragments and no
+    manifest under the final name."""
+    import fragmenter.fragment as fragment
+
+    model = factory_models["q8_0-spm-gqa"]
+    store = tmp_path / "store"
+    if where == "empty_dir":
+        store.mkdir()
+    if where == "same_model":
+        fragment_file(str(model), store, 8192, progress=False)
+    before = sorted(p.relative_to(store) for p in store.rglob("*")) if store.exists() else None
+    copy, calls = fragment._copy_fragment, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return copy(*args)
+
+    monkeypatch.setattr(fragment, "_copy_fragment", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fragment_file(str(model), store, 4096, progress=False)
+    assert len(calls) >= 4
+    after = sorted(p.relative_to(store) for p in store.rglob("*")) if store.exists() else None
+    if where == "same_model":  # its fragments were rewritten as they were; its manifest still holds
+        assert verify(LocalLoader(store), progress=False).ok
+    else:
+        assert after == before
