@@ -130,7 +130,9 @@ class RelayLinks:
         self.tasks: set[asyncio.Task] = set()   # readers and senders
         self.queues: dict[str, asyncio.Queue] = {}  # next node -> relays waiting to be sent to it
         self.waiting = 0
-        self.waiting_by_owner: dict = {}  # client connection -> its relays waiting (OWNER_WAITING)
+        # id(client connection) -> its relays waiting (OWNER_WAITING); the queued relays hold the
+        # connection, so its id is not reused while it counts
+        self.waiting_by_owner: dict[int, int] = {}
         self.back: OrderedDict[bytes, tuple] = OrderedDict()  # next session -> (owner ws, own session, step)
         self.late: set = set()  # clients whose connection did not take an answer at once: one is on its way
 
@@ -187,7 +189,7 @@ class RelayLinks:
         """Queue ``data`` for ``hop``; raises RelayError when too many relays wait already."""
         if self.waiting >= MAX_WAITING:
             raise RelayError(f"{hop.url}: {self.waiting} relays already wait to be sent from this node")
-        if self.waiting_by_owner.get(owner, 0) >= OWNER_WAITING:  # (one client naming black holes cannot
+        if self.waiting_by_owner.get(id(owner), 0) >= OWNER_WAITING:  # (one client naming black holes cannot
             # take the whole of MAX_WAITING from the others: each relay holds its slot up to CONNECT_TIMEOUT)
             raise RelayError(f"{hop.url}: {OWNER_WAITING} relays of this client already wait to be sent")
         queue = self.queues.get(hop.url)
@@ -199,14 +201,14 @@ class RelayLinks:
         except asyncio.QueueFull:
             raise RelayError(f"{hop.url}: {QUEUE_DEPTH} relays already wait to be sent there") from None
         self.waiting += 1
-        self.waiting_by_owner[owner] = self.waiting_by_owner.get(owner, 0) + 1
+        self.waiting_by_owner[id(owner)] = self.waiting_by_owner.get(id(owner), 0) + 1
 
     def _taken(self, owner) -> None:
         """One of ``owner``'s waiting relays left its queue (sent, failed or dropped)."""
         self.waiting -= 1
-        left = self.waiting_by_owner.pop(owner, 0) - 1
+        left = self.waiting_by_owner.pop(id(owner), 0) - 1
         if left > 0:
-            self.waiting_by_owner[owner] = left
+            self.waiting_by_owner[id(owner)] = left
 
     def spawn(self, coro) -> None:
         """Run ``coro`` as a task of these links (cancelled by close)."""
