@@ -9,6 +9,7 @@ where it stopped.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from common.errors import UserError
 from distribution.spans import span_tensors
-from fragmenter.fragment import prepare_store, store_lock, write_atomically
+from fragmenter.fragment import prepare_store, store_lock, take_back, write_atomically
 from fragmenter.manifest import FRAGMENTS_DIR, MANIFEST_NAME, Manifest, read_manifest_bytes
 
 
@@ -51,11 +52,15 @@ def fetch_store(loader, out: Path, spans: list[tuple[int, int]] | None = None) -
     names = span_tensors(m, spans) if spans else m.tensor_names()
     loader.header()  # refuse to copy a manifest whose tensor table the header contradicts
     created, locked = not out.exists(), False
+    made_dir = not (out / FRAGMENTS_DIR).exists()
+    existing = None  # the fragments a directory without a manifest held before this run
     try:
         with ExitStack() as stack:
             prepare_store(out)
             stack.enter_context(store_lock(out))
             locked = True  # (a run that loses the lock must not remove what the winner is writing)
+            if not (out / MANIFEST_NAME).exists():
+                existing = set(os.listdir(out / FRAGMENTS_DIR))
             if (out / MANIFEST_NAME).exists() and read_manifest_bytes(out) != loader.manifest_bytes:
                 raise UserError(f"{out}: already holds the store of another model; choose another -o")
             wanted = m.fragments_for(names, header=True)
@@ -71,6 +76,8 @@ def fetch_store(loader, out: Path, spans: list[tuple[int, int]] | None = None) -
     except BaseException:
         if created and locked:  # nothing of a failed first fetch is left behind (the fragment cache keeps what came)
             shutil.rmtree(out, ignore_errors=True)
+        elif locked and existing is not None and not (out / MANIFEST_NAME).exists():  # a directory the user made
+            take_back(out / FRAGMENTS_DIR, existing, [out / FRAGMENTS_DIR] if made_dir else [])
         raise
     return FetchResult(out, m.source["name"], len(wanted), len(m.unique_fragments()), len(todo),
                        len(wanted) - len(todo), downloaded)

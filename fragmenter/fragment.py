@@ -208,11 +208,11 @@ def fragment_file(model_path: str, store_dir: str | Path | None = None,
         return _fragment(model_path, store, fragment_size, progress, started, stat_before, partial)
     except BaseException:  # Ctrl-C included: a new store is left as it was found, not half written
         if partial:
-            _take_back(partial["frag_dir"], partial["existing"], created)
+            take_back(partial["frag_dir"], partial["existing"], created)
         raise
 
 
-def _take_back(frag_dir: Path, existing: set[str], created: list[Path]) -> None:
+def take_back(frag_dir: Path, existing: set[str], created: list[Path]) -> None:
     """Remove the fragments a failed run wrote into a store that had no manifest, and the
     directories it created. (A store that had one keeps its fragments: each was rewritten with the
     same bytes, and its manifest still describes them.)"""

@@ -158,3 +158,21 @@ def test_a_first_fetch_that_loses_the_lock_leaves_the_winners_directory(factory_
     finally:
         for fd in held:
             os.close(fd)
+
+
+def test_a_failed_fetch_into_a_directory_the_user_made_leaves_it_as_it_was(store, tmp_path):
+    """A fetch that failed half-way left a directory the user had made with a fragments/ directory
+    and the fragments copied so far (one made by the run itself was removed whole)."""
+    from distribution import store_copy
+
+    doc = json.loads((store / "manifest.json").read_text())
+    victim = doc["fragments"][-1]["id"]  # the last, so that others are copied before it fails
+    data = bytearray((store / "fragments" / victim).read_bytes())
+    data[0] ^= 1
+    (store / "fragments" / victim).write_bytes(bytes(data))
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(CorruptFragment, match=victim[:16]):
+        store_copy.fetch_store(LocalLoader(store), out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
