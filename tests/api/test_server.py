@@ -89,7 +89,8 @@ def test_chat_streamed_equals_not_streamed(server, greedy_answer):
 
 def test_sse_ends_with_done(server):
     req = urllib.request.Request(server.url + "/v1/completions", method="POST",
-                                 data=json.dumps({"prompt": "The quick", "max_tokens": 5, "stream": True}).encode(), headers=JSON)
+                                 data=json.dumps({"prompt": "The quick", "max_tokens": 5, "stream": True,
+                                                      **GREEDY}).encode(), headers=JSON)
     with urllib.request.urlopen(req, timeout=30) as r:
         assert r.headers["Content-Type"].startswith("text/event-stream")
         events = [e for e in r.read().decode().split("\n\n") if e]
@@ -101,7 +102,7 @@ def test_sse_ends_with_done(server):
 
 def test_with_include_usage_every_chunk_but_the_last_says_usage_null(server):
     """OpenAI's wire form: "usage": null on each chunk, the counts on a last chunk with no choices."""
-    body = {"messages": HELLO, "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
+    body = {"messages": HELLO, "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}, **GREEDY}
     req = urllib.request.Request(server.url + "/v1/chat/completions", method="POST", data=json.dumps(body).encode(),
                                  headers=JSON)
     with urllib.request.urlopen(req, timeout=30) as r:
