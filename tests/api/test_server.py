@@ -304,9 +304,13 @@ def test_full_queue_gets_503_and_a_disconnect_stops_generation(factory_text_mode
             assert e.code == 503 and e.headers["Retry-After"] == "1"
         else:
             raise AssertionError("a full queue answered 200")
-        for conn in conns:  # both clients leave: the running answer stops, the waiting one never starts
+        # Both clients leave, the waiting one first (seen gone before the slot frees, it never
+        # starts), then the running one (its answer stops).
+        for conn in reversed(conns):
             conn.sock.close()
             conn.close()
+            if conn is conns[1]:
+                assert wait_for(lambda: metric(s, "gguf_fragments_queue_length") == 0)
         assert wait_for(lambda: metric(s, "gguf_fragments_requests_running") == 0
                         and metric(s, "gguf_fragments_queue_length") == 0)
         assert metric(s, "gguf_fragments_tokens_generated_total") < 100

@@ -117,8 +117,14 @@ def test_a_sending_slot_is_held_until_the_fragment_is_sent(store, monkeypatch):
 
     original = web.FileResponse.prepare
 
-    async def slow_prepare(self, request):  # a send that takes a second (a slow reader)
-        await asyncio.sleep(1.0)
+    entered, release = threading.Event(), threading.Event()
+
+    async def slow_prepare(self, request):  # a send that lasts until the test lets it go (a slow reader)
+        entered.set()
+        for _ in range(1000):  # (10 s at most)
+            if release.is_set():
+                break
+            await asyncio.sleep(0.01)
         return await original(self, request)
 
     monkeypatch.setattr(web.FileResponse, "prepare", slow_prepare)
@@ -130,10 +136,11 @@ def test_a_sending_slot_is_held_until_the_fragment_is_sent(store, monkeypatch):
         url = f"http://127.0.0.1:{port}/fragments/{fid}"
         first = threading.Thread(target=lambda: urllib.request.urlopen(url, timeout=10).read())
         first.start()
-        time.sleep(0.3)
+        assert entered.wait(10)
         with pytest.raises(urllib.error.HTTPError) as e:  # the one slot is taken while the first is sent
             urllib.request.urlopen(url, timeout=10)
         assert e.value.code == 503 and e.value.headers["Retry-After"] == "1"
+        release.set()
         first.join(10)
         with urllib.request.urlopen(url, timeout=10) as r:  # and free again once it is sent
             assert r.status == 200

@@ -76,10 +76,13 @@ def test_ms_per_token_follows_real_decode_steps(six_loader):
         slow.seconds = 0.1  # every real step takes 100 ms, whatever the start-up measurement said
         link = NodeLink(node.url).connect()
         sid = secrets.token_bytes(16)
+        slowest_ms = 0.0  # (a step's compute is within its round trip, however loaded the machine)
         for pos in range(3):
+            t0 = time.perf_counter()
             assert link.request(forward(1, sid, pos), 10).type == wire.RESULT
+            slowest_ms = max(slowest_ms, (time.perf_counter() - t0) * 1000)
         info = link.request(wire.Frame(wire.INFO_REQ), 5).body
-        assert 95 <= info["ms_per_token"] < 300, info  # a running average would still be far off
+        assert 95 <= info["ms_per_token"] <= slowest_ms, info  # a running average would still be far off
         link.abort()
     finally:
         node.stop()

@@ -123,8 +123,19 @@ def test_a_relay_during_its_sessions_multi_row_step_is_refused_and_the_cache_sta
     rows = 300  # (the model's context is 512)
     prompt, step_row = hidden(4 + rows, seed=7), hidden(1, seed=8)
 
+    class Held(Slow):  # once armed, the pass waits (at most 30 s) until the test has had the relay's answer
+        def __init__(self, span):
+            super().__init__(span, 0.0)
+            self.armed, self.release = threading.Event(), threading.Event()
+
+        def forward_layers(self, x, cache, position):
+            if self.armed.is_set():
+                self.entered.set()
+                self.release.wait(30)
+            return self.span.forward_layers(x, cache, position)
+
     def run(node, interfere: bool):
-        slow = Slow(node.service.model, 0.4)
+        slow = Held(node.service.model)
         node.service.views[(0, 2)] = slow
         owner, carrier = NodeLink(node.url, dim=96, max_rows=4096).connect(), NodeLink(node.url).connect()
         sid = secrets.token_bytes(16)
@@ -132,15 +143,19 @@ def test_a_relay_during_its_sessions_multi_row_step_is_refused_and_the_cache_sta
             owner.request(wire.Frame(wire.FORWARD, sid, 0, prompt[:4], first_block=0, last_block=2), 30)
             long_step = wire.Frame(wire.FORWARD, sid, 4, prompt[4:], first_block=0, last_block=2)
             result = []
+            if interfere:
+                slow.armed.set()
             worker = threading.Thread(target=lambda: result.append(owner.request(long_step, 60)))
             worker.start()
             refused = None
             if interfere:
                 assert slow.entered.wait(10)
-                time.sleep(0.2)
                 relay = wire.Frame(wire.RELAY, sid, 4, step_row, first_block=0, last_block=2,
                                    body=wire.Trailer(1, []))
-                refused = wire.decode(carrier.exchange(wire.encode(relay), 10))
+                try:
+                    refused = wire.decode(carrier.exchange(wire.encode(relay), 10))
+                finally:
+                    slow.release.set()
             worker.join(60)
             after = owner.request(wire.Frame(wire.FORWARD, sid, 4 + rows, step_row, first_block=0, last_block=2), 30)
             return result[0].array, after.array, refused
