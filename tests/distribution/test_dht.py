@@ -79,12 +79,14 @@ def test_loopback_listen_announces_itself(pair):
     assert not addr.startswith("/ip4/127.0.0.1/tcp/0/")
 
 
+_HELD = []  # bound, never listening: a connection is refused, and no other process can take the port
+
+
 def closed_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    _HELD.append(s)
+    return s.getsockname()[1]
 
 
 class Quiet(BaseHTTPRequestHandler):

@@ -4,6 +4,7 @@ every failure retried where it makes sense, then one clear error, never a wrong 
 import asyncio
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -52,21 +53,11 @@ def test_infer_over_http_matches_the_local_store(default_store, tmp_path):
 
 def test_a_web_server_we_did_not_write(default_store, tmp_path):
     """python -m http.server hosting the store directory as plain files."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
-                              cwd=default_store, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "http.server did not start"
-                time.sleep(0.1)
+    server = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1"],
+                              cwd=default_store, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:  # it binds a free port itself, and says which: "Serving HTTP on 127.0.0.1 port N (...) ..."
+        assert select.select([server.stdout], [], [], 20)[0], "http.server did not start"
+        port = int(server.stdout.readline().split(" port ")[1].split()[0])
         loader = HTTPLoader(f"http://127.0.0.1:{port}/", cache_dir=tmp_path / "cache")
         model = LlamaModel(loader, backend="numpy")
         ref = LlamaModel(LocalLoader(default_store), backend="numpy")

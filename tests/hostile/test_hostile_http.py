@@ -121,12 +121,11 @@ def test_timeout_is_configurable_from_the_environment(store, tmp_path):
 def test_an_unreachable_server_exits_3_naming_it(tmp_path):
     import socket
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()  # nothing listens there now
-    proc = run_cli("fetch", f"http://127.0.0.1:{port}/", "-o", tmp_path / "out",
-                   env={"GGUF_FRAGMENTS_CACHE": str(tmp_path / "c")})
+    with socket.socket() as sock:  # bound, never listening: refused, and no other process takes the port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        proc = run_cli("fetch", f"http://127.0.0.1:{port}/", "-o", tmp_path / "out",
+                       env={"GGUF_FRAGMENTS_CACHE": str(tmp_path / "c")})
     assert_one_line_error(proc, f"127.0.0.1:{port}")
     assert proc.returncode == EXIT_UNREACHABLE
 
