@@ -50,14 +50,24 @@ def test_nodes_print_a_line_per_session_opened_and_closed(swarm):
     assert proc.returncode == 0, proc.stderr
     deadline = time.monotonic() + 10
     for node, start, span in zip(swarm, before, ("0-14", "15-29")):
-        while not any(" closed" in line for line in node.lines[start:]) and time.monotonic() < deadline:
+        # This run's lines: the session opened, and then closed. (The test before's "closed" line may
+        # still come in after ``before``, from the thread that reads the node's output.)
+        def lines(what: str) -> list[str]:
+            return [line for line in node.lines[start:] if what in line]
+
+        def sid_of(line: str) -> str:
+            return line.split(" session ")[1].split()[0]
+
+        while not (lines(" opened: ") and lines(f"session {sid_of(lines(' opened: ')[0])} closed: ")) \
+                and time.monotonic() < deadline:
             time.sleep(0.05)
-        new = [line for line in node.lines[start:] if " session " in line]
-        assert len(new) == 2, new
-        opened, closed = new
-        sid = opened.split(" session ")[1].split()[0]
-        assert f"session {sid} opened: blocks {span} (1 of 16 open)" in opened
-        assert re.search(rf"session {sid} closed: \d+ positions, [\d.]+ s \(0 of 16 open\)", closed), closed
+        opened = lines(" opened: ")
+        assert len(opened) == 1, node.lines[start:]
+        sid = sid_of(opened[0])
+        assert f"session {sid} opened: blocks {span} (1 of 16 open)" in opened[0]
+        closed = lines(f"session {sid} closed: ")
+        assert len(closed) == 1, node.lines[start:]
+        assert re.search(rf"session {sid} closed: \d+ positions, [\d.]+ s \(0 of 16 open\)", closed[0]), closed
 
 
 def test_timings_table_on_stderr(swarm):
