@@ -44,6 +44,16 @@ def start_node(loader, first: int, last: int, key: bytes | None = None, **limits
     return NodeThread(NodeService(model, manifest_sha(loader), Limits(**limits), key))
 
 
+def close_all(spans=(), hubs=(), nodes=()) -> None:
+    """A test's teardown: its span sessions, then their hubs, then the nodes."""
+    for s in spans:
+        s.close()
+    for hub in hubs:
+        hub.close()
+    for node in nodes:
+        node.stop()
+
+
 @pytest.fixture(scope="session")
 def reference(six_loader):
     """Blocks 0-2 in this process: what a node serving them must compute, bit for bit."""

@@ -19,7 +19,7 @@ from engine.model import LlamaModel
 from engine.session import LocalSpanSession
 from swarm import relay, wire
 from swarm.client import Hub, NodeLink, RelayFailed, RemoteSpanSession, relay_step
-from tests.swarm.conftest import KEY, check_alive, hidden, start_node
+from tests.swarm.conftest import KEY, check_alive, close_all, hidden, start_node
 
 
 @pytest.fixture(scope="module")
@@ -350,12 +350,7 @@ def victim_and_stranger(loader, capacity: int, seed: int):
         relay_step([va, vb], x(), timeout=10)  # the victim relays fine: node a's link to b is open
         yield a, b, (va, vb), (ta, tb), x
     finally:
-        for s in spans:
-            s.close()
-        victim_hub.close()
-        stranger_hub.close()
-        a.stop()
-        b.stop()
+        close_all(spans, (victim_hub, stranger_hub), (a, b))
 
 
 def test_a_strangers_black_hole_hop_does_not_stall_others_relays(six_loader):

@@ -12,7 +12,7 @@ import numpy as np
 
 from swarm import wire
 from swarm.client import NodeLink
-from tests.swarm.conftest import hidden, start_node
+from tests.swarm.conftest import close_all, hidden, start_node
 from tests.swarm.test_node_review import Slow, closed_within, raw_websocket
 
 
@@ -208,12 +208,7 @@ def test_black_hole_next_hops_do_not_hold_up_a_new_link_to_an_honest_node(six_lo
         time.sleep(0.5)
         relay_step([va, vb], x(), timeout=2.0)  # node a opens its link to b now
     finally:
-        for s in spans:
-            s.close()
-        victim_hub.close()
-        stranger_hub.close()
-        a.stop()
-        b.stop()
+        close_all(spans, (victim_hub, stranger_hub), (a, b))
         for hole in holes:
             hole.close()
 
