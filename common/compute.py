@@ -23,49 +23,57 @@ per hop, 90 against 70 tok/s).
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from typing import Callable, TypeVar
+
+from common.jobloop import JobLoop
 
 T = TypeVar("T")
 
 _lock = threading.Lock()
-_executor: ThreadPoolExecutor | None = None
+_executor: JobLoop | None = None
 _thread_ident: int | None = None
 
 
-def _remember_ident() -> None:
-    global _thread_ident
-    _thread_ident = threading.get_ident()
-
-
-def start() -> ThreadPoolExecutor:
-    """Start the process's compute thread (once; later calls return the same executor)."""
-    global _executor
+def start() -> JobLoop:
+    """Start the process's compute thread (once; later calls return the same executor): a JobLoop
+    (common/jobloop.py), which also serves the sockets registered with it (a node's lanes)."""
+    global _executor, _thread_ident
     with _lock:
         if _executor is None and _thread_ident is not None:
             raise RuntimeError("this process computes on its adopted thread: there is no compute thread to start")
         if _executor is None:
-            _executor = ThreadPoolExecutor(1, thread_name_prefix="compute", initializer=_remember_ident)
-            _executor.submit(lambda: None).result()  # the thread exists and its ident is known
+            jobs = JobLoop()
+            threading.Thread(target=jobs.run, name="compute", daemon=True).start()
+            _thread_ident = jobs.submit(threading.get_ident).result()  # the thread runs and its ident is known
+            _executor = jobs
         return _executor
 
 
-def adopt() -> None:
-    """Make the calling thread the compute thread, with no executor behind it: for a process that
-    computes inline on its event loop's thread (a node). ``run`` there calls directly."""
-    global _thread_ident
+def adopt(jobs: JobLoop | None = None) -> None:
+    """Make the calling thread the compute thread: ``run`` there calls directly. With ``jobs``, other
+    threads' ``run`` calls (and ``executor()``) queue their work on it, for this thread to serve by
+    calling ``jobs.run()`` (a node: swarm/node.py)."""
+    global _thread_ident, _executor
     with _lock:
         if _executor is not None:
             raise RuntimeError("a compute thread is started already")
         _thread_ident = threading.get_ident()
+        _executor = jobs
 
 
-def executor() -> ThreadPoolExecutor:
+def executor() -> Executor:
     """The compute thread's executor (starting it), for ``loop.run_in_executor``."""
-    return start()
+    return _executor if _executor is not None else start()
+
+
+def jobs() -> JobLoop | None:
+    """The compute thread's loop, if it has one (a started thread, or an adopted one given one)."""
+    return _executor
 
 
 def started() -> bool:
+    """Whether other threads' work goes to a compute thread (one started, or adopted with a loop)."""
     return _executor is not None
 
 
