@@ -38,9 +38,14 @@ from cli.common import user_errors
               help="Keep the thread that runs the blocks on one CPU and the kernels' other threads on the rest, "
                    "so the scheduler never stacks them (steps that stalled 7-37 ms on a busy machine; "
                    "common/affinity.py). Within the CPUs allowed, e.g. by taskset.")
+@click.option("--lanes/--no-lanes", default=True, show_default=True,
+              help="Take relayed decode steps on a lane too: plain TCP read by the thread that computes, "
+                   "without the WebSocket's event loop (swarm/lane.py; the WebSocket serves them either way).")
+@click.option("--lane-port", default=0, show_default=True, type=click.IntRange(0, 65535),
+              help="The lanes' TCP port, on --host; 0 picks a free port (advertised to clients in INFO).")
 @user_errors
 def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positions, max_cache_mb, max_inflight_mb,
-         idle, per_connection, swarm_key, announce, kernels, pin):
+         idle, per_connection, swarm_key, announce, kernels, pin, lanes, lane_port):
     """Serve blocks A-B of SOURCE (a store directory, http://, p2p:// or .gguf) to the swarm.
 
     Loads only those blocks, joins the DHT, announces its span under the model's per-block keys
@@ -55,6 +60,7 @@ def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positi
 
     set_threads(None)  # before numba starts its threads: brief OpenMP spinning (see cli.common)
     from common import compute
+    from common.jobloop import JobLoop
     from common.errors import UserError
     from distribution.addresses import other_manifests, parse_announce, parse_bootstrap
     from common.aio_server import check_port
@@ -67,7 +73,9 @@ def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positi
     from swarm.wire import load_key
 
     check_port(host, port)  # before the model loads
-    compute.adopt()  # this thread loads, then runs the event loop and computes inline (common.compute)
+    if lanes:
+        check_port(host, lane_port, "--lane-port")
+    compute.adopt(JobLoop())  # this thread loads, then computes every step and reads the lanes (swarm/node.py)
     try:
         spans = parse_spans(layers)
     except UserError as e:
@@ -96,4 +104,5 @@ def node(source, layers, host, port, listen, bootstrap, max_sessions, max_positi
             f"(another model, or another fragmenting of it): clients of that address will not use this node; "
             f"they find it at the p2p:// address it prints")
     with tempfile.TemporaryDirectory(prefix="node-store-") as scratch:
-        serve_node(service, host, port, listen, boots, public, store_of(loader, source, scratch), say, pin)
+        serve_node(service, host, port, listen, boots, public, store_of(loader, source, scratch), say, pin, lanes,
+                   lane_port)

@@ -175,8 +175,9 @@ async def start_site(app: web.Application, host: str, port: int, limits: Limits 
     return runner, bound
 
 
-def check_port(host: str, port: int) -> None:
-    """Fail early, before a model loads or a DHT is joined, when --port is taken (one line, naming it)."""
+def check_port(host: str, port: int, option: str = "--port") -> None:
+    """Fail early, before a model loads or a DHT is joined, when ``option``'s port is taken (one
+    line, naming it)."""
     if port == 0:
         return
     try:
@@ -184,7 +185,7 @@ def check_port(host: str, port: int) -> None:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((host, port))
     except OSError as e:
-        raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+        raise UserError(f"--host {host} {option} {port}: cannot listen there ({e.strerror or e})") from None
 
 
 # -- logs -----------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import aiohttp
 import numpy as np
 
-from swarm import relay, trace, wire
+from swarm import lane_client, relay, trace, wire
 from swarm.tap import Tap
 
 CONNECT_TIMEOUT = 10.0
@@ -352,7 +352,7 @@ class RemoteSpanSession:
 
     def __init__(self, url: str, first_layer: int, last_layer: int, capacity: int, dim: int,
                  key: bytes | None = None, dtype: str = "float32", step_timeout: float = STEP_TIMEOUT,
-                 hub: Hub | None = None, ms_per_token: float | None = None):
+                 hub: Hub | None = None, ms_per_token: float | None = None, lane_port: int | None = None):
         self.url, self.first_layer, self.last_layer = url, first_layer, last_layer
         self._capacity, self.dim, self.dtype = capacity, dim, wire.DTYPE_CODES[dtype]
         self.step_timeout = step_timeout  # a decode step's bound; a prefill gets per_row more per row
@@ -367,6 +367,11 @@ class RemoteSpanSession:
         self.steps = 0          # decode steps
         self.closed = False
         self.last_used = time.perf_counter()  # the last exchange on the link
+        self.lane_port = lane_port if isinstance(lane_port, int) and 0 < lane_port < 65536 else None  # INFO's
+        self.lane = None           # its ClientLane once bound (swarm/lane_client.py)
+        self.lane_address = None   # its node's lane, HOST:PORT (lane_client.address)
+        self.lane_bound = None     # the next lane it was bound with
+        self.lane_refused = False  # binding failed: this span relays over its WebSocket
 
     @property
     def position(self) -> int:
@@ -434,6 +439,7 @@ class RemoteSpanSession:
         except Exception:  # gone, or interrupted mid-call (Ctrl-C): closing the connection drops it too
             pass
         self.link.abort()
+        lane_client.close(self)
 
 
 class RelayFailed(Exception):
@@ -470,7 +476,13 @@ def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray, timeout: floa
         raise ValueError("a relayed step is one row, through spans sharing a hub")
     if any(s.closed or s.link.ws is None or s.link.ws.closed or s.position != first.position for s in spans):
         raise RelayFailed("a span of the route is closed or out of step")
-    position, hub, links = first.position, first.link.hub, {s.link for s in spans}
+    position = first.position
+    lanes = lane_client.usable(spans)
+    if lanes:
+        try:
+            lane_client.bind(spans, first.key)  # (once per route: connect, BIND, BOUND)
+        except lane_client.LaneLost:
+            lanes = False  # (those spans relay over their WebSockets from now on)
     t0 = time.perf_counter()  # (the round trip counts the framing and the write, as a FORWARD's does)
     step = next(_STEPS) & STEP_MASK  # echoed in the answer and in errors: a late relay's are not this step's
     hops = relay.pack_hops(tuple(s.hop for s in spans[1:]))
@@ -481,6 +493,41 @@ def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray, timeout: floa
     except ValueError as e:  # float16 overflow: the hop-by-hop step says so, naming the node
         raise RelayFailed(str(e)) from None
 
+    timeout = last.step_timeout if timeout is None else timeout
+    if lanes:
+        trace.mark("send", step)
+        try:
+            first.lane.send(data)
+        except lane_client.LaneLost as e:
+            lane_client.close(first)
+            raise RelayFailed(str(e)) from None
+        try:
+            reply = lane_client.wait(spans, first.key, step, position, timeout, RelayFailed)
+        except RelayFailed:
+            for span in spans:  # bound again at the next relayed step (a next node's link may have dropped)
+                span.lane_bound = None
+            raise
+        trace.mark("answer", step)
+    else:
+        reply = _relay_over_websockets(spans, data, step, position, timeout)
+    round_s = time.perf_counter() - t0
+    elapsed = reply.body.elapsed_us
+    rows = reply.array
+    if rows.shape != (len(spans) + 1, first.dim) or len(elapsed) != len(spans):
+        raise RelayFailed(f"{last.url}: the relayed answer does not match the route")
+    node_s = [float(t) / 1e6 for t in elapsed]
+    crossing = max(round_s - sum(node_s), 0.0) / len(spans)  # each hop's share of the time between nodes
+    for span, s in zip(spans, node_s):
+        span.relayed(s, s + crossing)
+    return rows if rows.dtype == np.float32 else rows.astype(np.float32)  # (a read-only view of the answer)
+
+
+def _relay_over_websockets(spans: list[RemoteSpanSession], data: bytes, step: int, position: int,
+                           timeout: float) -> wire.Frame:
+    """A relayed step's frame sent on the first span's WebSocket, its answer waited for on the
+    last one's (an error on any ends the wait): the RELAYED frame."""
+    first, last = spans[0], spans[-1]
+    hub, links = first.link.hub, {s.link for s in spans}
     # written here when the socket takes it at once (relay.write_now), before the event loop is
     # entered: the loop's setup for the wait then overlaps the nodes' work instead of delaying it
     trace.mark("send", step)
@@ -506,23 +553,12 @@ def relay_step(spans: list[RemoteSpanSession], hidden: np.ndarray, timeout: floa
             return reply
         return None  # left over from an earlier step: skip it
 
-    timeout = last.step_timeout if timeout is None else timeout
     try:
-        reply = hub.wait(answer, timeout, None if sent else lambda: first.link.ws.send_bytes(data))
+        return hub.wait(answer, timeout, None if sent else lambda: first.link.ws.send_bytes(data))
     except asyncio.TimeoutError:
         raise RelayFailed(f"no answer within {timeout:.1f} s") from None
     except (aiohttp.ClientError, OSError, ConnectionError) as e:
         raise RelayFailed(f"{first.url}: connection lost ({type(e).__name__})") from None
-    round_s = time.perf_counter() - t0
-    elapsed = reply.body.elapsed_us
-    rows = reply.array
-    if rows.shape != (len(spans) + 1, first.dim) or len(elapsed) != len(spans):
-        raise RelayFailed(f"{last.url}: the relayed answer does not match the route")
-    node_s = [float(t) / 1e6 for t in elapsed]
-    crossing = max(round_s - sum(node_s), 0.0) / len(spans)  # each hop's share of the time between nodes
-    for span, s in zip(spans, node_s):
-        span.relayed(s, s + crossing)
-    return rows if rows.dtype == np.float32 else rows.astype(np.float32)  # (a read-only view of the answer)
 
 
 def distributed_text_model(loader, nodes: list[str] | None = None, key: bytes | None = None, find=None,

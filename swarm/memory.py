@@ -62,6 +62,8 @@ class NodeSession:
     opened: float = field(default_factory=time.monotonic)
     relay_hops: tuple = (b"", ())      # its relays' packed hops and their parse (every step names the same)
     busy: bool = False                 # a step is part-way through (a multi-row pass yields between blocks)
+    lane: object = None                # the client's lane its relayed steps answer on (swarm/lane.py)
+    lane_next: tuple | None = None     # the next node's lane address, (host, port), or None: the last
 
     @property
     def position(self) -> int:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
+import threading
 
 from swarm.discovery import block_regions, node_record, ws_url
 from swarm.server import NodeService, make_app
@@ -14,29 +15,44 @@ REPUBLISH_S = 30.0  # the peer record carries the free capacity: refreshed this 
 
 
 def serve_node(service: NodeService, host: str, port: int, listen: str, bootstrap: list[str], public=None,
-               store=None, say=print, pin: bool = True) -> None:
+               store=None, say=print, pin: bool = True, lanes: bool = True, lane_port: int = 0) -> None:
     """Run the node until SIGINT/SIGTERM. With ``store`` (a store directory) the fragments of the
-    span are served over HTTP on the same port, as `serve --p2p --layers` does. With ``pin``, the
-    calling thread (which computes, common.compute.adopt) keeps one CPU and the process's other
+    span are served over HTTP on the same port, as `serve --p2p --layers` does.
+
+    The calling thread is the compute thread (common.compute.adopt, with a JobLoop): it computes
+    every step and reads the lanes (swarm/lane.py, on ``lane_port`` unless ``lanes`` is off); the
+    WebSocket, the fragments and the DHT run on an asyncio loop in a second thread, which hands
+    its computing over. With ``pin``, the compute thread keeps one CPU and the process's other
     threads the rest (common/affinity.py), from when the node is ready, and again at every
     republish for threads started since."""
+    from common import compute
     from common.affinity import pin_compute_thread
     from common.aio_server import quiet_logs
     from distribution.addresses import http_url, multiaddr_host
     from distribution.dht import P2PNode
     from distribution.server import start
 
+    jobs = compute.jobs()
+    if jobs is None or not compute.on_compute_thread():
+        raise RuntimeError("serve_node runs on the compute thread, adopted with a JobLoop (cli/node.py)")
     quiet_logs(prefix="node")  # malformed requests and failed accepts: one rate-limited line each
     log_sessions()
     model = service.model
     first, last = model.first_layer, model.last_layer
     toward = [h for h in map(multiaddr_host, bootstrap) if h]
     app, held = _fragment_app(store, first, last)
-    p2p, ready = None, False
+    p2p, ready, failure = None, False, []
+    stopping = threading.Event()   # a signal came
+    control: dict = {}             # the loop and its stop event, once they exist
+    # Until the node is ready a signal interrupts the main thread as in any command (KeyboardInterrupt,
+    # Terminated: "interrupted", "terminated"); from then on it stops the loop, which says "stopped".
 
     async def main():
         nonlocal p2p
         loop = asyncio.get_running_loop()
+        control["loop"], control["stop"] = loop, asyncio.Event()
+        if stopping.is_set():
+            control["stop"].set()
         runner, bound = await start(make_app(service, app), host, port, node_limits(service))  # bind first
         try:
             p2p = P2PNode(listen, bootstrap, announce=public).start()
@@ -52,38 +68,71 @@ def serve_node(service: NodeService, host: str, port: int, listen: str, bootstra
             record["http"] = http_url(host, bound, public, toward)
         await loop.run_in_executor(None, p2p.put_peer_record, record)
         await loop.run_in_executor(None, _provide, p2p, service.manifest_sha, store, held, first, last)
+        lane = f", lanes on port {service.lane_server.port}" if service.lane_server else ""
         say(f"node: blocks {first}-{last} on {url} ({service.ms_per_token:.2f} ms/token, "
             f"{service.limits.max_sessions} sessions, {service.limits.max_cache_bytes / 2**20:.0f} MiB of cache"
-            + (f", {len(held)} fragments served" if held else "") + ")")
-        if pin:
-            pin_compute_thread()  # after the DHT's and the executor's threads started: they go elsewhere
+            + (f", {len(held)} fragments served" if held else "") + lane + ")")
+        if pin:  # after the DHT's and the executor's threads started: they go elsewhere
+            await loop.run_in_executor(None, compute.run, pin_compute_thread)
         for addr in p2p.reachable_addrs():
             say(f"p2p://{service.manifest_sha}@{addr}")
         if store is None:  # a .gguf file: no manifest or fragments for a client to load its edges from
             say(f"note: a .gguf file is not a fragment store, so a client cannot start from the address above "
                 f"(it finds no manifest); reach this node with `chat` or `api --distributed --node {url}`, "
                 f"or `fragment` the file and start the node from the store to join a swarm")
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        ready = True  # (from here a signal stops it cleanly, with "stopped")
+        stop = control["stop"]
+        await loop.run_in_executor(None, compute.run, take_signals)  # (the main thread's to set)
+        ready = True  # (from here a signal stops it cleanly, with "stopped"; before, it interrupts)
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), REPUBLISH_S)
             except asyncio.TimeoutError:
-                service.remeasure_if_idle()  # (on the compute thread: a node process's main thread)
+                await loop.run_in_executor(None, compute.run, service.remeasure_if_idle)
                 record["swarm"] = node_record(service, url)
                 await loop.run_in_executor(None, p2p.put_peer_record, record)
                 if pin:
-                    pin_compute_thread()
+                    await loop.run_in_executor(None, compute.run, pin_compute_thread)
 
+    def serve_loop():
+        try:
+            asyncio.run(main())
+        except BaseException as e:  # (raised again on the compute thread, the caller's)
+            failure.append(e)
+        finally:
+            jobs.stop()
+
+    def on_signal(signum, frame):
+        stopping.set()
+        loop = control.get("loop")
+        if loop is not None:
+            loop.call_soon_threadsafe(control["stop"].set)
+
+    previous: dict = {}
+
+    def take_signals():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
+
+    thread = threading.Thread(target=serve_loop, name="node-loop")
     try:
-        asyncio.run(main())
+        if lanes:
+            service.open_lanes(host, lane_port)
+        thread.start()
+        jobs.run()  # every step of every session, until the loop's thread ends
     finally:
+        if thread.is_alive():  # (the compute loop failed: end the other side too)
+            on_signal(None, None)
+            thread.join(30)
+        if service.lane_server is not None:
+            service.lane_server.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if p2p is not None:
             p2p.stop()
         if ready:  # (a node stopped while starting says only why: the error, or "interrupted")
             say("stopped")
+    if failure:
+        raise failure[0]
 
 
 def log_sessions(stream=None) -> None:

@@ -49,6 +49,7 @@ class NodeInfo:
     rtt_ms: float
     max_sessions: int = 1
     free_cache_mb: float = float("inf")
+    lane: int | None = None  # its lane port (swarm/lane.py), if it offers one
 
     @property
     def per_block_ms(self) -> float:
@@ -100,7 +101,7 @@ class Directory:
             nodes.append(NodeInfo(url, int(info["first_block"]), int(info["last_block"]),
                                   float(info["ms_per_token"]), int(info["free_sessions"]),
                                   int(info["max_positions"]), rtt, int(info["max_sessions"]),
-                                  float(info["free_cache_mb"])))
+                                  float(info["free_cache_mb"]), info.get("lane")))
         return nodes
 
 
@@ -315,7 +316,7 @@ class Swarm:
             for node, a, b in hops:
                 spans.append(RemoteSpanSession(node.url, a, b, min(capacity, node.max_positions), self.dim,
                                                self.key, self.dtype, self.step_timeout, hub,
-                                               node.per_block_ms * (b - a + 1)))
+                                               node.per_block_ms * (b - a + 1), node.lane))
         except NodeError:
             for s in spans:
                 s.close()

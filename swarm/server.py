@@ -29,6 +29,7 @@ from aiohttp import WSMsgType, web
 
 from common import compute
 from engine import model as engine_model
+from swarm import lane as lanes
 from swarm import relay, trace, wire
 from swarm.inflight import GatedWebSocket
 from swarm.memory import Inflight, LimitError, Limits, SessionCache
@@ -79,8 +80,9 @@ class NodeService:
         self._check_inflight()
         # Every forward pass runs on the process's one compute thread (common.compute): one at a
         # time, as the kernels use every core already, and from one thread, as OpenMP needs to be
-        # fast. A node process adopts its main thread, which also runs the event loop; a node run
-        # inside another program (NodeThread) starts one.
+        # fast. It also reads the lanes (swarm/lane.py). The `node` command adopts its main thread
+        # with a JobLoop and runs the event loop on another (swarm/node.py); a node run inside
+        # another program (NodeThread) starts one.
         if not compute.on_compute_thread():
             compute.start()
         self.views: dict[tuple[int, int], object] = {}
@@ -88,6 +90,21 @@ class NodeService:
         self.recent: deque[float] = deque(maxlen=RECENT_STEPS)  # ms per token of real decode steps
         self.measured = self.measure()  # until real decode steps have been timed
         self.served = 0
+        self.lane_steps = 0  # relayed steps taken on lanes (swarm/lane.py)
+        self.lane_server: lanes.LaneServer | None = None  # open_lanes
+
+    def open_lanes(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Take relayed decode steps on a lane port too (swarm/lane.py), served by the compute
+        thread's loop; returns the port. From the compute thread itself before its loop runs (a
+        node process's main thread), or from any other thread once it runs."""
+        jobs = compute.jobs()
+        if jobs is None:
+            raise RuntimeError("lanes need the compute thread's loop (common.compute.start, or adopt with one)")
+        if compute.on_compute_thread():
+            self.lane_server = lanes.LaneServer(self, jobs, host, port)
+        else:
+            self.lane_server = lanes.LaneServer.start(self, jobs, host, port)
+        return self.lane_server.port
 
     @property
     def ms_per_token(self) -> float:
@@ -117,7 +134,7 @@ class NodeService:
                 "max_positions": self.limits.max_positions,
                 "free_cache_mb": round(self.cache.free_bytes / 2**20, 1),
                 "ms_per_token": round(self.ms_per_token, 3), "private": self.key is not None,
-                "version": wire.VERSION}
+                "version": wire.VERSION, **({"lane": self.lane_server.port} if self.lane_server else {})}
 
     def measure(self, steps: int = 8, warm_up: int = 8) -> float:
         """ms per decode token over the whole span, before any real step has been timed: the fastest
@@ -211,9 +228,10 @@ class NodeService:
         token's time goes").
 
         Returns False, having changed nothing, unless ``data`` is a well-formed RELAY for a session
-        open here, computed on this thread, whose output the next node (or the client) takes at
-        once; the usual path (``handle``) then takes the frame, and answers its errors. (A node run
-        inside another program, ``NodeThread``, computes on its compute thread, its loop waiting.)"""
+        open here, computed (on the compute thread, the loop waiting) and whose output the next
+        node (or the client) takes at once; the usual path (``handle``) then takes the frame, and
+        answers its errors. A client uses this path when a node of its route has no lane
+        (swarm/lane.py), where the compute thread reads the relay itself."""
         try:
             frame = wire.decode(data, self.key, self.dim, self.limits.max_positions)
             if frame.type != wire.RELAY:
@@ -243,6 +261,97 @@ class NodeService:
             self.relays.spawn(self._pass_on(frame, step, session, hop, out))
         self._count_step(session, frame, y, seconds)  # (after the output left: off the token's path)
         return True
+
+    # -- lanes (swarm/lane.py): on the compute thread ---------------------------------------------------
+    def lane_frame(self, lane, data) -> None:
+        """A frame from a lane: a BIND, or a relayed decode step computed and written on at once.
+        Its answer and its errors go to the session's client on its lane; an error about a frame
+        whose session is not known goes back on the lane it came in on."""
+        sid = bytes(data[8:24]) if len(data) >= 24 else bytes(16)
+        frame = session = None
+        try:
+            frame = wire.decode(data, self.key, self.dim, relay.MAX_HOPS + 1)
+            if frame.type == wire.BIND:
+                return self._bind(lane, frame)
+            if frame.type != wire.RELAY:
+                raise wire.WireError("bad_frame", f"a lane takes BIND and RELAY frames, not "
+                                                  f"{wire.TYPE_NAMES[frame.type]}")
+            step, hops, elapsed, session = self._relay_checks(frame)
+        except Exception as e:  # a relay's error goes to its session's client if bound; any other back
+            known = self.cache.sessions.get(sid) if frame is not None and frame.type == wire.RELAY else None
+            to = known.lane if known is not None and known.lane is not None and not known.lane.closed else lane
+            to.send(wire.encode(wire.error_frame(sid, *_failure(e), frame is None or frame.type == wire.RELAY,
+                                                 relay.step_or_none(frame)), self.key))
+            return
+        client = session.lane
+        if client is None or client.closed:
+            lane.send(wire.encode(wire.error_frame(sid, "lane", f"session {sid.hex()} is not bound to a lane: "
+                                                                "BIND it first", True, step), self.key))
+            return
+        trace.mark("read", step)
+        try:
+            if frame.position + 1 > session.cache.capacity:  # (growing it is the WebSocket's, with its budget)
+                raise wire.WireError("lane", f"session {sid.hex()} must grow its cache: a FORWARD does that")
+            session.last_used = time.monotonic()
+            # (not marked busy: a FORWARD for this session arriving meanwhile, its client having given
+            # this step up, is computed after it on this same thread, and its result is what stays)
+            trace.mark("compute", step)
+            y, seconds = self._compute(session, frame.array[-1:].astype(np.float32, copy=False), frame.position,
+                                       frame.position)
+            trace.mark("computed", step)
+            self._check_output(frame, y)
+            hop, out = self._relay_output(frame, step, hops, elapsed, y, seconds)
+            if hop is None:
+                client.send(out)
+            else:
+                if session.lane_next is None:
+                    raise relay.RelayError("no next node's lane is bound for this session")
+                link = self.lane_server.links.get(session.lane_next)
+                if link is None or not link.send(out):
+                    self.lane_server.link(session.lane_next)  # (connecting again, for the steps after this one)
+                    raise relay.RelayError(f"the next node's lane {lanes.format_address(*session.lane_next)} "
+                                           f"is not connected")
+        except Exception as e:
+            client.send(wire.encode(wire.error_frame(sid, *_failure(e), True, step), self.key))
+            return
+        self._count_step(session, frame, y, seconds)  # (after the output left: off the token's path)
+        self.lane_steps += 1
+
+    def _bind(self, lane, frame: wire.Frame) -> None:
+        """A client's BIND: its session's relayed steps answer on ``lane``, and go on to the named next lane."""
+        session = self.cache.sessions.get(frame.session)
+        if session is None:
+            raise wire.WireError("unknown_session", f"session {frame.session.hex()} is not open here")
+        if session.lane is not None and session.lane is not lane and not session.lane.closed:
+            raise wire.WireError("wrong_session", f"session {frame.session.hex()} is bound to another lane")
+        nxt = (frame.body or {}).get("next")
+        try:
+            address = None if nxt is None else lanes.parse_address(nxt)
+        except ValueError as e:
+            raise wire.WireError("bad_frame", f"next: {e}") from None
+        session.lane, session.lane_next = lane, address
+        bound = wire.encode(wire.Frame(wire.BOUND, frame.session), self.key)
+        if address is None:
+            lane.send(bound)
+            return
+        link = self.lane_server.link(address)
+
+        def ready(outcome) -> None:
+            lane.send(bound if outcome is True else wire.encode(wire.error_frame(
+                frame.session, "relay", f"the next node's lane {link.name}: {outcome}"), self.key))
+
+        link.when_ready(ready)
+
+    def unbind(self, lane) -> None:
+        """A lane closed: its sessions answer on the WebSocket again."""
+        for session in list(self.cache.sessions.values()):
+            if session.lane is lane:
+                session.lane, session.lane_next = None, None
+
+    def lanes_in_use(self, now: float) -> set:
+        """The lanes of sessions used within the idle time (they stay open, silent or not)."""
+        return {s.lane for s in list(self.cache.sessions.values())
+                if s.lane is not None and now - s.last_used <= self.limits.idle_s}
 
     def _relay_checks(self, frame: wire.Frame):
         """A RELAY's compute times, hops and session, checked (its trailer's sizes were, by
@@ -301,12 +410,9 @@ class NodeService:
     async def _step(self, session, frame: wire.Frame, x: np.ndarray) -> tuple[np.ndarray, float]:
         """x (T, dim) through the session's blocks at frame.position: (T, dim) and the compute seconds."""
         self._begin_step(session, frame, x.shape[0])
-        session.busy = True  # (the pass gives the loop back between blocks: _session refuses steps meanwhile)
+        session.busy = True  # (the pass gives the loop back between pieces: _session refuses steps meanwhile)
         try:
-            if compute.on_compute_thread():  # the node's own process: this loop's thread computes
-                y, seconds = await self._compute_inline(session, x, frame.position)
-            else:
-                y, seconds = await self._compute_pieces(session, x, frame.position)
+            y, seconds = await self._compute_pieces(session, x, frame.position)
         finally:
             session.busy = False
         return self._end_step(session, frame, y, seconds)
@@ -376,35 +482,11 @@ class NodeService:
                                              f"{sid.hex()} holds {session.position} positions")
         return session
 
-    async def _compute_inline(self, session, x: np.ndarray, position: int) -> tuple[np.ndarray, float]:
-        """The forward pass on this thread, the event loop's (a node process adopts it as its compute
-        thread, common.compute): a decode step needs no hand-over to another thread and back. A
-        multi-row pass gives the loop back between blocks, so INFO, other sessions' steps and the
-        fragment server are answered within one block's time; it is the same work, so the result is
-        bit for bit that of one call (and a replay in the same frames rebuilds the cache)."""
-        view = self.view(session.first_block, session.last_block)
-        # (the engine never writes into its input: a float32 view of the received frame serves as is)
-        steps = view.forward_layers_steps(x if x.dtype == np.float32 else x.astype(np.float32), session.cache, position)
-        seconds = 0.0
-        try:
-            while True:
-                t0 = time.perf_counter()
-                try:
-                    next(steps)
-                except StopIteration as done:
-                    return done.value, seconds + time.perf_counter() - t0
-                seconds += time.perf_counter() - t0
-                await asyncio.sleep(0)
-        except BaseException:  # an error, or the connection's task cancelled: nothing of this frame is kept
-            steps.close()
-            session.cache.length = position
-            raise
-
     async def _compute_pieces(self, session, x: np.ndarray, position: int) -> tuple[np.ndarray, float]:
-        """The forward pass on the process's compute thread, for a node run inside another program
-        (tests, benchmarks: ``NodeThread``). A long prefill goes in pieces of the engine's own prompt
-        chunk, each queued on its own, so other sessions' decode steps run between them;
-        forward_layers splits at the same rows, so the result is bit for bit that of one call."""
+        """The forward pass on the process's compute thread, handed over from the event loop's. A
+        long prefill goes in pieces of the engine's own prompt chunk, each queued on its own, so
+        other sessions' decode steps (their lanes, their jobs) run between them; forward_layers
+        splits at the same rows, so the result is bit for bit that of one call."""
         loop, piece, T = asyncio.get_running_loop(), engine_model.PROMPT_CHUNK, x.shape[0]
         y, seconds = np.empty((T, self.dim), np.float32), 0.0  # pieces in, pieces out: no whole-frame copies
         for i in range(0, T, piece):
@@ -544,10 +626,12 @@ async def _receive(ws: web.WebSocketResponse, gate, service: NodeService, conn):
 class NodeThread:
     """A node serving on 127.0.0.1 from a background thread (tests, benchmarks)."""
 
-    def __init__(self, service: NodeService, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, service: NodeService, host: str = "127.0.0.1", port: int = 0, lanes: bool = True):
         from distribution.server import start
 
         self.service = service
+        if lanes and service.lane_server is None:  # (on the compute thread's loop: NodeService started it)
+            service.open_lanes(host)
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
 
@@ -573,6 +657,9 @@ class NodeThread:
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(30)
+        server, self.service.lane_server = self.service.lane_server, None
+        if server is not None:  # (its lanes close as a dead node's would)
+            compute.run(server.close)
 
     def __enter__(self):
         return self

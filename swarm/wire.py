@@ -3,7 +3,8 @@
     offset size  field
     0      4     magic        b"GFSW"
     4      1     version      2 (1 carried RELAY trailers as JSON)
-    5      1     type         INFO_REQ, INFO, FORWARD, RESULT, CLOSE, CLOSED, ERROR, RELAY, RELAYED
+    5      1     type         INFO_REQ, INFO, FORWARD, RESULT, CLOSE, CLOSED, ERROR, RELAY, RELAYED,
+                              BIND, BOUND (on lanes only: swarm/lane.py)
     6      1     dtype        0 none (body is UTF-8 JSON or empty), 1 float32, 2 float16
     7      1     flags        bit 0: a 32-byte HMAC-SHA256 follows the body
     8      16    session      the session id, 128 bits the client chose at random
@@ -66,9 +67,9 @@ MAX_HOPS_BYTES = MAX_HOPS * (HOP_HEAD.size + MAX_URL)
 _TIMES = [struct.Struct(f"<{n}I") for n in range(MAX_HOPS + 1)]  # a trailer's n compute times
 F16_MAX = 65504.0     # float16's largest finite value: beyond it a cast gives infinity
 
-INFO_REQ, INFO, FORWARD, RESULT, CLOSE, CLOSED, ERROR, RELAY, RELAYED = range(1, 10)
+INFO_REQ, INFO, FORWARD, RESULT, CLOSE, CLOSED, ERROR, RELAY, RELAYED, BIND, BOUND = range(1, 12)
 TYPE_NAMES = {INFO_REQ: "INFO_REQ", INFO: "INFO", FORWARD: "FORWARD", RESULT: "RESULT", CLOSE: "CLOSE",
-              CLOSED: "CLOSED", ERROR: "ERROR", RELAY: "RELAY", RELAYED: "RELAYED"}
+              CLOSED: "CLOSED", ERROR: "ERROR", RELAY: "RELAY", RELAYED: "RELAYED", BIND: "BIND", BOUND: "BOUND"}
 ARRAY_TYPES = {FORWARD, RESULT, RELAY, RELAYED}
 TRAILER_TYPES = {RELAY, RELAYED}  # an array, then a Trailer
 

@@ -39,9 +39,11 @@ def six_loader(six_store):
     return LocalLoader(six_store)
 
 
-def start_node(loader, first: int, last: int, key: bytes | None = None, **limits) -> NodeThread:
+def start_node(loader, first: int, last: int, key: bytes | None = None, lanes: bool = True, **limits) -> NodeThread:
+    """A node on 127.0.0.1, with lanes (swarm/lane.py) unless ``lanes`` is False: a test of the
+    WebSocket's own relay path turns them off, as a client then relays over the WebSockets."""
     model = LlamaModel(loader, backend="numba", layers=(first, last))
-    return NodeThread(NodeService(model, manifest_sha(loader), Limits(**limits), key))
+    return NodeThread(NodeService(model, manifest_sha(loader), Limits(**limits), key), lanes=lanes)
 
 
 def close_all(spans=(), hubs=(), nodes=()) -> None:

@@ -1,5 +1,6 @@
-"""The node's fast lane (NodeService.relay_now, Gate.fast): relayed decode steps are computed and
-passed on from the socket's read callback, with the same tokens; what it declines takes the usual
+"""The node's fast lane on its WebSocket (NodeService.relay_now, Gate.fast): relayed decode steps
+are computed and passed on from the socket's read callback, with the same tokens (the nodes here
+have no lanes, swarm/lane.py, which a client would use instead: tests/swarm/test_lane.py); what it declines takes the usual
 path; connections it leaves silent are not closed as idle; relay.write_now, the synchronous send
 it uses, writes what aiohttp's send_bytes would (its private writer has not moved); and frames
 aiohttp would refuse (reserved bits set, anything after a close) never take the lane."""
@@ -40,7 +41,7 @@ def count_fast(monkeypatch, nodes) -> list[list[bool]]:
 
 
 def test_relayed_steps_take_the_fast_lane_with_the_same_tokens(six_loader, local_greedy, monkeypatch):
-    nodes = [start_node(six_loader, 0, 1), start_node(six_loader, 2, 3), start_node(six_loader, 4, 5)]
+    nodes = [start_node(six_loader, a, b, lanes=False) for a, b in [(0, 1), (2, 3), (4, 5)]]
     try:
         verdicts = count_fast(monkeypatch, nodes)  # (set before the first connection: the gate reads it then)
         tm = distributed_text_model(six_loader, [n.url for n in nodes])
@@ -58,7 +59,7 @@ def test_relayed_steps_take_the_fast_lane_with_the_same_tokens(six_loader, local
 def test_a_relay_the_lane_declines_is_answered_on_the_usual_path(six_loader, local_greedy, monkeypatch):
     """A node whose next hop does not take the output at once (its link is queued) declines, and
     the step still goes through, bit for bit."""
-    nodes = [start_node(six_loader, 0, 2), start_node(six_loader, 3, 5)]
+    nodes = [start_node(six_loader, 0, 2, lanes=False), start_node(six_loader, 3, 5, lanes=False)]
     try:
         verdicts = count_fast(monkeypatch, nodes)
         monkeypatch.setattr(nodes[0].service.relays, "can_send_now", lambda hop, size: False)
@@ -76,7 +77,7 @@ def test_connections_silent_because_of_the_lane_are_not_closed_as_idle(six_loade
     """idle_s of 1 s, steps 0.4 s apart for over 3 s: the first node's connection from the client,
     the second's from the first node, and the client's to the second (which only receives
     answers) all see no message of their own, and all stay open: every step relayed, no failover."""
-    nodes = [start_node(six_loader, 0, 2, idle_s=1.0), start_node(six_loader, 3, 5, idle_s=1.0)]
+    nodes = [start_node(six_loader, 0, 2, lanes=False, idle_s=1.0), start_node(six_loader, 3, 5, lanes=False, idle_s=1.0)]
     try:
         verdicts = count_fast(monkeypatch, nodes)
         tm = distributed_text_model(six_loader, [n.url for n in nodes])

@@ -1,0 +1,323 @@
+"""Lanes (swarm/lane.py): relayed decode steps over plain TCP on the nodes' compute threads.
+
+The framing under any split of the bytes; routes over lanes giving local greedy's tokens and
+actually using them; a node without lanes relaying over its WebSocket; every kind of bad frame
+on a lane answered (or the lane closed) with the node serving on; a private swarm's key on lanes.
+"""
+
+from __future__ import annotations
+
+import secrets
+import select
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from common.jobloop import JobLoop
+from swarm import lane, relay, wire
+from swarm.client import RemoteSpanSession, distributed_text_model, timings
+from tests.swarm.conftest import KEY, PROMPT, check_alive, greedy, hidden, start_node
+
+N = 8
+
+
+@pytest.fixture(scope="module")
+def loop():
+    jobs = JobLoop()
+    thread = threading.Thread(target=jobs.run, daemon=True)
+    thread.start()
+    yield jobs
+    jobs.stop()
+    thread.join(10)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=8), cuts=st.lists(st.integers(1, 4000), max_size=12))
+def test_frames_arrive_whole_however_the_bytes_are_split(loop, sizes, cuts):
+    frames = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    got, done = [], threading.Event()
+
+    def on_frame(_, frame):
+        got.append(bytes(frame))
+        if len(got) == len(frames):
+            done.set()
+
+    ours, theirs = socket.socketpair()
+    loop.submit(lane.Lane, loop, ours, on_frame, lambda _: None, 4096).result(10)
+    stream = b"".join(lane.LEN.pack(len(f)) + f for f in frames)
+    at = 0
+    for cut in cuts:  # the stream in pieces of these sizes (the rest in one)
+        theirs.sendall(stream[at:at + cut])
+        at += cut
+        time.sleep(0.001)
+    theirs.sendall(stream[at:])
+    assert done.wait(10), (len(got), len(frames))
+    assert got == frames
+    theirs.close()
+
+
+def test_a_frame_over_the_limit_closes_the_lane(loop):
+    ours, theirs = socket.socketpair()
+    closed = threading.Event()
+    loop.submit(lane.Lane, loop, ours, lambda *a: None, lambda _: closed.set(), 1000).result(10)
+    theirs.sendall(lane.LEN.pack(1001))
+    assert closed.wait(10)
+    theirs.settimeout(10)
+    assert theirs.recv(10) == b""  # the node hung up
+    theirs.close()
+
+
+@given(st.text(max_size=40))
+def test_lane_addresses_are_host_and_port_or_refused(text):
+    try:
+        host, port = lane.parse_address(text)
+    except ValueError:
+        return
+    assert 0 < port < 65536 and host and lane.parse_address(lane.format_address(host, port)) == (host, port)
+
+
+def test_three_nodes_on_lanes_equal_local(six_loader, local_greedy):
+    nodes = [start_node(six_loader, a, b) for a, b in [(0, 1), (2, 3), (4, 5)]]
+    try:
+        assert all(n.service.info()["lane"] == n.service.lane_server.port for n in nodes)
+        tm = distributed_text_model(six_loader, [n.url for n in nodes])
+        for prompt in (PROMPT, [5, 400, 12]):
+            with tm.open_session(64) as s:
+                assert greedy(s, prompt, N) == local_greedy(prompt, N)
+        t = timings(tm)
+        assert t["relayed_steps"] == 2 * (N - 1) and t["failovers"] == 0
+        assert [n.service.lane_steps for n in nodes] == [2 * (N - 1)] * 3  # every relayed step took the lanes
+        assert all(not n.service.cache.sessions for n in nodes)
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def test_a_node_without_lanes_relays_over_its_websocket(six_loader, local_greedy):
+    from swarm.server import NodeThread
+
+    a = start_node(six_loader, 0, 2)
+    b_service = start_node(six_loader, 3, 5)
+    b_service.stop()  # (a service whose thread never opened lanes: its own NodeThread below)
+    service = b_service.service
+    b = NodeThread(service, lanes=False)
+    try:
+        assert "lane" not in service.info()
+        tm = distributed_text_model(six_loader, [a.url, b.url])
+        with tm.open_session(64) as s:
+            assert greedy(s, PROMPT, N) == local_greedy(PROMPT, N)
+        assert timings(tm)["relayed_steps"] == N - 1
+        assert a.service.lane_steps == 0 and service.lane_steps == 0  # the route's relays took the WebSockets
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_middle_node_killed_on_lanes_fails_over_with_the_same_tokens(six_loader, local_greedy):
+    a, b, c = (start_node(six_loader, *s) for s in [(0, 1), (2, 3), (4, 5)])
+    spare = None
+    try:
+        tm = distributed_text_model(six_loader, [a.url, b.url, c.url])
+        with tm.open_session(64) as s:
+            def kill(i):
+                nonlocal spare
+                if i == 3:
+                    b.stop()
+                    spare = start_node(six_loader, 2, 3)
+                    tm.open_session.__self__.directory.urls.append(spare.url)
+            assert greedy(s, PROMPT, N, kill) == local_greedy(PROMPT, N)
+        t = timings(tm)
+        assert t["failovers"] == 1 and {"blocks": "2-3", "node": spare.url} in t["route"]
+        assert spare.service.lane_steps > 0  # the new route was bound on lanes again (a's next lane is the spare's)
+    finally:
+        for n in (a, b, c, spare):
+            if n:
+                n.stop()
+
+
+class RawLane:
+    """A test's own lane to a node: frames out, frames (or the hang-up) back."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buf = b""
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(lane.LEN.pack(len(data)) + data)
+
+    def reply(self, key=None) -> wire.Frame:
+        while True:
+            if len(self.buf) >= 4 and len(self.buf) >= 4 + lane.LEN.unpack_from(self.buf)[0]:
+                n = lane.LEN.unpack_from(self.buf)[0]
+                raw, self.buf = self.buf[4:4 + n], self.buf[4 + n:]
+                return wire.decode(raw, key)
+            data = self.sock.recv(65536)
+            assert data, "the node closed the lane"
+            self.buf += data
+
+    def hung_up(self) -> bool:
+        ready = select.select([self.sock], [], [], 10)[0]
+        return bool(ready) and self.sock.recv(10) == b""
+
+    def close(self):
+        self.sock.close()
+
+
+def _relay(sid: bytes, position: int = 0, key=None, step: int = 1, hops: bytes = b"") -> bytes:
+    return wire.encode(wire.Frame(wire.RELAY, sid, position, hidden(1), first_block=0, last_block=2,
+                                  body=wire.Trailer(step, [], hops)), key)
+
+
+def test_bad_frames_on_a_lane_get_errors_and_the_node_serves_on(six_loader, reference):
+    node = start_node(six_loader, 0, 2)
+    port = node.service.lane_server.port
+    raw = RawLane(port)
+    try:
+        raw.send(b"not a frame at all, but long enough to look at")
+        assert raw.reply().body["code"] == "bad_frame"
+        raw.send(wire.encode(wire.Frame(wire.FORWARD, secrets.token_bytes(16), 0, hidden(2), first_block=0,
+                                        last_block=2)))
+        reply = raw.reply()
+        assert reply.body["code"] == "bad_frame" and "BIND and RELAY" in reply.body["message"]
+        sid = secrets.token_bytes(16)
+        raw.send(_relay(sid, step=7))
+        reply = raw.reply()
+        assert reply.body["code"] == "unknown_session" and reply.body["step"] == 7
+        raw.send(wire.encode(wire.Frame(wire.BIND, sid, body={"next": None})))
+        assert raw.reply().body["code"] == "unknown_session"
+        # a session opened over the WebSocket: a relay before any BIND, a BIND naming no address
+        owner = RemoteSpanSession(node.url, 0, 2, 32, 96)
+        owner.forward(hidden(3))
+        raw.send(_relay(owner.sid, position=3, step=8))
+        reply = raw.reply()
+        assert reply.body["code"] == "lane" and "BIND it first" in reply.body["message"]
+        raw.send(wire.encode(wire.Frame(wire.BIND, owner.sid, body={"next": "no port here"})))
+        assert raw.reply().body["code"] == "bad_frame"
+        raw.send(wire.encode(wire.Frame(wire.BIND, owner.sid, body={"next": None})))
+        assert raw.reply().type == wire.BOUND
+        other = RawLane(port)  # a second lane cannot take the session over
+        other.send(wire.encode(wire.Frame(wire.BIND, owner.sid, body={"next": None})))
+        assert other.reply().body["code"] == "wrong_session"
+        # the bound lane gets the answer of a relay sent on another lane
+        other.send(_relay(owner.sid, position=3, step=9))
+        reply = raw.reply()
+        assert reply.type == wire.RELAYED and reply.body.step == 9 and reply.array.shape == (2, 96)
+        # a relay out of step (position 3 again) goes to the bound lane, as an error naming the step
+        other.send(_relay(owner.sid, position=3, step=10))
+        reply = raw.reply()
+        assert reply.body["code"] == "position" and reply.body["step"] == 10
+        # a next hop the session is not bound to
+        hops = relay.pack_hops((relay.Hop("ws://127.0.0.1:9/swarm", secrets.token_bytes(16), 3, 5),))
+        other.send(_relay(owner.sid, position=4, step=11, hops=hops))
+        reply = raw.reply()
+        assert reply.body["code"] == "relay" and reply.body["step"] == 11
+        other.close()
+        # a length beyond any frame a lane takes: the lane is closed
+        raw.send_raw(lane.LEN.pack(lane.max_frame(96) + 1))
+        assert raw.hung_up()
+        owner.close()
+        check_alive(node, reference)
+    finally:
+        raw.close()
+        node.stop()
+
+
+def test_a_bind_naming_a_dead_next_lane_is_refused(six_loader):
+    node = start_node(six_loader, 0, 2)
+    held = socket.socket()  # a port bound, never listening: connections to it are refused
+    held.bind(("127.0.0.1", 0))
+    raw = RawLane(node.service.lane_server.port)
+    owner = RemoteSpanSession(node.url, 0, 2, 32, 96)
+    try:
+        owner.forward(hidden(2))
+        raw.send(wire.encode(wire.Frame(wire.BIND, owner.sid, body={"next": f"127.0.0.1:{held.getsockname()[1]}"})))
+        reply = raw.reply()
+        assert reply.type == wire.ERROR and reply.body["code"] == "relay" and "cannot connect" in reply.body["message"]
+    finally:
+        owner.close()
+        raw.close()
+        held.close()
+        node.stop()
+
+
+def test_a_private_swarms_lanes_take_only_its_frames(six_loader, local_greedy):
+    nodes = [start_node(six_loader, a, b, key=KEY) for a, b in [(0, 2), (3, 5)]]
+    raw = RawLane(nodes[0].service.lane_server.port)
+    try:
+        raw.send(_relay(secrets.token_bytes(16)))  # no HMAC
+        reply = raw.reply(KEY)
+        assert reply.body["code"] == "auth"
+        raw.send(_relay(secrets.token_bytes(16), key=b"another-swarm-key-0123456789"))
+        assert raw.reply(KEY).body["code"] == "auth"
+        tm = distributed_text_model(six_loader, [n.url for n in nodes], key=KEY)
+        with tm.open_session(64) as s:
+            assert greedy(s, PROMPT, N) == local_greedy(PROMPT, N)
+        assert [n.service.lane_steps for n in nodes] == [N - 1] * 2
+    finally:
+        raw.close()
+        for n in nodes:
+            n.stop()
+
+
+def test_a_silent_lane_of_no_session_closes_after_the_idle_time(six_loader):
+    node = start_node(six_loader, 0, 2, idle_s=1.0)
+    raw = RawLane(node.service.lane_server.port)  # bound to nothing, silent
+    try:
+        assert raw.hung_up()  # (the sweep runs every second: within idle_s + 1 s, well within 10 s)
+        assert not node.service.lane_server.lanes
+    finally:
+        raw.close()
+        node.stop()
+
+
+def test_lanes_and_websockets_in_use_stay_open_past_the_idle_time(six_loader, local_greedy):
+    """idle_s of 1 s, steps 0.4 s apart for over 3 s: the WebSockets carry nothing after the prompt
+    and the lanes each carry one frame a step; nothing is closed as idle: every step on the lanes."""
+    nodes = [start_node(six_loader, a, b, idle_s=1.0) for a, b in [(0, 2), (3, 5)]]
+    try:
+        tm = distributed_text_model(six_loader, [n.url for n in nodes])
+        with tm.open_session(64) as s:
+            assert greedy(s, PROMPT, 9, lambda i: time.sleep(0.4)) == local_greedy(PROMPT, 9)
+        t = timings(tm)
+        assert t["relayed_steps"] == 8 and t["failovers"] == 0, t
+        assert [n.service.lane_steps for n in nodes] == [8, 8]
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def test_answers_are_the_same_rows_as_over_the_websocket(six_loader):
+    """One relayed step both ways, from the same cache state: the same bytes back."""
+    from swarm.client import Hub, relay_step
+
+    nodes = [start_node(six_loader, a, b) for a, b in [(0, 2), (3, 5)]]
+    try:
+        results = []
+        for use_lanes in (True, False):
+            hub = Hub()
+            spans = [RemoteSpanSession(n.url, a, b, 32, 96, hub=hub,
+                                       lane_port=n.service.lane_server.port if use_lanes else None)
+                     for n, (a, b) in zip(nodes, [(0, 2), (3, 5)])]
+            x = hidden(4, seed=5)
+            y = spans[1].forward(spans[0].forward(x))
+            rows = relay_step(spans, hidden(1, seed=6))
+            results.append((y, rows))
+            assert (spans[0].lane is not None) == use_lanes
+            for sp in spans:
+                sp.close()
+            hub.close()
+        (y1, r1), (y2, r2) = results
+        np.testing.assert_array_equal(y1, y2)
+        np.testing.assert_array_equal(r1, r2)
+        assert [n.service.lane_steps for n in nodes] == [1, 1]
+    finally:
+        for n in nodes:
+            n.stop()
