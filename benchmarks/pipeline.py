@@ -51,9 +51,9 @@ NODE_ARGS: tuple[str, ...] = ()  # --node-args: given to every `node` this bench
 class Node:
     """A `node` process; waits (bounded) for its address line."""
 
-    def __init__(self, source: str, first: int, last: int, timeout: float = 300):
+    def __init__(self, source: str, first: int, last: int, timeout: float = 300, args: tuple[str, ...] = ()):
         self.first, self.last = first, last
-        self.proc = subprocess.Popen([str(BIN / "node"), source, "--layers", f"{first}-{last}", *NODE_ARGS],
+        self.proc = subprocess.Popen([str(BIN / "node"), source, "--layers", f"{first}-{last}", *NODE_ARGS, *args],
                                      stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         threading.Thread(target=lambda: [self.lines.append(x.strip()) for x in self.proc.stderr], daemon=True).start()
@@ -151,7 +151,8 @@ def bench_model(label: str, source: str, loader, prompt_len: int, decode: int, r
     expected = warm(model.open_session)
     rows = []
     for k, relay in ((1, True), (2, True), (3, True), (1, False), (3, False)):
-        nodes = [Node(source, a, b) for a, b in splits(n_layers, k)]
+        # (the proxy sits in front of the WebSocket ports: lanes, which would go around it, are off)
+        nodes = [Node(source, a, b, args=("--no-lanes",) if delay_ms else ()) for a, b in splits(n_layers, k)]
         proxy = Delayed([n.url for n in nodes], delay_ms) if delay_ms else None
         try:
             tm = distributed_text_model(loader, proxy.urls if proxy else [n.url for n in nodes], relay=relay)
@@ -328,7 +329,8 @@ def main() -> None:
     # tok/s when they shared this one).
     print(f"load average {os.getloadavg()[0]:.1f} at the start")
     if args.delay_ms:
-        print(f"every connection to a node: {args.delay_ms:g} ms of latency each way (benchmarks/delay_proxy.py)")
+        print(f"every connection to a node: {args.delay_ms:g} ms of latency each way (benchmarks/delay_proxy.py); "
+              f"the nodes run --no-lanes, as lanes would go around the proxy")
     if not trace_dir:
         print(f"{'':<10} {'':<22} {'local tok/s':>15} {'routed tok/s':>15}")
         print(f"{'model':<10} {'route':<22} {'prefill':>7} {'decode':>7} {'prefill':>7} {'decode':>7} {'pre/loc':>7} "

@@ -9,13 +9,18 @@ CPU), passing each step's rows around a ring of loopback TCP sockets with blocki
 
     client --rows--> worker 1 --rows--> worker 2 --rows--> worker 3 --rows--> client
 
+With ``--wire``, the rows go as the swarm's relayed steps do: each worker decodes and checks a
+``RELAY`` frame of swarm/wire.py (trailer, hops parsed once), computes the last row, and encodes
+the next ``RELAY`` (or the ``RELAYED`` answer), each frame preceded by its length as on a lane
+(swarm/lane.py); still blocking sockets and no event loop. That is what a lane costs at least.
+
 The client is this process, embedding, sampling and applying the head through the engine's own
 ``RoutedSession``, as `infer --distributed` does. Pairs of greedy runs, local (every block in this
 process) then over the ring, back to back; the tokens are checked equal. What this ratio misses
 of 1.0 is the cost of the pipeline itself on this machine (processes woken on idle cores, steps
 starting cold); what the real route misses beyond it is the software's.
 
-    .venv/bin/python benchmarks/pipeline_floor.py [--sets 3] [--pairs 8]
+    .venv/bin/python benchmarks/pipeline_floor.py [--sets 3] [--pairs 8] [--wire]
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ apply_thread_env()
 import numpy as np  # noqa: E402
 
 HEAD = struct.Struct("<qq")  # position, rows (rows < 0: stop)
+LEN = struct.Struct("<I")    # --wire: a frame's length (as on a lane), then the frame; length 0: stop
 TIMEOUT_S = 120.0            # no socket waits longer: a dead worker ends the benchmark
 
 
@@ -58,7 +64,7 @@ def connect(port: int) -> socket.socket:
     return sock
 
 
-def worker(first: int, last: int, next_port: int, ready) -> None:
+def worker(first: int, last: int, next_port: int, ready, wire_frames: bool = False) -> None:
     """One span: accept the previous hop, connect to the next, then run every step received."""
     from common.affinity import pin_compute_thread
     from distribution.local import LocalLoader
@@ -78,6 +84,8 @@ def worker(first: int, last: int, next_port: int, ready) -> None:
     prev, _ = listener.accept()
     prev.settimeout(TIMEOUT_S)
     nxt = connect(next_port)
+    if wire_frames:
+        return relay_frames(model, cache, prev, nxt)
     while True:
         pos, rows = HEAD.unpack(recv_exactly(prev, HEAD.size))
         if rows < 0:
@@ -86,6 +94,38 @@ def worker(first: int, last: int, next_port: int, ready) -> None:
         x = np.frombuffer(recv_exactly(prev, rows * dim * 4), np.float32).reshape(rows, dim)
         y = model.forward_layers(x, cache, pos)
         nxt.sendall(HEAD.pack(pos, rows) + np.ascontiguousarray(y, np.float32).tobytes())
+
+
+def relay_frames(model, cache, prev: socket.socket, nxt: socket.socket) -> None:
+    """--wire: every step a RELAY frame in, checked as a node checks it, and a RELAY (RELAYED) out."""
+    import time
+
+    from swarm import relay, wire
+
+    dim, parsed = model.config.dim, (None, ())
+    while True:
+        n, = LEN.unpack(recv_exactly(prev, LEN.size))
+        if n == 0:
+            nxt.sendall(LEN.pack(0))
+            return
+        frame = wire.decode(recv_exactly(prev, n), None, dim, wire.MAX_HOPS + 1)
+        trailer = frame.body
+        if trailer.hops != parsed[0]:
+            parsed = (trailer.hops, relay.parse_hops(trailer.hops))
+        hops = parsed[1]
+        t0 = time.perf_counter()
+        y = model.forward_layers(frame.array[-1:].astype(np.float32, copy=False), cache, frame.position)
+        elapsed = trailer.elapsed_us + [int((time.perf_counter() - t0) * 1e6)]
+        if hops:
+            out = wire.Frame(wire.RELAY, hops[0].session, frame.position, y, first_block=hops[0].first,
+                             last_block=hops[0].last, body=wire.Trailer(trailer.step, elapsed,
+                                                                         trailer.hops[len(hops[0].packed):]))
+        else:
+            out = wire.Frame(wire.RELAYED, frame.session, frame.position, y, first_block=frame.first_block,
+                             last_block=frame.last_block, elapsed_us=elapsed[-1],
+                             body=wire.Trailer(trailer.step, elapsed))
+        data = wire.encode(out, None, before=frame.array)
+        nxt.sendall(LEN.pack(len(data)) + data)
 
 
 class Ring:
@@ -121,8 +161,50 @@ class Ring:
     def close(self) -> None:
         pass
 
+    def stop(self) -> None:
+        self.to_first.sendall(HEAD.pack(0, -1))
+        recv_exactly(self.from_last, HEAD.size)
 
-def one_set(model, prompt: list[int], pairs: int, decode: int) -> tuple[list[float], list[float]]:
+
+class WireRing(Ring):
+    """--wire: every row a relayed step (one row at a time, prompts too), framed as the swarm's."""
+
+    def __init__(self, to_first, from_last, config, capacity: int, spans: list[tuple[int, int]]):
+        import secrets
+
+        from swarm import relay
+
+        super().__init__(to_first, from_last, config, capacity)
+        self.spans, self.sids = spans, [secrets.token_bytes(16) for _ in spans]
+        self.hops = relay.pack_hops(tuple(relay.Hop(f"ws://127.0.0.1:{9000 + i}/swarm", sid, a, b)  # (never dialled)
+                                          for i, (sid, (a, b)) in enumerate(zip(self.sids, spans)) if i))
+        self.step = 0
+
+    def forward(self, hidden: np.ndarray) -> np.ndarray:
+        # hidden: (T, dim) -> (T, dim)
+        from swarm import wire
+
+        out = np.empty((hidden.shape[0], self.dim), np.float32)
+        for r in range(hidden.shape[0]):
+            self.step += 1
+            data = wire.encode(wire.Frame(wire.RELAY, self.sids[0], self._position, hidden[r:r + 1].astype(np.float32),
+                                          first_block=self.spans[0][0], last_block=self.spans[0][1],
+                                          body=wire.Trailer(self.step, [], self.hops)))
+            self.to_first.sendall(LEN.pack(len(data)) + data)
+            n, = LEN.unpack(recv_exactly(self.from_last, LEN.size))
+            reply = wire.decode(recv_exactly(self.from_last, n), None, self.dim, len(self.spans) + 1)
+            if reply.type != wire.RELAYED or reply.body.step != self.step or reply.position != self._position:
+                raise RuntimeError(f"ring answered step {reply.body.step} at {reply.position}; sent {self.step}")
+            out[r] = reply.array[-1]
+            self._position += 1
+        return out
+
+    def stop(self) -> None:
+        self.to_first.sendall(LEN.pack(0))
+        recv_exactly(self.from_last, LEN.size)
+
+
+def one_set(model, prompt: list[int], pairs: int, decode: int, wire_frames: bool = False) -> tuple[list[float], list[float]]:
     """Start three workers, measure ``pairs`` pairs of runs, stop them: (ratios, local tok/s)."""
     import benchmarks.pipeline as pipeline
     from engine.session import RoutedSession
@@ -132,9 +214,10 @@ def one_set(model, prompt: list[int], pairs: int, decode: int) -> tuple[list[flo
     back.settimeout(TIMEOUT_S)
     next_port, procs = back.getsockname()[1], []
     try:
-        for first, last in reversed(pipeline.splits(model.config.n_layers, 3)):
+        spans = pipeline.splits(model.config.n_layers, 3)
+        for first, last in reversed(spans):
             mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=worker, args=(first, last, next_port, theirs), daemon=True)
+            proc = ctx.Process(target=worker, args=(first, last, next_port, theirs, wire_frames), daemon=True)
             proc.start()
             procs.append(proc)
             if not mine.poll(TIMEOUT_S):
@@ -143,7 +226,8 @@ def one_set(model, prompt: list[int], pairs: int, decode: int) -> tuple[list[flo
         to_first = connect(next_port)
         from_last, _ = back.accept()
         from_last.settimeout(TIMEOUT_S)
-        ring = Ring(to_first, from_last, model.config, 512)
+        ring = (WireRing(to_first, from_last, model.config, 512, spans) if wire_frames
+                else Ring(to_first, from_last, model.config, 512))
         ratios, local = [], []
         pipeline.run(RoutedSession(model, [ring]), prompt[:4], 4)  # warm
         for _ in range(pairs):
@@ -155,8 +239,7 @@ def one_set(model, prompt: list[int], pairs: int, decode: int) -> tuple[list[flo
                 raise SystemExit("tokens over the ring differ from local")
             ratios.append(there[2] / here[2])
             local.append(here[2])
-        to_first.sendall(HEAD.pack(0, -1))
-        recv_exactly(from_last, HEAD.size)
+        ring.stop()
         return ratios, local
     finally:
         for proc in procs:
@@ -172,6 +255,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--wire", action="store_true", help="frames of swarm/wire.py, checked as a node checks them")
     args = parser.parse_args()
 
     from distribution.local import LocalLoader
@@ -181,11 +265,12 @@ def main() -> None:
     model = LlamaModel(LocalLoader(DEFAULT_STORE), backend="numba")
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(10, model.config.vocab_size - 10, args.prompt)]
-    print(f"{args.sets} sets of 3 workers over bare loopback sockets, {args.pairs} pairs each "
+    how = "swarm/wire.py relay frames" if args.wire else "bare loopback sockets"
+    print(f"{args.sets} sets of 3 workers over {how}, {args.pairs} pairs each "
           f"({args.prompt} prompt tokens, {args.decode} decoded)")
     medians = []
     for k in range(args.sets):
-        ratios, local = one_set(model, prompt, args.pairs, args.decode)
+        ratios, local = one_set(model, prompt, args.pairs, args.decode, args.wire)
         medians.append(float(np.median(ratios)))
         print(f"set {k:2d}: decode {medians[-1]:.2f}x local (pairs {min(ratios):.2f}-{max(ratios):.2f}, "
               f"local {np.median(local):.0f} tok/s)", flush=True)
