@@ -292,15 +292,19 @@ class NodeLink:
                 break
             raw = self.exchange(None, timeout)  # that was a relayed step's, given up on: read on
         if reply.type == wire.ERROR:
-            body = reply.body or {}
-            code = str(body.get("code", "error"))
-            message = str(body.get("message", "error"))
-            if code == "auth":
-                message = f"refused: {message} (see --swarm-key)"
-            raise NodeError(self.url, code, message)
+            raise self.error(reply)
         if reply.session != frame.session:
             raise NodeError(self.url, "bad_reply", "the reply names another session")
         return reply
+
+    def error(self, reply: wire.Frame) -> NodeError:
+        """A node's ERROR reply as the NodeError its caller raises."""
+        body = reply.body or {}
+        code = str(body.get("code", "error"))
+        message = str(body.get("message", "error"))
+        if code == "auth":
+            message = f"refused: {message} (see --swarm-key)"
+        return NodeError(self.url, code, message)
 
     def abort(self) -> None:
         """Close the connection (if any); the link cannot be used afterwards (nor its own hub)."""
@@ -372,6 +376,7 @@ class RemoteSpanSession:
         self.lane_address = None   # its node's lane, HOST:PORT (lane_client.address)
         self.lane_bound = None     # the next lane it was bound with
         self.lane_refused = False  # binding failed: this span relays over its WebSocket
+        self.lane_ready = False    # its node has this session bound to self.lane
 
     @property
     def position(self) -> int:
@@ -396,7 +401,14 @@ class RemoteSpanSession:
         t0 = time.perf_counter()
         quiet = t0 - self.last_used
         try:
-            reply = self.link.request(frame, self.step_timeout + self.per_row * (T - 1))
+            reply = None
+            if T == 1 and self._position > 0 and self.lane_port is not None:  # (a decode step of an open
+                reply = lane_client.forward(self, wire.encode(frame, self.key), self._position,  # session:
+                                            self.step_timeout, self.key)                          # its lane)
+                if reply is not None and reply.type == wire.ERROR:
+                    raise self.link.error(reply)
+            if reply is None:
+                reply = self.link.request(frame, self.step_timeout + self.per_row * (T - 1))
         except ValueError as e:  # wire.encode: the hidden states overflow the wire dtype (float16)
             raise NodeError(self.url, "overflow", f"{e}: this route needs float32 on the wire") from None
         except NodeError as e:
@@ -598,7 +610,8 @@ def distributed_text_model(loader, nodes: list[str] | None = None, key: bytes | 
 
 
 def timings(text_model) -> dict:
-    """route, failovers, node_ms, hop_overhead_ms, relayed_steps of a distributed text model's sessions so far."""
+    """route, failovers, node_ms, hop_overhead_ms, relayed_steps, lane_steps of a distributed text model's
+    sessions so far."""
     return text_model.open_session.__self__.timings()
 
 

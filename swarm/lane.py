@@ -10,7 +10,7 @@ the node's compute thread (common/jobloop.py) reads the moment the kernel wakes 
     client <--RELAYED (or an ERROR naming the step) -- node 3, on the client's own lane to it
 
 Frames are the wire's (swarm/wire.py: the same checks, the same HMAC in a private swarm), each
-preceded by its length (4 bytes, little-endian). A lane takes two kinds:
+preceded by its length (4 bytes, little-endian). A lane takes three kinds:
 
 - ``BIND`` (from the client, on its own lane to the node, for one of its sessions opened over the
   WebSocket): answers and errors of that session's relayed steps go back on this lane; its body
@@ -18,11 +18,13 @@ preceded by its length (4 bytes, little-endian). A lane takes two kinds:
   last). The node connects to it, then answers ``BOUND`` (or an ERROR). The first lane to bind a
   session keeps it; the same lane may bind it again (a new next node, after a failover).
 - ``RELAY``, as on the WebSocket: computed, then passed to the session's next lane or answered.
+- ``FORWARD`` of one row, for a session bound to this very lane (a decode step the client runs
+  hop by hop: after a rewind, or a relay that failed): computed and answered with its ``RESULT``.
 
 Anything a node cannot do on a lane (a session not bound, a cache to grow, a next node gone) is an
-ERROR to the session's client naming the step; the client then runs that step over the WebSockets
-(hop by hop), where failures are pinned and failed over as ever. Lanes carry no prompt and open
-no session: those stay on the WebSocket, with its budgets.
+ERROR to the session's client naming the step; the client then runs that step hop by hop, where
+failures are pinned and failed over as ever (over the WebSocket when a lane fails too). Lanes
+carry no prompt and open no session: those stay on the WebSocket, with its budgets.
 """
 
 from __future__ import annotations

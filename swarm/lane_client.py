@@ -139,7 +139,7 @@ def bind(spans, key: bytes | None, timeout: float = BIND_TIMEOUT) -> None:
                     if reply.type == wire.ERROR:
                         raise LaneLost(f"{span.url}: {(reply.body or {}).get('message', 'error')}")
                     if reply.type == wire.BOUND:
-                        span.lane_bound = nxt
+                        span.lane_bound, span.lane_ready = nxt, True
                         waiting.pop(sock, None)
     except LaneLost:
         for span in at_fault:
@@ -153,7 +153,44 @@ def bind(spans, key: bytes | None, timeout: float = BIND_TIMEOUT) -> None:
 def close(span) -> None:
     if span.lane is not None:
         span.lane.close()
-        span.lane, span.lane_bound = None, None
+    span.lane, span.lane_bound, span.lane_ready = None, None, False
+
+
+def forward(span, data: bytes, position: int, timeout: float, key: bytes | None) -> wire.Frame | None:
+    """A one-row FORWARD (``data``, framed) on the span's lane, binding it first if need be: its
+    RESULT, or an ERROR (returned: the caller raises it as the WebSocket's would be); None when the
+    lane cannot be used (then the caller sends it over the WebSocket). A timeout closes the lane
+    and returns an ERROR frame of code ``timeout``."""
+    if span.lane_port is None or span.lane_refused or not span.url.startswith("ws://"):
+        return None
+    try:
+        if not span.lane_ready or span.lane is None or span.lane.closed:
+            bind([span], key)  # (alone, naming no next lane: a relayed step binds it again with one)
+        span.lane.send(data)
+    except LaneLost:
+        close(span)
+        return None
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([span.lane.sock], [], [], left)[0]:
+            close(span)
+            return wire.error_frame(span.sid, "timeout", f"no reply within {timeout:.0f} s")
+        try:
+            frames = span.lane.read()
+        except LaneLost:
+            close(span)
+            return None
+        for raw in frames:
+            try:
+                reply = wire.decode(raw, key, span.dim, 1)
+            except wire.WireError as e:
+                return wire.error_frame(span.sid, "bad_reply", f"unusable reply: {e}")
+            if reply.session != span.sid or reply.type in (wire.RELAYED, wire.BOUND) or (
+                    reply.type == wire.ERROR and (reply.body or {}).get("relay")):
+                continue  # (a relayed step's answer or error, come late)
+            if reply.type == wire.ERROR or (reply.type == wire.RESULT and reply.position == position):
+                return reply
 
 
 def wait(spans, key: bytes | None, step: int, position: int, timeout: float, failed) -> wire.Frame:

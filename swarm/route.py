@@ -256,6 +256,7 @@ class Swarm:
         self.edges, self.directory, self.key, self.dtype = edges, directory, key, dtype
         self.relay = relay               # decode steps passed node to node (swarm/relay.py)
         self.relayed_steps = 0
+        self.lane_steps = 0  # of those, relayed on lanes (swarm/lane.py)
         self.step_timeout = step_timeout
         self.n_layers, self.dim = edges.config.n_layers, edges.config.dim
         self.failovers = 0
@@ -360,7 +361,8 @@ class Swarm:
         return session
 
     def timings(self) -> dict:
-        """route, failovers, node_ms (per node, ms per decode token) and hop_overhead_ms."""
+        """route, failovers, node_ms (per node, ms per decode token), hop_overhead_ms, relayed_steps
+        and, of those, lane_steps."""
         sums = {k: list(v) for k, v in self.closed_stats.items()}
         for s in self.opened:
             total = sums.setdefault((s.url, s.first_layer, s.last_layer), [0.0, 0.0, 0])
@@ -375,7 +377,7 @@ class Swarm:
         route = [hop for seg in self.last_segments for hop in seg.taken]
         return {"route": route, "failovers": self.failovers, "node_ms": node_ms,
                 "hop_overhead_ms": round(sum(overhead) / len(overhead), 3) if overhead else None,
-                "relayed_steps": self.relayed_steps}
+                "relayed_steps": self.relayed_steps, "lane_steps": self.lane_steps}
 
 
 class SwarmRoute:
@@ -421,6 +423,8 @@ class SwarmRoute:
                 self.recent.append(time.perf_counter() - t0)
                 self.relay_failures = 0
                 self.swarm.relayed_steps += 1
+                if spans[0].lane is not None:  # (bound and used: a relay over the WebSockets leaves none)
+                    self.swarm.lane_steps += 1
                 at = 0
                 for seg in self.segments:
                     seg.relayed(rows[at:at + 1])

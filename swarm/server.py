@@ -273,8 +273,10 @@ class NodeService:
             frame = wire.decode(data, self.key, self.dim, relay.MAX_HOPS + 1)
             if frame.type == wire.BIND:
                 return self._bind(lane, frame)
+            if frame.type == wire.FORWARD:
+                return self._lane_forward(lane, frame)
             if frame.type != wire.RELAY:
-                raise wire.WireError("bad_frame", f"a lane takes BIND and RELAY frames, not "
+                raise wire.WireError("bad_frame", f"a lane takes BIND, FORWARD and RELAY frames, not "
                                                   f"{wire.TYPE_NAMES[frame.type]}")
             step, hops, elapsed, session = self._relay_checks(frame)
         except Exception as e:  # a relay's error goes to its session's client if bound; any other back
@@ -315,6 +317,34 @@ class NodeService:
             client.send(wire.encode(wire.error_frame(sid, *_failure(e), True, step), self.key))
             return
         self._count_step(session, frame, y, seconds)  # (after the output left: off the token's path)
+        self.lane_steps += 1
+
+    def _lane_forward(self, lane, frame: wire.Frame) -> None:
+        """A client's single-row step (a decode step run hop by hop: after a rewind or a relay that
+        failed) for a session bound to this very lane, answered with its RESULT here. Whatever
+        else a FORWARD does (open a session, a prompt, grow a cache) is the WebSocket's."""
+        session = self.cache.sessions.get(frame.session)
+        if session is None:
+            raise wire.WireError("unknown_session", f"session {frame.session.hex()} is not open here (closed or "
+                                                    f"expired); replay it from position 0")
+        if session.lane is not lane:
+            raise wire.WireError("wrong_session", f"session {frame.session.hex()} is not bound to this lane")
+        if frame.array.shape[0] != 1:
+            raise wire.WireError("lane", "a lane takes one-row FORWARDs; send a prompt over the WebSocket")
+        self._check_span(frame)
+        self._session(frame, session.owner)  # (its checks: blocks, position, a step part-way)
+        if frame.position + 1 > session.cache.capacity:
+            raise wire.WireError("lane", f"session {frame.session.hex()} must grow its cache: send this step "
+                                         f"over the WebSocket")
+        session.cache.truncate(frame.position)  # a step at an earlier position rewinds
+        session.last_used = time.monotonic()
+        y, seconds = self._compute(session, frame.array.astype(np.float32, copy=False), frame.position,
+                                   frame.position)
+        self._check_output(frame, y)
+        lane.send(wire.encode(wire.Frame(wire.RESULT, frame.session, frame.position, y,
+                                         first_block=frame.first_block, last_block=frame.last_block,
+                                         elapsed_us=_us(seconds), dtype=frame.dtype), self.key))
+        self._count_step(session, frame, y, seconds)
         self.lane_steps += 1
 
     def _bind(self, lane, frame: wire.Frame) -> None:

@@ -42,6 +42,19 @@ def test_json_has_tokens_route_and_timings(swarm, local_tokens):
     assert set(out["node_ms"]) == {f"{swarm[0].url} (0-14)", f"{swarm[1].url} (15-29)"}
     assert out["hop_overhead_ms"] > 0
     assert 0 < out["relayed_steps"] <= len(out["tokens"])  # decode steps went node to node
+    assert out["lane_steps"] == out["relayed_steps"]  # on the nodes' lanes (swarm/lane.py)
+
+
+def test_a_node_without_lanes_is_relayed_to_over_its_websocket(default_store, local_tokens):
+    node = NodeProcess(default_store, "0-29", "--no-lanes")
+    try:
+        assert "lanes on port" not in " ".join(node.lines)
+        proc = run_cli("infer", node.address, "--distributed", *PROMPT, "--json")
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["tokens"] == local_tokens and out["relayed_steps"] > 0 and out["lane_steps"] == 0
+    finally:
+        node.stop()
 
 
 def test_nodes_print_a_line_per_session_opened_and_closed(swarm):

@@ -98,6 +98,21 @@ def test_three_nodes_on_lanes_equal_local(six_loader, local_greedy):
             n.stop()
 
 
+def test_steps_hop_by_hop_go_on_lanes_too(six_loader, local_greedy):
+    """A route that does not relay (or a step that cannot: after a rewind, a failed relay) sends its
+    one-row FORWARDs on the lanes, each answered there; prompts go over the WebSockets."""
+    nodes = [start_node(six_loader, a, b) for a, b in [(0, 2), (3, 5)]]
+    try:
+        tm = distributed_text_model(six_loader, [n.url for n in nodes], relay=False)
+        with tm.open_session(64) as s:
+            assert greedy(s, PROMPT, N) == local_greedy(PROMPT, N)
+        assert timings(tm)["relayed_steps"] == 0
+        assert [n.service.lane_steps for n in nodes] == [N - 1, N - 1]
+    finally:
+        for n in nodes:
+            n.stop()
+
+
 def test_a_node_without_lanes_relays_over_its_websocket(six_loader, local_greedy):
     from swarm.server import NodeThread
 
@@ -183,10 +198,12 @@ def test_bad_frames_on_a_lane_get_errors_and_the_node_serves_on(six_loader, refe
     try:
         raw.send(b"not a frame at all, but long enough to look at")
         assert raw.reply().body["code"] == "bad_frame"
-        raw.send(wire.encode(wire.Frame(wire.FORWARD, secrets.token_bytes(16), 0, hidden(2), first_block=0,
-                                        last_block=2)))
+        raw.send(wire.encode(wire.Frame(wire.INFO_REQ, secrets.token_bytes(16))))
         reply = raw.reply()
-        assert reply.body["code"] == "bad_frame" and "BIND and RELAY" in reply.body["message"]
+        assert reply.body["code"] == "bad_frame" and "BIND, FORWARD and RELAY" in reply.body["message"]
+        raw.send(wire.encode(wire.Frame(wire.FORWARD, secrets.token_bytes(16), 0, hidden(1), first_block=0,
+                                        last_block=2)))  # (a lane opens no session)
+        assert raw.reply().body["code"] == "unknown_session"
         sid = secrets.token_bytes(16)
         raw.send(_relay(sid, step=7))
         reply = raw.reply()
@@ -201,22 +218,37 @@ def test_bad_frames_on_a_lane_get_errors_and_the_node_serves_on(six_loader, refe
         assert reply.body["code"] == "lane" and "BIND it first" in reply.body["message"]
         raw.send(wire.encode(wire.Frame(wire.BIND, owner.sid, body={"next": "no port here"})))
         assert raw.reply().body["code"] == "bad_frame"
+        forward = wire.encode(wire.Frame(wire.FORWARD, owner.sid, 3, hidden(1, seed=4), first_block=0, last_block=2))
+        raw.send(forward)  # not yet bound to this lane
+        assert raw.reply().body["code"] == "wrong_session"
         raw.send(wire.encode(wire.Frame(wire.BIND, owner.sid, body={"next": None})))
         assert raw.reply().type == wire.BOUND
-        other = RawLane(port)  # a second lane cannot take the session over
+        other = RawLane(port)  # a second lane cannot take the session over, nor step it
         other.send(wire.encode(wire.Frame(wire.BIND, owner.sid, body={"next": None})))
         assert other.reply().body["code"] == "wrong_session"
+        other.send(forward)
+        assert other.reply().body["code"] == "wrong_session"
+        raw.send(wire.encode(wire.Frame(wire.FORWARD, owner.sid, 3, hidden(2), first_block=0, last_block=2)))
+        reply = raw.reply()
+        assert reply.body["code"] == "lane" and "one-row" in reply.body["message"]  # prompts: the WebSocket
+        raw.send(forward)  # a one-row step on the bound lane: its RESULT, then the same step again (a rewind)
+        first = raw.reply()
+        raw.send(forward)
+        again = raw.reply()
+        assert first.type == again.type == wire.RESULT and first.position == again.position == 3
+        np.testing.assert_array_equal(first.array, again.array)
+        assert node.service.cache.sessions[owner.sid].position == 4
         # the bound lane gets the answer of a relay sent on another lane
-        other.send(_relay(owner.sid, position=3, step=9))
+        other.send(_relay(owner.sid, position=4, step=9))
         reply = raw.reply()
         assert reply.type == wire.RELAYED and reply.body.step == 9 and reply.array.shape == (2, 96)
-        # a relay out of step (position 3 again) goes to the bound lane, as an error naming the step
-        other.send(_relay(owner.sid, position=3, step=10))
+        # a relay out of step (position 4 again) goes to the bound lane, as an error naming the step
+        other.send(_relay(owner.sid, position=4, step=10))
         reply = raw.reply()
         assert reply.body["code"] == "position" and reply.body["step"] == 10
         # a next hop the session is not bound to
         hops = relay.pack_hops((relay.Hop("ws://127.0.0.1:9/swarm", secrets.token_bytes(16), 3, 5),))
-        other.send(_relay(owner.sid, position=4, step=11, hops=hops))
+        other.send(_relay(owner.sid, position=5, step=11, hops=hops))
         reply = raw.reply()
         assert reply.body["code"] == "relay" and reply.body["step"] == 11
         other.close()
@@ -272,6 +304,9 @@ def test_a_silent_lane_of_no_session_closes_after_the_idle_time(six_loader):
     raw = RawLane(node.service.lane_server.port)  # bound to nothing, silent
     try:
         assert raw.hung_up()  # (the sweep runs every second: within idle_s + 1 s, well within 10 s)
+        deadline = time.monotonic() + 10  # (the socket closes just before the node forgets the lane)
+        while node.service.lane_server.lanes and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert not node.service.lane_server.lanes
     finally:
         raw.close()

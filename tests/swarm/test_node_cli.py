@@ -52,6 +52,18 @@ def test_port_in_use_fails_before_loading_with_one_line(default_store):
     assert time.monotonic() - t0 < 60  # no model load, no libp2p start
 
 
+def test_lane_port_in_use_fails_before_loading_with_one_line(default_store):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_cli("node", default_store, "--layers", "0-9", "--lane-port", port, timeout=120)
+    line = assert_one_line_error(proc, "--lane-port", str(port))
+    assert "stopped" not in proc.stderr and "ms/token" not in proc.stderr, line
+
+
 def test_dht_route_and_failover_to_a_node_that_joined_later(default_store, tmp_path):
     from cli.common import load_text_model
 

@@ -109,12 +109,13 @@ def test_a_read_holding_a_frame_and_the_start_of_the_next_is_left_to_aiohttp():
 
 
 def test_a_links_relayed_answers_take_the_short_way(six_loader, local_greedy, monkeypatch):
-    """Over real nodes: the tap sits on every link (aiohttp's private attributes it uses have not
+    """Over real nodes relaying on their WebSockets (no lanes: swarm/lane.py answers on the client's
+    lanes instead): the tap sits on every link (aiohttp's private attributes it uses have not
     moved), and relayed answers reach the hub through it, the tokens those of a local run."""
     delivered = []
     real = swarm_client.NodeLink._deliver
     monkeypatch.setattr(swarm_client.NodeLink, "_deliver", lambda self, p: (delivered.append(len(p)), real(self, p)))
-    nodes = [start_node(six_loader, 0, 2), start_node(six_loader, 3, 5)]
+    nodes = [start_node(six_loader, 0, 2, lanes=False), start_node(six_loader, 3, 5, lanes=False)]
     try:
         tm = swarm_client.distributed_text_model(six_loader, [n.url for n in nodes])
         with tm.open_session(64) as s:
