@@ -47,7 +47,7 @@ def infer(source, prompt, prompt_file, max_tokens, temperature, top_k, top_p, mi
     stdout as it is generated; loading and first-time kernel compilation are reported on stderr
     when it is a terminal. --json prints prompt_tokens, tokens, text, load_s, prefill_tok_s,
     decode_tok_s and stop_reason at the end instead (and nothing on stderr); with --distributed also
-    route, failovers, node_ms, hop_overhead_ms and relayed_steps.
+    route, failovers, node_ms, hop_overhead_ms, relayed_steps and lane_steps.
     """
     from cli.common import check_utf8, read_prompt, seed_option, set_threads
 
@@ -111,7 +111,8 @@ def _timings_text(result: dict) -> str:
         rows.append(f"{hop['blocks']:<8} {hop['node']:<40} " + (f"{ms:9.3f}" if ms is not None else f"{'-':>9}"))
     hop_ms = result.get("hop_overhead_ms")
     rows.append(f"hop overhead {'-' if hop_ms is None else f'{hop_ms:.3f}'} ms/token per hop; "
-                f"{result.get('relayed_steps', 0)} decode steps relayed node to node; "
+                f"{result.get('relayed_steps', 0)} decode steps relayed node to node "
+                f"({result.get('lane_steps', 0)} on lanes); "
                 f"failovers {result.get('failovers', 0)}")
     return "\n".join(rows + [line])
 
