@@ -228,12 +228,13 @@ class OneLineLogs(logging.Filter):
         return True
 
 
-def quiet_logs(stream=None, prefix: str = "serve", every: float = 10.0) -> None:
-    """Route aiohttp's and asyncio's log records to one rate-limited line each on stderr."""
+def quiet_logs(stream=None, prefix: str = "serve", every: float = 10.0, also: tuple[str, ...] = ()) -> None:
+    """Route aiohttp's and asyncio's log records (and those of the loggers ``also`` names) to one
+    rate-limited line each on stderr."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(logging.Formatter(f"{prefix}: %(levelname)s %(message)s"))
     handler.addFilter(OneLineLogs(every))
-    for name in ("aiohttp", "asyncio"):
+    for name in ("aiohttp", "asyncio", *also):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.propagate = False

@@ -40,7 +40,7 @@ from swarm import trace, wire
 
 LEN = struct.Struct("<I")
 CONNECT_TIMEOUT = 5.0     # to a next node's lane
-MAX_LANES = 256           # connections into one node's lane port at once; more are closed at once
+MAX_LANES = 256           # connections into one node's lane port at once (or 4 per session slot, if more)
 MAX_LINKS = 64            # lanes to next nodes kept open; the least recently used closes beyond
 PENDING_SLACK = 1 << 16   # a lane's unwritten bytes may reach two of its largest frames and this: beyond,
                           # its peer is not reading (a client reads each answer as it comes)
@@ -274,6 +274,7 @@ class LaneServer:
     def __init__(self, service, jobs, host: str = "127.0.0.1", port: int = 0):
         self.service, self.jobs = service, jobs
         self.max_size = max_frame(service.dim)
+        self.max_lanes = max(MAX_LANES, 4 * service.limits.max_sessions)  # (a client's, nodes' before)
         self.listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.listener.setblocking(False)
         self.port = self.listener.getsockname()[1]
@@ -292,8 +293,8 @@ class LaneServer:
             sock, addr = self.listener.accept()
         except (BlockingIOError, InterruptedError, OSError):
             return
-        if len(self.lanes) >= MAX_LANES:
-            log.warning("refusing a lane from %s: %d lanes open, the most a node keeps", addr[0], MAX_LANES)
+        if len(self.lanes) >= self.max_lanes:
+            log.warning("refusing a lane from %s: %d lanes open, the most this node keeps", addr[0], self.max_lanes)
             sock.close()
             return
         self.lanes.add(Lane(self.jobs, sock, self.service.lane_frame, self._closed, self.max_size,

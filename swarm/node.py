@@ -35,7 +35,9 @@ def serve_node(service: NodeService, host: str, port: int, listen: str, bootstra
     jobs = compute.jobs()
     if jobs is None or not compute.on_compute_thread():
         raise RuntimeError("serve_node runs on the compute thread, adopted with a JobLoop (cli/node.py)")
-    quiet_logs(prefix="node")  # malformed requests and failed accepts: one rate-limited line each
+    # malformed requests, failed accepts, lanes refused or cut, a compute-loop callback's bug: one
+    # rate-limited line each
+    quiet_logs(prefix="node", also=("swarm.lane", "common.jobloop"))
     log_sessions()
     model = service.model
     first, last = model.first_layer, model.last_layer
