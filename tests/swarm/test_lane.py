@@ -113,6 +113,28 @@ def test_steps_hop_by_hop_go_on_lanes_too(six_loader, local_greedy):
             n.stop()
 
 
+def test_a_cache_that_must_grow_grows_over_the_websocket_and_the_lanes_go_on(six_loader):
+    """A session's cache starts at 64 positions and doubles over the WebSocket (within the node's
+    budget); a step past its end is refused on the lane (code `lane`), run over the WebSocket, and
+    the steps after it go on the lanes: same tokens, no failover."""
+    from engine.model import LlamaModel
+
+    model = LlamaModel(six_loader, backend="numba")
+    with model.open_session(128) as s:
+        expected = greedy(s, PROMPT, 70)
+    nodes = [start_node(six_loader, a, b) for a, b in [(0, 2), (3, 5)]]
+    try:
+        tm = distributed_text_model(six_loader, [n.url for n in nodes])
+        with tm.open_session(128) as s:
+            assert greedy(s, PROMPT, 70) == expected
+        t = timings(tm)
+        # 69 decode steps: the one at position 64 (past both caches) ran hop by hop, the others on the lanes
+        assert t["failovers"] == 0 and t["relayed_steps"] == t["lane_steps"] == 68, t
+    finally:
+        for n in nodes:
+            n.stop()
+
+
 def test_a_node_without_lanes_relays_over_its_websocket(six_loader, local_greedy):
     from swarm.server import NodeThread
 
