@@ -80,9 +80,22 @@ class JobLoop(Executor):
         except (KeyError, ValueError):  # (not watched, or closed already)
             pass
 
-    def every(self, seconds: float, fn: Callable[[], None]) -> None:
-        """Call ``fn()`` about every ``seconds`` (at least TICK_S apart), between events."""
-        self._timers.append([seconds, time.monotonic() + seconds, fn])
+    def every(self, seconds: float, fn: Callable[[], None]) -> list:
+        """Call ``fn()`` about every ``seconds`` (checked at least every TICK_S), between events;
+        returns the timer, for ``cancel``."""
+        timer = [seconds, time.monotonic() + seconds, fn]
+        self._timers.append(timer)
+        return timer
+
+    def after(self, seconds: float, fn: Callable[[], None]) -> list:
+        """Call ``fn()`` once, about ``seconds`` from now; returns the timer, for ``cancel``."""
+        timer = [None, time.monotonic() + seconds, fn]
+        self._timers.append(timer)
+        return timer
+
+    def cancel(self, timer: list) -> None:
+        if timer in self._timers:
+            self._timers.remove(timer)
 
     def run(self) -> None:
         """Serve sockets, timers and jobs on this thread until ``stop``."""
@@ -116,9 +129,12 @@ class JobLoop(Executor):
 
     def _run_timers(self) -> None:
         now = time.monotonic()
-        for timer in self._timers:
+        for timer in list(self._timers):  # (a timer's function may add or cancel timers)
             if now >= timer[1]:
-                timer[1] = now + timer[0]
+                if timer[0] is None:
+                    self.cancel(timer)
+                else:
+                    timer[1] = now + timer[0]
                 _quietly(timer[2])
 
     def _run_jobs(self) -> None:

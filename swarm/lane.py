@@ -35,6 +35,7 @@ import selectors
 import socket
 import struct
 import time
+from collections import OrderedDict
 
 from swarm import trace, wire
 
@@ -42,6 +43,9 @@ LEN = struct.Struct("<I")
 CONNECT_TIMEOUT = 5.0     # to a next node's lane
 MAX_LANES = 256           # connections into one node's lane port at once (or 4 per session slot, if more)
 MAX_LINKS = 64            # lanes to next nodes kept open; the least recently used closes beyond
+FRAMES_PER_TURN = 32      # frames of one lane handled before the loop's other work
+REMEMBERED = 4096         # next nodes' sessions whose errors a link can still pass back to their client
+MAX_STRIKES = 32          # errors answered on a lane in a row (no frame doing anything between): closed
 PENDING_SLACK = 1 << 16   # a lane's unwritten bytes may reach two of its largest frames and this: beyond,
                           # its peer is not reading (a client reads each answer as it comes)
 READ_SIZE = 1 << 18
@@ -78,24 +82,49 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class Budget:
+    """The bytes lanes hold in their buffers (a frame half received, output a peer has not read
+    yet), all of a node's lanes together, on the compute thread only; a lane that would go past
+    it is closed. Its own, of --max-inflight-mb's size: the WebSocket's budget (swarm/memory.py
+    Inflight) belongs to the event loop's thread."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.used = max(self.used - n, 0)
+
+
 class Lane:
     """One TCP connection on the compute loop, either way: length-prefixed frames in (each to
-    ``on_frame(lane, frame)``) and out (``send``), never blocking. A frame over ``max_size``, or a
-    peer that leaves MAX_PENDING bytes unread, ends the connection."""
+    ``on_frame(lane, frame)``) and out (``send``), never blocking. A frame over ``max_size``, a
+    peer that leaves two such frames unread, or buffers past the ``budget`` end the connection.
+    At most FRAMES_PER_TURN frames are handled per read; the rest wait for the loop's next turn,
+    after the work queued meanwhile (one peer's burst cannot hold the compute thread)."""
 
-    def __init__(self, jobs, sock: socket.socket, on_frame, on_close, max_size: int, peer: str = ""):
+    def __init__(self, jobs, sock: socket.socket, on_frame, on_close, max_size: int, peer: str = "",
+                 budget: Budget | None = None):
         sock.setblocking(False)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
         self.jobs, self.sock, self.on_frame, self.on_close = jobs, sock, on_frame, on_close
-        self.max_size, self.peer = max_size, peer
+        self.max_size, self.peer, self.budget = max_size, peer, budget or Budget(1 << 62)
         self.inbuf = bytearray()
         self.out = bytearray()
+        self.held = 0                      # bytes of inbuf and out taken from the budget
         self.closed = False
+        self.strikes = 0                   # errors answered since the last frame that did something
         self.last_seen = time.monotonic()  # the last frame in (or, for a link, out)
         self.began: float | None = None    # when the unfinished frame in began arriving
+        self._more = False                 # whole frames left in inbuf for the next turn
         jobs.watch(sock, selectors.EVENT_READ, self._ready)
 
     def _ready(self, events: int) -> None:
@@ -120,6 +149,12 @@ class Lane:
             self.on_frame(self, memoryview(data)[4:])
             return
         self.inbuf += data
+        self._frames()
+
+    def _frames(self) -> None:
+        """Hand on the whole frames in inbuf, FRAMES_PER_TURN at most; keep the rest (and account)."""
+        self._more = False
+        handled = 0
         while len(self.inbuf) >= 4 and not self.closed:
             n = LEN.unpack_from(self.inbuf)[0]
             if n > self.max_size:
@@ -127,12 +162,18 @@ class Lane:
                 return self.close()
             if len(self.inbuf) < 4 + n:
                 break
+            if handled == FRAMES_PER_TURN:
+                self._more = True
+                self.jobs.submit(self._frames)  # (after the jobs queued so far, and the sockets ready then)
+                break
             frame = bytes(self.inbuf[4:4 + n])
             del self.inbuf[:4 + n]
             self.last_seen = time.monotonic()
+            handled += 1
             self.on_frame(self, memoryview(frame))
         if not self.closed:
-            self.began = (self.began or time.monotonic()) if self.inbuf else None
+            self.began = (self.began or time.monotonic()) if self.inbuf and not self._more else None
+            self._account()
 
     def send(self, data: bytes) -> bool:
         """Queue ``data`` as one frame; False when the lane is closed (or closes for a peer not reading)."""
@@ -158,6 +199,19 @@ class Lane:
             log.warning("closing a lane%s: %d bytes it did not read", self._from(), len(self.out))
             self.close()
             return False
+        return self._account()
+
+    def _account(self) -> bool:
+        """Take (or give back) what inbuf and out hold now from the budget; closes the lane if it cannot."""
+        now = len(self.inbuf) + len(self.out)
+        if now > self.held and not self.budget.take(now - self.held):
+            log.warning("closing a lane%s: lanes' buffers hold %d bytes, the most this node keeps "
+                        "(--max-inflight-mb)", self._from(), self.budget.used)
+            self.close()
+            return False
+        if now < self.held:
+            self.budget.release(self.held - now)
+        self.held = now
         return True
 
     def _flush(self) -> None:
@@ -170,6 +224,7 @@ class Lane:
         del self.out[:n]
         if not self.out:
             self.jobs.watch(self.sock, selectors.EVENT_READ, self._ready)
+        self._account()
 
     def close(self) -> None:
         if self.closed:
@@ -180,6 +235,9 @@ class Lane:
             self.sock.close()
         except OSError:
             pass
+        self.inbuf, self.out = bytearray(), bytearray()
+        self.budget.release(self.held)
+        self.held = 0
         self.on_close(self)
 
     def _from(self) -> str:
@@ -187,14 +245,22 @@ class Lane:
 
 
 class Link:
-    """A node's lane to a next node, connecting without blocking; ``when_ready`` callbacks learn
-    whether it connected (True) or why not (a message)."""
+    """A node's lane to a next node. It connects without blocking, then waits for the next node's
+    greeting (its lane server's first frame: INFO naming the same manifest, signed with the swarm
+    key if there is one) before it is ready and anything is written to it: a BIND naming some
+    other TCP service gets that service nothing but a connection. ``when_ready`` callbacks learn
+    whether it became ready (True) or why not (a message). Errors the next node sends back about
+    a relayed step (a session it no longer holds) go to that step's client (``remember``)."""
 
-    def __init__(self, jobs, address: tuple[str, int], max_size: int, on_close):
+    def __init__(self, jobs, address: tuple[str, int], max_size: int, on_close, service, budget: Budget):
         self.jobs, self.address, self.max_size, self.on_close = jobs, address, max_size, on_close
+        self.service, self.budget = service, budget
+        self.sock: socket.socket | None = None
         self.lane: Lane | None = None
+        self.ready = False
         self.failed: str | None = None
         self.waiting: list = []
+        self.back: OrderedDict[bytes, tuple] = OrderedDict()  # next session -> (client lane, own session, step)
         self.started = time.monotonic()
         host, port = address
         try:
@@ -215,7 +281,7 @@ class Link:
         return format_address(*self.address)
 
     def when_ready(self, callback) -> None:
-        if self.lane is not None:
+        if self.ready:
             callback(True)
         elif self.failed is not None:
             callback(self.failed)
@@ -227,20 +293,56 @@ class Link:
         code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
             return self._fail(f"cannot connect ({errno.errorcode.get(code, code)})")
-        self.lane = Lane(self.jobs, self.sock, self._ignore, self._lost, self.max_size, self.name)
-        self._tell(True)
+        self.lane = Lane(self.jobs, self.sock, self._frame, self._lost, self.max_size, self.name, self.budget)
+
+    def _frame(self, lane, data) -> None:
+        try:
+            frame = wire.decode(data, self.service.key)
+        except wire.WireError as e:
+            if not self.ready:
+                return self._fail(f"not a node's lane ({e})")
+            return
+        if not self.ready:
+            body = frame.body if isinstance(frame.body, dict) else {}
+            if frame.type != wire.INFO or body.get("manifest") != self.service.manifest_sha:
+                return self._fail("not a lane of a node serving this model")
+            self.ready = True
+            return self._tell(True)
+        if frame.type == wire.ERROR and frame.session in self.back:
+            client, own, step = self.back.pop(frame.session)
+            body = frame.body or {}
+            named = body.get("step")
+            if isinstance(named, int) and not isinstance(named, bool):
+                step = named
+            client.send(wire.encode(wire.error_frame(own, str(body.get("code", "relay")),
+                                                     f"{self.name}: {body.get('message', 'error')}", True, step),
+                                    self.service.key))
+
+    def remember(self, next_session: bytes, client, own_session: bytes, step: int) -> None:
+        """Whom to tell when the next node answers ``next_session``'s relay with an error."""
+        self.back[next_session] = (client, own_session, step)
+        self.back.move_to_end(next_session)
+        while len(self.back) > REMEMBERED:
+            self.back.popitem(last=False)
 
     def check_timeout(self, now: float) -> None:
-        if self.lane is None and self.failed is None and now - self.started > CONNECT_TIMEOUT:
-            self._fail(f"no answer within {CONNECT_TIMEOUT:g} s")
+        if not self.ready and self.failed is None and now - self.started > CONNECT_TIMEOUT:
+            self._fail(f"no greeting within {CONNECT_TIMEOUT:g} s")
 
     def _fail(self, why: str) -> None:
+        if self.failed is not None:
+            return
         self.failed = why
-        self.jobs.unwatch(self.sock)
-        try:
-            self.sock.close()
-        except (OSError, AttributeError):
-            pass
+        self.ready = False
+        if self.lane is not None:
+            self.lane.on_close = lambda lane: None  # (this is the close that matters)
+            self.lane.close()
+        elif self.sock is not None:
+            self.jobs.unwatch(self.sock)
+            try:
+                self.sock.close()
+            except OSError:
+                pass
         self._tell(why)
         self.on_close(self)
 
@@ -249,39 +351,36 @@ class Link:
         for callback in waiting:
             callback(outcome)
 
-    @staticmethod
-    def _ignore(lane, frame) -> None:
-        """A next node writes nothing back on a link (its errors go to the client): dropped."""
-
     def _lost(self, lane) -> None:
-        self.failed = "connection lost"
-        self.on_close(self)
+        self._fail("connection lost")
 
     def send(self, data: bytes) -> bool:
-        return self.lane is not None and self.lane.send(data)
+        return self.ready and self.lane is not None and self.lane.send(data)
 
     def close(self) -> None:
-        if self.lane is not None:
-            self.lane.close()
-        elif self.failed is None:
-            self._fail("closed")
+        self._fail("closed")
 
 
 class LaneServer:
-    """A node's lane port, on the compute loop ``jobs``: accepts lanes, keeps the links to next nodes,
-    and hands every frame to ``service.lane_frame``. Build it on the loop's thread (``start``)."""
+    """A node's lane port, on the compute loop ``jobs``: accepts lanes (greeting each with the node's
+    INFO: manifest and lane), keeps the links to next nodes, and hands every frame to
+    ``service.lane_frame``. Build it on the loop's thread (``start``)."""
 
     def __init__(self, service, jobs, host: str = "127.0.0.1", port: int = 0):
         self.service, self.jobs = service, jobs
         self.max_size = max_frame(service.dim)
         self.max_lanes = max(MAX_LANES, 4 * service.limits.max_sessions)  # (a client's, nodes' before)
+        self.budget = Budget(service.limits.max_inflight_bytes)
         self.listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.listener.setblocking(False)
         self.port = self.listener.getsockname()[1]
+        self.greeting = wire.encode(wire.Frame(wire.INFO, bytes(16), body={"manifest": service.manifest_sha,
+                                                                           "lane": self.port}), service.key)
         self.lanes: set[Lane] = set()
-        self.links: dict[tuple[str, int], Link] = {}  # least recently used first
+        self.links: OrderedDict[tuple[str, int], Link] = OrderedDict()  # least recently used first
         jobs.watch(self.listener, selectors.EVENT_READ, self._accept)
-        jobs.every(1.0, self.sweep)
+        self.sweeper = jobs.every(1.0, self.sweep)
+        self.resting = None  # the timer that watches the listener again after accept ran out of descriptors
 
     @classmethod
     def start(cls, service, jobs, host: str = "127.0.0.1", port: int = 0) -> "LaneServer":
@@ -291,27 +390,42 @@ class LaneServer:
     def _accept(self, events: int) -> None:
         try:
             sock, addr = self.listener.accept()
-        except (BlockingIOError, InterruptedError, OSError):
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:  # (out of file descriptors: the listener stays readable; rest a second)
+            log.warning("lanes: cannot accept (%s); not accepting for a second", e.strerror or e)
+            self.jobs.unwatch(self.listener)
+            self.resting = self.jobs.after(1.0, self._watch_again)
             return
         if len(self.lanes) >= self.max_lanes:
             log.warning("refusing a lane from %s: %d lanes open, the most this node keeps", addr[0], self.max_lanes)
             sock.close()
             return
-        self.lanes.add(Lane(self.jobs, sock, self.service.lane_frame, self._closed, self.max_size,
-                            format_address(addr[0], addr[1])))
+        lane = Lane(self.jobs, sock, self.service.lane_frame, self._closed, self.max_size,
+                    format_address(addr[0], addr[1]), self.budget)
+        self.lanes.add(lane)
+        lane.send(self.greeting)
+
+    def _watch_again(self) -> None:
+        self.resting = None
+        self.jobs.watch(self.listener, selectors.EVENT_READ, self._accept)
 
     def _closed(self, lane: Lane) -> None:
         self.lanes.discard(lane)
         self.service.unbind(lane)
 
     def link(self, address: tuple[str, int]) -> Link:
-        """The link to ``address``, connecting it if need be."""
+        """The link to ``address`` (ready, or on its way), connecting a new one if need be. A link
+        that failed is not kept (its callers learn why through ``when_ready``)."""
         link = self.links.pop(address, None)
-        if link is None or (link.failed is not None):
-            link = Link(self.jobs, address, self.max_size, self._link_closed)
+        if link is None or link.failed is not None:
+            link = Link(self.jobs, address, self.max_size, self._link_closed, self.service, self.budget)
+            if link.failed is not None:
+                return link
         self.links[address] = link  # (most recently used last)
         while len(self.links) > MAX_LINKS:
-            next(iter(self.links.values())).close()
+            _, oldest = self.links.popitem(last=False)
+            oldest.close()
         return link
 
     def _link_closed(self, link: Link) -> None:
@@ -321,7 +435,7 @@ class LaneServer:
     def sweep(self) -> None:
         """Every second: lanes that began a frame and did not finish it within frame_s, or that
         have been silent for idle_s with no session of theirs in use, close; links silent for
-        idle_s close; connects past CONNECT_TIMEOUT fail."""
+        idle_s close; links not ready within CONNECT_TIMEOUT fail."""
         now, limits = time.monotonic(), self.service.limits
         bound = self.service.lanes_in_use(now)
         for lane in list(self.lanes):
@@ -336,10 +450,12 @@ class LaneServer:
                 link.close()
 
     def close(self) -> None:
+        self.jobs.cancel(self.sweeper)
+        if self.resting is not None:
+            self.jobs.cancel(self.resting)
         self.jobs.unwatch(self.listener)
         self.listener.close()
         for lane in list(self.lanes):
             lane.close()
         for link in list(self.links.values()):
             link.close()
-

@@ -77,6 +77,12 @@ class ClientLane:
             self.sock.close()
 
 
+def _kind(raw) -> int:
+    """A frame's type byte (swarm/wire.py's header), looked at before it is decoded: a frame this
+    wait does not take is skipped without being checked against its limits."""
+    return raw[5] if len(raw) > 5 else 0
+
+
 def usable(spans) -> bool:
     """Whether every span's node offers a lane, over an unencrypted address (ws://, as lanes are)."""
     return all(s.lane_port is not None and not s.lane_refused and s.url.startswith("ws://") for s in spans)
@@ -130,6 +136,8 @@ def bind(spans, key: bytes | None, timeout: float = BIND_TIMEOUT) -> None:
                 span, nxt = waiting[sock]
                 at_fault = [span]
                 for raw in span.lane.read():
+                    if _kind(raw) not in (wire.ERROR, wire.BOUND):
+                        continue  # (the node's greeting, an earlier step's answer come late)
                     try:
                         reply = wire.decode(raw, key)
                     except wire.WireError as e:
@@ -182,13 +190,14 @@ def forward(span, data: bytes, position: int, timeout: float, key: bytes | None)
             close(span)
             return None
         for raw in frames:
+            if _kind(raw) not in (wire.ERROR, wire.RESULT):
+                continue  # (the node's greeting, a relayed step's answer come late, a BOUND)
             try:
                 reply = wire.decode(raw, key, span.dim, 1)
             except wire.WireError as e:
                 return wire.error_frame(span.sid, "bad_reply", f"unusable reply: {e}")
-            if reply.session != span.sid or reply.type in (wire.RELAYED, wire.BOUND) or (
-                    reply.type == wire.ERROR and (reply.body or {}).get("relay")):
-                continue  # (a relayed step's answer or error, come late)
+            if reply.session != span.sid or (reply.type == wire.ERROR and (reply.body or {}).get("relay")):
+                continue  # (a relayed step's error, come late)
             if reply.type == wire.ERROR or (reply.type == wire.RESULT and reply.position == position):
                 return reply
 
@@ -212,8 +221,10 @@ def wait(spans, key: bytes | None, step: int, position: int, timeout: float, fai
                 close(span)
                 raise failed(str(e)) from None
             for raw in frames:
+                if _kind(raw) not in (wire.ERROR, wire.RELAYED):
+                    continue  # (the node's greeting, a BOUND or RESULT come late)
                 try:
-                    reply = wire.decode(raw, key, dim, len(spans) + 1)
+                    reply = wire.decode(raw, key, dim, wire.MAX_HOPS + 1)
                 except wire.WireError as e:
                     raise failed(f"{span.url}: unusable reply: {e}") from None
                 if reply.type == wire.ERROR and (reply.body or {}).get("step", step) == step:

@@ -64,12 +64,17 @@ def serve_node(service: NodeService, host: str, port: int, listen: str, bootstra
 
     async def announce_and_wait(loop, runner, bound):
         nonlocal ready
+        stop = control["stop"]
+        if stop.is_set():  # (a signal while starting: nothing announced, nothing said)
+            return
         url = ws_url(host, bound, public, toward)
         record = {"swarm": node_record(service, url)}
         if held:
             record["http"] = http_url(host, bound, public, toward)
         await loop.run_in_executor(None, p2p.put_peer_record, record)
         await loop.run_in_executor(None, _provide, p2p, service.manifest_sha, store, held, first, last)
+        if stop.is_set():
+            return
         lane = f", lanes on port {service.lane_server.port}" if service.lane_server else ""
         say(f"node: blocks {first}-{last} on {url} ({service.ms_per_token:.2f} ms/token, "
             f"{service.limits.max_sessions} sessions, {service.limits.max_cache_bytes / 2**20:.0f} MiB of cache"
@@ -82,7 +87,6 @@ def serve_node(service: NodeService, host: str, port: int, listen: str, bootstra
             say(f"note: a .gguf file is not a fragment store, so a client cannot start from the address above "
                 f"(it finds no manifest); reach this node with `chat` or `api --distributed --node {url}`, "
                 f"or `fragment` the file and start the node from the store to join a swarm")
-        stop = control["stop"]
         await loop.run_in_executor(None, compute.run, take_signals)  # (the main thread's to set)
         ready = True  # (from here a signal stops it cleanly, with "stopped"; before, it interrupts)
         while not stop.is_set():
@@ -106,8 +110,11 @@ def serve_node(service: NodeService, host: str, port: int, listen: str, bootstra
     def on_signal(signum, frame):
         stopping.set()
         loop = control.get("loop")
-        if loop is not None:
-            loop.call_soon_threadsafe(control["stop"].set)
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(control["stop"].set)
+            except RuntimeError:  # (closed meanwhile: it is stopping anyway)
+                pass
 
     previous: dict = {}
 
@@ -115,7 +122,8 @@ def serve_node(service: NodeService, host: str, port: int, listen: str, bootstra
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, on_signal)
 
-    thread = threading.Thread(target=serve_loop, name="node-loop")
+    thread = threading.Thread(target=serve_loop, name="node-loop", daemon=True)  # (a DHT call that hangs
+    # past the join below must not hold the process at exit)
     try:
         if lanes:
             service.open_lanes(host, lane_port)

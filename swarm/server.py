@@ -284,12 +284,15 @@ class NodeService:
             to = known.lane if known is not None and known.lane is not None and not known.lane.closed else lane
             to.send(wire.encode(wire.error_frame(sid, *_failure(e), frame is None or frame.type == wire.RELAY,
                                                  relay.step_or_none(frame)), self.key))
+            self._strike(lane, unreadable=frame is None)
             return
         client = session.lane
         if client is None or client.closed:
             lane.send(wire.encode(wire.error_frame(sid, "lane", f"session {sid.hex()} is not bound to a lane: "
                                                                 "BIND it first", True, step), self.key))
+            self._strike(lane)
             return
+        lane.strikes = 0
         trace.mark("read", step)
         try:
             if frame.position + 1 > session.cache.capacity:  # (growing it is the WebSocket's, with its budget)
@@ -313,11 +316,22 @@ class NodeService:
                     self.lane_server.link(session.lane_next)  # (connecting again, for the steps after this one)
                     raise relay.RelayError(f"the next node's lane {lanes.format_address(*session.lane_next)} "
                                            f"is not connected")
+                link.remember(hop.session, client, sid, step)
         except Exception as e:
             client.send(wire.encode(wire.error_frame(sid, *_failure(e), True, step), self.key))
             return
         self._count_step(session, frame, y, seconds)  # (after the output left: off the token's path)
         self.lane_steps += 1
+
+    @staticmethod
+    def _strike(lane, unreadable: bool = False) -> None:
+        """An error answered on ``lane``: a frame that does not even decode (garbage, another swarm's
+        key) closes it at once, and so do MAX_STRIKES errors in a row. An honest peer meets an error
+        now and then (a late relay); a stranger sending junk would have the compute thread answer
+        it frame after frame."""
+        lane.strikes += 1
+        if unreadable or lane.strikes >= lanes.MAX_STRIKES:
+            lane.close()
 
     def _lane_forward(self, lane, frame: wire.Frame) -> None:
         """A client's single-row step (a decode step run hop by hop: after a rewind or a relay that
@@ -341,6 +355,7 @@ class NodeService:
         y, seconds = self._compute(session, frame.array.astype(np.float32, copy=False), frame.position,
                                    frame.position)
         self._check_output(frame, y)
+        lane.strikes = 0
         lane.send(wire.encode(wire.Frame(wire.RESULT, frame.session, frame.position, y,
                                          first_block=frame.first_block, last_block=frame.last_block,
                                          elapsed_us=_us(seconds), dtype=frame.dtype), self.key))
@@ -360,6 +375,7 @@ class NodeService:
         except ValueError as e:
             raise wire.WireError("bad_frame", f"next: {e}") from None
         session.lane, session.lane_next = lane, address
+        lane.strikes = 0
         bound = wire.encode(wire.Frame(wire.BOUND, frame.session), self.key)
         if address is None:
             lane.send(bound)

@@ -178,11 +178,14 @@ def test_a_middle_node_killed_on_lanes_fails_over_with_the_same_tokens(six_loade
 
 
 class RawLane:
-    """A test's own lane to a node: frames out, frames (or the hang-up) back."""
+    """A test's own lane to a node: frames out, frames (or the hang-up) back. The node's greeting
+    (its INFO: manifest and lane port) is read at once."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, key=None):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.buf = b""
+        self.greeting = self.reply(key)
+        assert self.greeting.type == wire.INFO and self.greeting.body["lane"] == port
 
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -220,6 +223,9 @@ def test_bad_frames_on_a_lane_get_errors_and_the_node_serves_on(six_loader, refe
     try:
         raw.send(b"not a frame at all, but long enough to look at")
         assert raw.reply().body["code"] == "bad_frame"
+        assert raw.hung_up()  # (a peer that does not speak the wire is not answered twice)
+        raw.close()
+        raw = RawLane(port)
         raw.send(wire.encode(wire.Frame(wire.INFO_REQ, secrets.token_bytes(16))))
         reply = raw.reply()
         assert reply.body["code"] == "bad_frame" and "BIND, FORWARD and RELAY" in reply.body["message"]
@@ -304,11 +310,13 @@ def test_a_bind_naming_a_dead_next_lane_is_refused(six_loader):
 
 def test_a_private_swarms_lanes_take_only_its_frames(six_loader, local_greedy):
     nodes = [start_node(six_loader, a, b, key=KEY) for a, b in [(0, 2), (3, 5)]]
-    raw = RawLane(nodes[0].service.lane_server.port)
+    raw = RawLane(nodes[0].service.lane_server.port, KEY)  # (its greeting is signed)
     try:
         raw.send(_relay(secrets.token_bytes(16)))  # no HMAC
         reply = raw.reply(KEY)
-        assert reply.body["code"] == "auth"
+        assert reply.body["code"] == "auth" and raw.hung_up()
+        raw.close()
+        raw = RawLane(nodes[0].service.lane_server.port, KEY)
         raw.send(_relay(secrets.token_bytes(16), key=b"another-swarm-key-0123456789"))
         assert raw.reply(KEY).body["code"] == "auth"
         tm = distributed_text_model(six_loader, [n.url for n in nodes], key=KEY)
@@ -378,3 +386,176 @@ def test_answers_are_the_same_rows_as_over_the_websocket(six_loader):
     finally:
         for n in nodes:
             n.stop()
+
+
+# -- what a hostile review found (2 Dec), each made to fail before its fix -------------------------
+
+def test_links_that_fail_are_not_kept_and_the_oldest_make_room(six_loader, reference, monkeypatch):
+    """A BIND naming an address whose connect fails at once left a dead link in the table; past
+    MAX_LINKS of them, making room spun the compute thread for ever. Failed links are not kept,
+    and the oldest live one is closed to make room."""
+    from common import compute
+
+    node = start_node(six_loader, 0, 2)
+    server = node.service.lane_server
+    held = []
+    try:
+        for _ in range(lane.MAX_LINKS + 6):  # ports bound, never listening: connects refused (later)
+            h = socket.socket()
+            h.bind(("127.0.0.1", 0))
+            held.append(h)
+        kept = compute.executor().submit(
+            lambda: [server.link(("127.0.0.1", h.getsockname()[1])) for h in held] and len(server.links)).result(30)
+        assert kept <= lane.MAX_LINKS
+
+        class FailsAtOnce(lane.Link):
+            def __init__(self, *args):
+                super().__init__(*args)
+                self._fail("cannot connect (as ENETUNREACH would, at once)")
+
+        monkeypatch.setattr(lane, "Link", FailsAtOnce)
+        outcome = compute.executor().submit(
+            lambda: [server.link(("127.0.0.1", 1000 + i)).failed for i in range(2 * lane.MAX_LINKS)]).result(30)
+        assert all(outcome) and not any(link.failed is None and link.address[1] >= 1000
+                                        for link in server.links.values())
+        check_alive(node, reference)
+    finally:
+        for h in held:
+            h.close()
+        node.stop()
+
+
+def test_a_bind_naming_a_service_that_is_not_a_node_sends_it_nothing(six_loader):
+    """The next lane must greet first, as a node serving the same model does, before anything is
+    written to it: a BIND naming some other TCP service is refused, and the service gets no byte."""
+    node = start_node(six_loader, 0, 2)
+    service = socket.create_server(("127.0.0.1", 0))
+    service.settimeout(10)
+    got = []
+
+    def accept():
+        conn, _ = service.accept()
+        conn.settimeout(lane.CONNECT_TIMEOUT + 3)
+        try:
+            while data := conn.recv(65536):
+                got.append(data)
+        except OSError:
+            pass
+        conn.close()
+
+    reader = threading.Thread(target=accept, daemon=True)
+    reader.start()
+    raw = RawLane(node.service.lane_server.port)
+    owner = RemoteSpanSession(node.url, 0, 2, 32, 96)
+    try:
+        owner.forward(hidden(2))
+        raw.send(wire.encode(wire.Frame(wire.BIND, owner.sid, body={"next": f"127.0.0.1:{service.getsockname()[1]}"})))
+        reply = raw.reply()
+        assert reply.type == wire.ERROR and "greeting" in reply.body["message"], reply.body
+        reader.join(lane.CONNECT_TIMEOUT + 5)
+        assert got == []  # (the node hung up without writing)
+    finally:
+        owner.close()
+        raw.close()
+        service.close()
+        node.stop()
+
+
+def test_errors_in_a_row_close_a_lane(six_loader, reference):
+    node = start_node(six_loader, 0, 2)
+    raw = RawLane(node.service.lane_server.port)
+    try:
+        for i in range(lane.MAX_STRIKES + 8):
+            try:
+                raw.send(_relay(secrets.token_bytes(16), step=i))
+            except OSError:  # (closed under us: what the test waits for)
+                break
+        errors = 0
+        while True:
+            try:
+                raw.reply()
+                errors += 1
+            except AssertionError:  # "the node closed the lane"
+                break
+        assert errors == lane.MAX_STRIKES
+        check_alive(node, reference)
+    finally:
+        raw.close()
+        node.stop()
+
+
+def test_lanes_buffers_are_bounded_by_the_nodes_budget(six_loader, reference):
+    """Half-sent frames are held against a budget of --max-inflight-mb: a lane past it is closed."""
+    node = start_node(six_loader, 0, 2, max_positions=64, max_inflight_bytes=100_000)
+    frame = lane.max_frame(96)
+    lanes = [RawLane(node.service.lane_server.port) for _ in range(3)]
+    try:
+        for raw in lanes:  # each announces a frame of the largest size, and sends 45 kB of it
+            raw.send_raw(lane.LEN.pack(frame) + b"\0" * 45_000)
+            time.sleep(0.2)
+        assert lanes[2].hung_up() and not any(select.select([r.sock], [], [], 0.2)[0] for r in lanes[:2])
+        assert node.service.lane_server.budget.used <= 100_000
+        check_alive(node, reference)
+    finally:
+        for raw in lanes:
+            raw.close()
+        node.stop()
+
+
+def test_a_next_nodes_refusal_reaches_the_client_at_once(six_loader):
+    """The next node's error about a relay (its session gone) comes back on the link from the node
+    before, which passes it to the client's lane under the step: the client does not wait out its
+    relay timeout."""
+    from swarm.client import Hub, RelayFailed, relay_step
+
+    nodes = [start_node(six_loader, a, b) for a, b in [(0, 2), (3, 5)]]
+    hub = Hub()
+    spans = [RemoteSpanSession(n.url, a, b, 32, 96, hub=hub, lane_port=n.service.lane_server.port)
+             for n, (a, b) in zip(nodes, [(0, 2), (3, 5)])]
+    try:
+        spans[1].forward(spans[0].forward(hidden(3)))
+        relay_step(spans, hidden(1, seed=1))  # bound, and one step on the lanes
+        nodes[1].service.cache.close(spans[1].sid)
+        with pytest.raises(RelayFailed, match="not open here"):
+            relay_step(spans, hidden(1, seed=2), timeout=60)  # (an error, not "no answer within 60 s")
+    finally:
+        for sp in spans:
+            sp.close()
+        hub.close()
+        for n in nodes:
+            n.stop()
+
+
+def test_a_late_relayed_answer_is_not_taken_for_a_forwards_reply():
+    """A relayed step given up on may answer later, on the lane a one-row FORWARD then waits on: that
+    answer (more rows than a FORWARD's) is skipped, not taken for an unusable reply."""
+    from swarm import lane_client
+
+    ours, theirs = socket.socketpair()
+    client_lane = object.__new__(lane_client.ClientLane)
+    client_lane.sock, client_lane.name, client_lane.max_size = ours, "test", lane.max_frame(96)
+    client_lane.buf, client_lane.closed = bytearray(), False
+
+    class Span:
+        url, lane_port, lane_refused, lane_ready, dim = "ws://127.0.0.1:1/swarm", 1, False, True, 96
+        sid, lane, lane_bound = secrets.token_bytes(16), client_lane, None
+
+    late = wire.encode(wire.Frame(wire.RELAYED, Span.sid, 5, hidden(3), first_block=0, last_block=2,
+                                  body=wire.Trailer(7, [1, 2, 3])))
+    result = wire.encode(wire.Frame(wire.RESULT, Span.sid, 5, hidden(1, seed=9), first_block=0, last_block=2))
+    theirs.sendall(lane.LEN.pack(len(late)) + late + lane.LEN.pack(len(result)) + result)
+    reply = lane_client.forward(Span, b"(the FORWARD)", 5, 10, None)
+    assert reply.type == wire.RESULT and reply.position == 5
+    np.testing.assert_array_equal(reply.array, hidden(1, seed=9))
+    ours.close()
+    theirs.close()
+
+
+def test_a_stopped_node_leaves_no_timer_on_the_compute_loop(six_loader):
+    from common import compute
+
+    node = start_node(six_loader, 0, 2)
+    sweeper = node.service.lane_server.sweeper
+    assert sweeper in compute.jobs()._timers
+    node.stop()
+    assert sweeper not in compute.jobs()._timers
