@@ -62,3 +62,19 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+@pytest.fixture
+def job_loop():
+    """A JobLoop (common/jobloop.py) served by a thread of its own, stopped afterwards."""
+    import threading
+
+    from common.jobloop import JobLoop
+
+    jobs = JobLoop()
+    thread = threading.Thread(target=jobs.run, daemon=True)
+    thread.start()
+    yield jobs
+    jobs.stop()
+    thread.join(10)
+    assert not thread.is_alive()

@@ -13,14 +13,8 @@ from common.jobloop import JobLoop
 
 
 @pytest.fixture
-def loop():
-    jobs = JobLoop()
-    thread = threading.Thread(target=jobs.run, daemon=True)
-    thread.start()
-    yield jobs
-    jobs.stop()
-    thread.join(10)
-    assert not thread.is_alive()
+def loop(job_loop):
+    return job_loop
 
 
 def test_jobs_run_in_order_on_the_loops_thread_and_errors_reach_the_caller(loop):

@@ -18,7 +18,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.jobloop import JobLoop
 from swarm import lane, relay, wire
 from swarm.client import RemoteSpanSession, distributed_text_model, timings
 from tests.swarm.conftest import KEY, PROMPT, check_alive, greedy, hidden, start_node
@@ -26,14 +25,9 @@ from tests.swarm.conftest import KEY, PROMPT, check_alive, greedy, hidden, start
 N = 8
 
 
-@pytest.fixture(scope="module")
-def loop():
-    jobs = JobLoop()
-    thread = threading.Thread(target=jobs.run, daemon=True)
-    thread.start()
-    yield jobs
-    jobs.stop()
-    thread.join(10)
+@pytest.fixture
+def loop(job_loop):
+    return job_loop
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -294,18 +288,26 @@ def test_a_bind_naming_a_dead_next_lane_is_refused(six_loader):
     node = start_node(six_loader, 0, 2)
     held = socket.socket()  # a port bound, never listening: connections to it are refused
     held.bind(("127.0.0.1", 0))
+    try:
+        reply = bind_naming(node, held.getsockname()[1])
+        assert reply.type == wire.ERROR and reply.body["code"] == "relay" and "cannot connect" in reply.body["message"]
+    finally:
+        held.close()
+        node.stop()
+
+
+def bind_naming(node, port: int) -> wire.Frame:
+    """A session opened on ``node`` over its WebSocket, BOUND on a lane naming 127.0.0.1:``port`` as
+    its next: the node's answer."""
     raw = RawLane(node.service.lane_server.port)
     owner = RemoteSpanSession(node.url, 0, 2, 32, 96)
     try:
         owner.forward(hidden(2))
-        raw.send(wire.encode(wire.Frame(wire.BIND, owner.sid, body={"next": f"127.0.0.1:{held.getsockname()[1]}"})))
-        reply = raw.reply()
-        assert reply.type == wire.ERROR and reply.body["code"] == "relay" and "cannot connect" in reply.body["message"]
+        raw.send(wire.encode(wire.Frame(wire.BIND, owner.sid, body={"next": f"127.0.0.1:{port}"})))
+        return raw.reply()
     finally:
         owner.close()
         raw.close()
-        held.close()
-        node.stop()
 
 
 def test_a_private_swarms_lanes_take_only_its_frames(six_loader, local_greedy):
@@ -445,18 +447,12 @@ def test_a_bind_naming_a_service_that_is_not_a_node_sends_it_nothing(six_loader)
 
     reader = threading.Thread(target=accept, daemon=True)
     reader.start()
-    raw = RawLane(node.service.lane_server.port)
-    owner = RemoteSpanSession(node.url, 0, 2, 32, 96)
     try:
-        owner.forward(hidden(2))
-        raw.send(wire.encode(wire.Frame(wire.BIND, owner.sid, body={"next": f"127.0.0.1:{service.getsockname()[1]}"})))
-        reply = raw.reply()
+        reply = bind_naming(node, service.getsockname()[1])
         assert reply.type == wire.ERROR and "greeting" in reply.body["message"], reply.body
         reader.join(lane.CONNECT_TIMEOUT + 5)
         assert got == []  # (the node hung up without writing)
     finally:
-        owner.close()
-        raw.close()
         service.close()
         node.stop()
 
