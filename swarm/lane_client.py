@@ -83,6 +83,12 @@ def _kind(raw) -> int:
     return raw[5] if len(raw) > 5 else 0
 
 
+def _not_a_steps(error: wire.Frame) -> bool:
+    """An ERROR on a lane that answers no one-row FORWARD: a relayed step's, or a BIND's."""
+    body = error.body or {}
+    return bool(body.get("relay") or body.get("bind"))
+
+
 def usable(spans) -> bool:
     """Whether every span's node offers a lane, over an unencrypted address (ws://, as lanes are)."""
     return all(s.lane_port is not None and not s.lane_refused and s.url.startswith("ws://") for s in spans)
@@ -142,8 +148,8 @@ def bind(spans, key: bytes | None, timeout: float = BIND_TIMEOUT) -> None:
                         reply = wire.decode(raw, key)
                     except wire.WireError as e:
                         raise LaneLost(f"{span.url}: unusable lane reply: {e}") from None
-                    if reply.session != span.sid or (reply.body or {}).get("relay"):
-                        continue  # (an earlier relayed step's error, come late: not the BIND's)
+                    if reply.session != span.sid or (reply.type == wire.ERROR and not (reply.body or {}).get("bind")):
+                        continue  # (a step's error, come late: not the BIND's)
                     if reply.type == wire.ERROR:
                         raise LaneLost(f"{span.url}: {(reply.body or {}).get('message', 'error')}")
                     if reply.type == wire.BOUND:
@@ -196,8 +202,8 @@ def forward(span, data: bytes, position: int, timeout: float, key: bytes | None)
                 reply = wire.decode(raw, key, span.dim, 1)
             except wire.WireError as e:
                 return wire.error_frame(span.sid, "bad_reply", f"unusable reply: {e}")
-            if reply.session != span.sid or (reply.type == wire.ERROR and (reply.body or {}).get("relay")):
-                continue  # (a relayed step's error, come late)
+            if reply.session != span.sid or (reply.type == wire.ERROR and _not_a_steps(reply)):
+                continue  # (a relayed step's error, or a BIND's refusal, come late)
             if reply.type == wire.ERROR or (reply.type == wire.RESULT and reply.position == position):
                 return reply
 
@@ -227,7 +233,8 @@ def wait(spans, key: bytes | None, step: int, position: int, timeout: float, fai
                     reply = wire.decode(raw, key, dim, wire.MAX_HOPS + 1)
                 except wire.WireError as e:
                     raise failed(f"{span.url}: unusable reply: {e}") from None
-                if reply.type == wire.ERROR and (reply.body or {}).get("step", step) == step:
+                if reply.type == wire.ERROR and not (reply.body or {}).get("bind") and \
+                        (reply.body or {}).get("step", step) == step:
                     raise failed(f"{span.url}: {(reply.body or {}).get('message', 'error')}")
                 if (reply.type == wire.RELAYED and span is last and reply.session == last.sid
                         and reply.position == position and reply.body.step == step):

@@ -282,8 +282,11 @@ class NodeService:
         except Exception as e:  # a relay's error goes to its session's client if bound; any other back
             known = self.cache.sessions.get(sid) if frame is not None and frame.type == wire.RELAY else None
             to = known.lane if known is not None and known.lane is not None and not known.lane.closed else lane
-            to.send(wire.encode(wire.error_frame(sid, *_failure(e), frame is None or frame.type == wire.RELAY,
-                                                 relay.step_or_none(frame)), self.key))
+            error = wire.error_frame(sid, *_failure(e), frame is None or frame.type == wire.RELAY,
+                                     relay.step_or_none(frame))
+            if frame is not None and frame.type == wire.BIND:
+                error.body["bind"] = True  # (a client never takes it for a step's answer)
+            to.send(wire.encode(error, self.key))
             self._strike(lane, unreadable=frame is None)
             return
         client = session.lane
@@ -383,8 +386,11 @@ class NodeService:
         link = self.lane_server.link(address)
 
         def ready(outcome) -> None:
-            lane.send(bound if outcome is True else wire.encode(wire.error_frame(
-                frame.session, "relay", f"the next node's lane {link.name}: {outcome}"), self.key))
+            if outcome is True:
+                return lane.send(bound)
+            error = wire.error_frame(frame.session, "relay", f"the next node's lane {link.name}: {outcome}")
+            error.body["bind"] = True  # (it may come after the client has gone on: never a step's answer)
+            lane.send(wire.encode(error, self.key))
 
         link.when_ready(ready)
 

@@ -555,3 +555,28 @@ def test_a_stopped_node_leaves_no_timer_on_the_compute_loop(six_loader):
     assert sweeper in compute.jobs()._timers
     node.stop()
     assert sweeper not in compute.jobs()._timers
+
+
+def test_a_late_bind_refusal_is_not_taken_for_a_steps_answer(six_loader, reference):
+    """A BIND's refusal can come after the client has gone on (its route changed under it, a
+    failover): a one-row FORWARD waiting on that lane skips it and takes its own RESULT. (Found by
+    a fresh clone's CI: the refusal was taken for the step's answer and a healthy node failed over.)"""
+    from engine.session import LocalSpanSession
+    from swarm import lane_client
+
+    node = start_node(six_loader, 0, 2)
+    held = socket.socket()  # bound, never listening: connections refused
+    held.bind(("127.0.0.1", 0))
+    span = RemoteSpanSession(node.url, 0, 2, 32, 96, lane_port=node.service.lane_server.port)
+    local = LocalSpanSession(reference, 32)
+    try:
+        np.testing.assert_array_equal(span.forward(hidden(3)), local.forward(hidden(3)))
+        lane_client.bind([span], None)
+        span.lane.send(wire.encode(wire.Frame(wire.BIND, span.sid, body={"next": f"127.0.0.1:{held.getsockname()[1]}"})))
+        time.sleep(0.3)  # (its refusal is on the lane before the step's answer)
+        np.testing.assert_array_equal(span.forward(hidden(1, seed=5)), local.forward(hidden(1, seed=5)))
+        assert node.service.lane_steps == 1 and not span.lane_refused
+    finally:
+        span.close()
+        held.close()
+        node.stop()
