@@ -13,11 +13,11 @@ compute thread once, and everything that runs kernels, loading included, goes th
 thread only (``infer``, ``chat``, ``validate``) never start it: ``run`` then calls directly, at no
 cost. The compute thread also serializes the work, so two sessions never share the cores at once.
 
-A node goes one step further: it ``adopt`` s its main thread, which loads the model and then runs
-the event loop, and computes inline between awaits. A decode step then needs no hand-over from the
-loop to another thread and back: each is a wake-up through the kernel, 0.1-0.2 ms on a busy
-2-core machine, paid at every hop of every token (SmolLM2 over three nodes: 0.78 against 1.17 ms
-per hop, 90 against 70 tok/s).
+A node ``adopt`` s its main thread with a JobLoop (common/jobloop.py): that thread loads the model,
+then computes every step and reads the node's lanes (swarm/lane.py) itself, so a decode step needs
+no hand-over between threads (each is a wake-up through the kernel, 0.1-0.2 ms on a busy 2-core
+machine, paid at every hop of every token); the event loop runs on another thread and hands its
+work over (swarm/node.py).
 """
 
 from __future__ import annotations

@@ -580,3 +580,15 @@ def test_a_late_bind_refusal_is_not_taken_for_a_steps_answer(six_loader, referen
         span.close()
         held.close()
         node.stop()
+
+
+def test_a_frame_begun_and_not_finished_within_the_frame_time_closes_its_lane(six_loader, reference):
+    node = start_node(six_loader, 0, 2, frame_s=1.0)
+    raw = RawLane(node.service.lane_server.port)
+    try:
+        raw.send_raw(lane.LEN.pack(1000) + b"\0" * 10)  # 10 of 1000 bytes, then nothing
+        assert raw.hung_up()  # (the sweep runs every second: within frame_s + 1 s, well within 10 s)
+        check_alive(node, reference)
+    finally:
+        raw.close()
+        node.stop()
