@@ -263,6 +263,18 @@ class LlamaModel:
             except StopIteration as done:
                 return done.value
 
+    def forward_token(self, x: np.ndarray, cache: KVCache, pos: int) -> np.ndarray:
+        """``forward_layers`` for one position: x (1, dim) -> (1, dim), the same result, without
+        its generators. A node relaying decode steps calls this once per token on a core that has
+        just woken, where every layer of Python costs tens of microseconds
+        (docs/distributed-performance.md, "2 Dec: a relay's common case")."""
+        if self.decoder is None or cache.k.dtype != self.decoder.kv_dtype or pos + 1 > cache.capacity:
+            return self.forward_layers(x, cache, pos)
+        cos, sin = self._rope(pos, 1)
+        y = self.decoder.step(x, pos, cache, cos[0], sin[0])
+        cache.length = pos + 1
+        return y
+
     def forward_layers_steps(self, x: np.ndarray, cache: KVCache, first_pos: int):
         """``forward_layers`` as a generator that yields (None) after each block of a multi-row pass
         and returns the hidden states: a server computing on its event loop's thread answers other

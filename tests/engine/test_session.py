@@ -118,3 +118,23 @@ def test_a_remote_route_hands_only_the_head_to_the_compute_thread(loader, monkey
     np.testing.assert_allclose(session.feed(TOKENS), expected, rtol=1e-4, atol=1e-4)
     names = [getattr(fn, "__name__", "?") for fn in handed]
     assert "embed" not in names and names.count("head") == 1, names  # (the stand-in span's own pass hops too)
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_forward_token_is_forward_layers_for_one_position(loader, backend):
+    """The decode step a relaying node takes without forward_layers' generators: bit for bit the
+    same rows and cache, the one-call decoder where the backend has one; past the cache, the same
+    clear error."""
+    from common.errors import UserError
+
+    model = LlamaModel(loader, backend=backend)
+    assert (model.decoder is not None) == (backend == "numba")  # (both of forward_token's ways)
+    x = np.random.default_rng(4).standard_normal((6, model.config.dim)).astype(np.float32)
+    a, b = model.new_cache(6), model.new_cache(6)
+    model.forward_layers(x[:5], a, 0)
+    model.forward_layers(x[:5], b, 0)
+    np.testing.assert_array_equal(model.forward_token(x[5:], a, 5), model.forward_layers(x[5:], b, 5))
+    assert a.length == b.length == 6
+    np.testing.assert_array_equal(a.k[:, :6], b.k[:, :6])
+    with pytest.raises(UserError, match="context full"):
+        model.forward_token(x[5:], a, 6)
