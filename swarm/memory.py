@@ -64,6 +64,7 @@ class NodeSession:
     busy: bool = False                 # a step is part-way through (a multi-row pass yields between blocks)
     lane: object = None                # the client's lane its relayed steps answer on (swarm/lane.py)
     lane_next: tuple | None = None     # the next node's lane address, (host, port), or None: the last
+    fast_relay: object = None          # its relays' common case on lanes (swarm/fast_relay.py), once seen
 
     @property
     def position(self) -> int:

@@ -31,6 +31,7 @@ from common import compute
 from engine import model as engine_model
 from swarm import lane as lanes
 from swarm import relay, trace, wire
+from swarm.fast_relay import FastRelay
 from swarm.inflight import GatedWebSocket
 from swarm.memory import Inflight, LimitError, Limits, SessionCache
 
@@ -259,7 +260,7 @@ class NodeService:
             sent = False
         if not sent:  # (or the estimate above was short: the output goes the usual way)
             self.relays.spawn(self._pass_on(frame, step, session, hop, out))
-        self._count_step(session, frame, y, seconds)  # (after the output left: off the token's path)
+        self.count_step(session, y.shape[0], seconds)  # (after the output left: off the token's path)
         return True
 
     # -- lanes (swarm/lane.py): on the compute thread ---------------------------------------------------
@@ -268,6 +269,9 @@ class NodeService:
         Its answer and its errors go to the session's client on its lane; an error about a frame
         whose session is not known goes back on the lane it came in on."""
         sid = bytes(data[8:24]) if len(data) >= 24 else bytes(16)
+        session = self.cache.sessions.get(sid)
+        if session is not None and session.fast_relay is not None and session.fast_relay.take(session, lane, data):
+            return  # the common case of a bound session's relay (swarm/fast_relay.py)
         frame = session = None
         try:
             frame = wire.decode(data, self.key, self.dim, relay.MAX_HOPS + 1)
@@ -309,22 +313,31 @@ class NodeService:
             trace.mark("computed", step)
             self._check_output(frame, y)
             hop, out = self._relay_output(frame, step, hops, elapsed, y, seconds)
-            if hop is None:
-                client.send(out)
-            else:
-                if session.lane_next is None:
-                    raise relay.RelayError("no next node's lane is bound for this session")
-                link = self.lane_server.links.get(session.lane_next)
-                if link is None or not link.send(out):
-                    self.lane_server.link(session.lane_next)  # (connecting again, for the steps after this one)
-                    raise relay.RelayError(f"the next node's lane {lanes.format_address(*session.lane_next)} "
-                                           f"is not connected")
-                link.remember(hop.session, client, sid, step)
+            self.lane_pass_on(session, client, step, hop, out)
         except Exception as e:
-            client.send(wire.encode(wire.error_frame(sid, *_failure(e), True, step), self.key))
-            return
-        self._count_step(session, frame, y, seconds)  # (after the output left: off the token's path)
+            return self.lane_failed(session, client, step, e)
+        if frame.dtype == wire.F32 and (session.fast_relay is None or session.fast_relay.hops_raw != frame.body.hops):
+            session.fast_relay = FastRelay(self, session, hops, frame.body.hops)  # (the steps after this one)
+        self.count_step(session, 1, seconds)  # (after the output left: off the token's path)
         self.lane_steps += 1
+
+    def lane_pass_on(self, session, client, step: int, hop, out: bytes) -> None:
+        """A relayed step's output, framed: to the next node's lane (``hop``), or to its client's."""
+        if hop is None:
+            client.send(out)
+            return
+        if session.lane_next is None:
+            raise relay.RelayError("no next node's lane is bound for this session")
+        link = self.lane_server.links.get(session.lane_next)
+        if link is None or not link.send(out):
+            self.lane_server.link(session.lane_next)  # (connecting again, for the steps after this one)
+            raise relay.RelayError(f"the next node's lane {lanes.format_address(*session.lane_next)} "
+                                   f"is not connected")
+        link.remember(hop.session, client, session.sid, step)
+
+    def lane_failed(self, session, client, step: int, e: Exception) -> None:
+        """A relayed step taken from a lane failed: its client hears why (and runs it hop by hop)."""
+        client.send(wire.encode(wire.error_frame(session.sid, *_failure(e), True, step), self.key))
 
     @staticmethod
     def _strike(lane, unreadable: bool = False) -> None:
@@ -362,7 +375,7 @@ class NodeService:
         lane.send(wire.encode(wire.Frame(wire.RESULT, frame.session, frame.position, y,
                                          first_block=frame.first_block, last_block=frame.last_block,
                                          elapsed_us=_us(seconds), dtype=frame.dtype), self.key))
-        self._count_step(session, frame, y, seconds)
+        self.count_step(session, y.shape[0], seconds)
         self.lane_steps += 1
 
     def _bind(self, lane, frame: wire.Frame) -> None:
@@ -471,7 +484,7 @@ class NodeService:
 
     def _step_now(self, session, frame: wire.Frame, x: np.ndarray) -> tuple[np.ndarray, float]:
         """``_step``'s compute for one row, from a caller that cannot await (relay_now), which
-        checks and counts the step itself (``_check_output``; ``_count_step`` once the output left)."""
+        checks and counts the step itself (``_check_output``; ``count_step`` once the output left)."""
         self._begin_step(session, frame, x.shape[0])
         x = x if x.dtype == np.float32 else x.astype(np.float32)
         return compute.run(self._compute, session, x, frame.position, frame.position)
@@ -483,14 +496,14 @@ class NodeService:
 
     def _end_step(self, session, frame: wire.Frame, y: np.ndarray, seconds: float) -> tuple[np.ndarray, float]:
         self._check_output(frame, y)  # (a step refused is not counted: served, nor in the advertised speed)
-        self._count_step(session, frame, y, seconds)
+        self.count_step(session, y.shape[0], seconds)
         return y, seconds
 
-    def _count_step(self, session, frame: wire.Frame, y: np.ndarray, seconds: float) -> None:
-        first, last, T = frame.first_block, frame.last_block, y.shape[0]
+    def count_step(self, session, T: int, seconds: float) -> None:
+        """A step of ``T`` rows served for ``session`` (in ``seconds`` of compute), its output gone."""
         session.last_used = time.monotonic()
         if T == 1:
-            self._observe(seconds * 1000 / (last - first + 1))
+            self._observe(seconds * 1000 / (session.last_block - session.first_block + 1))
         self.served += T
 
     def _check_output(self, frame: wire.Frame, y: np.ndarray) -> None:

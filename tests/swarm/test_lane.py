@@ -75,7 +75,18 @@ def test_lane_addresses_are_host_and_port_or_refused(text):
     assert 0 < port < 65536 and host and lane.parse_address(lane.format_address(host, port)) == (host, port)
 
 
-def test_three_nodes_on_lanes_equal_local(six_loader, local_greedy):
+def test_three_nodes_on_lanes_equal_local(six_loader, local_greedy, monkeypatch):
+    from swarm.fast_relay import FastRelay
+
+    taken: dict = {}
+    take = FastRelay.take
+
+    def counted(self, *args):
+        done = take(self, *args)
+        taken[id(self.service)] = taken.get(id(self.service), 0) + done
+        return done
+
+    monkeypatch.setattr(FastRelay, "take", counted)
     nodes = [start_node(six_loader, a, b) for a, b in [(0, 1), (2, 3), (4, 5)]]
     try:
         assert all(n.service.info()["lane"] == n.service.lane_server.port for n in nodes)
@@ -86,6 +97,8 @@ def test_three_nodes_on_lanes_equal_local(six_loader, local_greedy):
         t = timings(tm)
         assert t["relayed_steps"] == 2 * (N - 1) and t["failovers"] == 0
         assert [n.service.lane_steps for n in nodes] == [2 * (N - 1)] * 3  # every relayed step took the lanes
+        # each session's first relayed step planned the rest (swarm/fast_relay.py), which took them all
+        assert [taken.get(id(n.service)) for n in nodes] == [2 * (N - 2)] * 3
         assert all(not n.service.cache.sessions for n in nodes)
     finally:
         for n in nodes:

@@ -1,0 +1,121 @@
+"""A session's relayed decode steps on lanes, its common case checked and framed in a few operations.
+
+Every decode step of a session bound to lanes (swarm/lane.py) arrives as the same kind of frame:
+a RELAY for this session, float32, these blocks, the hops it named at its first step, one row
+more than the hops run before it. The node reads it on a core that has just woken, where each
+library call it makes (a struct, a numpy constructor, a compiled function's dispatch) costs tens
+of microseconds the first time after a pause, whatever it does: ``wire.decode``'s general checks
+and ``wire.encode``'s general framing took 0.26 ms a frame there, against 0.11 ms for this
+(docs/distributed-performance.md, "2 Dec: a relay's common case").
+
+``FastRelay.take`` accepts only frames that ``wire.decode`` and the node's relay checks accept
+too, compared field by field with the frame the general path accepted first, and frames its
+output byte for byte as ``wire.encode`` does (tests/swarm/test_fast_relay.py holds it to both).
+Anything else, a bad frame included, it leaves untouched for the general path, which answers
+its errors.
+
+    RELAY in:  header | rows (rows, dim) f32 | step, n | n compute times | hops still to run | [MAC]
+    out:       header | the same rows, then y (rows + 1, dim) | step, n + 1 | the n times, this one | the hops after
+               the next | [MAC]   (at the last hop: a RELAYED to the client, no hops)
+"""
+
+from __future__ import annotations
+
+import hmac
+import struct
+import time
+
+import numpy as np
+
+from swarm import relay, trace, wire
+
+_AFTER_SESSION = struct.Struct("<IIIHHII")  # the header after magic .. session: position .. body length
+_TIME = struct.Struct("<I")
+
+
+class FastRelay:
+    """The expected shape of one session's relays, from a frame the general path accepted (its
+    ``hops``, parsed, and their packed bytes ``hops_raw``). ``service`` is the NodeService; the
+    session is kept by the caller (this holds no reference to it)."""
+
+    def __init__(self, service, session, hops: tuple, hops_raw: bytes):
+        key = service.key
+        self.service, self.key = service, key
+        self.dim, self.hops_raw, self.max_rows = service.dim, bytes(hops_raw), relay.MAX_HOPS - len(hops)
+        flags = wire.FLAG_MAC if key else 0
+        # magic, version, type, dtype, flags, session: 24 bytes every relay of this session repeats
+        self.prefix = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.RELAY, wire.F32, flags, session.sid,
+                                       0, 0, 0, 0, 0, 0, 0)[:24]
+        self.blocks = (session.first_block, session.last_block)
+        self.view = service.view(session.first_block, session.last_block)
+        self.mac_len = wire.MAC_LEN if key else 0
+        if hops:  # the output: a RELAY to the next hop, naming the hops after it
+            nxt = hops[0]
+            self.next = nxt
+            self.out_head = (wire.RELAY, flags, nxt.session, nxt.first, nxt.last)
+            self.rest = self.hops_raw[len(nxt.packed):]
+        else:     # the last hop: a RELAYED answer to the client
+            self.next = None
+            self.out_head = (wire.RELAYED, flags, session.sid) + self.blocks
+            self.rest = b""
+
+    def take(self, session, lane, buf: memoryview) -> bool:
+        """Run the relay in ``buf`` (a frame's bytes from ``lane``, length prefix stripped) if it is
+        ``session``'s common case, and pass its output on: True. False, having changed nothing, for
+        any other frame."""
+        dim = self.dim
+        if len(buf) < wire.HEADER.size or buf[:24] != self.prefix:
+            return False
+        position, rows, cols, first, last, _, body_len = _AFTER_SESSION.unpack_from(buf, 24)
+        size = rows * dim * 4
+        at = wire.HEADER.size + size + wire.TRAILER_HEAD.size  # the compute times' first byte
+        n = rows - 1
+        if (cols != dim or (first, last) != self.blocks or not 0 < rows <= self.max_rows
+                or len(buf) != wire.HEADER.size + body_len + self.mac_len
+                or body_len != size + wire.TRAILER_HEAD.size + 4 * n + len(self.hops_raw)
+                or position != session.position or position >= session.cache.capacity or session.busy
+                or session.lane is None or session.lane.closed):
+            return False
+        step, times = wire.TRAILER_HEAD.unpack_from(buf, at - wire.TRAILER_HEAD.size)
+        if times != n or step >= 2**63 or buf[at + 4 * n:wire.HEADER.size + body_len] != self.hops_raw:
+            return False
+        if self.key is not None and not hmac.compare_digest(bytes(buf[-wire.MAC_LEN:]),
+                                                            wire.mac(self.key, buf[:-wire.MAC_LEN])):
+            return False
+        received = np.frombuffer(buf, np.float32, rows * dim, wire.HEADER.size).reshape(rows, dim)
+        if not wire.all_finite(received):
+            return False
+        # Taken: from here on, errors go to the session's client, as on the general path.
+        lane.strikes = 0
+        trace.mark("read", step)
+        client = session.lane
+        try:
+            trace.mark("compute", step)
+            t0 = time.perf_counter()
+            try:
+                y = self.view.forward_token(received[-1:], session.cache, position)
+            except BaseException:
+                session.cache.length = position  # nothing of this frame is kept
+                raise
+            seconds = time.perf_counter() - t0
+            trace.mark("computed", step)
+            if y.dtype != np.float32 or y.shape != (1, dim) or not wire.all_finite(y):
+                raise ValueError("activations hold NaN or infinity in float32 (float16 holds at most "
+                                 f"+-{wire.F16_MAX:g})")
+            us = min(int(seconds * 1e6), 2**32 - 1)
+            kind, flags, sid, out_first, out_last = self.out_head
+            header = wire.HEADER.pack(wire.MAGIC, wire.VERSION, kind, wire.F32, flags, sid, position, rows + 1, dim,
+                                      out_first, out_last, 0 if self.next is not None else us,
+                                      body_len + 4 * dim + 4 - len(self.hops_raw) + len(self.rest))
+            data = b"".join((header, buf[wire.HEADER.size:wire.HEADER.size + size], np.ascontiguousarray(y),
+                             wire.TRAILER_HEAD.pack(step, rows), buf[at:at + 4 * n], _TIME.pack(us), self.rest))
+            if self.key is not None:
+                data += wire.mac(self.key, data)
+            trace.mark("framed", step)
+            self.service.lane_pass_on(session, client, step, self.next, data)
+        except Exception as e:
+            self.service.lane_failed(session, client, step, e)
+            return True
+        self.service.count_step(session, 1, seconds)
+        self.service.lane_steps += 1
+        return True

@@ -1,0 +1,180 @@
+"""A bound session's relays on lanes, the common case (swarm/fast_relay.py): taken once the general
+path has accepted one, framed byte for byte as the general path frames it, and never taking a
+frame the general path would refuse, however the frame is changed."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from common import compute
+from engine.model import LlamaModel
+from swarm import manifest_sha, relay, wire
+from swarm.memory import Limits
+from swarm.server import NodeService
+from tests.swarm.conftest import KEY, hidden
+
+SID = bytes(range(1, 17))
+NEXT = relay.Hop("ws://127.0.0.1:9/swarm", bytes(range(21, 37)), 3, 5)
+AFTER = relay.Hop("ws://127.0.0.1:10/swarm", bytes(range(41, 57)), 6, 7)
+
+
+class FakeLane:
+    """A lane that keeps what is sent on it."""
+
+    def __init__(self):
+        self.sent: list[bytes] = []
+        self.closed = False
+        self.strikes = 0
+
+    def send(self, data) -> bool:
+        self.sent.append(bytes(data))
+        return True
+
+    def remember(self, *args) -> None:  # (as a Link: whom to tell of the next node's errors)
+        pass
+
+
+class FakeLaneServer:
+    def __init__(self):
+        self.links = {("127.0.0.1", 9): FakeLane()}
+
+
+class Node:
+    """A NodeService for blocks 0-2 of the six-block model, one session open at 8 positions, bound to
+    a fake client lane; ``hops``: the hops its relays name after it (none: it is the last)."""
+
+    def __init__(self, loader, hops: tuple = (), key: bytes | None = None):
+        model = compute.run(LlamaModel, loader, backend="numba", layers=(0, 2))
+        self.service = NodeService(model, manifest_sha(loader), Limits(), key)
+        self.service.lane_server = FakeLaneServer()
+        self.key, self.hops = key, hops
+        self.session = self.service.cache.open(SID, object(), 0, 2, 16)
+        self.client, self.incoming = FakeLane(), FakeLane()
+        self.session.lane = self.client
+        self.session.lane_next = ("127.0.0.1", 9) if hops else None
+        compute.run(self.service._compute, self.session, hidden(8), 0, 0)  # 8 positions held
+
+    def relay(self, rows: int = 2, step: int = 5, seed: int = 1, position: int = 8) -> bytes:
+        return wire.encode(wire.Frame(wire.RELAY, SID, position, hidden(rows, seed), first_block=0, last_block=2,
+                                      body=wire.Trailer(step, list(range(100, 100 + rows - 1)),
+                                                        relay.pack_hops(self.hops))), self.key)
+
+    def sent(self) -> list[bytes]:
+        """What left since the last call: to the client, or on the next node's link."""
+        out = self.client.sent + self.service.lane_server.links[("127.0.0.1", 9)].sent
+        self.client.sent.clear()
+        self.service.lane_server.links[("127.0.0.1", 9)].sent.clear()
+        return out
+
+    def feed(self, data: bytes, fast: bool = True) -> list[bytes]:
+        """``data`` through lane_frame at position 8, with or without the common case; what it sent."""
+        plan = self.session.fast_relay
+        if not fast:
+            self.session.fast_relay = None
+        self.session.cache.truncate(8)
+        try:
+            compute.run(self.service.lane_frame, self.incoming, memoryview(data))
+        finally:
+            if plan is not None:  # (else the plan the general path made stays)
+                self.session.fast_relay = plan
+        return self.sent()
+
+
+@pytest.fixture
+def steady_clock(monkeypatch):
+    """A clock that moves 1 ms per reading: both paths then time a step alike, so bytes compare."""
+    now = [0.0]
+
+    def tick() -> float:
+        now[0] += 0.001
+        return now[0]
+
+    monkeypatch.setattr(time, "perf_counter", tick)
+
+
+@pytest.mark.parametrize("hops", [(), (NEXT,), (NEXT, AFTER)], ids=["last hop", "middle", "first of three"])
+@pytest.mark.parametrize("key", [None, KEY], ids=["open", "private"])
+def test_the_common_case_frames_what_the_general_path_frames(six_loader, steady_clock, hops, key):
+    node = Node(six_loader, hops, key)
+    assert node.session.fast_relay is None
+    general = node.feed(node.relay(), fast=False)  # the general path accepts one, and plans the rest
+    assert node.session.fast_relay is not None and len(general) == 1
+    taken = []
+    node.session.fast_relay.take = _spy(node.session.fast_relay.take, taken)
+    fast = node.feed(node.relay())
+    assert taken == [True], "the common case did not take a frame like the first"
+    assert fast == general
+    out = wire.decode(fast[0], key, 96)
+    assert out.type == (wire.RELAY if hops else wire.RELAYED) and out.array.shape == (3, 96)
+    np.testing.assert_array_equal(out.array[:2], hidden(2, 1))
+    if hops:
+        assert out.session == NEXT.session and out.body.hops == relay.pack_hops(hops[1:])
+    assert node.service.lane_steps == 2 and node.session.position == 9
+
+
+def _spy(take, results: list):
+    def spied(*args):
+        results.append(take(*args))
+        return results[-1]
+    return spied
+
+
+def test_a_relay_unlike_the_first_takes_the_general_path(six_loader):
+    node = Node(six_loader, (NEXT,))
+    node.feed(node.relay())
+    plan = node.session.fast_relay
+    other = lambda hops, dtype=wire.F32: wire.encode(wire.Frame(  # noqa: E731
+        wire.RELAY, SID, 8, hidden(2, 1), first_block=0, last_block=2, dtype=dtype,
+        body=wire.Trailer(5, [100], relay.pack_hops(hops))))
+    for changed in (other((NEXT,), wire.F16),  # float16: the general path's
+                    other((AFTER,)),           # other hops (the general path parses them, and plans again)
+                    node.relay(position=7)):   # a step at another position (the general path refuses it)
+        node.session.cache.truncate(8)
+        assert not plan.take(node.session, node.incoming, memoryview(changed))
+        assert node.session.position == 8 and not node.sent()
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_the_common_case_takes_nothing_the_general_path_refuses(six_loader, steady_clock, data):
+    key = data.draw(st.sampled_from([None, KEY]))
+    hops = data.draw(st.sampled_from([(), (NEXT,)]))
+    node = _node(six_loader, hops, key)
+    frame = bytearray(node.relay(rows=2, seed=data.draw(st.integers(0, 3))))
+    for _ in range(data.draw(st.integers(1, 3))):  # a few bytes changed, cut or added
+        how = data.draw(st.sampled_from(["byte", "cut", "add"]))
+        if how == "byte" and frame:
+            at = data.draw(st.integers(0, len(frame) - 1))
+            frame[at] = data.draw(st.integers(0, 255))
+        elif how == "cut" and frame:
+            del frame[data.draw(st.integers(0, len(frame) - 1)):]
+        elif how == "add":
+            frame += bytes(data.draw(st.integers(1, 8)))
+    frame = bytes(frame)
+    node.session.cache.truncate(8)
+    if node.session.fast_relay.take(node.session, node.incoming, memoryview(frame)):
+        fast = node.sent()
+        assert node.session.position == 9
+        general = node.feed(frame, fast=False)
+        assert fast == general and wire.decode(general[0], key, 96).type != wire.ERROR
+    else:
+        assert node.session.position == 8 and not node.sent() and node.incoming.strikes == 0
+
+
+_NODES: dict = {}
+
+
+def _node(loader, hops, key) -> Node:
+    """One node per kind for the property test's examples (each planned by one general-path relay)."""
+    if (hops, key) not in _NODES:
+        node = Node(loader, hops, key)
+        node.feed(node.relay(), fast=False)
+        _NODES[(hops, key)] = node
+    node = _NODES[(hops, key)]
+    node.sent()
+    return node
