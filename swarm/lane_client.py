@@ -15,7 +15,7 @@ import socket
 import time
 
 from swarm import wire
-from swarm.lane import LEN, format_address, max_frame
+from swarm.lane import LEN, READ_SIZE, format_address, max_frame
 
 CONNECT_TIMEOUT = 5.0
 BIND_TIMEOUT = 10.0
@@ -49,7 +49,7 @@ class ClientLane:
     def read(self) -> list[bytes]:
         """The whole frames that have arrived (call when select says the socket is readable)."""
         try:
-            data = self.sock.recv(1 << 18)
+            data = self.sock.recv(READ_SIZE)
         except OSError as e:
             self.close()
             raise LaneLost(f"lane {self.name}: connection lost ({e.strerror or type(e).__name__})") from None
