@@ -35,20 +35,20 @@ _TIME = struct.Struct("<I")
 
 class FastRelay:
     """The expected shape of one session's relays, from a frame the general path accepted (its
-    ``hops``, parsed, and their packed bytes ``hops_raw``). ``service`` is the NodeService; the
-    session is kept by the caller (this holds no reference to it)."""
+    ``hops``, parsed, and their packed bytes ``hops_raw``) on ``service`` (the NodeService). It
+    holds neither the session nor the service: the session holds it."""
 
     def __init__(self, service, session, hops: tuple, hops_raw: bytes):
         key = service.key
-        self.service, self.key = service, key
+        self.key = key
         self.dim, self.hops_raw, self.max_rows = service.dim, bytes(hops_raw), relay.MAX_HOPS - len(hops)
-        flags = wire.FLAG_MAC if key else 0
+        flags = wire.FLAG_MAC if key is not None else 0
         # magic, version, type, dtype, flags, session: 24 bytes every relay of this session repeats
         self.prefix = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.RELAY, wire.F32, flags, session.sid,
                                        0, 0, 0, 0, 0, 0, 0)[:24]
         self.blocks = (session.first_block, session.last_block)
         self.view = service.view(session.first_block, session.last_block)
-        self.mac_len = wire.MAC_LEN if key else 0
+        self.mac_len = wire.MAC_LEN if key is not None else 0
         if hops:  # the output: a RELAY to the next hop, naming the hops after it
             nxt = hops[0]
             self.next = nxt
@@ -59,10 +59,10 @@ class FastRelay:
             self.out_head = (wire.RELAYED, flags, session.sid) + self.blocks
             self.rest = b""
 
-    def take(self, session, lane, buf: memoryview) -> bool:
+    def take(self, service, session, lane, buf: memoryview) -> bool:
         """Run the relay in ``buf`` (a frame's bytes from ``lane``, length prefix stripped) if it is
-        ``session``'s common case, and pass its output on: True. False, having changed nothing, for
-        any other frame."""
+        ``session``'s common case, and pass its output on (``service``: the NodeService): True.
+        False, having changed nothing, for any other frame."""
         dim = self.dim
         if len(buf) < wire.HEADER.size or buf[:24] != self.prefix:
             return False
@@ -87,6 +87,7 @@ class FastRelay:
             return False
         # Taken: from here on, errors go to the session's client, as on the general path.
         lane.strikes = 0
+        session.last_used = time.monotonic()  # (a step that fails touches it too, as on the general path)
         trace.mark("read", step)
         client = session.lane
         try:
@@ -112,10 +113,10 @@ class FastRelay:
             if self.key is not None:
                 data += wire.mac(self.key, data)
             trace.mark("framed", step)
-            self.service.lane_pass_on(session, client, step, self.next, data)
+            service.lane_pass_on(session, client, step, self.next, data)
         except Exception as e:
-            self.service.lane_failed(session, client, step, e)
+            service.lane_failed(session, client, step, e)
             return True
-        self.service.count_step(session, 1, seconds)
-        self.service.lane_steps += 1
+        service.count_step(session, 1, seconds)
+        service.lane_steps += 1
         return True

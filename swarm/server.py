@@ -270,7 +270,7 @@ class NodeService:
         whose session is not known goes back on the lane it came in on."""
         sid = bytes(data[8:24]) if len(data) >= 24 else bytes(16)
         session = self.cache.sessions.get(sid)
-        if session is not None and session.fast_relay is not None and session.fast_relay.take(session, lane, data):
+        if session is not None and session.fast_relay is not None and session.fast_relay.take(self, session, lane, data):
             return  # the common case of a bound session's relay (swarm/fast_relay.py)
         frame = session = None
         try:

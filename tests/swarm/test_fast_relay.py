@@ -87,11 +87,12 @@ class Node:
 
 @pytest.fixture
 def steady_clock(monkeypatch):
-    """A clock that moves 1 ms per reading: both paths then time a step alike, so bytes compare."""
+    """A clock that moves about 1 ms per reading (2**-10 s: exact in binary, so every difference of
+    two readings is the same), so that both paths time a step alike and their bytes compare."""
     now = [0.0]
 
     def tick() -> float:
-        now[0] += 0.001
+        now[0] += 2.0 ** -10
         return now[0]
 
     monkeypatch.setattr(time, "perf_counter", tick)
@@ -135,7 +136,7 @@ def test_a_relay_unlike_the_first_takes_the_general_path(six_loader):
                     other((AFTER,)),           # other hops (the general path parses them, and plans again)
                     node.relay(position=7)):   # a step at another position (the general path refuses it)
         node.session.cache.truncate(8)
-        assert not plan.take(node.session, node.incoming, memoryview(changed))
+        assert not plan.take(node.service, node.session, node.incoming, memoryview(changed))
         assert node.session.position == 8 and not node.sent()
 
 
@@ -155,9 +156,11 @@ def test_the_common_case_takes_nothing_the_general_path_refuses(six_loader, stea
             del frame[data.draw(st.integers(0, len(frame) - 1)):]
         elif how == "add":
             frame += bytes(data.draw(st.integers(1, 8)))
+    if key is not None and len(frame) > wire.MAC_LEN and data.draw(st.booleans()):
+        frame[-wire.MAC_LEN:] = wire.mac(key, bytes(frame[:-wire.MAC_LEN]))  # signed again: past the MAC check
     frame = bytes(frame)
     node.session.cache.truncate(8)
-    if node.session.fast_relay.take(node.session, node.incoming, memoryview(frame)):
+    if node.session.fast_relay.take(node.service, node.session, node.incoming, memoryview(frame)):
         fast = node.sent()
         assert node.session.position == 9
         general = node.feed(frame, fast=False)
@@ -178,3 +181,28 @@ def _node(loader, hops, key) -> Node:
     node = _NODES[(hops, key)]
     node.sent()
     return node
+
+
+def test_a_taken_step_that_fails_tells_the_client_as_the_general_path_does(six_loader):
+    """The next node's lane gone: the client hears the same error from either path (and runs the
+    step hop by hop, which rewinds), and the session counts as used (its lanes are not swept as idle)."""
+    node = Node(six_loader, (NEXT,))
+    node.feed(node.relay())
+    node.service.lane_server.links.clear()
+    node.service.lane_server.link = lambda address: None  # (connecting again, for the steps after: not here)
+    errors, positions = [], []
+    for fast in (True, False):
+        node.session.last_used = 0.0
+        node.session.cache.truncate(8)
+        plan = node.session.fast_relay
+        if not fast:
+            node.session.fast_relay = None
+        compute.run(node.service.lane_frame, node.incoming, memoryview(node.relay()))
+        node.session.fast_relay = plan
+        errors.append(node.client.sent[:])
+        node.client.sent.clear()
+        positions.append(node.session.position)
+        assert node.session.last_used > 0
+    assert errors[0] == errors[1] and len(errors[0]) == 1 and positions[0] == positions[1]
+    error = wire.decode(errors[0][0])
+    assert error.type == wire.ERROR and error.body["code"] == "relay" and "not connected" in error.body["message"]

@@ -81,9 +81,9 @@ def test_three_nodes_on_lanes_equal_local(six_loader, local_greedy, monkeypatch)
     taken: dict = {}
     take = FastRelay.take
 
-    def counted(self, *args):
-        done = take(self, *args)
-        taken[id(self.service)] = taken.get(id(self.service), 0) + done
+    def counted(self, service, *args):
+        done = take(self, service, *args)
+        taken[id(service)] = taken.get(id(service), 0) + done
         return done
 
     monkeypatch.setattr(FastRelay, "take", counted)
