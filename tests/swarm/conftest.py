@@ -74,6 +74,26 @@ def check_alive(node, reference, prompt_rows: int = 5) -> None:
         remote.close()
 
 
+def join(tm, url: str) -> None:
+    """Make a node known to a text model's client, as one joining the swarm after its session began."""
+    tm.open_session.__self__.directory.urls.append(url)
+
+
+class SwapAt:
+    """A greedy run's ``after_step``: after token ``at``, ``node`` stops and a spare serving ``span``
+    starts and joins (``spare``, for the test's assertions and teardown)."""
+
+    def __init__(self, tm, loader, node, span: tuple[int, int], at: int):
+        self.tm, self.loader, self.node, self.span, self.at = tm, loader, node, span, at
+        self.spare = None
+
+    def __call__(self, i: int) -> None:
+        if i == self.at:
+            self.node.stop()
+            self.spare = start_node(self.loader, *self.span)
+            join(self.tm, self.spare.url)
+
+
 def greedy(session, prompt: list[int], n: int, after_step=None) -> list[int]:
     """n greedy tokens; ``after_step(i)`` runs after the i-th token is chosen (to kill a node)."""
     logits = session.feed(prompt)

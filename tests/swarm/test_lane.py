@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from swarm import lane, relay, wire
 from swarm.client import RemoteSpanSession, distributed_text_model, timings
-from tests.swarm.conftest import KEY, PROMPT, check_alive, greedy, hidden, start_node
+from tests.swarm.conftest import KEY, PROMPT, SwapAt, check_alive, greedy, hidden, start_node
 
 N = 8
 
@@ -164,22 +164,17 @@ def test_a_node_without_lanes_relays_over_its_websocket(six_loader, local_greedy
 
 def test_a_middle_node_killed_on_lanes_fails_over_with_the_same_tokens(six_loader, local_greedy):
     a, b, c = (start_node(six_loader, *s) for s in [(0, 1), (2, 3), (4, 5)])
-    spare = None
+    swap = None
     try:
         tm = distributed_text_model(six_loader, [a.url, b.url, c.url])
+        swap = SwapAt(tm, six_loader, b, (2, 3), at=3)
         with tm.open_session(64) as s:
-            def kill(i):
-                nonlocal spare
-                if i == 3:
-                    b.stop()
-                    spare = start_node(six_loader, 2, 3)
-                    tm.open_session.__self__.directory.urls.append(spare.url)
-            assert greedy(s, PROMPT, N, kill) == local_greedy(PROMPT, N)
+            assert greedy(s, PROMPT, N, swap) == local_greedy(PROMPT, N)
         t = timings(tm)
-        assert t["failovers"] == 1 and {"blocks": "2-3", "node": spare.url} in t["route"]
-        assert spare.service.lane_steps > 0  # the new route was bound on lanes again (a's next lane is the spare's)
+        assert t["failovers"] == 1 and {"blocks": "2-3", "node": swap.spare.url} in t["route"]
+        assert swap.spare.service.lane_steps > 0  # the new route was bound on lanes again (a's next lane is the spare's)
     finally:
-        for n in (a, b, c, spare):
+        for n in (a, b, c, swap and swap.spare):
             if n:
                 n.stop()
 

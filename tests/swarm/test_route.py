@@ -10,7 +10,7 @@ from common.errors import UserError
 from swarm import manifest_sha
 from swarm.client import distributed_text_model, timings
 from swarm.route import Busy, NodeInfo, NoRoute, plan
-from tests.swarm.conftest import PROMPT, greedy, start_node
+from tests.swarm.conftest import PROMPT, SwapAt, greedy, join, start_node
 
 N = 10
 
@@ -116,25 +116,20 @@ def test_a_sessions_hops_are_parsed_once_and_relays_for_no_session_never(six_loa
 @pytest.mark.parametrize("spare_span", [(2, 3), (2, 5)])
 def test_middle_node_killed_mid_generation(six_loader, local_greedy, spare_span):
     a, b, c = (start_node(six_loader, *s) for s in [(0, 1), (2, 3), (4, 5)])
-    spare = None
+    swap = None
     try:
         tm = text_model(six_loader, [a, b, c])
         expected = local_greedy(PROMPT, N)
+        swap = SwapAt(tm, six_loader, b, spare_span, at=4)  # (the spare joins after the session began)
         with tm.open_session(64) as s:
-            def kill(i):
-                nonlocal spare
-                if i == 4:
-                    b.stop()
-                    spare = start_node(six_loader, *spare_span)  # joins after the session began
-                    tm.open_session.__self__.directory.urls.append(spare.url)
-            assert greedy(s, PROMPT, N, kill) == expected
+            assert greedy(s, PROMPT, N, swap) == expected
             t = timings(tm)
             assert t["failovers"] == 1
-            assert {"blocks": "2-3", "node": spare.url} in t["route"]
+            assert {"blocks": "2-3", "node": swap.spare.url} in t["route"]
             # the step that found b gone ran hop by hop (and failed over); the others were relayed
             assert t["relayed_steps"] == N - 2
     finally:
-        for n in (a, b, c, spare):
+        for n in (a, b, c, swap and swap.spare):
             if n:
                 n.stop()
 
@@ -143,23 +138,18 @@ def test_a_one_node_route_relays_and_fails_over_to_a_spare(six_loader, local_gre
     """A route of one node relays its decode steps too (the node answers its own RELAY: both ends
     take the step in their read callbacks); the node killed mid-generation, a spare that joined
     since takes the whole span, the history replayed, and the tokens are local greedy's."""
-    only, spare = start_node(six_loader, 0, 5), None
+    only, swap = start_node(six_loader, 0, 5), None
     try:
         tm = text_model(six_loader, [only])
+        swap = SwapAt(tm, six_loader, only, (0, 5), at=4)
         with tm.open_session(64) as s:
-            def kill(i):
-                nonlocal spare
-                if i == 4:
-                    only.stop()
-                    spare = start_node(six_loader, 0, 5)
-                    tm.open_session.__self__.directory.urls.append(spare.url)
-            assert greedy(s, PROMPT, N, kill) == local_greedy(PROMPT, N)
+            assert greedy(s, PROMPT, N, swap) == local_greedy(PROMPT, N)
         t = timings(tm)
-        assert t["failovers"] == 1 and t["route"] == [{"blocks": "0-5", "node": spare.url}]
+        assert t["failovers"] == 1 and t["route"] == [{"blocks": "0-5", "node": swap.spare.url}]
         assert t["relayed_steps"] == N - 2  # all but the step that found the node gone
-        assert not spare.service.cache.sessions
+        assert not swap.spare.service.cache.sessions
     finally:
-        for n in (only, spare):
+        for n in (only, swap and swap.spare):
             if n:
                 n.stop()
 
@@ -339,7 +329,7 @@ def test_node_that_stops_answering_times_out_and_is_replaced(six_loader, local_g
             def stall(i):
                 if i == 3:
                     hang.set()
-                    tm.open_session.__self__.directory.urls.append(spare.url)
+                    join(tm, spare.url)
             assert greedy(s, PROMPT, N, stall) == local_greedy(PROMPT, N)
         t = timings(tm)
         assert t["failovers"] == 1

@@ -7,7 +7,7 @@ import pytest
 from common.errors import UserError
 from distribution.local import LocalLoader
 from swarm.client import distributed_text_model, timings
-from tests.swarm.conftest import greedy, start_node
+from tests.swarm.conftest import greedy, join, start_node
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Count: one, two,"]
 N = 8
@@ -74,13 +74,12 @@ def test_middle_node_killed_mid_generation(loader, edges, local, spare_span):
     spare = node(loader, spare_span)  # not known to the client until the kill
     try:
         tm = distributed(loader, [edges[0].url, middle.url, edges[1].url])
-        directory = tm.open_session.__self__.directory
         tokens = prompt_tokens(tm, PROMPTS[0])
 
         def kill(i):
             if i == 3:
                 middle.stop()
-                directory.urls.append(spare.url)
+                join(tm, spare.url)
 
         with tm.open_session(len(tokens) + N) as s:
             assert greedy(s, tokens, N, kill) == local(PROMPTS[0])
@@ -125,7 +124,7 @@ def test_a_failover_after_a_rewind_into_a_prompt_rebuilds_the_cache_bit_for_bit(
                 if fail:
                     middle.stop()
                     spare = node(loader, "10-19")
-                    tm.open_session.__self__.directory.urls.append(spare.url)
+                    join(tm, spare.url)
                 logits.append(s.feed([42]))
         assert timings(tm)["failovers"] == 1
         np.testing.assert_array_equal(logits[1], logits[0])
