@@ -37,6 +37,7 @@ def per_row_s(ms_per_token: float | None) -> float:
         return PER_POSITION_S
     return min(PER_POSITION_S, max(MIN_PER_POSITION_S, ROW_ALLOWANCE * ms_per_token / 1000))
 QUIET_S = 1.0              # a link unused this long may have been closed by the node as idle
+BUSY_RETRY_S = 0.005       # a step refused as `busy` is sent again after this (doubling, up to 0.1 s)...
 
 
 class NodeError(Exception):
@@ -395,6 +396,21 @@ class RemoteSpanSession:
 
     def forward(self, hidden: np.ndarray) -> np.ndarray:
         # hidden: (T, dim) -> (T, dim)
+        # A node computing this session's previous step answers `busy`: a relayed step that failed
+        # at another node (say, a dead one, whose connection closed at once) while this one was
+        # still computing it, now sent hop by hop. Sent again until that step ends, within the
+        # step's time; a node that stays busy longer fails over as any other error does.
+        deadline, wait = time.monotonic() + self.step_timeout, BUSY_RETRY_S
+        while True:
+            try:
+                return self._forward(hidden)
+            except NodeError as e:
+                if e.code != "busy" or time.monotonic() + wait > deadline:
+                    raise
+            time.sleep(wait)
+            wait = min(2 * wait, 0.1)
+
+    def _forward(self, hidden: np.ndarray) -> np.ndarray:
         T = hidden.shape[0]
         frame = wire.Frame(wire.FORWARD, self.sid, self._position, hidden, first_block=self.first_layer,
                            last_block=self.last_layer, dtype=self.dtype)

@@ -533,7 +533,7 @@ class NodeService:
             raise wire.WireError("wrong_session", f"session {sid.hex()} belongs to another connection")
         if session.busy:  # (a relay, from another connection, during its own client's multi-row step:
             # computed in between, it wrote into the cache the step was filling; its client never sends one then)
-            raise wire.WireError("position", f"session {sid.hex()} is part-way through a step")
+            raise wire.WireError("busy", f"session {sid.hex()} is part-way through a step")
         if (session.first_block, session.last_block) != (frame.first_block, frame.last_block):
             raise wire.WireError("wrong_session", f"session {sid.hex()} runs blocks {session.first_block}-"
                                                   f"{session.last_block}, not {frame.first_block}-{frame.last_block}")

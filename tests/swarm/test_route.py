@@ -10,7 +10,7 @@ from common.errors import UserError
 from swarm import manifest_sha
 from swarm.client import distributed_text_model, timings
 from swarm.route import Busy, NodeInfo, NoRoute, plan
-from tests.swarm.conftest import PROMPT, SwapAt, greedy, join, start_node
+from tests.swarm.conftest import PROMPT, SwapAt, greedy, hidden, join, start_node
 
 N = 10
 
@@ -458,3 +458,28 @@ def test_after_a_rewind_one_step_goes_hop_by_hop_then_relaying_resumes(six_loade
         for n in nodes:
             n.stop()
 
+
+
+def test_a_step_refused_as_busy_is_sent_again_until_the_node_is_free(six_loader):
+    """A relayed step failing at a dead node while an earlier node still computes it: the client's
+    hop-by-hop step reaches that node part-way through (code `busy`) and is sent again shortly,
+    not failed over (once taken for a dead node, which on a route with no spare ended it)."""
+    from swarm.client import NodeError, RemoteSpanSession
+
+    node = start_node(six_loader, 0, 5)
+    span = RemoteSpanSession(node.url, 0, 5, 32, 96, step_timeout=1.0)
+    try:
+        span.forward(hidden(4, 1))
+        session = node.service.cache.sessions[span.sid]
+        session.busy = True  # (as during the relayed step's compute on this node)
+        threading.Timer(0.3, lambda: setattr(session, "busy", False)).start()
+        t0 = time.monotonic()
+        out = span.forward(hidden(1, 2))
+        assert 0.25 < time.monotonic() - t0 < 1.0 and out.shape == (1, 96) and span.position == 5
+        session.busy = True  # busy past the step's time: the node's error, for failover as any other
+        with pytest.raises(NodeError, match="part-way through a step") as e:
+            span.forward(hidden(1, 3))
+        assert e.value.code == "busy"
+    finally:
+        span.close()
+        node.stop()

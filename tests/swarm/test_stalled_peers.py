@@ -169,7 +169,7 @@ def test_a_relay_during_its_sessions_multi_row_step_is_refused_and_the_cache_sta
         raced = run(node, interfere=True)
     finally:
         node.stop()
-    assert raced[2].type == wire.ERROR and raced[2].body["code"] == "position"
+    assert raced[2].type == wire.ERROR and raced[2].body["code"] == "busy"
     assert "part-way through a step" in raced[2].body["message"]
     np.testing.assert_array_equal(raced[0], alone[0])
     np.testing.assert_array_equal(raced[1], alone[1])
