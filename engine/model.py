@@ -267,7 +267,7 @@ class LlamaModel:
         """``forward_layers`` for one position: x (1, dim) -> (1, dim), the same result, without
         its generators. A node relaying decode steps calls this once per token on a core that has
         just woken, where every layer of Python costs tens of microseconds
-        (docs/distributed-performance.md, "2 Dec: a relay's common case")."""
+        (docs/distributed-performance.md, "2 Dec, later")."""
         if self.decoder is None or cache.k.dtype != self.decoder.kv_dtype or pos + 1 > cache.capacity:
             return self.forward_layers(x, cache, pos)
         cos, sin = self._rope(pos, 1)

@@ -4,9 +4,9 @@ Every decode step of a session bound to lanes (swarm/lane.py) arrives as the sam
 a RELAY for this session, float32, these blocks, the hops it named at its first step, one row
 more than the hops run before it. The node reads it on a core that has just woken, where each
 library call it makes (a struct, a numpy constructor, a compiled function's dispatch) costs tens
-of microseconds the first time after a pause, whatever it does: ``wire.decode``'s general checks
-and ``wire.encode``'s general framing took 0.26 ms a frame there, against 0.11 ms for this
-(docs/distributed-performance.md, "2 Dec: a relay's common case").
+of microseconds the first time after a pause, whatever it does: beyond the blocks, a frame took
+0.30-0.33 ms there on the general path (``wire.decode``'s checks, ``wire.encode``'s framing),
+against 0.23-0.26 ms for this (docs/distributed-performance.md, "2 Dec, later").
 
 ``FastRelay.take`` accepts only frames that ``wire.decode`` and the node's relay checks accept
 too, compared field by field with the frame the general path accepted first, and frames its

@@ -532,7 +532,9 @@ class NodeService:
         if conn is not None and session.owner is not conn:
             raise wire.WireError("wrong_session", f"session {sid.hex()} belongs to another connection")
         if session.busy:  # (a relay, from another connection, during its own client's multi-row step:
-            # computed in between, it wrote into the cache the step was filling; its client never sends one then)
+            # computed in between, it would write into the cache the step is filling; or the client's
+            # own FORWARD for a relayed step that failed elsewhere while this node computed it: the
+            # client sends it again shortly, RemoteSpanSession.forward)
             raise wire.WireError("busy", f"session {sid.hex()} is part-way through a step")
         if (session.first_block, session.last_block) != (frame.first_block, frame.last_block):
             raise wire.WireError("wrong_session", f"session {sid.hex()} runs blocks {session.first_block}-"
