@@ -307,11 +307,9 @@ class LlamaModel:
         # a generator: yields after each block of a multi-row pass, returns (T, dim)
         cfg = self.config
         T = x.shape[0]
-        cos, sin = self._rope(first_pos, T)
         if T == 1 and self.decoder is not None and cache.k.dtype == self.decoder.kv_dtype:
-            x = self.decoder.step(x, first_pos, cache, cos[0], sin[0])
-            cache.length = first_pos + 1
-            return x
+            return self.forward_token(x, cache, first_pos)  # (the backend's one-call step)
+        cos, sin = self._rope(first_pos, T)
         mm, mm_fused = self.backend.matmul, self.backend.matmul_fused
         for li, b in enumerate(self.blocks):
             if li:
