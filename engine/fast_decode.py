@@ -282,8 +282,18 @@ class StackedDecoder:
 
     def step(self, x: np.ndarray, pos: int, cache, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         """x: (1, dim) -> (1, dim) after all blocks; writes K/V at ``pos``."""
-        cfg = self.config
         h = np.array(x[0], dtype=np.float32)
-        decode_blocks(h, pos, self.attn_norm, self.ffn_norm, *self.qkv, *self.o, *self.gu, *self.down,
-                      cache.k.view(np.uint16), cache.v.view(np.uint16), cos, sin, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, np.float32(cfg.rms_eps))
+        decode_blocks(h, pos, *self.arrays(cache), cos, sin, *self.shape())
         return h[None, :]
+
+    def arrays(self, cache) -> tuple:
+        """decode_blocks' arguments between ``pos`` and ``cos``: the norms, the stacked weights and
+        scales, and ``cache``'s K and V as F16 bits (for a compiled caller of decode_blocks: a
+        node's relay step, swarm/relay_kernel.py)."""
+        return (self.attn_norm, self.ffn_norm, *self.qkv, *self.o, *self.gu, *self.down,
+                cache.k.view(np.uint16), cache.v.view(np.uint16))
+
+    def shape(self) -> tuple:
+        """decode_blocks' last arguments: heads, KV heads, head size, the norms' epsilon."""
+        cfg = self.config
+        return cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, np.float32(cfg.rms_eps)

@@ -289,6 +289,13 @@ class LlamaModel:
             out.append((yield from self._forward_chunk(x[i:i + PROMPT_CHUNK], cache, first_pos + i)))
         return out[0] if len(out) == 1 else np.concatenate(out)
 
+    def rope_table(self, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """The table ``_rope`` reads, grown to hold positions 0..end-1 at least: cos, sin (n >= end,
+        rope_dim // 2), float32, row p the angles of position p (for a compiled caller that indexes
+        it itself: a node's relay step, swarm/relay_kernel.py)."""
+        self._rope(0, end)
+        return self._rope_table
+
     def _rope(self, first_pos: int, T: int) -> tuple[np.ndarray, np.ndarray]:
         """cos, sin (T, rope_dim // 2) for positions first_pos.., from a table of every position so
         far, doubled as positions grow (up to the context): computing them took 70 us a decode step,

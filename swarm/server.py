@@ -30,7 +30,7 @@ from aiohttp import WSMsgType, web
 from common import compute
 from engine import model as engine_model
 from swarm import lane as lanes
-from swarm import relay, trace, wire
+from swarm import relay, relay_kernel, trace, wire
 from swarm.fast_relay import FastRelay
 from swarm.inflight import GatedWebSocket
 from swarm.memory import Inflight, LimitError, Limits, SessionCache
@@ -92,6 +92,7 @@ class NodeService:
         self.measured = self.measure()  # until real decode steps have been timed
         self.served = 0
         self.lane_steps = 0  # relayed steps taken on lanes (swarm/lane.py)
+        self.relay_out = np.empty(0, np.uint8)  # compiled relays' output, reused (swarm/fast_relay.py)
         self.lane_server: lanes.LaneServer | None = None  # open_lanes
 
     def open_lanes(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -101,6 +102,8 @@ class NodeService:
         jobs = compute.jobs()
         if jobs is None:
             raise RuntimeError("lanes need the compute thread's loop (common.compute.start, or adopt with one)")
+        if self.key is None and hasattr(self.model.decoder, "arrays"):  # relays' compiled common case
+            compute.run(relay_kernel.warm_up)  # (compiled now, not at a session's second step)
         if compute.on_compute_thread():
             self.lane_server = lanes.LaneServer(self, jobs, host, port)
         else:

@@ -23,7 +23,9 @@ PREFIX = os.environ.get("GGUF_FRAGMENTS_TRACE")
 _out = None
 
 
-def _write(stage: str, step: int) -> None:
+def _write(stage: str, step: int, ns: int | None = None) -> None:
+    """Append ``stage`` of ``step``, at ``ns`` (perf_counter_ns) if given (a stage passed before its
+    step was known), else now."""
     global _out, mark
     if _out is None:
         path = f"{PREFIX}.{os.getpid()}"
@@ -33,10 +35,10 @@ def _write(stage: str, step: int) -> None:
             sys.stderr.write(f"warning: GGUF_FRAGMENTS_TRACE: cannot write {path} ({e.strerror}); not tracing\n")
             mark = _nothing
             return
-    _out.write(f"{time.perf_counter_ns()} {step} {stage}\n")
+    _out.write(f"{time.perf_counter_ns() if ns is None else ns} {step} {stage}\n")
 
 
-def _nothing(stage: str, step: int) -> None:
+def _nothing(stage: str, step: int, ns: int | None = None) -> None:
     pass
 
 

@@ -48,12 +48,12 @@ class Node:
     """A NodeService for blocks 0-2 of the six-block model, one session open at 8 positions, bound to
     a fake client lane; ``hops``: the hops its relays name after it (none: it is the last)."""
 
-    def __init__(self, loader, hops: tuple = (), key: bytes | None = None):
+    def __init__(self, loader, hops: tuple = (), key: bytes | None = None, positions: int = 16):
         model = compute.run(LlamaModel, loader, backend="numba", layers=(0, 2))
         self.service = NodeService(model, manifest_sha(loader), Limits(), key)
         self.service.lane_server = FakeLaneServer()
         self.key, self.hops = key, hops
-        self.session = self.service.cache.open(SID, object(), 0, 2, 16)
+        self.session = self.service.cache.open(SID, object(), 0, 2, positions)
         self.client, self.incoming = FakeLane(), FakeLane()
         self.session.lane = self.client
         self.session.lane_next = ("127.0.0.1", 9) if hops else None
@@ -71,12 +71,12 @@ class Node:
         self.service.lane_server.links[("127.0.0.1", 9)].sent.clear()
         return out
 
-    def feed(self, data: bytes, fast: bool = True) -> list[bytes]:
-        """``data`` through lane_frame at position 8, with or without the common case; what it sent."""
+    def feed(self, data: bytes, fast: bool = True, position: int = 8) -> list[bytes]:
+        """``data`` through lane_frame at ``position``, with or without the common case; what it sent."""
         plan = self.session.fast_relay
         if not fast:
             self.session.fast_relay = None
-        self.session.cache.truncate(8)
+        self.session.cache.length = position
         try:
             compute.run(self.service.lane_frame, self.incoming, memoryview(data))
         finally:
@@ -105,17 +105,48 @@ def test_the_common_case_frames_what_the_general_path_frames(six_loader, steady_
     assert node.session.fast_relay is None
     general = node.feed(node.relay(), fast=False)  # the general path accepts one, and plans the rest
     assert node.session.fast_relay is not None and len(general) == 1
+    assert node.session.fast_relay.compiled == (key is None)  # (open: swarm/relay_kernel.py; private: Python)
     taken = []
     node.session.fast_relay.take = _spy(node.session.fast_relay.take, taken)
     fast = node.feed(node.relay())
     assert taken == [True], "the common case did not take a frame like the first"
-    assert fast == general
+    assert timeless(fast) == timeless(general)
+    if key is None:  # timed by the compiled call's own clock: the blocks' time, the same in header and trailer
+        assert 0 < _times(fast[0])[-1] < 10**7 and _times(fast[0])[0] == (0 if hops else _times(fast[0])[-1])
+    else:
+        assert fast == general
     out = wire.decode(fast[0], key, 96)
     assert out.type == (wire.RELAY if hops else wire.RELAYED) and out.array.shape == (3, 96)
     np.testing.assert_array_equal(out.array[:2], hidden(2, 1))
     if hops:
         assert out.session == NEXT.session and out.body.hops == relay.pack_hops(hops[1:])
     assert node.service.lane_steps == 2 and node.session.position == 9
+
+
+def _times(data: bytes) -> tuple[int, int]:
+    """A relay's compute times: the header's (the last hop's, in a RELAYED), then the trailer's last."""
+    rows, cols = int.from_bytes(data[28:32], "little"), int.from_bytes(data[32:36], "little")
+    at = wire.HEADER.size + rows * cols * 4 + wire.TRAILER_HEAD.size
+    n = int.from_bytes(data[at - 2:at], "little")
+    return int.from_bytes(data[40:44], "little"), int.from_bytes(data[at + 4 * (n - 1):at + 4 * n], "little")
+
+
+def timeless(frames: list[bytes]) -> list[bytes]:
+    """Open swarms' frames with this hop's compute time zeroed (in the header and the trailer), every
+    other byte kept: the compiled path reads a clock the tests cannot set (a MAC'd frame: unchanged)."""
+    out = []
+    for data in frames:
+        if wire.carries_mac(data) or data[5] not in (wire.RELAY, wire.RELAYED):
+            out.append(data)
+            continue
+        rows, cols = int.from_bytes(data[28:32], "little"), int.from_bytes(data[32:36], "little")
+        at = wire.HEADER.size + rows * cols * 4 + wire.TRAILER_HEAD.size
+        n = int.from_bytes(data[at - 2:at], "little")
+        data = bytearray(data)
+        data[40:44] = bytes(4)
+        data[at + 4 * (n - 1):at + 4 * n] = bytes(4)
+        out.append(bytes(data))
+    return out
 
 
 def _spy(take, results: list):
@@ -164,7 +195,7 @@ def test_the_common_case_takes_nothing_the_general_path_refuses(six_loader, stea
         fast = node.sent()
         assert node.session.position == 9
         general = node.feed(frame, fast=False)
-        assert fast == general and wire.decode(general[0], key, 96).type != wire.ERROR
+        assert timeless(fast) == timeless(general) and wire.decode(general[0], key, 96).type != wire.ERROR
     else:
         assert node.session.position == 8 and not node.sent() and node.incoming.strikes == 0
 
@@ -206,3 +237,44 @@ def test_a_taken_step_that_fails_tells_the_client_as_the_general_path_does(six_l
     assert errors[0] == errors[1] and len(errors[0]) == 1 and positions[0] == positions[1]
     error = wire.decode(errors[0][0])
     assert error.type == wire.ERROR and error.body["code"] == "relay" and "not connected" in error.body["message"]
+
+
+@pytest.mark.parametrize("norm, block, value, message", [
+    ("ffn_norm", 2, 3e38, "NaN or infinity"),          # the last block's products overflow: a NaN output
+    ("attn_norm", 1, np.nan, "ZeroDivisionError"),     # a block's attention divides by zero: raised in it
+], ids=["output not finite", "raised in the blocks"])
+def test_a_compiled_step_that_fails_in_its_blocks_tells_the_client_as_the_general_path_does(
+        six_loader, norm, block, value, message):
+    """Blocks that fail (a norm's weights made huge or NaN here): the same error frame to the
+    client from either path, the same position after, nothing passed on."""
+    node = Node(six_loader)
+    node.feed(node.relay())
+    assert node.session.fast_relay.compiled
+    weights = getattr(node.service.view(0, 2).decoder, norm)
+    kept = weights.copy()
+    weights[block] = value
+    try:
+        answers, positions = [], []
+        for fast in (True, False):
+            answers.append(node.feed(node.relay(), fast=fast))
+            positions.append(node.session.position)
+    finally:
+        weights[:] = kept
+    assert answers[0] == answers[1] and len(answers[0]) == 1 and positions[0] == positions[1]
+    error = wire.decode(answers[0][0])
+    assert error.type == wire.ERROR and message in error.body["message"] and error.body["step"] == 5
+
+
+def test_a_compiled_step_past_the_angles_table_grows_it(six_loader):
+    """Positions past the RoPE table's first size (256 rows): the compiled step grows it, as the
+    blocks' own call does, and frames what the general path frames."""
+    node = Node(six_loader, positions=512)
+    node.feed(node.relay())
+    plan = node.session.fast_relay
+    assert plan.compiled
+    for position in (255, 256, 300, 511):
+        general = node.feed(node.relay(position=position), fast=False, position=position)
+        node.session.fast_relay = plan
+        fast = node.feed(node.relay(position=position), position=position)
+        assert len(plan.cos) > position and timeless(fast) == timeless(general)
+        assert wire.decode(fast[0]).type == wire.RELAYED

@@ -469,11 +469,10 @@ def test_errors_in_a_row_close_a_lane(six_loader, reference):
     node = start_node(six_loader, 0, 2)
     raw = RawLane(node.service.lane_server.port)
     try:
-        for i in range(lane.MAX_STRIKES + 8):
-            try:
-                raw.send(_relay(secrets.token_bytes(16), step=i))
-            except OSError:  # (closed under us: what the test waits for)
-                break
+        # exactly as many as close it, in one burst: a lane closed with frames unread is reset, and a
+        # reset can drop the replies not yet read (the suite failed so once, under load)
+        for i in range(lane.MAX_STRIKES):
+            raw.send(_relay(secrets.token_bytes(16), step=i))
         errors = 0
         while True:
             try:
