@@ -16,6 +16,7 @@ made from elsewhere.
 from __future__ import annotations
 
 import logging
+import select
 import selectors
 import socket
 import threading
@@ -26,15 +27,22 @@ from typing import Callable
 
 log = logging.getLogger("common.jobloop")
 TICK_S = 0.25  # timers are looked at this often, at least
+_EPOLL = {selectors.EVENT_READ: select.EPOLLIN, selectors.EVENT_WRITE: select.EPOLLOUT,
+          selectors.EVENT_READ | selectors.EVENT_WRITE: select.EPOLLIN | select.EPOLLOUT}
 
 
 class JobLoop(Executor):
     def __init__(self):
-        self.selector = selectors.DefaultSelector()
+        # epoll itself, not the selectors module over it: a node's compute thread wakes here for
+        # every decode step, on a core that has just woken, where selectors' layer of Python cost
+        # 66 against 40 us (docs/distributed-performance.md, "2 Dec, evening")
+        self._epoll = select.epoll()
+        self._watched: dict[int, tuple] = {}  # fd -> (socket, selectors' events, callback)
+        self._fds: dict[int, int] = {}        # id(socket) -> fd (a socket closed since reads -1 as its fd)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._register(self._wake_r, selectors.EVENT_READ, None)
         self._jobs: deque = deque()
         self._lock = threading.Lock()
         self._stopping = False
@@ -69,16 +77,40 @@ class JobLoop(Executor):
     # -- on the loop's thread -------------------------------------------------------------------------
     def watch(self, sock, events: int, callback: Callable[[int], None]) -> None:
         """Call ``callback(events)`` when ``sock`` is ready (selectors.EVENT_READ / EVENT_WRITE)."""
+        fd = self._fds.get(id(sock))
+        if fd is None or self._watched.get(fd, (None,))[0] is not sock:
+            return self._register(sock, events, callback)
+        if self._watched[fd][1] != events:
+            self._epoll.modify(fd, _EPOLL[events])
+        self._watched[fd] = (sock, events, callback)
+
+    def _register(self, sock, events: int, callback) -> None:
+        fd = sock.fileno()
+        if fd < 0:
+            raise ValueError(f"cannot watch a closed socket ({sock!r})")
+        held = self._watched.get(fd)
+        if held is not None:
+            if held[0].fileno() == fd:
+                raise ValueError(f"cannot watch {sock!r}: its descriptor is watched for another socket")
+            self._forget(held[0], fd)  # (closed without being unwatched: the descriptor is another's now)
         try:
-            self.selector.modify(sock, events, callback)
-        except KeyError:
-            self.selector.register(sock, events, callback)
+            self._epoll.register(fd, _EPOLL[events])
+        except FileExistsError:
+            self._epoll.modify(fd, _EPOLL[events])
+        self._watched[fd], self._fds[id(sock)] = (sock, events, callback), fd
 
     def unwatch(self, sock) -> None:
-        try:
-            self.selector.unregister(sock)
-        except (KeyError, ValueError):  # (not watched, or closed already)
-            pass
+        fd = self._fds.get(id(sock))
+        if fd is not None and self._watched.get(fd, (None,))[0] is sock:
+            self._forget(sock, fd)
+            try:
+                self._epoll.unregister(fd)
+            except OSError:  # (closed already: the kernel dropped it)
+                pass
+
+    def _forget(self, sock, fd: int) -> None:
+        del self._watched[fd]
+        self._fds.pop(id(sock), None)
 
     def every(self, seconds: float, fn: Callable[[], None]) -> list:
         """Call ``fn()`` about every ``seconds`` (checked at least every TICK_S), between events;
@@ -106,11 +138,18 @@ class JobLoop(Executor):
                     if self._stopping:
                         break
                     idle = not self._jobs
-                for key, events in self.selector.select(TICK_S if idle else 0):
-                    if key.data is None:
+                ready = [(self._watched.get(fd), happened) for fd, happened in self._epoll.poll(TICK_S if idle else 0)]
+                for watched, happened in ready:
+                    if watched is None or self._watched.get(self._fds.get(id(watched[0]))) is not watched:
+                        continue  # (unwatched or watched anew by a callback before it: asked again next turn)
+                    if watched[2] is None:
                         self._drain_wake()
-                    else:
-                        _quietly(key.data, events)
+                        continue
+                    # as selectors reports them: an error or a hang-up is both readable and writable
+                    events = ((selectors.EVENT_WRITE if happened & ~select.EPOLLIN else 0)
+                              | (selectors.EVENT_READ if happened & ~select.EPOLLOUT else 0)) & watched[1]
+                    if events:
+                        _quietly(watched[2], events)
                 self._run_timers()
                 self._run_jobs()
         finally:

@@ -94,3 +94,57 @@ def test_keyboard_interrupt_in_a_job_ends_run_on_its_thread():
     with pytest.raises(KeyboardInterrupt):
         jobs.run()  # (here: Ctrl-C in a node's compute thread ends the node, swarm/node.py)
     assert isinstance(future.exception(1), KeyboardInterrupt)
+
+
+def test_a_hang_up_is_readable_and_a_descriptor_closed_unwatched_can_be_watched_again(loop):
+    """epoll itself (not selectors): a peer's hang-up comes as readable, as selectors reported it;
+    a socket closed without being unwatched leaves its descriptor to the next socket that gets it."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    seen, called = [], threading.Event()
+    loop.submit(loop.watch, ours, selectors.EVENT_READ, lambda events: (seen.append(events), called.set())).result(10)
+    theirs.close()
+    assert called.wait(10) and seen[0] == selectors.EVENT_READ and ours.recv(10) == b""
+    fd = ours.fileno()
+    loop.submit(ours.close).result(10)  # (not unwatched first)
+    again, other = socket.socketpair()
+    try:
+        again = again if again.fileno() == fd else other  # (the lower descriptor is the one just freed)
+        assert again.fileno() == fd
+        called.clear()
+        loop.submit(loop.watch, again, selectors.EVENT_WRITE, lambda events: (seen.append(events), called.set())).result(10)
+        assert called.wait(10) and seen[-1] == selectors.EVENT_WRITE
+        loop.submit(loop.unwatch, again).result(10)
+    finally:
+        again.close()
+        other.close()
+
+
+def test_a_socket_unwatched_by_an_earlier_callback_of_the_same_turn_is_not_called(loop):
+    pairs = [socket.socketpair() for _ in range(2)]
+    for ours, _ in pairs:
+        ours.setblocking(False)
+    calls = []
+
+    def first(events):  # whichever of the two runs first unwatches the other
+        calls.append(1)
+        loop.unwatch(pairs[1][0])
+        loop.unwatch(pairs[0][0])
+
+    def second(events):
+        calls.append(2)
+        loop.unwatch(pairs[0][0])
+        loop.unwatch(pairs[1][0])
+
+    def arm():
+        loop.watch(pairs[0][0], selectors.EVENT_READ, first)
+        loop.watch(pairs[1][0], selectors.EVENT_READ, second)
+        for _, theirs in pairs:  # both readable before the loop's next poll
+            theirs.sendall(b"x")
+
+    loop.submit(arm).result(10)
+    time.sleep(0.3)
+    assert len(calls) == 1
+    for pair in pairs:
+        for s in pair:
+            s.close()
