@@ -64,6 +64,8 @@ class FastRelay:
         # one compiled call does it all (swarm/relay_kernel.py): an open swarm's relays through Q8_0 blocks
         self.compiled = key is None and hasattr(decoder, "arrays") and session.cache.k.dtype == decoder.kv_dtype
         if self.compiled:
+            if not relay_kernel.relay_step.signatures:  # (a node warms it when it opens its lanes)
+                relay_kernel.warm_up()
             self.plan = plan = np.zeros(relay_kernel.PLAN_SIZE, np.int64)
             plan[relay_kernel.PREFIX:relay_kernel.PREFIX + 24] = np.frombuffer(self.prefix, np.uint8)
             plan[relay_kernel.DIM], plan[relay_kernel.MAX_ROWS] = self.dim, self.max_rows
@@ -192,7 +194,7 @@ class FastRelay:
             if n == relay_kernel.NOT_FINITE:
                 raise ValueError(NOT_FINITE)
             trace.mark("framed", step)
-            service.lane_pass_on(session, client, step, self.next, memoryview(out)[4:n])
+            service.lane_pass_on(session, client, step, self.next, memoryview(out)[:n], framed=True)
         except Exception as e:
             service.lane_failed(session, client, step, e)
             return True

@@ -177,11 +177,13 @@ class Lane:
             self.began = (self.began or time.monotonic()) if self.inbuf and not self._more else None
             self._account()
 
-    def send(self, data: bytes) -> bool:
-        """Queue ``data`` as one frame; False when the lane is closed (or closes for a peer not reading)."""
+    def send(self, data, framed: bool = False) -> bool:
+        """Queue ``data`` as one frame (``framed``: it begins with its length prefix already, as a
+        compiled relay's output does, and is sent as it is, not copied); False when the lane is
+        closed (or closes for a peer not reading). Nothing of ``data`` is kept once this returns."""
         if self.closed:
             return False
-        message = LEN.pack(len(data)) + data
+        message = data if framed else LEN.pack(len(data)) + data
         if self.out:
             self.out += message
         else:
@@ -356,8 +358,8 @@ class Link:
     def _lost(self, lane) -> None:
         self._fail("connection lost")
 
-    def send(self, data: bytes) -> bool:
-        return self.ready and self.lane is not None and self.lane.send(data)
+    def send(self, data, framed: bool = False) -> bool:
+        return self.ready and self.lane is not None and self.lane.send(data, framed)
 
     def close(self) -> None:
         self._fail("closed")

@@ -131,6 +131,7 @@ class SessionCache:
             size = positions
         self._check_budget(extra(size))
         session.cache = grown(session.cache, size)
+        session.fast_relay = None  # (its compiled path holds the old cache's K and V: planned anew, at the next relay)
 
     def last_used_by(self, owner) -> float:
         """When a session ``owner`` opened was last used (time.monotonic; 0.0 if it holds none)."""

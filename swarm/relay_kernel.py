@@ -22,6 +22,8 @@ from the same clock, inside the call.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -52,14 +54,15 @@ STEP, MICROSECONDS = 0, 1
 
 @intrinsic
 def _monotonic_ns(typingctx):
-    """CLOCK_MONOTONIC in nanoseconds, libc's clock_gettime: the clock of time.perf_counter on Linux."""
+    """CLOCK_MONOTONIC in nanoseconds, libc's clock_gettime (the clock of time.perf_counter on
+    Linux, the only system nodes run on); 0 if the call fails."""
     def codegen(context, builder, sig, args):
         i64, i32 = ir.IntType(64), ir.IntType(32)
         timespec = ir.LiteralStructType([i64, i64])
         clock_gettime = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [i32, timespec.as_pointer()]),
                                                        "clock_gettime")
-        ts = cgutils.alloca_once(builder, timespec)
-        builder.call(clock_gettime, [ir.Constant(i32, 1), ts])  # 1: CLOCK_MONOTONIC
+        ts = cgutils.alloca_once_value(builder, ir.Constant(timespec, [ir.Constant(i64, 0), ir.Constant(i64, 0)]))
+        builder.call(clock_gettime, [ir.Constant(i32, time.CLOCK_MONOTONIC), ts])  # (on failure ts stays 0)
         seconds = builder.load(builder.gep(ts, [ir.Constant(i32, 0), ir.Constant(i32, 0)]))
         nanoseconds = builder.load(builder.gep(ts, [ir.Constant(i32, 0), ir.Constant(i32, 1)]))
         return builder.add(builder.mul(seconds, ir.Constant(i64, 1_000_000_000)), nanoseconds)
@@ -86,6 +89,20 @@ def _put16(b, at, v):
 def _put32(b, at, v):
     _put16(b, at, v & 0xFFFF)
     _put16(b, at + 2, (v >> 16) & 0xFFFF)
+
+
+@njit(inline="always")
+def _fits(plan, position, attn_norm, ffn_norm, qkv_qs, qkv_d, o_qs, o_d, gu_qs, gu_d, down_qs, down_d, k_cache, v_cache,
+          cos, sin):
+    """The arrays agree with the plan and with each other (the caller keeps them so; checked here
+    too, so that what this call may touch is known from its own arguments)."""
+    L, dim = attn_norm.shape[0], plan[DIM]
+    return (attn_norm.shape[1] == dim and ffn_norm.shape[0] == L and ffn_norm.shape[1] == dim
+            and qkv_qs.shape[0] == L and qkv_d.shape[0] == L and o_qs.shape[0] == L and o_d.shape[0] == L
+            and gu_qs.shape[0] == L and gu_d.shape[0] == L and down_qs.shape[0] == L and down_d.shape[0] == L
+            and qkv_qs.shape[2] == dim and o_qs.shape[1] == dim and gu_qs.shape[2] == dim and down_qs.shape[1] == dim
+            and k_cache.shape == v_cache.shape and k_cache.shape[0] == L and position < k_cache.shape[1]
+            and position < cos.shape[0] and cos.shape == sin.shape)
 
 
 @njit(inline="always")
@@ -121,8 +138,9 @@ def _accepted(frame, plan, hops):
 
 
 # "parallel", with every automatic parallel loop off: it has none of its own (its copies run
-# inline), but a cached function that calls a parallel one (decode_blocks) segfaults when loaded
-# from Numba's cache unless it is compiled as parallel too (numba/numba#8578)
+# inline), but compiled plainly, cached, and called from a second process, it segfaulted here
+# once when loaded from Numba's cache (2 Dec; numba/numba#8578 reports the same for a cached
+# function calling a parallel one, here decode_blocks; a review could not reproduce it again)
 _SERIAL_BUT_PARALLEL = dict(comprehension=False, reduction=False, inplace_binop=False, setitem=False, numpy=False,
                             stencil=False, fusion=False, prange=False)
 
@@ -136,7 +154,8 @@ def relay_step(frame, plan, hops, rest, out, state, attn_norm, ffn_norm, qkv_qs,
     size, times, position = rows * dim * 4, rows - 1, plan[POSITION]
     body = _u32(frame, 44) if rows else 0
     out_body = body + 4 * dim + 4 - hops.shape[0] + rest.shape[0]
-    if rows == 0 or 4 + HEADER + out_body > out.shape[0] or position >= cos.shape[0]:
+    if rows == 0 or 4 + HEADER + out_body > out.shape[0] or not _fits(plan, position, attn_norm, ffn_norm, qkv_qs, qkv_d, o_qs, o_d,
+                                                                  gu_qs, gu_d, down_qs, down_d, k_cache, v_cache, cos, sin):
         return NOT_TAKEN
     at = HEADER + size + TRAILER
     step = _u32(frame, at - 10) | (_u32(frame, at - 6) << 32)
@@ -145,7 +164,7 @@ def relay_step(frame, plan, hops, rest, out, state, attn_norm, ffn_norm, qkv_qs,
     t0 = _monotonic_ns()
     decode_blocks(h, position, attn_norm, ffn_norm, qkv_qs, qkv_d, o_qs, o_d, gu_qs, gu_d, down_qs, down_d,
                   k_cache, v_cache, cos[position], sin[position], n_heads, n_kv, head_dim, eps)
-    us = min((_monotonic_ns() - t0) // 1000, 2**32 - 1)
+    us = min(max(_monotonic_ns() - t0, 0) // 1000, 2**32 - 1)
     state[MICROSECONDS] = us
     for i in range(dim):
         if not np.isfinite(h[i]):

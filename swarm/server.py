@@ -324,15 +324,16 @@ class NodeService:
         self.count_step(session, 1, seconds)  # (after the output left: off the token's path)
         self.lane_steps += 1
 
-    def lane_pass_on(self, session, client, step: int, hop, out: bytes) -> None:
-        """A relayed step's output, framed: to the next node's lane (``hop``), or to its client's."""
+    def lane_pass_on(self, session, client, step: int, hop, out, framed: bool = False) -> None:
+        """A relayed step's output, framed (``framed``: with its lane's length prefix too): to the next
+        node's lane (``hop``), or to its client's."""
         if hop is None:
-            client.send(out)
+            client.send(out, framed)
             return
         if session.lane_next is None:
             raise relay.RelayError("no next node's lane is bound for this session")
         link = self.lane_server.links.get(session.lane_next)
-        if link is None or not link.send(out):
+        if link is None or not link.send(out, framed):
             self.lane_server.link(session.lane_next)  # (connecting again, for the steps after this one)
             raise relay.RelayError(f"the next node's lane {lanes.format_address(*session.lane_next)} "
                                    f"is not connected")

@@ -31,8 +31,12 @@ class FakeLane:
         self.closed = False
         self.strikes = 0
 
-    def send(self, data) -> bool:
-        self.sent.append(bytes(data))
+    def send(self, data, framed: bool = False) -> bool:
+        data = bytes(data)
+        if framed:  # (with its lane's length prefix: checked, and taken off)
+            assert int.from_bytes(data[:4], "little") == len(data) - 4
+            data = data[4:]
+        self.sent.append(data)
         return True
 
     def remember(self, *args) -> None:  # (as a Link: whom to tell of the next node's errors)
@@ -278,3 +282,18 @@ def test_a_compiled_step_past_the_angles_table_grows_it(six_loader):
         fast = node.feed(node.relay(position=position), position=position)
         assert len(plan.cos) > position and timeless(fast) == timeless(general)
         assert wire.decode(fast[0]).type == wire.RELAYED
+
+
+def test_a_cache_grown_drops_the_plan_that_held_the_old_one(six_loader):
+    """Growing a session's cache replaces it: the plan (whose compiled path holds the old K and V)
+    goes with it, and the next relay, on the general path, plans anew on the new cache."""
+    node = Node(six_loader)
+    node.feed(node.relay())
+    old = node.session.cache
+    node.service.cache.reserve(node.session, old.capacity + 1)
+    assert node.session.cache is not old and node.session.fast_relay is None
+    node.feed(node.relay())
+    plan = node.session.fast_relay
+    assert plan is not None and plan.compiled
+    answer = node.feed(node.relay())
+    assert plan.kv is node.session.cache.k and wire.decode(answer[0]).type == wire.RELAYED
