@@ -35,7 +35,7 @@ class JobLoop(Executor):
     def __init__(self):
         # epoll itself, not the selectors module over it: a node's compute thread wakes here for
         # every decode step, on a core that has just woken, where selectors' layer of Python cost
-        # 66 against 40 us (docs/distributed-performance.md, "2 Dec, evening")
+        # 66 against 40 us (docs/distributed-performance.md, "2 Dec, morning")
         self._epoll = select.epoll()
         self._watched: dict[int, tuple] = {}  # fd -> (socket, selectors' events, callback)
         self._fds: dict[int, int] = {}        # id(socket) -> fd (a socket closed since reads -1 as its fd)

@@ -6,7 +6,7 @@ library calls costs tens of microseconds whatever it does. For an open swarm's f
 through Q8_0 blocks (engine/fast_decode.py's StackedDecoder: the default model's), this kernel
 does all of it in one call. SmolLM2's blocks 20-29 as a route's last hop, whole frames through
 ``lane_frame`` in one process: 0.13 ms less a frame after a 6 ms pause, 0.09 ms less back to back
-(docs/distributed-performance.md, "2 Dec, evening").
+(docs/distributed-performance.md, "2 Dec, morning").
 
 It accepts exactly the frames ``FastRelay.take``'s Python checks accept (the same comparisons, on
 the bytes), and writes exactly the bytes it writes, the length prefix of a lane first
