@@ -271,6 +271,7 @@ class StackedDecoder:
         self.attn_norm = np.stack([b.attn_norm for b in blocks]).astype(np.float32)
         self.ffn_norm = np.stack([b.ffn_norm for b in blocks]).astype(np.float32)
         self.config = config
+        self.dims = config.n_heads, config.n_kv_heads, config.head_dim, np.float32(config.rms_eps)  # (see shape)
         self.compile_s = warm_up()
 
     @staticmethod
@@ -295,5 +296,4 @@ class StackedDecoder:
 
     def shape(self) -> tuple:
         """decode_blocks' last arguments: heads, KV heads, head size, the norms' epsilon."""
-        cfg = self.config
-        return cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, np.float32(cfg.rms_eps)
+        return self.dims

@@ -31,11 +31,12 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from engine.fast_decode import decode_blocks
+from swarm import wire
 
 NOT_TAKEN = -1
 NOT_FINITE = -2
-HEADER = 48    # wire.HEADER.size
-TRAILER = 10   # wire.TRAILER_HEAD.size: the step (8 bytes), how many compute times follow (2)
+HEADER = wire.HEADER.size         # (48; a global int is a constant to Numba)
+TRAILER = wire.TRAILER_HEAD.size  # the step (8 bytes), how many compute times follow (2)
 
 # ``plan``: int64, one session's expected frame and its output's header fields
 PREFIX = 0      # 24 values: the bytes every relay of the session starts with (magic .. session)

@@ -92,3 +92,11 @@ def test_a_frame_of_the_common_case_is_taken_by_both(checked, node):
     n, out = _run(checked, node, node.relay())
     assert n > 0 and (n, out) == _run(relay_kernel.relay_step, node, node.relay())
     assert _run(checked, node, node.relay(), capacity=8)[0] == relay_kernel.NOT_TAKEN  # no room at position 8
+
+
+def test_the_warm_up_compiles_what_relays_use(node):
+    """One specialization only, after warm_up and real relays: the first relay of a node's session
+    waits for no compilation (warm_up runs when a node opens its lanes)."""
+    relay_kernel.warm_up()
+    assert node.feed(node.relay()) and node.session.fast_relay.compiled
+    assert len(relay_kernel.relay_step.signatures) == 1
