@@ -43,6 +43,7 @@ def main() -> None:
     print(f"{args.sets} sets of 3 nodes, {args.pairs} pairs each; nodes run with {nodes_args}")
     medians = []
     for k in range(args.sets):
+        ticks = pipeline.cpu_times()
         nodes = [pipeline.Node(str(DEFAULT_STORE), a, b) for a, b in pipeline.splits(model.config.n_layers, 3)]
         try:
             tm = distributed_text_model(loader, [n.url for n in nodes])
@@ -64,7 +65,8 @@ def main() -> None:
                 n.stop()
         medians.append(float(np.median(ratios)))
         print(f"set {k:2d}: decode {medians[-1]:.2f}x local (pairs {min(ratios):.2f}-{max(ratios):.2f}, "
-              f"local {np.median(local):.0f} tok/s); ms per token of each node's 10 blocks: {node_ms}", flush=True)
+              f"local {np.median(local):.0f} tok/s); ms per token of each node's 10 blocks: {node_ms}; "
+              f"{pipeline.steal_share(ticks)}", flush=True)
     print(f"sets' medians: {min(medians):.2f}-{max(medians):.2f}x, median {np.median(medians):.2f}x")
 
 

@@ -92,6 +92,26 @@ def run(session, prompt: list[int], n: int) -> tuple[list[int], float, float]:
     return tokens, len(prompt) / (t1 - t0), (n - 1) / (t2 - t1)
 
 
+def cpu_times() -> tuple[int, int] | None:
+    """(steal, all) clock ticks of every CPU so far, from /proc/stat (Linux; None elsewhere). Steal is
+    time the hypervisor gave this VM's CPUs to other work: in a spell of it the nodes' blocks ran 3x
+    slower and the ratios fell (docs/distributed-performance.md), so every run prints its share."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        return None
+    return (fields[7], sum(fields)) if len(fields) == 8 else None
+
+
+def steal_share(before: tuple[int, int] | None) -> str:
+    """The hypervisor's share of CPU time since ``before`` (a ``cpu_times()``), as text."""
+    after = cpu_times()
+    if before is None or after is None or after[1] <= before[1]:
+        return "host steal time unknown"
+    return f"host steal time {100 * (after[0] - before[0]) / (after[1] - before[1]):.1f}%"
+
+
 def splits(n_layers: int, k: int) -> list[tuple[int, int]]:
     bounds = np.linspace(0, n_layers, k + 1).round().astype(int)
     return [(int(bounds[i]), int(bounds[i + 1]) - 1) for i in range(k)]
@@ -328,6 +348,7 @@ def main() -> None:
     # entered from two threads throttles its waits (the local TinyLlama decode fell from 21 to 12
     # tok/s when they shared this one).
     print(f"load average {os.getloadavg()[0]:.1f} at the start")
+    started = cpu_times()
     if args.delay_ms:
         print(f"every connection to a node: {args.delay_ms:g} ms of latency each way (benchmarks/delay_proxy.py); "
               f"the nodes run --no-lanes, as lanes would go around the proxy")
@@ -358,12 +379,14 @@ def main() -> None:
                   f"{transport_alone(source):.3f} ms per decode step beyond compute", flush=True)
     if trace_dir:
         shutil.rmtree(trace_dir)
+        print(f"{steal_share(started)} over the run")
         return
     print(f"tok/s: medians of {args.repeat} pairs of runs, local then routed, back to back; ratios: the "
           f"median of the pairs' ratios")
     waits = ", ".join(f"{var}={os.environ.get(var, '(unset)')}" for var in ("OMP_WAIT_POLICY", *THREAD_ENV))
     nodes = f"nodes run with {' '.join(NODE_ARGS)}; " if NODE_ARGS else ""
-    print(f"\n{waits}; {nodes}{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end; "
+    print(f"\n{waits}; {nodes}{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end, "
+          f"{steal_share(started)} over the run; "
           f"prompt {args.prompt} tokens, {args.decode} decoded; hop ms/t = client round trip minus node compute per decode token, averaged over hops")
 
 
