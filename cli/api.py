@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from cli.common import check_distributed_options, distributed_options, user_errors
+from cli.common import check_distributed_options, distributed_options, pin_option, user_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,9 +26,10 @@ from cli.common import check_distributed_options, distributed_options, user_erro
 @click.option("--kernels", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True,
               help="numba: the fast path (weights stay quantized); numpy: the plain reference.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all cores; at most the core count).")
+@pin_option
 @distributed_options
 @user_errors
-def api(source, host, port, parallel, queue_size, api_key, ctx, template, kernels, threads, distributed, nodes,
+def api(source, host, port, parallel, queue_size, api_key, ctx, template, kernels, threads, pin, distributed, nodes,
         swarm_key):
     """Serve SOURCE (a store directory, a .gguf file, an http:// store address or a p2p:// address)
     over an OpenAI-compatible API, with a chat page at /.
@@ -63,12 +64,12 @@ def api(source, host, port, parallel, queue_size, api_key, ctx, template, kernel
         if not os.path.exists(source):
             raise UserError(f"{source}: no such store directory or GGUF file")
     try:
-        asyncio.run(_serve(source, host, port, parallel, queue_size, api_key, ctx, template, kernels, swarm))
+        asyncio.run(_serve(source, host, port, parallel, queue_size, api_key, ctx, template, kernels, swarm, pin))
     except KeyboardInterrupt:
         click.echo("stopped", err=True)
 
 
-async def _serve(source, host, port, parallel, queue_size, api_key, ctx, template, kernels, swarm) -> None:
+async def _serve(source, host, port, parallel, queue_size, api_key, ctx, template, kernels, swarm, pin) -> None:
     from api.loading import LoadingModel
     from api.server import make_app, start
     from common import compute
@@ -78,7 +79,7 @@ async def _serve(source, host, port, parallel, queue_size, api_key, ctx, templat
     quiet_logs(prefix="api")  # a malformed request or a failed accept: one line, rate-limited
 
     compute.start()  # before loading begins: every kernel, loading's included, runs on this one thread
-    model = LoadingModel(model_loader(source, kernels, template, Status(enabled=sys.stderr.isatty()), swarm))
+    model = LoadingModel(model_loader(source, kernels, template, Status(enabled=sys.stderr.isatty()), swarm, pin))
     app = make_app(model, parallel=parallel, queue_size=queue_size, api_key=api_key, context=ctx)
     runner, bound = await start(app, host, port)
     try:
@@ -94,10 +95,10 @@ async def _serve(source, host, port, parallel, queue_size, api_key, ctx, templat
         await runner.cleanup()
 
 
-def model_loader(source, kernels, template, status, swarm: dict | None = None):
+def model_loader(source, kernels, template, status, swarm: dict | None = None, pin: bool = False):
     """``load(progress)`` for a ``LoadingModel``: the stages go to ``progress`` (and to ``status`` on
     stderr), and so do the bytes of fragments being fetched from a remote source. ``swarm``
-    ({"nodes", "key_file"}): the blocks run on swarm nodes."""
+    ({"nodes", "key_file"}): the blocks run on swarm nodes. ``pin``: see ``load_text_model``."""
 
     def load(progress):
         from cli.common import load_distributed_text_model, load_text_model
@@ -112,7 +113,7 @@ def model_loader(source, kernels, template, status, swarm: dict | None = None):
             # The engine loads its kernels' weights on the server's compute thread (common.compute).
             if swarm is not None:
                 return load_distributed_text_model(source, kernels, template, say=say, **swarm)
-            return load_text_model(source, kernels, template, say=say)
+            return load_text_model(source, kernels, template, say=say, pin=pin)
         finally:
             stop()
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import click
 
-from cli.common import check_distributed_options, distributed_options, sampling_options, user_errors
+from cli.common import check_distributed_options, distributed_options, pin_option, sampling_options, user_errors
 from common.errors import UserError
 
 HELP = """\
@@ -360,11 +360,12 @@ def banner(model, conv) -> str:
 @click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all cores; at most the core count).")
 @click.option("--kernels", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True,
               help="numba: the fast path (weights stay quantized); numpy: the plain reference.")
+@pin_option
 @click.option("--load", "load_path", type=click.Path(dir_okay=False), help="Continue a conversation saved with /save.")
 @distributed_options
 @user_errors
 def chat(source, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, system, template,
-         ctx, threads, kernels, load_path, distributed, nodes, swarm_key):
+         ctx, threads, kernels, pin, load_path, distributed, nodes, swarm_key):
     """Talk to SOURCE (a store directory, a .gguf file, an http:// store address or a p2p://
     address; default: the default model's store) in the terminal.
 
@@ -404,7 +405,7 @@ def chat(source, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, r
     if distributed:
         model = load_distributed_text_model(source, kernels, template, list(nodes), swarm_key, say=say)
     else:
-        model = load_text_model(source, kernels, template, say=say)
+        model = load_text_model(source, kernels, template, say=say, pin=pin)
     conv = Conversation(model, ctx, system, template)
     given = click.get_current_context().get_parameter_source("ctx") == click.core.ParameterSource.COMMANDLINE
     if given and ctx > conv.capacity:

@@ -164,12 +164,14 @@ def describe_model(loader) -> dict:
 
 
 def load_text_model(source: str | None, kernels: str = "numba", template: str | None = None,
-                    say=None, before_weights=None):
+                    say=None, before_weights=None, pin: bool = False):
     """A ``generation.TextModel`` for any source `infer` takes, with every block loaded here.
 
     ``say(message)`` hears what takes time (loading, first-time kernel compilation);
     ``before_weights(tokenizer, context_length)`` runs before any weight is loaded, so a request
-    that cannot be served (a prompt longer than the context) fails at once.
+    that cannot be served (a prompt longer than the context) fails at once. ``pin``: once loaded,
+    ``pin_kernels`` (the commands' --pin); it changes the whole process, so in-process
+    callers (tests, a library user) leave it off.
     """
     from engine.config import LlamaConfig
     from engine.model import LlamaModel
@@ -185,9 +187,41 @@ def load_text_model(source: str | None, kernels: str = "numba", template: str | 
     announce_loading(say, info, kernels)
     model = LlamaModel(loader, backend=kernels)
     say(loaded_message(model))
+    if pin:
+        pin_kernels(kernels)
     return TextModel(name=info.get("name") or info.get("file") or "model", tokenizer=tokenizer,
                      context_length=model.config.context_length, open_session=model.open_session,
                      info=info, template=template)
+
+
+def pin_option(f):
+    """--pin/--no-pin for the commands that run a whole model here (`infer`, `chat`, `api`)."""
+    return click.option(
+        "--pin/--no-pin", default=True, show_default=True,
+        help="Once the model is loaded, keep the thread that runs the kernels on one CPU and their other "
+             "threads on the rest (common/affinity.py, as every `node` does): beside a busy process or a "
+             "second model the scheduler otherwise stacks them, and every step waits (decode kept 3-7x "
+             "more of its speed, benchmarks/contention.py). Numba kernels on two or more threads only; "
+             "within the CPUs allowed, e.g. by taskset.")(f)
+
+
+def pin_kernels(kernels: str) -> tuple[int, set[int]] | None:
+    """The compute thread (common/compute.py) on one CPU and the process's other threads on the
+    rest, for the numba kernels on two threads or more; returns the layout, or None where nothing
+    was done. Call it after the model has loaded: loading ran the kernels' first parallel region,
+    which started their worker threads (a thread started later inherits the compute thread's CPU).
+    The numpy kernels' BLAS threads were not measured pinned, and one thread has nothing to keep
+    apart (pinned, it could not leave a CPU something else takes)."""
+    if kernels != "numba":
+        return None
+    import numba
+
+    from common import compute
+    from common.affinity import pin_compute_thread as pin
+
+    if numba.config.NUMBA_NUM_THREADS < 2 or compute.run(numba.get_num_threads) < 2:
+        return None
+    return compute.run(pin)
 
 
 def load_distributed_text_model(source: str | None, kernels: str = "numba", template: str | None = None,

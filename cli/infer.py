@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import click
 
-from cli.common import sampling_options, user_errors
+from cli.common import pin_option, sampling_options, user_errors
 from common.errors import UserError
 
 
@@ -27,6 +27,7 @@ from common.errors import UserError
 @click.option("--no-chat", is_flag=True, help="Send the prompt as is, with no chat template.")
 @click.option("--ctx", default=4096, show_default=True, type=click.IntRange(16), help="Context window (KV cache size).")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all cores; at most the core count).")
+@pin_option
 @click.option("--backend", type=click.Choice(["engine", "llama.cpp"]), default="engine", show_default=True,
               help="engine: this project's engine; llama.cpp: the same request through llama-cpp-python.")
 @click.option("--kernels", type=click.Choice(["numba", "numpy"]), default="numba", show_default=True,
@@ -39,7 +40,8 @@ from common.errors import UserError
               help="Timings on stderr: load, prefill and decode speed (with --distributed, per node).")
 @user_errors
 def infer(source, prompt, prompt_file, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
-          seed, stop, system, template, no_chat, ctx, threads, backend, kernels, as_json, distributed, swarm_key, timings):
+          seed, stop, system, template, no_chat, ctx, threads, pin, backend, kernels, as_json, distributed, swarm_key,
+          timings):
     """Generate text from SOURCE: a store directory, a .gguf file, an http:// store address or a
     p2p:// address.
 
@@ -83,6 +85,7 @@ def infer(source, prompt, prompt_file, max_tokens, temperature, top_k, top_p, mi
         raise UserError("--distributed runs the blocks on a swarm's nodes: SOURCE must be a p2p:// address "
                         "(each `node` prints one)")
     request.swarm = (swarm_key,) if distributed else None
+    request.pin = pin
     say = Status(enabled=not as_json and sys.stderr.isatty())
 
     if backend == "llama.cpp":
@@ -130,6 +133,7 @@ class Request:
     ctx: int
     prompt_tokens: list[int] = field(default_factory=list)
     swarm: tuple | None = None  # (swarm key file or None,) with --distributed
+    pin: bool = False           # --pin: the compute thread on a CPU of its own once loaded
 
     def tokenize(self, tokenizer, context_length: int) -> None:
         """Prompt tokens and the template's stop strings; refuses a prompt the context cannot hold."""
@@ -166,7 +170,8 @@ def open_model(source, request: Request, kernels: str, say):
         from cli.common import load_distributed_text_model
 
         return load_distributed_text_model(source, kernels, request.template, key_file=request.swarm[0], say=say)
-    return load_text_model(source, kernels, request.template, say=say, before_weights=request.tokenize)
+    return load_text_model(source, kernels, request.template, say=say, before_weights=request.tokenize,
+                           pin=request.pin)
 
 
 def _run_engine(source, request: Request, kernels, as_json, say):
