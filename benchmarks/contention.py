@@ -104,13 +104,16 @@ def finish(proc: subprocess.Popen) -> float:
 def measure(arm: str, condition: str, tokens: int) -> float:
     """Decode tok/s of ``arm`` under ``condition`` (two at once: the mean of the two processes)."""
     spinner = subprocess.Popen([sys.executable, "-c", SPINNER]) if condition == "busy neighbour" else None
+    procs: list[subprocess.Popen] = []
     try:
-        procs = [start_worker(arm, tokens) for _ in range(2 if condition == "two at once" else 1)]
-        return statistics.mean(finish(p) for p in procs)
-    finally:
-        if spinner is not None:
-            spinner.kill()
-            spinner.wait(10)
+        for _ in range(2 if condition == "two at once" else 1):
+            procs.append(start_worker(arm, tokens))
+        return statistics.mean([finish(p) for p in procs])
+    finally:  # (a worker that failed leaves its twin and the spinner to stop here)
+        for proc in procs + ([spinner] if spinner is not None else []):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
 
 
 def main() -> None:

@@ -201,8 +201,9 @@ def pin_option(f):
         help="Once the model is loaded, keep the thread that runs the kernels on one CPU and their other "
              "threads on the rest (common/affinity.py, as every `node` does): beside a busy process or a "
              "second model the scheduler otherwise stacks them, and every step waits (decode kept 3-7x "
-             "more of its speed, benchmarks/contention.py). Numba kernels on two or more threads only; "
-             "within the CPUs allowed, e.g. by taskset.")(f)
+             "more of its speed, benchmarks/contention.py). Only the numba kernels running the whole model "
+             "here (not with --distributed, nor infer's --backend llama.cpp), on 2 threads or more, no more than "
+             "the CPUs allowed (e.g. by taskset).")(f)
 
 
 def pin_kernels(kernels: str) -> tuple[int, set[int]] | None:
@@ -210,16 +211,19 @@ def pin_kernels(kernels: str) -> tuple[int, set[int]] | None:
     rest, for the numba kernels on two threads or more; returns the layout, or None where nothing
     was done. Call it after the model has loaded: loading ran the kernels' first parallel region,
     which started their worker threads (a thread started later inherits the compute thread's CPU).
-    The numpy kernels' BLAS threads were not measured pinned, and one thread has nothing to keep
-    apart (pinned, it could not leave a CPU something else takes)."""
+    The numpy kernels' BLAS threads were not measured pinned; one thread has nothing to keep
+    apart (pinned, it could not leave a CPU something else takes); and more threads than CPUs
+    (NUMBA_NUM_THREADS from the environment is not capped as --threads is) would crowd the CPUs
+    left to the workers (41-45 against 55-59 tok/s with 4 on 2 CPUs, measured in review)."""
     if kernels != "numba":
         return None
     import numba
 
     from common import compute
-    from common.affinity import pin_compute_thread as pin
+    from common.affinity import allowed_cpus, pin_compute_thread as pin
 
-    if numba.config.NUMBA_NUM_THREADS < 2 or compute.run(numba.get_num_threads) < 2:
+    threads = compute.run(numba.get_num_threads)
+    if not 2 <= threads <= len(allowed_cpus()):
         return None
     return compute.run(pin)
 

@@ -73,11 +73,11 @@ def pin_compute_thread() -> tuple[int, set[int]] | None:
     main, others = layout
     me = threading.get_native_id()
     try:
+        tids = [int(name) for name in os.listdir("/proc/self/task")]  # (before anything is moved)
         os.sched_setaffinity(me, {main})
-    except OSError:
+    except (OSError, ValueError):
         return None
-    for name in os.listdir("/proc/self/task"):
-        tid = int(name)
+    for tid in tids:
         if tid != me:
             try:
                 os.sched_setaffinity(tid, others)

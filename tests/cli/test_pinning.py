@@ -7,9 +7,11 @@ benchmarks/contention.py.
 
 import json
 import os
+import select
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -47,9 +49,17 @@ def command(module: str, name: str) -> str:
         "import COMMAND", f"import {name}")
 
 
-def affinities(code: str, *args, stdin: str = "") -> dict:
+THREAD_VARS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def clean_env(**extra) -> dict:
+    """This environment without thread counts (a CI job may export them), plus ``extra``."""
+    return {**{k: v for k, v in os.environ.items() if k not in THREAD_VARS}, **extra}
+
+
+def affinities(code: str, *args, stdin: str = "", env: dict | None = None) -> dict:
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], input=stdin,
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env or clean_env())
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -91,6 +101,66 @@ def test_chat_no_pin(factory_models):
     r = affinities(command("chat", "chat"), factory_models["q8_0-spm-gqa"], "--max-tokens", "3",
                    "--no-pin", stdin="Hello\n")
     assert_untouched(r)
+
+
+def test_more_threads_than_cpus_are_left_alone(factory_models):
+    """NUMBA_NUM_THREADS from the environment is not capped as --threads is: pinned, its extra workers
+    would crowd the CPUs left to them (slower than unpinned, measured in review)."""
+    cpus = len(os.sched_getaffinity(0))
+    r = affinities(command("infer", "infer"), factory_models["q8_0-spm-gqa"], *INFER,
+                   env=clean_env(NUMBA_NUM_THREADS=str(cpus + 2)))
+    assert_untouched(r)
+
+
+def test_a_thread_list_that_cannot_be_read_changes_nothing():
+    """Pinning is an optimization: where /proc/self/task cannot be listed, nothing moves and nothing fails."""
+    code = """
+    import json, os, threading
+    from common import affinity
+    cpus = sorted(os.sched_getaffinity(0))
+    real = os.listdir
+    def refused(path):
+        if str(path).startswith("/proc/self/task"):
+            raise PermissionError(13, "Permission denied", path)
+        return real(path)
+    os.listdir = refused
+    layout = affinity.pin_compute_thread()
+    os.listdir = real
+    assert layout is None
+    compute_tid = threading.get_native_id()
+    """ + AFTER
+    assert_untouched(affinities(code))
+
+
+def test_api_command_pins_its_compute_thread(factory_models):
+    """`api` as a user runs it: once the model is ready, one thread (the compute thread) holds one CPU
+    and every other thread the rest; with --no-pin every thread keeps every CPU."""
+    seen = {}
+    for pin in ("--pin", "--no-pin"):
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "api"), str(factory_models["q8_0-spm-gqa"]),
+                                 "--port", "0", pin], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                env=clean_env())
+        try:
+            deadline = time.monotonic() + 120
+            line = ""
+            while not line.startswith("api: model ready") and time.monotonic() < deadline:
+                ready, _, _ = select.select([proc.stdout], [], [], max(deadline - time.monotonic(), 0))
+                line = proc.stdout.readline() if ready else ""
+                assert ready and line, "api gave no 'model ready' line in time"
+            tasks = Path(f"/proc/{proc.pid}/task")
+            seen[pin] = sorted(tuple(sorted(os.sched_getaffinity(int(t.name)))) for t in tasks.iterdir())
+        finally:
+            proc.kill()
+            proc.wait(10)
+    cpus = tuple(sorted(os.sched_getaffinity(0)))
+    assert set(seen["--no-pin"]) == {cpus}, seen
+    pinned = seen["--pin"]
+
+    def is_compute_cpu(a: tuple) -> bool:  # one thread alone on it, every other thread on the rest
+        rest = tuple(sorted(set(cpus) - set(a)))
+        return len(a) == 1 and pinned.count(a) == 1 and all(b == rest for b in pinned if b != a)
+
+    assert any(is_compute_cpu(a) for a in set(pinned)), seen
 
 
 API_LOAD = """
