@@ -24,7 +24,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,13 +36,13 @@ WORKER_TIMEOUT = 600
 
 
 def worker(arm: str, tokens: int) -> None:
-    """In a process of its own: load, warm up, then print {"tok_s": decode tok/s of one greedy run}."""
+    """In a process of its own: load, warm up, then print {"tok_s": decode tok/s of one greedy run}
+    (validation/speed.py's rounds, as `validate --speed` measures both engines)."""
     from cli.common import apply_thread_env
 
     apply_thread_env()  # the waits every command sets, before numpy and numba start threads
-    import numpy as np
-
     from models.default import DEFAULT_GGUF, DEFAULT_STORE
+    from validation.speed import engine_round, llama_round
 
     prompt = list(range(100, 132))
     if arm == "llama.cpp":
@@ -51,18 +50,8 @@ def worker(arm: str, tokens: int) -> None:
 
         llm = load_llama(DEFAULT_GGUF, n_ctx=256, threads=os.cpu_count() or 1)
 
-        def feed(ids, first):
-            if first:
-                llm.reset()
-            llm.eval(ids)
-            return llm.scores[llm.n_tokens - 1]
-
         def run() -> float:
-            token = int(np.argmax(feed(prompt, True)))
-            start = time.perf_counter()
-            for _ in range(tokens - 1):
-                token = int(np.argmax(feed([token], False)))
-            return (tokens - 1) / (time.perf_counter() - start)
+            return llama_round(llm, prompt, tokens)[1]
     else:
         from distribution.local import LocalLoader
         from engine.model import LlamaModel
@@ -70,12 +59,7 @@ def worker(arm: str, tokens: int) -> None:
         model = LlamaModel(LocalLoader(DEFAULT_STORE), backend="numba")
 
         def run() -> float:
-            with model.open_session(len(prompt) + tokens) as session:
-                token = int(np.argmax(session.feed(prompt)))
-                start = time.perf_counter()
-                for _ in range(tokens - 1):
-                    token = int(np.argmax(session.feed([token])))
-                return (tokens - 1) / (time.perf_counter() - start)
+            return engine_round(model, prompt, tokens)[1]
     run()  # kernels compiled or loaded, the OpenMP threads started: pinning moves them all
     if arm == "engine, pinned":
         from common.affinity import pin_compute_thread
