@@ -214,7 +214,7 @@ def pin_kernels(kernels: str) -> tuple[int, set[int]] | None:
     The numpy kernels' BLAS threads were not measured pinned; one thread has nothing to keep
     apart (pinned, it could not leave a CPU something else takes); and more threads than CPUs
     (NUMBA_NUM_THREADS from the environment is not capped as --threads is) would crowd the CPUs
-    left to the workers (41-45 against 55-59 tok/s with 4 on 2 CPUs, measured in review)."""
+    left to the workers (NUMBA_NUM_THREADS=4 on 2 CPUs, SmolLM2 `infer`: 34-43 against 55-56 tok/s)."""
     if kernels != "numba":
         return None
     import numba
